@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Run the Autobahn fuzzingclient (cases 1-11) against a WebSocket echo server
+# that is already listening on ws://127.0.0.1:PORT/echo, then check the results.
+#   usage: .ci/autobahn/run.sh PORT
+# Exit status is non-zero if wstest could not run, timed out, or any case did
+# not get its expected outcome (see check.py and expected.json).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+
+port=${1:-}
+[[ $port =~ ^[0-9]+$ ]] || { echo "usage: $0 PORT" >&2; exit 2; }
+
+wstest=$(bash "$here/install.sh")
+work=$repo/target/autobahn
+spec=$work/fuzzingclient.json
+reports=$work/reports/fuzzingclient
+
+# Stale reports would let check.py pass on an old run: start clean.
+rm -rf "$reports"
+mkdir -p "$reports"
+python3 - "$here/fuzzingclient.json" "$spec" "$port" "$reports" <<'PY'
+import json, sys
+src, dst, port, outdir = sys.argv[1:]
+with open(src) as f:
+    spec = json.load(f)
+for server in spec["servers"]:
+    server["url"] = server["url"].replace("PORT", port)
+spec["outdir"] = outdir
+with open(dst, "w") as f:
+    json.dump(spec, f, indent=2)
+PY
+
+echo "autobahn: running wstest fuzzingclient against ws://127.0.0.1:$port/echo" >&2
+cd "$work"
+rc=0
+timeout -k 10 "${AUTOBAHN_TIMEOUT:-600}" "$wstest" -m fuzzingclient -s "$spec" >"$work/wstest.log" 2>&1 || rc=$?
+if [[ $rc -ne 0 ]]; then
+  tail -n 30 "$work/wstest.log" >&2
+  if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    echo "autobahn: wstest timed out after ${AUTOBAHN_TIMEOUT:-600} s (log: $work/wstest.log)" >&2
+  else
+    echo "autobahn: wstest exited with status $rc (log: $work/wstest.log)" >&2
+  fi
+  exit 1
+fi
+exec python3 "$here/check.py" "$reports" "$here/expected.json"

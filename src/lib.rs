@@ -1,0 +1,6 @@
+//! fanout: a single-threaded mio WebSocket server.
+//!
+//! `ws` is the protocol (sans-IO), `server` the mio shell around it, `app`
+//! the routes that decide what each endpoint does with messages.
+
+pub mod ws;

@@ -1,0 +1,501 @@
+//! Bytes in, WebSocket events out: frame parsing, unmasking, message
+//! assembly and every receive-side rule of RFC 6455 §5-§8.
+//!
+//! The decoder owns no socket and no read buffer. The caller passes each
+//! chunk it read; the decoder unmasks it in place, and when a whole
+//! single-frame message is inside the chunk it is handed out as a borrow of
+//! that chunk, with no copy. Only what straddles a chunk boundary is kept:
+//! up to 14 header bytes inline, a control payload, or the message being
+//! assembled (allocated on demand and released when delivered).
+
+use super::close::{parse_close_payload, BadClose, CloseCode};
+use super::frame::{FrameHeader, HeaderError, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
+use super::mask::apply_mask;
+use super::utf8::Utf8Validator;
+
+/// Receive limits, checked against frame headers before any payload byte
+/// is buffered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_frame_size: u64,
+    pub max_message_size: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_frame_size: 16 << 20, max_message_size: 16 << 20 }
+    }
+}
+
+/// One thing the peer said.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    Text(&'a str),
+    Binary(&'a [u8]),
+    Ping(&'a [u8]),
+    Pong(&'a [u8]),
+    /// The peer's close frame, already validated: `None` if it carried no code.
+    Close(Option<(CloseCode, &'a str)>),
+}
+
+/// The peer broke the protocol: the connection must be failed with this
+/// close code and reason (§7.1.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Violation {
+    pub code: CloseCode,
+    pub reason: &'static str,
+}
+
+const fn violation(code: CloseCode, reason: &'static str) -> Violation {
+    Violation { code, reason }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FrameInProgress {
+    fin: bool,
+    opcode: OpCode,
+    mask: [u8; 4],
+    /// Payload bytes already consumed, which is also the mask phase.
+    done: u64,
+    len: u64,
+}
+
+impl FrameInProgress {
+    fn remaining(&self) -> u64 {
+        self.len - self.done
+    }
+}
+
+#[derive(Debug)]
+struct MessageInProgress {
+    is_text: bool,
+    payload: Vec<u8>,
+    utf8: Utf8Validator,
+}
+
+impl MessageInProgress {
+    fn new(is_text: bool) -> Self {
+        Self { is_text, payload: Vec::new(), utf8: Utf8Validator::new() }
+    }
+}
+
+/// What the last returned event borrowed from `self`, released on the next
+/// call so buffers never outlive the event that needed them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivered {
+    Nothing,
+    Message,
+    Control,
+}
+
+#[derive(Debug)]
+pub struct Decoder {
+    limits: Limits,
+    /// RSV bits an extension negotiated for this connection may set.
+    allowed_rsv: u8,
+    header_spill: [u8; MAX_HEADER_LEN],
+    header_spill_len: u8,
+    frame: Option<FrameInProgress>,
+    message: Option<MessageInProgress>,
+    control: Vec<u8>,
+    delivered: Delivered,
+}
+
+impl Decoder {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            allowed_rsv: 0,
+            header_spill: [0; MAX_HEADER_LEN],
+            header_spill_len: 0,
+            frame: None,
+            message: None,
+            control: Vec::new(),
+            delivered: Delivered::Nothing,
+        }
+    }
+
+    /// True while a frame or a fragmented message is only partly received.
+    pub fn is_mid_message(&self) -> bool {
+        self.header_spill_len > 0 || self.frame.is_some() || self.message.is_some()
+    }
+
+    /// Consumes bytes from the front of `input` (unmasking them in place)
+    /// until one event is complete. Returns how many bytes were consumed and
+    /// the event, or `None` once all of `input` has been absorbed into
+    /// partial state. Call again with `&mut input[consumed..]` after
+    /// handling an event.
+    pub fn decode<'a>(&'a mut self, input: &'a mut [u8]) -> Result<(usize, Option<Event<'a>>), Violation> {
+        self.release_delivered();
+        let mut pos = 0;
+        loop {
+            if self.frame.is_none() {
+                let Some((header, used)) = self.next_header(&input[pos..])? else {
+                    return Ok((input.len(), None));
+                };
+                pos += used;
+                self.begin_frame(header)?;
+            }
+            let frame = self.frame.expect("a frame is in progress after begin_frame");
+            let available = (input.len() - pos) as u64;
+            let take = frame.remaining().min(available) as usize;
+            let chunk_start = pos;
+            pos += take;
+            apply_mask(&mut input[chunk_start..pos], frame.mask, frame.done as usize);
+            let done = FrameInProgress { done: frame.done + take as u64, ..frame };
+            let complete = done.remaining() == 0;
+            self.frame = if complete { None } else { Some(done) };
+
+            if frame.opcode.is_control() {
+                if complete && self.control.is_empty() {
+                    let event = control_event(frame.opcode, &input[chunk_start..pos])?;
+                    return Ok((pos, Some(event)));
+                }
+                self.control.extend_from_slice(&input[chunk_start..pos]);
+                if complete {
+                    self.delivered = Delivered::Control;
+                    let event = control_event(frame.opcode, &self.control)?;
+                    return Ok((pos, Some(event)));
+                }
+            } else if complete && frame.fin && frame.done == 0 && self.message.is_none() {
+                // Fast path: the whole message is one frame inside `input`.
+                let payload = &input[chunk_start..pos];
+                let event = match frame.opcode {
+                    OpCode::Binary => Event::Binary(payload),
+                    _ => Event::Text(std::str::from_utf8(payload).map_err(|_| invalid_utf8())?),
+                };
+                return Ok((pos, Some(event)));
+            } else {
+                // A single-frame message cut by the end of `input` is
+                // assembled like a fragmented one.
+                let message = self
+                    .message
+                    .get_or_insert_with(|| MessageInProgress::new(frame.opcode == OpCode::Text));
+                if message.is_text {
+                    message.utf8.feed(&input[chunk_start..pos]).map_err(|_| invalid_utf8())?;
+                }
+                message.payload.extend_from_slice(&input[chunk_start..pos]);
+                if complete && frame.fin {
+                    self.delivered = Delivered::Message;
+                    let message = self.message.as_mut().expect("checked above");
+                    if !message.is_text {
+                        return Ok((pos, Some(Event::Binary(&message.payload))));
+                    }
+                    message.utf8.finish().map_err(|_| invalid_utf8())?;
+                    let text = std::str::from_utf8(&message.payload).map_err(|_| invalid_utf8())?;
+                    return Ok((pos, Some(Event::Text(text))));
+                }
+            }
+            if pos == input.len() {
+                return Ok((pos, None));
+            }
+        }
+    }
+
+    fn release_delivered(&mut self) {
+        match std::mem::replace(&mut self.delivered, Delivered::Nothing) {
+            Delivered::Nothing => {}
+            Delivered::Message => self.message = None,
+            Delivered::Control => self.control = Vec::new(),
+        }
+    }
+
+    /// Parses the next header, completing one that an earlier chunk cut.
+    fn next_header(&mut self, input: &[u8]) -> Result<Option<(FrameHeader, usize)>, Violation> {
+        let spilled = usize::from(self.header_spill_len);
+        if spilled == 0 {
+            if let Some(found) = FrameHeader::decode(input).map_err(header_violation)? {
+                return Ok(Some(found));
+            }
+            self.header_spill[..input.len()].copy_from_slice(input);
+            self.header_spill_len = input.len() as u8;
+            return Ok(None);
+        }
+        let copied = (MAX_HEADER_LEN - spilled).min(input.len());
+        self.header_spill[spilled..spilled + copied].copy_from_slice(&input[..copied]);
+        match FrameHeader::decode(&self.header_spill[..spilled + copied]).map_err(header_violation)? {
+            Some((header, len)) => {
+                self.header_spill_len = 0;
+                Ok(Some((header, len - spilled)))
+            }
+            None => {
+                self.header_spill_len = (spilled + copied) as u8;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Applies every per-frame rule before a single payload byte is kept.
+    fn begin_frame(&mut self, header: FrameHeader) -> Result<(), Violation> {
+        // §5.2: "If a nonzero value is received and none of the negotiated
+        // extensions defines the meaning of such a nonzero value, the
+        // receiving endpoint MUST _Fail the WebSocket Connection_."
+        if header.rsv & !self.allowed_rsv != 0 {
+            return Err(violation(CloseCode::PROTOCOL_ERROR, "reserved bits set without a negotiated extension"));
+        }
+        // §5.1: "The server MUST close the connection upon receiving a
+        // frame that is not masked."
+        let Some(mask) = header.mask else {
+            return Err(violation(CloseCode::PROTOCOL_ERROR, "client frames must be masked"));
+        };
+        if header.opcode.is_control() {
+            // §5.5: "All control frames MUST have a payload length of 125
+            // bytes or less and MUST NOT be fragmented."
+            if !header.fin {
+                return Err(violation(CloseCode::PROTOCOL_ERROR, "control frames must not be fragmented"));
+            }
+            if header.payload_len > MAX_CONTROL_PAYLOAD as u64 {
+                return Err(violation(CloseCode::PROTOCOL_ERROR, "control frame payload longer than 125 bytes"));
+            }
+        } else {
+            if header.payload_len > self.limits.max_frame_size {
+                return Err(violation(CloseCode::MESSAGE_TOO_BIG, "frame exceeds the maximum frame size"));
+            }
+            let so_far = self.message.as_ref().map_or(0, |m| m.payload.len() as u64);
+            if so_far + header.payload_len > self.limits.max_message_size {
+                return Err(violation(CloseCode::MESSAGE_TOO_BIG, "message exceeds the maximum message size"));
+            }
+            match (header.opcode, self.message.is_some()) {
+                (OpCode::Continuation, false) => {
+                    return Err(violation(CloseCode::PROTOCOL_ERROR, "continuation frame with no message to continue"));
+                }
+                (OpCode::Text | OpCode::Binary, true) => {
+                    return Err(violation(CloseCode::PROTOCOL_ERROR, "new message started before the fragmented one ended"));
+                }
+                (OpCode::Text | OpCode::Binary, false) if !header.fin => {
+                    self.message = Some(MessageInProgress::new(header.opcode == OpCode::Text));
+                }
+                _ => {}
+            }
+        }
+        self.frame = Some(FrameInProgress {
+            fin: header.fin,
+            opcode: header.opcode,
+            mask,
+            done: 0,
+            len: header.payload_len,
+        });
+        Ok(())
+    }
+}
+
+fn control_event(opcode: OpCode, payload: &[u8]) -> Result<Event<'_>, Violation> {
+    Ok(match opcode {
+        OpCode::Ping => Event::Ping(payload),
+        OpCode::Pong => Event::Pong(payload),
+        _ => Event::Close(parse_close_payload(payload).map_err(|bad| match bad {
+            BadClose::Truncated => violation(CloseCode::PROTOCOL_ERROR, "close frame with a 1-byte payload"),
+            BadClose::Code(_) => violation(CloseCode::PROTOCOL_ERROR, "close frame with an invalid status code"),
+            BadClose::ReasonNotUtf8 => violation(CloseCode::INVALID_PAYLOAD, "close reason is not valid UTF-8"),
+        })?),
+    })
+}
+
+fn header_violation(error: HeaderError) -> Violation {
+    match error {
+        HeaderError::ReservedOpcode(_) => violation(CloseCode::PROTOCOL_ERROR, "reserved opcode"),
+        HeaderError::LengthHighBitSet => violation(CloseCode::PROTOCOL_ERROR, "64-bit payload length has its high bit set"),
+    }
+}
+
+fn invalid_utf8() -> Violation {
+    violation(CloseCode::INVALID_PAYLOAD, "text message is not valid UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::frame::MAX_HEADER_LEN;
+
+    const KEY: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
+
+    /// A client frame with explicit first byte (FIN, RSV, opcode).
+    fn raw_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let opcode = OpCode::from_bits(b0 & 0x0F).unwrap_or(OpCode::Binary);
+        let header = FrameHeader { fin: b0 & 0x80 != 0, rsv: (b0 >> 4) & 7, opcode, mask: Some(KEY), payload_len: payload.len() as u64 };
+        let mut buf = [0u8; MAX_HEADER_LEN];
+        let len = header.encode(&mut buf);
+        buf[0] = b0;
+        let mut out = buf[..len].to_vec();
+        let mut masked = payload.to_vec();
+        apply_mask(&mut masked, KEY, 0);
+        out.extend_from_slice(&masked);
+        out
+    }
+
+    fn frame(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
+        raw_frame((u8::from(fin) << 7) | opcode.bits(), payload)
+    }
+
+    #[derive(Debug, PartialEq, Eq, Clone)]
+    enum Owned {
+        Text(String),
+        Binary(Vec<u8>),
+        Ping(Vec<u8>),
+        Pong(Vec<u8>),
+        Close(Option<(u16, String)>),
+        Failed(u16),
+    }
+
+    /// Feeds `bytes` cut at `splits`, collecting events until a violation.
+    fn run(limits: Limits, bytes: &[u8], splits: &[usize]) -> Vec<Owned> {
+        let mut decoder = Decoder::new(limits);
+        let mut out = Vec::new();
+        let mut start = 0;
+        for &end in splits.iter().chain(std::iter::once(&bytes.len())) {
+            let mut chunk = bytes[start..end].to_vec();
+            start = end;
+            let mut pos = 0;
+            loop {
+                match decoder.decode(&mut chunk[pos..]) {
+                    Err(v) => {
+                        out.push(Owned::Failed(v.code.0));
+                        return out;
+                    }
+                    Ok((used, event)) => {
+                        let Some(event) = event else { break };
+                        out.push(match event {
+                            Event::Text(t) => Owned::Text(t.to_owned()),
+                            Event::Binary(b) => Owned::Binary(b.to_vec()),
+                            Event::Ping(b) => Owned::Ping(b.to_vec()),
+                            Event::Pong(b) => Owned::Pong(b.to_vec()),
+                            Event::Close(c) => Owned::Close(c.map(|(code, r)| (code.0, r.to_owned()))),
+                        });
+                        pos += used;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn all_splits_agree(bytes: &[u8], expected: &[Owned]) {
+        assert_eq!(run(Limits::default(), bytes, &[]), expected, "whole input");
+        for a in 0..=bytes.len() {
+            assert_eq!(run(Limits::default(), bytes, &[a]), expected, "split at {a}");
+        }
+        // Every byte in its own read.
+        let singles: Vec<usize> = (1..bytes.len()).collect();
+        assert_eq!(run(Limits::default(), bytes, &singles), expected, "byte by byte");
+    }
+
+    #[test]
+    fn single_frames_of_every_kind_parse_the_same_at_every_split() {
+        let mut input = frame(OpCode::Text, true, "héllo".as_bytes());
+        input.extend(frame(OpCode::Binary, true, &[0, 1, 2, 255]));
+        input.extend(frame(OpCode::Ping, true, b"p"));
+        input.extend(frame(OpCode::Pong, true, b""));
+        input.extend(frame(OpCode::Text, true, b""));
+        input.extend(frame(OpCode::Close, true, b"\x03\xe8bye"));
+        all_splits_agree(
+            &input,
+            &[
+                Owned::Text("héllo".into()),
+                Owned::Binary(vec![0, 1, 2, 255]),
+                Owned::Ping(b"p".to_vec()),
+                Owned::Pong(vec![]),
+                Owned::Text(String::new()),
+                Owned::Close(Some((1000, "bye".into()))),
+            ],
+        );
+    }
+
+    #[test]
+    fn all_three_length_encodings() {
+        for len in [0usize, 125, 126, 300, 65535, 65536, 70000] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let input = frame(OpCode::Binary, true, &payload);
+            assert_eq!(run(Limits::default(), &input, &[]), vec![Owned::Binary(payload.clone())]);
+            let n = input.len();
+            assert_eq!(run(Limits::default(), &input, &[(len / 2 + 3).min(7).min(n), (len / 2 + 3).min(n)]), vec![Owned::Binary(payload)]);
+        }
+    }
+
+    #[test]
+    fn fragmented_message_with_interleaved_control_frame() {
+        let mut input = frame(OpCode::Text, false, b"fra");
+        input.extend(frame(OpCode::Ping, true, b"x"));
+        input.extend(frame(OpCode::Continuation, false, "gm€".as_bytes()));
+        input.extend(frame(OpCode::Continuation, true, b"nt"));
+        all_splits_agree(&input, &[Owned::Ping(b"x".to_vec()), Owned::Text("fragm€nt".into())]);
+    }
+
+    #[test]
+    fn protocol_rules_fail_with_1002() {
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("unmasked", vec![0x81, 0x00]),
+            ("rsv1", raw_frame(0xC1, b"")),
+            ("rsv3", raw_frame(0x91, b"")),
+            ("reserved opcode 3", raw_frame(0x83, b"")),
+            ("reserved opcode B", raw_frame(0x8B, b"")),
+            ("fragmented ping", frame(OpCode::Ping, false, b"")),
+            ("ping of 126 bytes", frame(OpCode::Ping, true, &[0; 126])),
+            ("lone continuation", frame(OpCode::Continuation, true, b"x")),
+            ("text inside fragmented message", [frame(OpCode::Text, false, b"a"), frame(OpCode::Text, true, b"b")].concat()),
+            ("close with 1 byte", frame(OpCode::Close, true, b"\x03")),
+            ("close code 1005", frame(OpCode::Close, true, b"\x03\xed")),
+            ("close code 999", frame(OpCode::Close, true, b"\x03\xe7")),
+        ];
+        for (name, bytes) in cases {
+            assert_eq!(run(Limits::default(), &bytes, &[]).last(), Some(&Owned::Failed(1002)), "{name}");
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_fails_fast_with_1007() {
+        assert_eq!(run(Limits::default(), &frame(OpCode::Text, true, b"\xff"), &[]), vec![Owned::Failed(1007)]);
+        assert_eq!(run(Limits::default(), &frame(OpCode::Close, true, b"\x03\xe8\xff"), &[]), vec![Owned::Failed(1007)]);
+        // The bad byte arrives in the first read of a frame whose tail never
+        // comes: the decoder must fail without waiting for the rest.
+        let bytes = frame(OpCode::Text, true, b"ok\xf4\x90 and a long tail that never arrives");
+        let mut decoder = Decoder::new(Limits::default());
+        let mut head = bytes[..MAX_HEADER_LEN - 8 + 4].to_vec(); // 2 header + 4 mask + 4 payload bytes
+        let result = decoder.decode(&mut head);
+        assert_eq!(result.map(|_| ()).unwrap_err().code, CloseCode::INVALID_PAYLOAD);
+        // Same across fragments: the first fragment already holds the bad byte.
+        let mut first = frame(OpCode::Text, false, b"\xce\xba\xed\xa0\x80");
+        let mut decoder = Decoder::new(Limits::default());
+        assert_eq!(decoder.decode(&mut first).map(|_| ()).unwrap_err().code, CloseCode::INVALID_PAYLOAD);
+        // A message that ends mid code point.
+        let ends_short = [frame(OpCode::Text, false, b"a\xe2"), frame(OpCode::Continuation, true, b"\x82")].concat();
+        assert_eq!(run(Limits::default(), &ends_short, &[]), vec![Owned::Failed(1007)]);
+    }
+
+    #[test]
+    fn size_limits_fail_with_1009_before_the_payload_arrives() {
+        let limits = Limits { max_frame_size: 100, max_message_size: 150 };
+        // Only the header of a 101-byte frame: rejected from the header alone.
+        let big = frame(OpCode::Binary, true, &[0; 101]);
+        let mut decoder = Decoder::new(limits);
+        let mut header_only = big[..8].to_vec();
+        assert_eq!(decoder.decode(&mut header_only).map(|_| ()).unwrap_err().code, CloseCode::MESSAGE_TOO_BIG);
+        // Two fragments of 100 are each fine but add up to more than 150.
+        let two = [frame(OpCode::Binary, false, &[0; 100]), frame(OpCode::Continuation, true, &[0; 100])].concat();
+        assert_eq!(run(limits, &two, &[]), vec![Owned::Failed(1009)]);
+        // Exactly at the limits is fine.
+        let fits = [frame(OpCode::Binary, false, &[7; 100]), frame(OpCode::Continuation, true, &[7; 50])].concat();
+        assert_eq!(run(limits, &fits, &[]), vec![Owned::Binary(vec![7; 150])]);
+    }
+
+    #[test]
+    fn extensions_can_allow_rsv_bits() {
+        let mut decoder = Decoder::new(Limits::default());
+        decoder.allowed_rsv = 0b100;
+        let mut bytes = raw_frame(0xC2, b"z");
+        assert_eq!(decoder.decode(&mut bytes).unwrap().1, Some(Event::Binary(b"z")));
+    }
+
+    #[test]
+    fn releases_buffers_after_delivery() {
+        let mut decoder = Decoder::new(Limits::default());
+        let bytes = frame(OpCode::Binary, true, &[1; 1000]);
+        let (mut a, mut b) = (bytes[..500].to_vec(), bytes[500..].to_vec());
+        assert_eq!(decoder.decode(&mut a).unwrap(), (500, None));
+        assert!(decoder.is_mid_message());
+        assert!(matches!(decoder.decode(&mut b).unwrap().1, Some(Event::Binary(p)) if p.len() == 1000));
+        let mut empty = Vec::new();
+        assert_eq!(decoder.decode(&mut empty).unwrap(), (0, None));
+        assert!(!decoder.is_mid_message());
+        assert!(decoder.message.is_none() && decoder.control.capacity() == 0);
+    }
+}
