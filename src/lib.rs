@@ -3,4 +3,7 @@
 //! `ws` is the protocol (sans-IO), `server` the mio shell around it, `app`
 //! the routes that decide what each endpoint does with messages.
 
+pub mod app;
+pub mod config;
+pub mod server;
 pub mod ws;

@@ -1,1 +1,46 @@
-fn main(){}
+use std::process::ExitCode;
+
+use fanout::config::Config;
+use fanout::server::{raise_fd_limit, Server};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let config = match Config::from_args(std::env::args_os()) {
+        Ok(config) => config,
+        Err(message) => {
+            // clap renders --help and --version through the same path.
+            let is_info = message.starts_with("fanout") || message.starts_with("Usage") || message.contains("\nUsage:");
+            eprint!("{message}");
+            if !message.ends_with('\n') {
+                eprintln!();
+            }
+            return if is_info && !message.starts_with("error") { ExitCode::SUCCESS } else { ExitCode::from(2) };
+        }
+    };
+    match raise_fd_limit() {
+        Ok(limit) => log::debug!("open file limit: {limit}"),
+        Err(e) => log::warn!("could not read the open file limit: {e}"),
+    }
+    let mut server = match Server::bind(config) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("fanout: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = server.handle_signals() {
+        eprintln!("fanout: cannot install signal handlers: {e}");
+        return ExitCode::FAILURE;
+    }
+    for addr in server.local_addrs() {
+        // Scripts and tests wait for this line to learn the port.
+        println!("fanout listening on ws://{addr}");
+    }
+    match server.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fanout: event loop failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

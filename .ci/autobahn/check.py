@@ -39,6 +39,8 @@ def load_results(reports_dir, agent):
             index = json.load(f)
     except (OSError, ValueError) as e:
         sys.exit("autobahn: cannot read %s (did wstest run?): %s" % (index_path, e))
+    if not index:
+        sys.exit("autobahn: no results in %s: no case ran (server not listening?)" % index_path)
     if agent is None:
         if len(index) != 1:
             sys.exit("autobahn: index.json has agents %s; pass --agent" % sorted(index))

@@ -34,7 +34,9 @@ die() { log "error: $*"; exit 1; }
 want_stamp=$(cat "$here/install.sh" "$reqs" | sha256sum | cut -d' ' -f1)
 
 is_installed() {
-  [[ -f $stamp && "$(cat "$stamp")" == "$want_stamp" && -x $wrapper ]]
+  # (the wrapper holds absolute paths: a moved checkout reinstalls)
+  [[ -f $stamp && "$(cat "$stamp")" == "$want_stamp" && -x $wrapper && -x $dest/venv27/bin/wstest ]] &&
+    grep -qF "$dest/venv27/bin/wstest" "$wrapper"
 }
 
 if is_installed; then

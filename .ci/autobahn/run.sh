@@ -37,7 +37,7 @@ cd "$work"
 rc=0
 timeout -k 10 "${AUTOBAHN_TIMEOUT:-600}" "$wstest" -m fuzzingclient -s "$spec" >"$work/wstest.log" 2>&1 || rc=$?
 if [[ $rc -ne 0 ]]; then
-  tail -n 30 "$work/wstest.log" >&2
+  tail -n 30 "$work/wstest.log" | cut -c1-300 >&2
   if [[ $rc -eq 124 || $rc -eq 137 ]]; then
     echo "autobahn: wstest timed out after ${AUTOBAHN_TIMEOUT:-600} s (log: $work/wstest.log)" >&2
   else

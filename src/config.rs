@@ -1,0 +1,260 @@
+//! Every limit and timeout in one place, from flags and an optional TOML
+//! file. The file's keys are the long flag names; flags given on the
+//! command line win over the file.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+
+/// fanout: WebSocket fan-out server for chat, pub/sub channels and market data.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "fanout", version, about, max_term_width = 100)]
+pub struct Config {
+    /// TOML file with any of these options (keys are the long flag names,
+    /// e.g. `max-connections = 5000`); flags on the command line win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Address to accept WebSocket and HTTP connections on; repeat for
+    /// several binds. Port 0 picks a free port.
+    #[arg(long = "listen", value_name = "ADDR", default_value = "0.0.0.0:8080")]
+    pub listen: Vec<SocketAddr>,
+
+    /// Most open WebSocket connections; further handshakes get 503.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Most connections still in the HTTP handshake; beyond this, new TCP
+    /// connections are closed on accept.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub max_pending_handshakes: usize,
+
+    /// Largest HTTP request head (request line and headers); larger gets 431.
+    #[arg(long, value_name = "SIZE", default_value = "8KiB", value_parser = parse_size)]
+    pub max_header_bytes: usize,
+
+    /// Time a client has to complete the HTTP upgrade; then 408 and close.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Largest message (all fragments together); larger closes with 1009.
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub max_message_size: usize,
+
+    /// Largest single frame payload; larger closes with 1009.
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub max_frame_size: usize,
+
+    /// Bytes queued for one client before the server stops reading its
+    /// requests (echo, pongs) or, for fan-out traffic, closes it with 1008.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+    pub max_outbound_buffer: usize,
+
+    /// How often the server pings each WebSocket client.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+
+    /// A client that sends nothing (not even a pong) for this long is
+    /// closed with 1008.
+    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// After the server sends a close frame, how long it waits for the
+    /// client's close frame before dropping the TCP connection.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub close_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, how long to wait for clients to answer the 1001
+    /// close before exiting anyway.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Browser origin allowed to open WebSockets (repeatable). With none
+    /// given, any origin is accepted; requests without Origin always are.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    pub allowed_origins: Vec<String>,
+
+    /// Subprotocol the server accepts in Sec-WebSocket-Protocol (repeatable).
+    #[arg(long = "subprotocol", value_name = "NAME")]
+    pub subprotocols: Vec<String>,
+
+    /// Size of the one read buffer the event loop reads every socket into.
+    #[arg(long, value_name = "SIZE", default_value = "64KiB", value_parser = parse_size)]
+    pub read_buffer_size: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::parse_from(["fanout"])
+    }
+}
+
+impl Config {
+    /// Parses the command line, merging in `--config FILE` if given.
+    pub fn from_args<I, T>(args: I) -> Result<Config, String>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let command = Config::command();
+        let matches = command.clone().try_get_matches_from(&args).map_err(|e| e.render().to_string())?;
+        let Some(path) = matches.get_one::<PathBuf>("config") else {
+            return Config::from_arg_matches(&matches).map_err(|e| e.to_string());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        let file_args = file_to_args(&text, &command, |id| {
+            matches.value_source(id) == Some(ValueSource::CommandLine)
+        })
+        .map_err(|e| format!("config file {}: {e}", path.display()))?;
+        let mut merged = vec![args.first().cloned().unwrap_or_else(|| "fanout".into())];
+        merged.extend(file_args.into_iter().map(OsString::from));
+        merged.extend(args.into_iter().skip(1));
+        let matches = command.try_get_matches_from(merged).map_err(|e| format!("config file {}: {}", path.display(), e.render()))?;
+        Config::from_arg_matches(&matches).map_err(|e| e.to_string())
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.listen.is_empty() {
+            return Err("at least one --listen address is needed".into());
+        }
+        if self.max_frame_size > self.max_message_size {
+            return Err("--max-frame-size cannot exceed --max-message-size".into());
+        }
+        if self.read_buffer_size < 4096 {
+            return Err("--read-buffer-size must be at least 4KiB".into());
+        }
+        for (name, value) in [
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--ping-interval", self.ping_interval),
+            ("--idle-timeout", self.idle_timeout),
+            ("--close-timeout", self.close_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(format!("{name} must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Turns the file's `key = value` pairs into flags, skipping those the
+/// command line sets itself. Unknown keys are an error naming the key.
+fn file_to_args(
+    text: &str,
+    command: &clap::Command,
+    given_on_command_line: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, String> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.message().to_owned())?;
+    let mut args = Vec::new();
+    for (key, value) in table {
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()) && key != "config")
+            .ok_or_else(|| format!("unknown key `{key}`"))?;
+        if given_on_command_line(arg.get_id().as_str()) {
+            continue;
+        }
+        let flag = format!("--{key}");
+        let values = match value {
+            toml::Value::Array(items) => items,
+            single => vec![single],
+        };
+        for value in values {
+            match (value, arg.get_action()) {
+                (toml::Value::Boolean(on), ArgAction::SetTrue) => {
+                    if on {
+                        args.push(flag.clone());
+                    }
+                }
+                (toml::Value::String(s), _) => args.push(format!("{flag}={s}")),
+                (toml::Value::Integer(n), _) => args.push(format!("{flag}={n}")),
+                (toml::Value::Float(x), _) => args.push(format!("{flag}={x}")),
+                (other, _) => return Err(format!("key `{key}` has an unsupported value {other}")),
+            }
+        }
+    }
+    Ok(args)
+}
+
+/// Parses `65536`, `64KiB`, `16MiB`, `1GiB` (also `k`, `M`, `G` as binary
+/// multiples, since these are buffer sizes).
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: usize = digits.parse().map_err(|_| format!("`{text}` is not a size like 65536, 64KiB or 16MiB"))?;
+    let multiplier: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("unknown size unit in `{text}` (use B, KiB, MiB or GiB)")),
+    };
+    number.checked_mul(multiplier).ok_or_else(|| format!("size `{text}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documentation() {
+        let c = Config::default();
+        assert_eq!(c.max_connections, 100_000);
+        assert_eq!(c.max_header_bytes, 8 << 10);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_message_size, 16 << 20);
+        assert_eq!(c.max_outbound_buffer, 1 << 20);
+        assert_eq!(c.ping_interval, Duration::from_secs(30));
+        assert_eq!(c.idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(c.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("2 k"), Ok(2048));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("KiB").is_err());
+    }
+
+    fn with_file(contents: &str, extra: &[&str]) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fanout.toml");
+        std::fs::write(&path, contents).unwrap();
+        let mut args = vec!["fanout".to_owned(), "--config".into(), path.display().to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Config::from_args(args)
+    }
+
+    #[test]
+    fn file_values_apply_and_flags_override_them() {
+        let file = "max-connections = 5\nhandshake-timeout = \"2s\"\nlisten = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n";
+        let c = with_file(file, &[]).unwrap();
+        assert_eq!(c.max_connections, 5);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(2));
+        assert_eq!(c.listen.len(), 2);
+        let c = with_file(file, &["--max-connections", "7", "--listen", "127.0.0.1:3"]).unwrap();
+        assert_eq!(c.max_connections, 7);
+        assert_eq!(c.listen, vec!["127.0.0.1:3".parse().unwrap()]);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn file_errors_name_the_problem() {
+        let err = with_file("max-conections = 5\n", &[]).unwrap_err();
+        assert!(err.contains("unknown key `max-conections`"), "{err}");
+        let err = with_file("max-connections = \"lots\"\n", &[]).unwrap_err();
+        assert!(err.contains("max-connections"), "{err}");
+        assert!(Config::from_args(["fanout", "--config", "/nonexistent/fanout.toml"]).unwrap_err().contains("/nonexistent/fanout.toml"));
+    }
+}

@@ -1,0 +1,666 @@
+//! The single-threaded, edge-triggered mio loop. Each iteration: wait for
+//! readiness or the next deadline, accept and read until `WouldBlock`, run
+//! due timers, then write every connection that has output once.
+
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+
+use super::connection::{Connection, Phase, Session};
+use super::listener::{is_resource_exhaustion, Listener, ACCEPT_RETRY};
+use super::stats::Stats;
+use super::timers::{TimerKey, Timers};
+use crate::app::{resolve, App, ConnId, Endpoint, Message, Outbox, Target};
+use crate::config::Config;
+use crate::ws::handshake::{self, Rejection, UpgradePolicy};
+use crate::ws::{CloseCode, CloseState, Decoder, Event, Limits, OpCode};
+
+const SIGNAL: Token = Token(usize::MAX);
+const WAKER: Token = Token(usize::MAX - 1);
+const FIRST_LISTENER: usize = usize::MAX - 2;
+
+/// A socket that keeps sending is read at most this many times per loop
+/// iteration before the loop moves on, so one fast peer cannot starve the
+/// others; it is resumed on the next iteration.
+const READS_PER_TURN: usize = 16;
+
+fn listener_token(index: usize) -> Token {
+    Token(FIRST_LISTENER - index)
+}
+
+/// Asks a running server to shut down gracefully, from any thread.
+#[derive(Clone, Debug)]
+pub struct ShutdownHandle {
+    requested: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        if let Err(e) = self.waker.wake() {
+            warn!("could not wake the event loop for shutdown: {e}");
+        }
+    }
+}
+
+pub struct Server {
+    poll: Poll,
+    listeners: Vec<Listener>,
+    read_buf: Vec<u8>,
+    signals: Option<signal_hook_mio::v1_0::Signals>,
+    shutdown: ShutdownHandle,
+    core: Core,
+}
+
+/// Everything the loop mutates while handling one readiness event, apart
+/// from the read buffer, so the bytes just read can be borrowed alongside.
+struct Core {
+    config: Config,
+    policy: UpgradePolicy,
+    limits: Limits,
+    conns: Slab<Connection>,
+    app: App,
+    timers: Timers,
+    /// Connections with queued output, flushed once at the end of the turn.
+    dirty: Vec<usize>,
+    /// Connections to read again next turn (budget used up or unpaused).
+    resume: Vec<usize>,
+    next_serial: u64,
+    pending_handshakes: usize,
+    open_websockets: usize,
+    stopping_at: Option<Instant>,
+    stats: Stats,
+    now: Instant,
+}
+
+impl Server {
+    /// Binds every configured address; the server does nothing until `run`.
+    pub fn bind(config: Config) -> io::Result<Server> {
+        config.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let poll = Poll::new()?;
+        let mut listeners = Vec::new();
+        for (index, addr) in config.listen.iter().enumerate() {
+            let mut listener = Listener::bind(*addr)?;
+            poll.registry().register(&mut listener.socket, listener_token(index), Interest::READABLE)?;
+            listeners.push(listener);
+        }
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let shutdown = ShutdownHandle { requested: Arc::new(AtomicBool::new(false)), waker };
+        let core = Core {
+            policy: UpgradePolicy {
+                allowed_origins: config.allowed_origins.clone(),
+                subprotocols: config.subprotocols.clone(),
+            },
+            limits: Limits {
+                max_frame_size: config.max_frame_size as u64,
+                max_message_size: config.max_message_size as u64,
+            },
+            conns: Slab::new(),
+            app: App::new(),
+            timers: Timers::default(),
+            dirty: Vec::new(),
+            resume: Vec::new(),
+            next_serial: 0,
+            pending_handshakes: 0,
+            open_websockets: 0,
+            stopping_at: None,
+            stats: Stats::default(),
+            now: Instant::now(),
+            config,
+        };
+        Ok(Server {
+            read_buf: vec![0; core.config.read_buffer_size],
+            poll,
+            listeners,
+            signals: None,
+            shutdown,
+            core,
+        })
+    }
+
+    /// The addresses actually bound (port 0 resolved).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.addr).collect()
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// Makes SIGINT and SIGTERM start a graceful shutdown.
+    pub fn handle_signals(&mut self) -> io::Result<()> {
+        let mut signals =
+            signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+        self.poll.registry().register(&mut signals, SIGNAL, Interest::READABLE)?;
+        self.signals = Some(signals);
+        Ok(())
+    }
+
+    /// Runs until a shutdown completes.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            self.core.now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    SIGNAL => self.on_signal(),
+                    WAKER => {
+                        if self.shutdown.requested.load(Ordering::SeqCst) {
+                            self.begin_shutdown();
+                        }
+                    }
+                    Token(t) if t > FIRST_LISTENER - self.listeners.len() => self.accept(FIRST_LISTENER - t),
+                    Token(t) => {
+                        if event.is_writable() {
+                            self.core.flush(t);
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.read(t);
+                        }
+                    }
+                }
+            }
+            for token in std::mem::take(&mut self.core.resume) {
+                self.read(token);
+            }
+            self.run_timers();
+            self.core.flush_dirty();
+            if let Some(stop_at) = self.core.stopping_at {
+                if self.core.conns.is_empty() || self.core.now >= stop_at {
+                    let left = self.core.conns.len();
+                    if left > 0 {
+                        info!("shutdown grace period over: dropping {left} connection(s) that did not finish closing");
+                    }
+                    info!("stopped; {}", self.core.stats);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.core.resume.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let timer = self.core.timers.timeout(now);
+        let stop = self.core.stopping_at.map(|at| at.saturating_duration_since(now));
+        match (timer, stop) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn on_signal(&mut self) {
+        let Some(signals) = self.signals.as_mut() else { return };
+        let received: Vec<i32> = signals.pending().collect();
+        if !received.is_empty() {
+            info!("received signal {received:?}: shutting down");
+            self.begin_shutdown();
+        }
+    }
+
+    /// Stops accepting, sends 1001 to every WebSocket, and lets the loop
+    /// run until they have all closed or the grace period is over.
+    fn begin_shutdown(&mut self) {
+        if self.core.stopping_at.is_some() {
+            return;
+        }
+        let core = &mut self.core;
+        core.stopping_at = Some(core.now + core.config.shutdown_grace);
+        for listener in &mut self.listeners {
+            let _ = self.poll.registry().deregister(&mut listener.socket);
+        }
+        self.listeners.clear();
+        let tokens: Vec<usize> = core.conns.iter().map(|(token, _)| token).collect();
+        for token in tokens {
+            match core.conns[token].phase {
+                Phase::Open(_) => core.close(token, CloseCode::GOING_AWAY, "server shutting down"),
+                Phase::Handshake { .. } => core.drop_conn(token, "server shutting down"),
+                Phase::Responding { .. } => {}
+            }
+        }
+    }
+
+    fn accept(&mut self, index: usize) {
+        let Some(listener) = self.listeners.get_mut(index) else { return };
+        if listener.paused {
+            return;
+        }
+        let core = &mut self.core;
+        loop {
+            match listener.socket.accept() {
+                Ok((socket, peer)) => {
+                    if core.pending_handshakes >= core.config.max_pending_handshakes {
+                        core.stats.refused_on_accept += 1;
+                        debug!("closing {peer} on accept: {} handshakes already pending", core.pending_handshakes);
+                        continue;
+                    }
+                    if let Err(e) = core.add_connection(self.poll.registry(), socket) {
+                        warn!("could not register connection from {peer}: {e}");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_resource_exhaustion(&e) => {
+                    warn!("accept on {} failed: {e}; pausing accepts for {ACCEPT_RETRY:?}", listener.addr);
+                    core.stats.accept_pauses += 1;
+                    listener.paused = true;
+                    core.timers.schedule(core.now + ACCEPT_RETRY, TimerKey::ResumeAccept { listener: index });
+                    return;
+                }
+                // ECONNABORTED and friends concern one connection only.
+                Err(e) => debug!("accept on {} failed: {e}", listener.addr),
+            }
+        }
+    }
+
+    /// Reads until `WouldBlock`, the per-turn budget, or backpressure.
+    fn read(&mut self, token: usize) {
+        for _ in 0..READS_PER_TURN {
+            let Some(conn) = self.core.conns.get_mut(token) else { return };
+            if conn.read_paused {
+                return;
+            }
+            if conn.out.len() >= self.core.config.max_outbound_buffer && matches!(conn.phase, Phase::Open(_)) {
+                // TCP backpressure: the peer's own requests filled its queue.
+                conn.read_paused = true;
+                self.core.stats.read_pauses += 1;
+                return;
+            }
+            match conn.socket.read(&mut self.read_buf) {
+                Ok(0) => {
+                    self.core.on_eof(token);
+                    return;
+                }
+                Ok(n) => {
+                    conn.last_heard = self.core.now;
+                    self.core.stats.bytes_in += n as u64;
+                    self.core.on_input(token, &mut self.read_buf[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!("conn {token}: read error: {e}");
+                    self.core.drop_conn(token, "read error");
+                    return;
+                }
+            }
+        }
+        self.core.resume.push(token);
+    }
+
+    fn run_timers(&mut self) {
+        while let Some((at, key)) = self.core.timers.pop_due(self.core.now) {
+            match key {
+                TimerKey::ResumeAccept { listener } => {
+                    if let Some(l) = self.listeners.get_mut(listener) {
+                        l.paused = false;
+                        self.accept(listener);
+                    }
+                }
+                TimerKey::Connection { token, serial } => {
+                    let Some(conn) = self.core.conns.get_mut(token) else { continue };
+                    if conn.serial != serial || conn.wake_at != Some(at) {
+                        continue;
+                    }
+                    conn.wake_at = None;
+                    self.core.on_timer(token);
+                }
+            }
+        }
+    }
+}
+
+impl Core {
+    fn add_connection(&mut self, registry: &mio::Registry, mut socket: mio::net::TcpStream) -> io::Result<()> {
+        // Frames are written whole, once per turn: Nagle would only add latency.
+        socket.set_nodelay(true)?;
+        let entry = self.conns.vacant_entry();
+        let token = entry.key();
+        registry.register(&mut socket, Token(token), Interest::READABLE | Interest::WRITABLE)?;
+        self.next_serial += 1;
+        let deadline = self.now + self.config.handshake_timeout;
+        entry.insert(Connection::new(socket, self.next_serial, self.now, deadline));
+        self.pending_handshakes += 1;
+        self.schedule(token, deadline);
+        Ok(())
+    }
+
+    fn schedule(&mut self, token: usize, at: Instant) {
+        let Some(conn) = self.conns.get_mut(token) else { return };
+        if conn.wake_at.is_some_and(|scheduled| scheduled <= at) {
+            return;
+        }
+        conn.wake_at = Some(at);
+        self.timers.schedule(at, TimerKey::Connection { token, serial: conn.serial });
+    }
+
+    fn mark_dirty(&mut self, token: usize) {
+        if let Some(conn) = self.conns.get_mut(token) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(token);
+            }
+        }
+    }
+
+    fn on_input(&mut self, token: usize, input: &mut [u8]) {
+        match &self.conns[token].phase {
+            Phase::Handshake { .. } => self.handshake_input(token, input),
+            Phase::Open(_) => self.websocket_input(token, input),
+            Phase::Responding { .. } => {}
+        }
+    }
+
+    fn on_eof(&mut self, token: usize) {
+        // A peer that half-closed may still read: give queued bytes (our
+        // close reply, an HTTP response) one last chance.
+        let conn = &mut self.conns[token];
+        let _ = conn.out.flush_to(&mut conn.socket);
+        let reason = match &conn.phase {
+            Phase::Open(session) if session.close.is_open() => "peer closed TCP without a close frame",
+            _ => "peer closed TCP",
+        };
+        self.drop_conn(token, reason);
+    }
+
+    fn handshake_input(&mut self, token: usize, input: &[u8]) {
+        let max = self.config.max_header_bytes;
+        let too_large = || Rejection::new(431, format!("request head larger than {max} bytes"));
+        let Phase::Handshake { request, .. } = &mut self.conns[token].phase else { return };
+        let scan_from = request.len().saturating_sub(2);
+        request.extend_from_slice(input);
+        // Parse only once a blank line may have arrived, so a client that
+        // dribbles one byte at a time does not cost a full parse per byte.
+        let blank_line = request[scan_from..].windows(2).any(|w| w == b"\n\n")
+            || request[scan_from.saturating_sub(1)..].windows(3).any(|w| w == b"\n\r\n");
+        let received = request.len();
+        let parsed = if blank_line { handshake::parse_request(request) } else { Ok(None) };
+        let (request_head, consumed) = match parsed {
+            Err(rejection) => return self.reject(token, rejection),
+            Ok(None) if received > max => return self.reject(token, too_large()),
+            Ok(None) => return,
+            Ok(Some((_, consumed))) if consumed > max => return self.reject(token, too_large()),
+            Ok(Some(found)) => found,
+        };
+        match resolve(&request_head.path) {
+            Target::Health => {
+                let response = handshake::http_response(200, &[], "text/plain; charset=utf-8", b"ok\n");
+                self.respond(token, &response, "health check");
+            }
+            Target::NotFound => {
+                let reason = format!("no endpoint at {}", request_head.path);
+                self.reject(token, Rejection::new(404, reason));
+            }
+            Target::WebSocket(endpoint) => match handshake::validate_upgrade(&request_head, &self.policy) {
+                Err(rejection) => self.reject(token, rejection),
+                Ok(_) if self.open_websockets >= self.config.max_connections => {
+                    let reason = format!("connection limit of {} reached", self.config.max_connections);
+                    self.reject(token, Rejection::new(503, reason));
+                }
+                Ok(accepted) => self.upgrade(token, endpoint, &handshake::accept_response(&accepted), consumed),
+            },
+        }
+    }
+
+    fn upgrade(&mut self, token: usize, endpoint: Endpoint, response: &[u8], consumed: usize) {
+        let now = self.now;
+        let conn = &mut self.conns[token];
+        let Phase::Handshake { request, .. } = &mut conn.phase else { return };
+        // Frames the client sent right behind its request.
+        let mut early = request.split_off(consumed);
+        conn.phase = Phase::Open(Session {
+            endpoint,
+            decoder: Some(Decoder::new(self.limits)),
+            close: CloseState::Open,
+            close_deadline: None,
+            discard_input: false,
+            next_ping: now + self.config.ping_interval,
+        });
+        conn.out.push_bytes(response);
+        self.pending_handshakes -= 1;
+        self.open_websockets += 1;
+        self.stats.upgrades += 1;
+        self.mark_dirty(token);
+        let deadline = self.conns[token].next_deadline(self.config.idle_timeout);
+        self.schedule(token, deadline);
+        let Core { app, conns, dirty, timers, config, now, .. } = self;
+        app.on_open(token, endpoint, &mut Delivery { conns, dirty, timers, config, now: *now });
+        if !early.is_empty() {
+            self.websocket_input(token, &mut early);
+        }
+    }
+
+    fn reject(&mut self, token: usize, rejection: Rejection) {
+        *self.stats.rejections.entry(rejection.status).or_default() += 1;
+        let response = rejection.to_response();
+        self.respond(token, &response, &rejection.reason);
+    }
+
+    /// Queues a final HTTP response; the connection closes once it is sent.
+    fn respond(&mut self, token: usize, response: &[u8], what: &str) {
+        let conn = &mut self.conns[token];
+        debug!("conn {token}: HTTP response: {what}");
+        if matches!(conn.phase, Phase::Handshake { .. }) {
+            self.pending_handshakes -= 1;
+        }
+        let deadline = self.now + self.config.close_timeout;
+        conn.phase = Phase::Responding { deadline };
+        conn.out.push_bytes(response);
+        self.mark_dirty(token);
+        self.schedule(token, deadline);
+    }
+
+    fn websocket_input(&mut self, token: usize, input: &mut [u8]) {
+        let Some(session) = self.conns[token].session_mut() else { return };
+        if session.discard_input {
+            return;
+        }
+        let endpoint = session.endpoint;
+        let Some(mut decoder) = session.decoder.take() else { return };
+        let mut pos = 0;
+        while pos < input.len() {
+            let (used, event) = match decoder.decode(&mut input[pos..]) {
+                Ok(decoded) => decoded,
+                Err(violation) => {
+                    self.stats.protocol_errors += 1;
+                    debug!("conn {token}: failing with {}: {}", violation.code.0, violation.reason);
+                    self.fail(token, violation.code, violation.reason);
+                    break;
+                }
+            };
+            pos += used;
+            let Some(event) = event else { break };
+            let conn = &mut self.conns[token];
+            let Phase::Open(session) = &mut conn.phase else { break };
+            match event {
+                Event::Text(text) if session.close.is_open() => {
+                    self.stats.messages_in += 1;
+                    let Core { app, conns, dirty, timers, config, now, .. } = self;
+                    let mut out = Delivery { conns, dirty, timers, config, now: *now };
+                    app.on_message(token, endpoint, Message::Text(text), &mut out);
+                }
+                Event::Binary(bytes) if session.close.is_open() => {
+                    self.stats.messages_in += 1;
+                    let Core { app, conns, dirty, timers, config, now, .. } = self;
+                    let mut out = Delivery { conns, dirty, timers, config, now: *now };
+                    app.on_message(token, endpoint, Message::Binary(bytes), &mut out);
+                }
+                Event::Ping(payload) if session.close.is_open() => {
+                    conn.out.push_frame(OpCode::Pong, payload);
+                    self.mark_dirty(token);
+                }
+                Event::Close(received) => {
+                    if session.close.peer_closed() {
+                        // §5.5.1: answer with a close frame, typically echoing the code.
+                        let reply = received.map(|(code, _)| code.0.to_be_bytes().to_vec()).unwrap_or_default();
+                        conn.out.push_frame(OpCode::Close, &reply);
+                    }
+                    self.mark_dirty(token);
+                    break;
+                }
+                // Data after our close frame is read and dropped (§5.5.1);
+                // pongs need nothing.
+                _ => {}
+            }
+        }
+        if let Some(session) = self.conns.get_mut(token).and_then(Connection::session_mut) {
+            session.decoder = Some(decoder);
+        }
+    }
+
+    /// Fails the connection (§7.1.7): close frame, then ignore its input.
+    fn fail(&mut self, token: usize, code: CloseCode, reason: &str) {
+        if let Some(session) = self.conns[token].session_mut() {
+            session.discard_input = true;
+        }
+        self.close(token, code, reason);
+    }
+
+    /// Starts the closing handshake from our side.
+    fn close(&mut self, token: usize, code: CloseCode, reason: &str) {
+        let deadline = self.now + self.config.close_timeout;
+        if let Some(deadline) = self.conns[token].begin_close(code, reason, deadline) {
+            self.stats.closes_sent += 1;
+            self.mark_dirty(token);
+            self.schedule(token, deadline);
+        }
+    }
+
+    fn on_timer(&mut self, token: usize) {
+        let now = self.now;
+        let conn = &mut self.conns[token];
+        match &mut conn.phase {
+            Phase::Handshake { deadline, .. } if *deadline <= now => {
+                let reason = format!("handshake not completed within {:?}", self.config.handshake_timeout);
+                return self.reject(token, Rejection::new(408, reason));
+            }
+            Phase::Responding { deadline } if *deadline <= now => {
+                return self.drop_conn(token, "client did not read the HTTP response");
+            }
+            Phase::Open(session) => {
+                if session.close_deadline.is_some_and(|at| at <= now) {
+                    return self.drop_conn(token, "no close frame from the peer in time");
+                }
+                if session.close.is_open() && now >= conn.last_heard + self.config.idle_timeout {
+                    self.stats.idle_closes += 1;
+                    let reason = format!("idle timeout: nothing received for {:?}", self.config.idle_timeout);
+                    self.close(token, CloseCode::POLICY_VIOLATION, &reason);
+                } else if session.close.is_open() && now >= session.next_ping {
+                    session.next_ping = now + self.config.ping_interval;
+                    conn.out.push_frame(OpCode::Ping, b"");
+                    self.mark_dirty(token);
+                }
+            }
+            _ => {}
+        }
+        let deadline = self.conns[token].next_deadline(self.config.idle_timeout);
+        self.schedule(token, deadline);
+    }
+
+    fn flush_dirty(&mut self) {
+        for token in std::mem::take(&mut self.dirty) {
+            self.flush(token);
+        }
+    }
+
+    fn flush(&mut self, token: usize) {
+        let Some(conn) = self.conns.get_mut(token) else { return };
+        conn.dirty = false;
+        if conn.out.is_empty() && !conn.finished_after_flush() {
+            return;
+        }
+        let before = conn.out.len();
+        let result = conn.out.flush_to(&mut conn.socket);
+        self.stats.bytes_out += (before - conn.out.len()) as u64;
+        match result {
+            Ok(true) => {
+                if conn.finished_after_flush() {
+                    return self.drop_conn(token, "closed");
+                }
+                let failing = conn.session_mut().is_some_and(|s| s.discard_input);
+                if failing && !conn.write_shut {
+                    // Our close frame is out; the FIN tells the peer nothing follows.
+                    conn.write_shut = true;
+                    let _ = conn.socket.shutdown(Shutdown::Write);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => return self.drop_conn(token, &format!("write error: {e}")),
+        }
+        if conn.read_paused && conn.out.len() < self.config.max_outbound_buffer {
+            conn.read_paused = false;
+            self.resume.push(token);
+        }
+    }
+
+    fn drop_conn(&mut self, token: usize, reason: &str) {
+        let Some(conn) = self.conns.try_remove(token) else { return };
+        debug!("conn {token}: dropped: {reason}");
+        match conn.phase {
+            Phase::Handshake { .. } => self.pending_handshakes -= 1,
+            Phase::Open(session) => {
+                self.open_websockets -= 1;
+                self.app.on_close(token, session.endpoint);
+            }
+            Phase::Responding { .. } => {}
+        }
+    }
+}
+
+/// The app's view of the connection table.
+struct Delivery<'a> {
+    conns: &'a mut Slab<Connection>,
+    dirty: &'a mut Vec<usize>,
+    timers: &'a mut Timers,
+    config: &'a Config,
+    now: Instant,
+}
+
+impl Delivery<'_> {
+    fn open_conn(&mut self, to: ConnId) -> Option<&mut Connection> {
+        let conn = self.conns.get_mut(to)?;
+        let open = matches!(&conn.phase, Phase::Open(s) if s.close.is_open());
+        if !conn.dirty && open {
+            conn.dirty = true;
+            self.dirty.push(to);
+        }
+        open.then_some(conn)
+    }
+}
+
+impl Outbox for Delivery<'_> {
+    fn reply(&mut self, to: ConnId, message: Message<'_>) {
+        let Some(conn) = self.open_conn(to) else { return };
+        match message {
+            Message::Text(text) => conn.out.push_frame(OpCode::Text, text.as_bytes()),
+            Message::Binary(bytes) => conn.out.push_frame(OpCode::Binary, bytes),
+        }
+    }
+
+    fn close(&mut self, to: ConnId, code: CloseCode, reason: &str) {
+        let deadline = self.now + self.config.close_timeout;
+        let Some(conn) = self.open_conn(to) else { return };
+        let Some(at) = conn.begin_close(code, reason, deadline) else { return };
+        if conn.wake_at.is_none_or(|w| at < w) {
+            conn.wake_at = Some(at);
+            let key = TimerKey::Connection { token: to, serial: conn.serial };
+            self.timers.schedule(at, key);
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! The mio shell around the protocol: listeners, the poll loop, the slab of
+//! connections, their write queues and timers.
+
+mod connection;
+mod event_loop;
+mod listener;
+pub mod outbound;
+mod stats;
+mod timers;
+
+pub use event_loop::{Server, ShutdownHandle};
+pub use listener::raise_fd_limit;
+pub use stats::Stats;
