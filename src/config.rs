@@ -95,27 +95,31 @@ impl Default for Config {
 
 impl Config {
     /// Parses the command line, merging in `--config FILE` if given.
-    pub fn from_args<I, T>(args: I) -> Result<Config, String>
+    pub fn from_args<I, T>(args: I) -> Result<Config, ConfigError>
     where
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
         let command = Config::command();
-        let matches = command.clone().try_get_matches_from(&args).map_err(|e| e.render().to_string())?;
+        let matches = command.clone().try_get_matches_from(&args)?;
         let Some(path) = matches.get_one::<PathBuf>("config") else {
-            return Config::from_arg_matches(&matches).map_err(|e| e.to_string());
+            return Ok(Config::from_arg_matches(&matches)?);
         };
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::File(format!("cannot read config file {}: {e}", path.display()))
+        })?;
         let file_args = file_to_args(&text, &command, |id| {
             matches.value_source(id) == Some(ValueSource::CommandLine)
         })
-        .map_err(|e| format!("config file {}: {e}", path.display()))?;
+        .map_err(|e| ConfigError::File(format!("config file {}: {e}", path.display())))?;
         let mut merged = vec![args.first().cloned().unwrap_or_else(|| "fanout".into())];
         merged.extend(file_args.into_iter().map(OsString::from));
         merged.extend(args.into_iter().skip(1));
-        let matches = command.try_get_matches_from(merged).map_err(|e| format!("config file {}: {}", path.display(), e.render()))?;
-        Config::from_arg_matches(&matches).map_err(|e| e.to_string())
+        let matches = command.try_get_matches_from(merged).map_err(|e| {
+            ConfigError::File(format!("config file {}: {}", path.display(), e.render()))
+        })?;
+        Ok(Config::from_arg_matches(&matches)?)
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -142,6 +146,31 @@ impl Config {
     }
 }
 
+/// Why the configuration could not be read.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// A command-line problem, or a request for --help/--version, which
+    /// clap prints and exits on with the conventional status.
+    Cli(clap::Error),
+    /// A problem in the config file, naming the file and the key.
+    File(String),
+}
+
+impl From<clap::Error> for ConfigError {
+    fn from(error: clap::Error) -> Self {
+        ConfigError::Cli(error)
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::Cli(e) => write!(f, "{}", e.render()),
+            ConfigError::File(message) => f.write_str(message),
+        }
+    }
+}
+
 /// Turns the file's `key = value` pairs into flags, skipping those the
 /// command line sets itself. Unknown keys are an error naming the key.
 fn file_to_args(
@@ -149,7 +178,9 @@ fn file_to_args(
     command: &clap::Command,
     given_on_command_line: impl Fn(&str) -> bool,
 ) -> Result<Vec<String>, String> {
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.message().to_owned())?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| e.message().to_owned())?;
     let mut args = Vec::new();
     for (key, value) in table {
         let arg = command
@@ -185,17 +216,27 @@ fn file_to_args(
 /// multiples, since these are buffer sizes).
 pub fn parse_size(text: &str) -> Result<usize, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let number: usize = digits.parse().map_err(|_| format!("`{text}` is not a size like 65536, 64KiB or 16MiB"))?;
+    let number: usize = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size like 65536, 64KiB or 16MiB"))?;
     let multiplier: usize = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("unknown size unit in `{text}` (use B, KiB, MiB or GiB)")),
+        _ => {
+            return Err(format!(
+                "unknown size unit in `{text}` (use B, KiB, MiB or GiB)"
+            ))
+        }
     };
-    number.checked_mul(multiplier).ok_or_else(|| format!("size `{text}` is too large"))
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("size `{text}` is too large"))
 }
 
 #[cfg(test)]
@@ -228,10 +269,18 @@ mod tests {
     }
 
     fn with_file(contents: &str, extra: &[&str]) -> Result<Config, String> {
+        with_file_inner(contents, extra).map_err(|e| e.to_string())
+    }
+
+    fn with_file_inner(contents: &str, extra: &[&str]) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fanout.toml");
         std::fs::write(&path, contents).unwrap();
-        let mut args = vec!["fanout".to_owned(), "--config".into(), path.display().to_string()];
+        let mut args = vec![
+            "fanout".to_owned(),
+            "--config".into(),
+            path.display().to_string(),
+        ];
         args.extend(extra.iter().map(|s| s.to_string()));
         Config::from_args(args)
     }
@@ -255,6 +304,8 @@ mod tests {
         assert!(err.contains("unknown key `max-conections`"), "{err}");
         let err = with_file("max-connections = \"lots\"\n", &[]).unwrap_err();
         assert!(err.contains("max-connections"), "{err}");
-        assert!(Config::from_args(["fanout", "--config", "/nonexistent/fanout.toml"]).unwrap_err().contains("/nonexistent/fanout.toml"));
+        let missing =
+            Config::from_args(["fanout", "--config", "/nonexistent/fanout.toml"]).unwrap_err();
+        assert!(missing.to_string().contains("/nonexistent/fanout.toml"));
     }
 }

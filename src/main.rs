@@ -1,20 +1,17 @@
 use std::process::ExitCode;
 
-use fanout::config::Config;
+use fanout::config::{Config, ConfigError};
 use fanout::server::{raise_fd_limit, Server};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let config = match Config::from_args(std::env::args_os()) {
         Ok(config) => config,
-        Err(message) => {
-            // clap renders --help and --version through the same path.
-            let is_info = message.starts_with("fanout") || message.starts_with("Usage") || message.contains("\nUsage:");
-            eprint!("{message}");
-            if !message.ends_with('\n') {
-                eprintln!();
-            }
-            return if is_info && !message.starts_with("error") { ExitCode::SUCCESS } else { ExitCode::from(2) };
+        // Prints --help/--version to stdout and exits 0, or a usage error with 2.
+        Err(ConfigError::Cli(e)) => e.exit(),
+        Err(ConfigError::File(message)) => {
+            eprintln!("fanout: {message}");
+            return ExitCode::from(2);
         }
     };
     match raise_fd_limit() {

@@ -42,7 +42,13 @@ impl App {
     /// A WebSocket handshake on `endpoint` completed.
     pub fn on_open(&mut self, _conn: ConnId, _endpoint: Endpoint, _out: &mut impl Outbox) {}
 
-    pub fn on_message(&mut self, conn: ConnId, endpoint: Endpoint, message: Message<'_>, out: &mut impl Outbox) {
+    pub fn on_message(
+        &mut self,
+        conn: ConnId,
+        endpoint: Endpoint,
+        message: Message<'_>,
+        out: &mut impl Outbox,
+    ) {
         match endpoint {
             Endpoint::Echo => echo::on_message(conn, message, out),
         }

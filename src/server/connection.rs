@@ -57,7 +57,10 @@ impl Connection {
         Self {
             socket,
             serial,
-            phase: Phase::Handshake { request: Vec::new(), deadline: handshake_deadline },
+            phase: Phase::Handshake {
+                request: Vec::new(),
+                deadline: handshake_deadline,
+            },
             out: Outbound::default(),
             last_heard: now,
             wake_at: None,
@@ -85,12 +88,20 @@ impl Connection {
 
     /// Sends a close frame unless one was already sent, and returns the
     /// deadline for the peer's answer.
-    pub fn begin_close(&mut self, code: CloseCode, reason: &str, deadline: Instant) -> Option<Instant> {
-        let Phase::Open(session) = &mut self.phase else { return None };
+    pub fn begin_close(
+        &mut self,
+        code: CloseCode,
+        reason: &str,
+        deadline: Instant,
+    ) -> Option<Instant> {
+        let Phase::Open(session) = &mut self.phase else {
+            return None;
+        };
         if !session.close.close_locally() {
             return None;
         }
-        self.out.push_frame(OpCode::Close, &close_payload(code, reason));
+        self.out
+            .push_frame(OpCode::Close, &close_payload(code, reason));
         session.close_deadline = Some(deadline);
         Some(deadline)
     }

@@ -83,16 +83,25 @@ struct Core {
 impl Server {
     /// Binds every configured address; the server does nothing until `run`.
     pub fn bind(config: Config) -> io::Result<Server> {
-        config.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        config
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let poll = Poll::new()?;
         let mut listeners = Vec::new();
         for (index, addr) in config.listen.iter().enumerate() {
             let mut listener = Listener::bind(*addr)?;
-            poll.registry().register(&mut listener.socket, listener_token(index), Interest::READABLE)?;
+            poll.registry().register(
+                &mut listener.socket,
+                listener_token(index),
+                Interest::READABLE,
+            )?;
             listeners.push(listener);
         }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let shutdown = ShutdownHandle { requested: Arc::new(AtomicBool::new(false)), waker };
+        let shutdown = ShutdownHandle {
+            requested: Arc::new(AtomicBool::new(false)),
+            waker,
+        };
         let core = Core {
             policy: UpgradePolicy {
                 allowed_origins: config.allowed_origins.clone(),
@@ -136,9 +145,13 @@ impl Server {
 
     /// Makes SIGINT and SIGTERM start a graceful shutdown.
     pub fn handle_signals(&mut self) -> io::Result<()> {
-        let mut signals =
-            signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
-        self.poll.registry().register(&mut signals, SIGNAL, Interest::READABLE)?;
+        let mut signals = signal_hook_mio::v1_0::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])?;
+        self.poll
+            .registry()
+            .register(&mut signals, SIGNAL, Interest::READABLE)?;
         self.signals = Some(signals);
         Ok(())
     }
@@ -163,7 +176,9 @@ impl Server {
                             self.begin_shutdown();
                         }
                     }
-                    Token(t) if t > FIRST_LISTENER - self.listeners.len() => self.accept(FIRST_LISTENER - t),
+                    Token(t) if t > FIRST_LISTENER - self.listeners.len() => {
+                        self.accept(FIRST_LISTENER - t)
+                    }
                     Token(t) => {
                         if event.is_writable() {
                             self.core.flush(t);
@@ -198,7 +213,10 @@ impl Server {
         }
         let now = Instant::now();
         let timer = self.core.timers.timeout(now);
-        let stop = self.core.stopping_at.map(|at| at.saturating_duration_since(now));
+        let stop = self
+            .core
+            .stopping_at
+            .map(|at| at.saturating_duration_since(now));
         match (timer, stop) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -206,7 +224,9 @@ impl Server {
     }
 
     fn on_signal(&mut self) {
-        let Some(signals) = self.signals.as_mut() else { return };
+        let Some(signals) = self.signals.as_mut() else {
+            return;
+        };
         let received: Vec<i32> = signals.pending().collect();
         if !received.is_empty() {
             info!("received signal {received:?}: shutting down");
@@ -237,7 +257,9 @@ impl Server {
     }
 
     fn accept(&mut self, index: usize) {
-        let Some(listener) = self.listeners.get_mut(index) else { return };
+        let Some(listener) = self.listeners.get_mut(index) else {
+            return;
+        };
         if listener.paused {
             return;
         }
@@ -247,7 +269,10 @@ impl Server {
                 Ok((socket, peer)) => {
                     if core.pending_handshakes >= core.config.max_pending_handshakes {
                         core.stats.refused_on_accept += 1;
-                        debug!("closing {peer} on accept: {} handshakes already pending", core.pending_handshakes);
+                        debug!(
+                            "closing {peer} on accept: {} handshakes already pending",
+                            core.pending_handshakes
+                        );
                         continue;
                     }
                     if let Err(e) = core.add_connection(self.poll.registry(), socket) {
@@ -257,10 +282,16 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_resource_exhaustion(&e) => {
-                    warn!("accept on {} failed: {e}; pausing accepts for {ACCEPT_RETRY:?}", listener.addr);
+                    warn!(
+                        "accept on {} failed: {e}; pausing accepts for {ACCEPT_RETRY:?}",
+                        listener.addr
+                    );
                     core.stats.accept_pauses += 1;
                     listener.paused = true;
-                    core.timers.schedule(core.now + ACCEPT_RETRY, TimerKey::ResumeAccept { listener: index });
+                    core.timers.schedule(
+                        core.now + ACCEPT_RETRY,
+                        TimerKey::ResumeAccept { listener: index },
+                    );
                     return;
                 }
                 // ECONNABORTED and friends concern one connection only.
@@ -272,11 +303,15 @@ impl Server {
     /// Reads until `WouldBlock`, the per-turn budget, or backpressure.
     fn read(&mut self, token: usize) {
         for _ in 0..READS_PER_TURN {
-            let Some(conn) = self.core.conns.get_mut(token) else { return };
+            let Some(conn) = self.core.conns.get_mut(token) else {
+                return;
+            };
             if conn.read_paused {
                 return;
             }
-            if conn.out.len() >= self.core.config.max_outbound_buffer && matches!(conn.phase, Phase::Open(_)) {
+            if conn.out.len() >= self.core.config.max_outbound_buffer
+                && matches!(conn.phase, Phase::Open(_))
+            {
                 // TCP backpressure: the peer's own requests filled its queue.
                 conn.read_paused = true;
                 self.core.stats.read_pauses += 1;
@@ -314,7 +349,9 @@ impl Server {
                     }
                 }
                 TimerKey::Connection { token, serial } => {
-                    let Some(conn) = self.core.conns.get_mut(token) else { continue };
+                    let Some(conn) = self.core.conns.get_mut(token) else {
+                        continue;
+                    };
                     if conn.serial != serial || conn.wake_at != Some(at) {
                         continue;
                     }
@@ -327,27 +364,48 @@ impl Server {
 }
 
 impl Core {
-    fn add_connection(&mut self, registry: &mio::Registry, mut socket: mio::net::TcpStream) -> io::Result<()> {
+    fn add_connection(
+        &mut self,
+        registry: &mio::Registry,
+        mut socket: mio::net::TcpStream,
+    ) -> io::Result<()> {
         // Frames are written whole, once per turn: Nagle would only add latency.
         socket.set_nodelay(true)?;
         let entry = self.conns.vacant_entry();
         let token = entry.key();
-        registry.register(&mut socket, Token(token), Interest::READABLE | Interest::WRITABLE)?;
+        registry.register(
+            &mut socket,
+            Token(token),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
         self.next_serial += 1;
         let deadline = self.now + self.config.handshake_timeout;
-        entry.insert(Connection::new(socket, self.next_serial, self.now, deadline));
+        entry.insert(Connection::new(
+            socket,
+            self.next_serial,
+            self.now,
+            deadline,
+        ));
         self.pending_handshakes += 1;
         self.schedule(token, deadline);
         Ok(())
     }
 
     fn schedule(&mut self, token: usize, at: Instant) {
-        let Some(conn) = self.conns.get_mut(token) else { return };
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
         if conn.wake_at.is_some_and(|scheduled| scheduled <= at) {
             return;
         }
         conn.wake_at = Some(at);
-        self.timers.schedule(at, TimerKey::Connection { token, serial: conn.serial });
+        self.timers.schedule(
+            at,
+            TimerKey::Connection {
+                token,
+                serial: conn.serial,
+            },
+        );
     }
 
     fn mark_dirty(&mut self, token: usize) {
@@ -373,7 +431,9 @@ impl Core {
         let conn = &mut self.conns[token];
         let _ = conn.out.flush_to(&mut conn.socket);
         let reason = match &conn.phase {
-            Phase::Open(session) if session.close.is_open() => "peer closed TCP without a close frame",
+            Phase::Open(session) if session.close.is_open() => {
+                "peer closed TCP without a close frame"
+            }
             _ => "peer closed TCP",
         };
         self.drop_conn(token, reason);
@@ -382,15 +442,23 @@ impl Core {
     fn handshake_input(&mut self, token: usize, input: &[u8]) {
         let max = self.config.max_header_bytes;
         let too_large = || Rejection::new(431, format!("request head larger than {max} bytes"));
-        let Phase::Handshake { request, .. } = &mut self.conns[token].phase else { return };
+        let Phase::Handshake { request, .. } = &mut self.conns[token].phase else {
+            return;
+        };
         let scan_from = request.len().saturating_sub(2);
         request.extend_from_slice(input);
         // Parse only once a blank line may have arrived, so a client that
         // dribbles one byte at a time does not cost a full parse per byte.
         let blank_line = request[scan_from..].windows(2).any(|w| w == b"\n\n")
-            || request[scan_from.saturating_sub(1)..].windows(3).any(|w| w == b"\n\r\n");
+            || request[scan_from.saturating_sub(1)..]
+                .windows(3)
+                .any(|w| w == b"\n\r\n");
         let received = request.len();
-        let parsed = if blank_line { handshake::parse_request(request) } else { Ok(None) };
+        let parsed = if blank_line {
+            handshake::parse_request(request)
+        } else {
+            Ok(None)
+        };
         let (request_head, consumed) = match parsed {
             Err(rejection) => return self.reject(token, rejection),
             Ok(None) if received > max => return self.reject(token, too_large()),
@@ -400,28 +468,41 @@ impl Core {
         };
         match resolve(&request_head.path) {
             Target::Health => {
-                let response = handshake::http_response(200, &[], "text/plain; charset=utf-8", b"ok\n");
+                let response =
+                    handshake::http_response(200, &[], "text/plain; charset=utf-8", b"ok\n");
                 self.respond(token, &response, "health check");
             }
             Target::NotFound => {
                 let reason = format!("no endpoint at {}", request_head.path);
                 self.reject(token, Rejection::new(404, reason));
             }
-            Target::WebSocket(endpoint) => match handshake::validate_upgrade(&request_head, &self.policy) {
-                Err(rejection) => self.reject(token, rejection),
-                Ok(_) if self.open_websockets >= self.config.max_connections => {
-                    let reason = format!("connection limit of {} reached", self.config.max_connections);
-                    self.reject(token, Rejection::new(503, reason));
+            Target::WebSocket(endpoint) => {
+                match handshake::validate_upgrade(&request_head, &self.policy) {
+                    Err(rejection) => self.reject(token, rejection),
+                    Ok(_) if self.open_websockets >= self.config.max_connections => {
+                        let reason = format!(
+                            "connection limit of {} reached",
+                            self.config.max_connections
+                        );
+                        self.reject(token, Rejection::new(503, reason));
+                    }
+                    Ok(accepted) => self.upgrade(
+                        token,
+                        endpoint,
+                        &handshake::accept_response(&accepted),
+                        consumed,
+                    ),
                 }
-                Ok(accepted) => self.upgrade(token, endpoint, &handshake::accept_response(&accepted), consumed),
-            },
+            }
         }
     }
 
     fn upgrade(&mut self, token: usize, endpoint: Endpoint, response: &[u8], consumed: usize) {
         let now = self.now;
         let conn = &mut self.conns[token];
-        let Phase::Handshake { request, .. } = &mut conn.phase else { return };
+        let Phase::Handshake { request, .. } = &mut conn.phase else {
+            return;
+        };
         // Frames the client sent right behind its request.
         let mut early = request.split_off(consumed);
         conn.phase = Phase::Open(Session {
@@ -439,8 +520,26 @@ impl Core {
         self.mark_dirty(token);
         let deadline = self.conns[token].next_deadline(self.config.idle_timeout);
         self.schedule(token, deadline);
-        let Core { app, conns, dirty, timers, config, now, .. } = self;
-        app.on_open(token, endpoint, &mut Delivery { conns, dirty, timers, config, now: *now });
+        let Core {
+            app,
+            conns,
+            dirty,
+            timers,
+            config,
+            now,
+            ..
+        } = self;
+        app.on_open(
+            token,
+            endpoint,
+            &mut Delivery {
+                conns,
+                dirty,
+                timers,
+                config,
+                now: *now,
+            },
+        );
         if !early.is_empty() {
             self.websocket_input(token, &mut early);
         }
@@ -467,19 +566,26 @@ impl Core {
     }
 
     fn websocket_input(&mut self, token: usize, input: &mut [u8]) {
-        let Some(session) = self.conns[token].session_mut() else { return };
+        let Some(session) = self.conns[token].session_mut() else {
+            return;
+        };
         if session.discard_input {
             return;
         }
         let endpoint = session.endpoint;
-        let Some(mut decoder) = session.decoder.take() else { return };
+        let Some(mut decoder) = session.decoder.take() else {
+            return;
+        };
         let mut pos = 0;
         while pos < input.len() {
             let (used, event) = match decoder.decode(&mut input[pos..]) {
                 Ok(decoded) => decoded,
                 Err(violation) => {
                     self.stats.protocol_errors += 1;
-                    debug!("conn {token}: failing with {}: {}", violation.code.0, violation.reason);
+                    debug!(
+                        "conn {token}: failing with {}: {}",
+                        violation.code.0, violation.reason
+                    );
                     self.fail(token, violation.code, violation.reason);
                     break;
                 }
@@ -487,18 +593,48 @@ impl Core {
             pos += used;
             let Some(event) = event else { break };
             let conn = &mut self.conns[token];
-            let Phase::Open(session) = &mut conn.phase else { break };
+            let Phase::Open(session) = &mut conn.phase else {
+                break;
+            };
             match event {
                 Event::Text(text) if session.close.is_open() => {
                     self.stats.messages_in += 1;
-                    let Core { app, conns, dirty, timers, config, now, .. } = self;
-                    let mut out = Delivery { conns, dirty, timers, config, now: *now };
+                    let Core {
+                        app,
+                        conns,
+                        dirty,
+                        timers,
+                        config,
+                        now,
+                        ..
+                    } = self;
+                    let mut out = Delivery {
+                        conns,
+                        dirty,
+                        timers,
+                        config,
+                        now: *now,
+                    };
                     app.on_message(token, endpoint, Message::Text(text), &mut out);
                 }
                 Event::Binary(bytes) if session.close.is_open() => {
                     self.stats.messages_in += 1;
-                    let Core { app, conns, dirty, timers, config, now, .. } = self;
-                    let mut out = Delivery { conns, dirty, timers, config, now: *now };
+                    let Core {
+                        app,
+                        conns,
+                        dirty,
+                        timers,
+                        config,
+                        now,
+                        ..
+                    } = self;
+                    let mut out = Delivery {
+                        conns,
+                        dirty,
+                        timers,
+                        config,
+                        now: *now,
+                    };
                     app.on_message(token, endpoint, Message::Binary(bytes), &mut out);
                 }
                 Event::Ping(payload) if session.close.is_open() => {
@@ -508,7 +644,9 @@ impl Core {
                 Event::Close(received) => {
                     if session.close.peer_closed() {
                         // §5.5.1: answer with a close frame, typically echoing the code.
-                        let reply = received.map(|(code, _)| code.0.to_be_bytes().to_vec()).unwrap_or_default();
+                        let reply = received
+                            .map(|(code, _)| code.0.to_be_bytes().to_vec())
+                            .unwrap_or_default();
                         conn.out.push_frame(OpCode::Close, &reply);
                     }
                     self.mark_dirty(token);
@@ -547,7 +685,10 @@ impl Core {
         let conn = &mut self.conns[token];
         match &mut conn.phase {
             Phase::Handshake { deadline, .. } if *deadline <= now => {
-                let reason = format!("handshake not completed within {:?}", self.config.handshake_timeout);
+                let reason = format!(
+                    "handshake not completed within {:?}",
+                    self.config.handshake_timeout
+                );
                 return self.reject(token, Rejection::new(408, reason));
             }
             Phase::Responding { deadline } if *deadline <= now => {
@@ -559,7 +700,10 @@ impl Core {
                 }
                 if session.close.is_open() && now >= conn.last_heard + self.config.idle_timeout {
                     self.stats.idle_closes += 1;
-                    let reason = format!("idle timeout: nothing received for {:?}", self.config.idle_timeout);
+                    let reason = format!(
+                        "idle timeout: nothing received for {:?}",
+                        self.config.idle_timeout
+                    );
                     self.close(token, CloseCode::POLICY_VIOLATION, &reason);
                 } else if session.close.is_open() && now >= session.next_ping {
                     session.next_ping = now + self.config.ping_interval;
@@ -580,7 +724,9 @@ impl Core {
     }
 
     fn flush(&mut self, token: usize) {
-        let Some(conn) = self.conns.get_mut(token) else { return };
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
         conn.dirty = false;
         if conn.out.is_empty() && !conn.finished_after_flush() {
             return;
@@ -610,7 +756,9 @@ impl Core {
     }
 
     fn drop_conn(&mut self, token: usize, reason: &str) {
-        let Some(conn) = self.conns.try_remove(token) else { return };
+        let Some(conn) = self.conns.try_remove(token) else {
+            return;
+        };
         debug!("conn {token}: dropped: {reason}");
         match conn.phase {
             Phase::Handshake { .. } => self.pending_handshakes -= 1,
@@ -646,7 +794,9 @@ impl Delivery<'_> {
 
 impl Outbox for Delivery<'_> {
     fn reply(&mut self, to: ConnId, message: Message<'_>) {
-        let Some(conn) = self.open_conn(to) else { return };
+        let Some(conn) = self.open_conn(to) else {
+            return;
+        };
         match message {
             Message::Text(text) => conn.out.push_frame(OpCode::Text, text.as_bytes()),
             Message::Binary(bytes) => conn.out.push_frame(OpCode::Binary, bytes),
@@ -655,11 +805,18 @@ impl Outbox for Delivery<'_> {
 
     fn close(&mut self, to: ConnId, code: CloseCode, reason: &str) {
         let deadline = self.now + self.config.close_timeout;
-        let Some(conn) = self.open_conn(to) else { return };
-        let Some(at) = conn.begin_close(code, reason, deadline) else { return };
+        let Some(conn) = self.open_conn(to) else {
+            return;
+        };
+        let Some(at) = conn.begin_close(code, reason, deadline) else {
+            return;
+        };
         if conn.wake_at.is_none_or(|w| at < w) {
             conn.wake_at = Some(at);
-            let key = TimerKey::Connection { token: to, serial: conn.serial };
+            let key = TimerKey::Connection {
+                token: to,
+                serial: conn.serial,
+            };
             self.timers.schedule(at, key);
         }
     }

@@ -58,7 +58,13 @@ impl Outbound {
 
     /// Encodes and appends one unmasked frame.
     pub fn push_frame(&mut self, opcode: OpCode, payload: &[u8]) {
-        let header = FrameHeader { fin: true, rsv: 0, opcode, mask: None, payload_len: payload.len() as u64 };
+        let header = FrameHeader {
+            fin: true,
+            rsv: 0,
+            opcode,
+            mask: None,
+            payload_len: payload.len() as u64,
+        };
         let mut head = [0u8; MAX_HEADER_LEN];
         let head_len = header.encode(&mut head);
         let tail = self.owned_tail(head_len + payload.len());
@@ -74,9 +80,11 @@ impl Outbound {
     }
 
     fn owned_tail(&mut self, extra: usize) -> &mut Vec<u8> {
-        let reuse = matches!(self.chunks.back(), Some(Chunk::Owned(v)) if v.len() + extra <= PACK_LIMIT);
+        let reuse =
+            matches!(self.chunks.back(), Some(Chunk::Owned(v)) if v.len() + extra <= PACK_LIMIT);
         if !reuse {
-            self.chunks.push_back(Chunk::Owned(Vec::with_capacity(extra.max(256))));
+            self.chunks
+                .push_back(Chunk::Owned(Vec::with_capacity(extra.max(256))));
         }
         match self.chunks.back_mut() {
             Some(Chunk::Owned(v)) => v,
@@ -92,7 +100,11 @@ impl Outbound {
             let mut count = 0;
             for (i, chunk) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
                 let bytes = chunk.bytes();
-                slices[i] = IoSlice::new(if i == 0 { &bytes[self.front_written..] } else { bytes });
+                slices[i] = IoSlice::new(if i == 0 {
+                    &bytes[self.front_written..]
+                } else {
+                    bytes
+                });
                 count += 1;
             }
             let written = match sink.write_vectored(&slices[..count]) {
@@ -159,7 +171,11 @@ mod tests {
         out.push_frame(OpCode::Binary, &[9; 3]);
         let expected = [&b"HTTP\x81\x02hi"[..], b"shared", b"\x82\x03\x09\x09\x09"].concat();
         assert_eq!(out.len(), expected.len());
-        let mut sink = Trickle { taken: Vec::new(), per_call: 3, calls_left: 2 };
+        let mut sink = Trickle {
+            taken: Vec::new(),
+            per_call: 3,
+            calls_left: 2,
+        };
         assert!(!out.flush_to(&mut sink).unwrap());
         assert_eq!(out.len(), expected.len() - 6);
         sink.calls_left = 100;

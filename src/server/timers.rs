@@ -28,7 +28,9 @@ impl Timers {
 
     /// How long the loop may sleep before the next deadline.
     pub fn timeout(&self, now: Instant) -> Option<Duration> {
-        self.heap.peek().map(|Reverse((at, _))| at.saturating_duration_since(now))
+        self.heap
+            .peek()
+            .map(|Reverse((at, _))| at.saturating_duration_since(now))
     }
 
     /// Removes and returns the next entry that is due.

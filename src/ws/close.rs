@@ -50,7 +50,10 @@ pub fn parse_close_payload(payload: &[u8]) -> Result<Option<(CloseCode, &str)>, 
                 return Err(BadClose::Code(code.0));
             }
             let mut validator = Utf8Validator::new();
-            validator.feed(&payload[2..]).and_then(|_| validator.finish()).map_err(|_| BadClose::ReasonNotUtf8)?;
+            validator
+                .feed(&payload[2..])
+                .and_then(|_| validator.finish())
+                .map_err(|_| BadClose::ReasonNotUtf8)?;
             // Validated just above; from_utf8 cannot fail here.
             let reason = std::str::from_utf8(&payload[2..]).map_err(|_| BadClose::ReasonNotUtf8)?;
             Ok(Some((code, reason)))
@@ -77,10 +80,14 @@ mod tests {
 
     #[test]
     fn wire_code_table_matches_section_7_4() {
-        for ok in [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999] {
+        for ok in [
+            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999,
+        ] {
             assert!(CloseCode(ok).is_allowed_on_wire(), "{ok}");
         }
-        for bad in [0, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
+        for bad in [
+            0, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
             assert!(!CloseCode(bad).is_allowed_on_wire(), "{bad}");
         }
     }
@@ -89,10 +96,19 @@ mod tests {
     fn parses_payloads() {
         assert_eq!(parse_close_payload(b""), Ok(None));
         assert_eq!(parse_close_payload(b"\x03"), Err(BadClose::Truncated));
-        assert_eq!(parse_close_payload(b"\x03\xe8"), Ok(Some((CloseCode::NORMAL, ""))));
-        assert_eq!(parse_close_payload(b"\x03\xe8bye"), Ok(Some((CloseCode::NORMAL, "bye"))));
+        assert_eq!(
+            parse_close_payload(b"\x03\xe8"),
+            Ok(Some((CloseCode::NORMAL, "")))
+        );
+        assert_eq!(
+            parse_close_payload(b"\x03\xe8bye"),
+            Ok(Some((CloseCode::NORMAL, "bye")))
+        );
         assert_eq!(parse_close_payload(b"\x03\xed"), Err(BadClose::Code(1005)));
-        assert_eq!(parse_close_payload(b"\x03\xe8\xff"), Err(BadClose::ReasonNotUtf8));
+        assert_eq!(
+            parse_close_payload(b"\x03\xe8\xff"),
+            Err(BadClose::ReasonNotUtf8)
+        );
     }
 
     #[test]
@@ -101,6 +117,9 @@ mod tests {
         let payload = close_payload(CloseCode::POLICY_VIOLATION, &reason);
         assert!(payload.len() <= 125);
         assert!(std::str::from_utf8(&payload[2..]).is_ok());
-        assert_eq!(parse_close_payload(&payload).unwrap().unwrap().0, CloseCode::POLICY_VIOLATION);
+        assert_eq!(
+            parse_close_payload(&payload).unwrap().unwrap().0,
+            CloseCode::POLICY_VIOLATION
+        );
     }
 }

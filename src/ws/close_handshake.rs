@@ -56,7 +56,10 @@ mod tests {
         assert!(state.is_open());
         assert!(state.peer_closed());
         assert!(state.is_finished());
-        assert!(!state.close_locally(), "no second close frame after replying");
+        assert!(
+            !state.close_locally(),
+            "no second close frame after replying"
+        );
         assert!(state.is_finished());
     }
 

@@ -23,7 +23,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_frame_size: 16 << 20, max_message_size: 16 << 20 }
+        Self {
+            max_frame_size: 16 << 20,
+            max_message_size: 16 << 20,
+        }
     }
 }
 
@@ -75,7 +78,11 @@ struct MessageInProgress {
 
 impl MessageInProgress {
     fn new(is_text: bool) -> Self {
-        Self { is_text, payload: Vec::new(), utf8: Utf8Validator::new() }
+        Self {
+            is_text,
+            payload: Vec::new(),
+            utf8: Utf8Validator::new(),
+        }
     }
 }
 
@@ -125,7 +132,10 @@ impl Decoder {
     /// the event, or `None` once all of `input` has been absorbed into
     /// partial state. Call again with `&mut input[consumed..]` after
     /// handling an event.
-    pub fn decode<'a>(&'a mut self, input: &'a mut [u8]) -> Result<(usize, Option<Event<'a>>), Violation> {
+    pub fn decode<'a>(
+        &'a mut self,
+        input: &'a mut [u8],
+    ) -> Result<(usize, Option<Event<'a>>), Violation> {
         self.release_delivered();
         let mut pos = 0;
         loop {
@@ -136,13 +146,22 @@ impl Decoder {
                 pos += used;
                 self.begin_frame(header)?;
             }
-            let frame = self.frame.expect("a frame is in progress after begin_frame");
+            let frame = self
+                .frame
+                .expect("a frame is in progress after begin_frame");
             let available = (input.len() - pos) as u64;
             let take = frame.remaining().min(available) as usize;
             let chunk_start = pos;
             pos += take;
-            apply_mask(&mut input[chunk_start..pos], frame.mask, frame.done as usize);
-            let done = FrameInProgress { done: frame.done + take as u64, ..frame };
+            apply_mask(
+                &mut input[chunk_start..pos],
+                frame.mask,
+                frame.done as usize,
+            );
+            let done = FrameInProgress {
+                done: frame.done + take as u64,
+                ..frame
+            };
             let complete = done.remaining() == 0;
             self.frame = if complete { None } else { Some(done) };
 
@@ -172,7 +191,10 @@ impl Decoder {
                     .message
                     .get_or_insert_with(|| MessageInProgress::new(frame.opcode == OpCode::Text));
                 if message.is_text {
-                    message.utf8.feed(&input[chunk_start..pos]).map_err(|_| invalid_utf8())?;
+                    message
+                        .utf8
+                        .feed(&input[chunk_start..pos])
+                        .map_err(|_| invalid_utf8())?;
                 }
                 message.payload.extend_from_slice(&input[chunk_start..pos]);
                 if complete && frame.fin {
@@ -213,7 +235,9 @@ impl Decoder {
         }
         let copied = (MAX_HEADER_LEN - spilled).min(input.len());
         self.header_spill[spilled..spilled + copied].copy_from_slice(&input[..copied]);
-        match FrameHeader::decode(&self.header_spill[..spilled + copied]).map_err(header_violation)? {
+        match FrameHeader::decode(&self.header_spill[..spilled + copied])
+            .map_err(header_violation)?
+        {
             Some((header, len)) => {
                 self.header_spill_len = 0;
                 Ok(Some((header, len - spilled)))
@@ -231,36 +255,60 @@ impl Decoder {
         // extensions defines the meaning of such a nonzero value, the
         // receiving endpoint MUST _Fail the WebSocket Connection_."
         if header.rsv & !self.allowed_rsv != 0 {
-            return Err(violation(CloseCode::PROTOCOL_ERROR, "reserved bits set without a negotiated extension"));
+            return Err(violation(
+                CloseCode::PROTOCOL_ERROR,
+                "reserved bits set without a negotiated extension",
+            ));
         }
         // §5.1: "The server MUST close the connection upon receiving a
         // frame that is not masked."
         let Some(mask) = header.mask else {
-            return Err(violation(CloseCode::PROTOCOL_ERROR, "client frames must be masked"));
+            return Err(violation(
+                CloseCode::PROTOCOL_ERROR,
+                "client frames must be masked",
+            ));
         };
         if header.opcode.is_control() {
             // §5.5: "All control frames MUST have a payload length of 125
             // bytes or less and MUST NOT be fragmented."
             if !header.fin {
-                return Err(violation(CloseCode::PROTOCOL_ERROR, "control frames must not be fragmented"));
+                return Err(violation(
+                    CloseCode::PROTOCOL_ERROR,
+                    "control frames must not be fragmented",
+                ));
             }
             if header.payload_len > MAX_CONTROL_PAYLOAD as u64 {
-                return Err(violation(CloseCode::PROTOCOL_ERROR, "control frame payload longer than 125 bytes"));
+                return Err(violation(
+                    CloseCode::PROTOCOL_ERROR,
+                    "control frame payload longer than 125 bytes",
+                ));
             }
         } else {
             if header.payload_len > self.limits.max_frame_size {
-                return Err(violation(CloseCode::MESSAGE_TOO_BIG, "frame exceeds the maximum frame size"));
+                return Err(violation(
+                    CloseCode::MESSAGE_TOO_BIG,
+                    "frame exceeds the maximum frame size",
+                ));
             }
             let so_far = self.message.as_ref().map_or(0, |m| m.payload.len() as u64);
             if so_far + header.payload_len > self.limits.max_message_size {
-                return Err(violation(CloseCode::MESSAGE_TOO_BIG, "message exceeds the maximum message size"));
+                return Err(violation(
+                    CloseCode::MESSAGE_TOO_BIG,
+                    "message exceeds the maximum message size",
+                ));
             }
             match (header.opcode, self.message.is_some()) {
                 (OpCode::Continuation, false) => {
-                    return Err(violation(CloseCode::PROTOCOL_ERROR, "continuation frame with no message to continue"));
+                    return Err(violation(
+                        CloseCode::PROTOCOL_ERROR,
+                        "continuation frame with no message to continue",
+                    ));
                 }
                 (OpCode::Text | OpCode::Binary, true) => {
-                    return Err(violation(CloseCode::PROTOCOL_ERROR, "new message started before the fragmented one ended"));
+                    return Err(violation(
+                        CloseCode::PROTOCOL_ERROR,
+                        "new message started before the fragmented one ended",
+                    ));
                 }
                 (OpCode::Text | OpCode::Binary, false) if !header.fin => {
                     self.message = Some(MessageInProgress::new(header.opcode == OpCode::Text));
@@ -284,9 +332,18 @@ fn control_event(opcode: OpCode, payload: &[u8]) -> Result<Event<'_>, Violation>
         OpCode::Ping => Event::Ping(payload),
         OpCode::Pong => Event::Pong(payload),
         _ => Event::Close(parse_close_payload(payload).map_err(|bad| match bad {
-            BadClose::Truncated => violation(CloseCode::PROTOCOL_ERROR, "close frame with a 1-byte payload"),
-            BadClose::Code(_) => violation(CloseCode::PROTOCOL_ERROR, "close frame with an invalid status code"),
-            BadClose::ReasonNotUtf8 => violation(CloseCode::INVALID_PAYLOAD, "close reason is not valid UTF-8"),
+            BadClose::Truncated => violation(
+                CloseCode::PROTOCOL_ERROR,
+                "close frame with a 1-byte payload",
+            ),
+            BadClose::Code(_) => violation(
+                CloseCode::PROTOCOL_ERROR,
+                "close frame with an invalid status code",
+            ),
+            BadClose::ReasonNotUtf8 => violation(
+                CloseCode::INVALID_PAYLOAD,
+                "close reason is not valid UTF-8",
+            ),
         })?),
     })
 }
@@ -294,12 +351,18 @@ fn control_event(opcode: OpCode, payload: &[u8]) -> Result<Event<'_>, Violation>
 fn header_violation(error: HeaderError) -> Violation {
     match error {
         HeaderError::ReservedOpcode(_) => violation(CloseCode::PROTOCOL_ERROR, "reserved opcode"),
-        HeaderError::LengthHighBitSet => violation(CloseCode::PROTOCOL_ERROR, "64-bit payload length has its high bit set"),
+        HeaderError::LengthHighBitSet => violation(
+            CloseCode::PROTOCOL_ERROR,
+            "64-bit payload length has its high bit set",
+        ),
     }
 }
 
 fn invalid_utf8() -> Violation {
-    violation(CloseCode::INVALID_PAYLOAD, "text message is not valid UTF-8")
+    violation(
+        CloseCode::INVALID_PAYLOAD,
+        "text message is not valid UTF-8",
+    )
 }
 
 #[cfg(test)]
@@ -312,7 +375,13 @@ mod tests {
     /// A client frame with explicit first byte (FIN, RSV, opcode).
     fn raw_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
         let opcode = OpCode::from_bits(b0 & 0x0F).unwrap_or(OpCode::Binary);
-        let header = FrameHeader { fin: b0 & 0x80 != 0, rsv: (b0 >> 4) & 7, opcode, mask: Some(KEY), payload_len: payload.len() as u64 };
+        let header = FrameHeader {
+            fin: b0 & 0x80 != 0,
+            rsv: (b0 >> 4) & 7,
+            opcode,
+            mask: Some(KEY),
+            payload_len: payload.len() as u64,
+        };
         let mut buf = [0u8; MAX_HEADER_LEN];
         let len = header.encode(&mut buf);
         buf[0] = b0;
@@ -359,7 +428,9 @@ mod tests {
                             Event::Binary(b) => Owned::Binary(b.to_vec()),
                             Event::Ping(b) => Owned::Ping(b.to_vec()),
                             Event::Pong(b) => Owned::Pong(b.to_vec()),
-                            Event::Close(c) => Owned::Close(c.map(|(code, r)| (code.0, r.to_owned()))),
+                            Event::Close(c) => {
+                                Owned::Close(c.map(|(code, r)| (code.0, r.to_owned())))
+                            }
                         });
                         pos += used;
                     }
@@ -372,11 +443,19 @@ mod tests {
     fn all_splits_agree(bytes: &[u8], expected: &[Owned]) {
         assert_eq!(run(Limits::default(), bytes, &[]), expected, "whole input");
         for a in 0..=bytes.len() {
-            assert_eq!(run(Limits::default(), bytes, &[a]), expected, "split at {a}");
+            assert_eq!(
+                run(Limits::default(), bytes, &[a]),
+                expected,
+                "split at {a}"
+            );
         }
         // Every byte in its own read.
         let singles: Vec<usize> = (1..bytes.len()).collect();
-        assert_eq!(run(Limits::default(), bytes, &singles), expected, "byte by byte");
+        assert_eq!(
+            run(Limits::default(), bytes, &singles),
+            expected,
+            "byte by byte"
+        );
     }
 
     #[test]
@@ -405,9 +484,19 @@ mod tests {
         for len in [0usize, 125, 126, 300, 65535, 65536, 70000] {
             let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let input = frame(OpCode::Binary, true, &payload);
-            assert_eq!(run(Limits::default(), &input, &[]), vec![Owned::Binary(payload.clone())]);
+            assert_eq!(
+                run(Limits::default(), &input, &[]),
+                vec![Owned::Binary(payload.clone())]
+            );
             let n = input.len();
-            assert_eq!(run(Limits::default(), &input, &[(len / 2 + 3).min(7).min(n), (len / 2 + 3).min(n)]), vec![Owned::Binary(payload)]);
+            assert_eq!(
+                run(
+                    Limits::default(),
+                    &input,
+                    &[(len / 2 + 3).min(7).min(n), (len / 2 + 3).min(n)]
+                ),
+                vec![Owned::Binary(payload)]
+            );
         }
     }
 
@@ -417,7 +506,10 @@ mod tests {
         input.extend(frame(OpCode::Ping, true, b"x"));
         input.extend(frame(OpCode::Continuation, false, "gm€".as_bytes()));
         input.extend(frame(OpCode::Continuation, true, b"nt"));
-        all_splits_agree(&input, &[Owned::Ping(b"x".to_vec()), Owned::Text("fragm€nt".into())]);
+        all_splits_agree(
+            &input,
+            &[Owned::Ping(b"x".to_vec()), Owned::Text("fragm€nt".into())],
+        );
     }
 
     #[test]
@@ -431,49 +523,105 @@ mod tests {
             ("fragmented ping", frame(OpCode::Ping, false, b"")),
             ("ping of 126 bytes", frame(OpCode::Ping, true, &[0; 126])),
             ("lone continuation", frame(OpCode::Continuation, true, b"x")),
-            ("text inside fragmented message", [frame(OpCode::Text, false, b"a"), frame(OpCode::Text, true, b"b")].concat()),
+            (
+                "text inside fragmented message",
+                [
+                    frame(OpCode::Text, false, b"a"),
+                    frame(OpCode::Text, true, b"b"),
+                ]
+                .concat(),
+            ),
             ("close with 1 byte", frame(OpCode::Close, true, b"\x03")),
             ("close code 1005", frame(OpCode::Close, true, b"\x03\xed")),
             ("close code 999", frame(OpCode::Close, true, b"\x03\xe7")),
         ];
         for (name, bytes) in cases {
-            assert_eq!(run(Limits::default(), &bytes, &[]).last(), Some(&Owned::Failed(1002)), "{name}");
+            assert_eq!(
+                run(Limits::default(), &bytes, &[]).last(),
+                Some(&Owned::Failed(1002)),
+                "{name}"
+            );
         }
     }
 
     #[test]
     fn invalid_utf8_fails_fast_with_1007() {
-        assert_eq!(run(Limits::default(), &frame(OpCode::Text, true, b"\xff"), &[]), vec![Owned::Failed(1007)]);
-        assert_eq!(run(Limits::default(), &frame(OpCode::Close, true, b"\x03\xe8\xff"), &[]), vec![Owned::Failed(1007)]);
+        assert_eq!(
+            run(Limits::default(), &frame(OpCode::Text, true, b"\xff"), &[]),
+            vec![Owned::Failed(1007)]
+        );
+        assert_eq!(
+            run(
+                Limits::default(),
+                &frame(OpCode::Close, true, b"\x03\xe8\xff"),
+                &[]
+            ),
+            vec![Owned::Failed(1007)]
+        );
         // The bad byte arrives in the first read of a frame whose tail never
         // comes: the decoder must fail without waiting for the rest.
-        let bytes = frame(OpCode::Text, true, b"ok\xf4\x90 and a long tail that never arrives");
+        let bytes = frame(
+            OpCode::Text,
+            true,
+            b"ok\xf4\x90 and a long tail that never arrives",
+        );
         let mut decoder = Decoder::new(Limits::default());
         let mut head = bytes[..MAX_HEADER_LEN - 8 + 4].to_vec(); // 2 header + 4 mask + 4 payload bytes
         let result = decoder.decode(&mut head);
-        assert_eq!(result.map(|_| ()).unwrap_err().code, CloseCode::INVALID_PAYLOAD);
+        assert_eq!(
+            result.map(|_| ()).unwrap_err().code,
+            CloseCode::INVALID_PAYLOAD
+        );
         // Same across fragments: the first fragment already holds the bad byte.
         let mut first = frame(OpCode::Text, false, b"\xce\xba\xed\xa0\x80");
         let mut decoder = Decoder::new(Limits::default());
-        assert_eq!(decoder.decode(&mut first).map(|_| ()).unwrap_err().code, CloseCode::INVALID_PAYLOAD);
+        assert_eq!(
+            decoder.decode(&mut first).map(|_| ()).unwrap_err().code,
+            CloseCode::INVALID_PAYLOAD
+        );
         // A message that ends mid code point.
-        let ends_short = [frame(OpCode::Text, false, b"a\xe2"), frame(OpCode::Continuation, true, b"\x82")].concat();
-        assert_eq!(run(Limits::default(), &ends_short, &[]), vec![Owned::Failed(1007)]);
+        let ends_short = [
+            frame(OpCode::Text, false, b"a\xe2"),
+            frame(OpCode::Continuation, true, b"\x82"),
+        ]
+        .concat();
+        assert_eq!(
+            run(Limits::default(), &ends_short, &[]),
+            vec![Owned::Failed(1007)]
+        );
     }
 
     #[test]
     fn size_limits_fail_with_1009_before_the_payload_arrives() {
-        let limits = Limits { max_frame_size: 100, max_message_size: 150 };
+        let limits = Limits {
+            max_frame_size: 100,
+            max_message_size: 150,
+        };
         // Only the header of a 101-byte frame: rejected from the header alone.
         let big = frame(OpCode::Binary, true, &[0; 101]);
         let mut decoder = Decoder::new(limits);
         let mut header_only = big[..8].to_vec();
-        assert_eq!(decoder.decode(&mut header_only).map(|_| ()).unwrap_err().code, CloseCode::MESSAGE_TOO_BIG);
+        assert_eq!(
+            decoder
+                .decode(&mut header_only)
+                .map(|_| ())
+                .unwrap_err()
+                .code,
+            CloseCode::MESSAGE_TOO_BIG
+        );
         // Two fragments of 100 are each fine but add up to more than 150.
-        let two = [frame(OpCode::Binary, false, &[0; 100]), frame(OpCode::Continuation, true, &[0; 100])].concat();
+        let two = [
+            frame(OpCode::Binary, false, &[0; 100]),
+            frame(OpCode::Continuation, true, &[0; 100]),
+        ]
+        .concat();
         assert_eq!(run(limits, &two, &[]), vec![Owned::Failed(1009)]);
         // Exactly at the limits is fine.
-        let fits = [frame(OpCode::Binary, false, &[7; 100]), frame(OpCode::Continuation, true, &[7; 50])].concat();
+        let fits = [
+            frame(OpCode::Binary, false, &[7; 100]),
+            frame(OpCode::Continuation, true, &[7; 50]),
+        ]
+        .concat();
         assert_eq!(run(limits, &fits, &[]), vec![Owned::Binary(vec![7; 150])]);
     }
 
@@ -482,7 +630,10 @@ mod tests {
         let mut decoder = Decoder::new(Limits::default());
         decoder.allowed_rsv = 0b100;
         let mut bytes = raw_frame(0xC2, b"z");
-        assert_eq!(decoder.decode(&mut bytes).unwrap().1, Some(Event::Binary(b"z")));
+        assert_eq!(
+            decoder.decode(&mut bytes).unwrap().1,
+            Some(Event::Binary(b"z"))
+        );
     }
 
     #[test]
@@ -492,7 +643,9 @@ mod tests {
         let (mut a, mut b) = (bytes[..500].to_vec(), bytes[500..].to_vec());
         assert_eq!(decoder.decode(&mut a).unwrap(), (500, None));
         assert!(decoder.is_mid_message());
-        assert!(matches!(decoder.decode(&mut b).unwrap().1, Some(Event::Binary(p)) if p.len() == 1000));
+        assert!(
+            matches!(decoder.decode(&mut b).unwrap().1, Some(Event::Binary(p)) if p.len() == 1000)
+        );
         let mut empty = Vec::new();
         assert_eq!(decoder.decode(&mut empty).unwrap(), (0, None));
         assert!(!decoder.is_mid_message());

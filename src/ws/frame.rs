@@ -87,7 +87,8 @@ impl FrameHeader {
         }
         let (b0, b1) = (buf[0], buf[1]);
         let opcode_bits = b0 & 0x0F;
-        let opcode = OpCode::from_bits(opcode_bits).ok_or(HeaderError::ReservedOpcode(opcode_bits))?;
+        let opcode =
+            OpCode::from_bits(opcode_bits).ok_or(HeaderError::ReservedOpcode(opcode_bits))?;
         let masked = b1 & 0x80 != 0;
         let (payload_len, mut len) = match b1 & 0x7F {
             126 => {
@@ -191,7 +192,11 @@ mod tests {
         let len = header.encode(&mut buf);
         assert_eq!(FrameHeader::decode(&buf[..len]), Ok(Some((header, len))));
         for short in 0..len {
-            assert_eq!(FrameHeader::decode(&buf[..short]), Ok(None), "prefix {short}");
+            assert_eq!(
+                FrameHeader::decode(&buf[..short]),
+                Ok(None),
+                "prefix {short}"
+            );
         }
     }
 
@@ -199,7 +204,13 @@ mod tests {
     fn roundtrips_all_three_length_encodings_masked_and_not() {
         for len in [0u64, 1, 125, 126, 127, 65535, 65536, 1 << 40] {
             for mask in [None, Some([1, 2, 3, 4])] {
-                roundtrip(FrameHeader { fin: true, rsv: 0, opcode: OpCode::Binary, mask, payload_len: len });
+                roundtrip(FrameHeader {
+                    fin: true,
+                    rsv: 0,
+                    opcode: OpCode::Binary,
+                    mask,
+                    payload_len: len,
+                });
             }
         }
     }
@@ -207,7 +218,13 @@ mod tests {
     #[test]
     fn uses_minimal_length_form() {
         let mut buf = [0u8; MAX_HEADER_LEN];
-        let header = |n| FrameHeader { fin: true, rsv: 0, opcode: OpCode::Text, mask: None, payload_len: n };
+        let header = |n| FrameHeader {
+            fin: true,
+            rsv: 0,
+            opcode: OpCode::Text,
+            mask: None,
+            payload_len: n,
+        };
         assert_eq!(header(125).encode(&mut buf), 2);
         assert_eq!(header(126).encode(&mut buf), 4);
         assert_eq!(header(65535).encode(&mut buf), 4);
@@ -221,29 +238,53 @@ mod tests {
     fn decodes_rfc_examples() {
         // §5.7: single-frame unmasked text "Hello".
         let (h, len) = FrameHeader::decode(&[0x81, 0x05, 0x48]).unwrap().unwrap();
-        assert_eq!((h.fin, h.opcode, h.mask, h.payload_len, len), (true, OpCode::Text, None, 5, 2));
+        assert_eq!(
+            (h.fin, h.opcode, h.mask, h.payload_len, len),
+            (true, OpCode::Text, None, 5, 2)
+        );
         // §5.7: masked ping.
-        let (h, len) = FrameHeader::decode(&[0x89, 0x85, 0x37, 0xfa, 0x21, 0x3d]).unwrap().unwrap();
-        assert_eq!((h.opcode, h.mask, len), (OpCode::Ping, Some([0x37, 0xfa, 0x21, 0x3d]), 6));
+        let (h, len) = FrameHeader::decode(&[0x89, 0x85, 0x37, 0xfa, 0x21, 0x3d])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (h.opcode, h.mask, len),
+            (OpCode::Ping, Some([0x37, 0xfa, 0x21, 0x3d]), 6)
+        );
         // §5.7: 256 bytes binary in a single unmasked frame.
-        let (h, len) = FrameHeader::decode(&[0x82, 0x7E, 0x01, 0x00]).unwrap().unwrap();
+        let (h, len) = FrameHeader::decode(&[0x82, 0x7E, 0x01, 0x00])
+            .unwrap()
+            .unwrap();
         assert_eq!((h.payload_len, len), (256, 4));
     }
 
     #[test]
     fn reads_rsv_bits_and_rejects_reserved_opcodes_and_huge_lengths() {
-        let (h, _) = FrameHeader::decode(&[0xF1, 0x80, 0, 0, 0, 0]).unwrap().unwrap();
+        let (h, _) = FrameHeader::decode(&[0xF1, 0x80, 0, 0, 0, 0])
+            .unwrap()
+            .unwrap();
         assert_eq!(h.rsv, 0x07);
         for bits in [3u8, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF] {
-            assert_eq!(FrameHeader::decode(&[0x80 | bits, 0x80]), Err(HeaderError::ReservedOpcode(bits)));
+            assert_eq!(
+                FrameHeader::decode(&[0x80 | bits, 0x80]),
+                Err(HeaderError::ReservedOpcode(bits))
+            );
         }
         let huge = [0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4];
-        assert_eq!(FrameHeader::decode(&huge), Err(HeaderError::LengthHighBitSet));
+        assert_eq!(
+            FrameHeader::decode(&huge),
+            Err(HeaderError::LengthHighBitSet)
+        );
     }
 
     #[test]
     fn control_opcodes_are_the_high_ones() {
-        assert!(OpCode::Close.is_control() && OpCode::Ping.is_control() && OpCode::Pong.is_control());
-        assert!(!OpCode::Text.is_control() && !OpCode::Binary.is_control() && !OpCode::Continuation.is_control());
+        assert!(
+            OpCode::Close.is_control() && OpCode::Ping.is_control() && OpCode::Pong.is_control()
+        );
+        assert!(
+            !OpCode::Text.is_control()
+                && !OpCode::Binary.is_control()
+                && !OpCode::Continuation.is_control()
+        );
     }
 }

@@ -51,7 +51,11 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(status: u16, reason: impl Into<String>) -> Self {
-        Self { status, reason: reason.into(), extra_headers: Vec::new() }
+        Self {
+            status,
+            reason: reason.into(),
+            extra_headers: Vec::new(),
+        }
     }
 
     fn with_header(mut self, name: &'static str, value: &'static str) -> Self {
@@ -62,7 +66,12 @@ impl Rejection {
     /// The full response: status line, headers and a one-line text body.
     pub fn to_response(&self) -> Vec<u8> {
         let body = format!("{}\n", self.reason);
-        http_response(self.status, &self.extra_headers, "text/plain; charset=utf-8", body.as_bytes())
+        http_response(
+            self.status,
+            &self.extra_headers,
+            "text/plain; charset=utf-8",
+            body.as_bytes(),
+        )
     }
 }
 
@@ -76,7 +85,10 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Rejection> 
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(Rejection::new(431, format!("too many request headers (at most {MAX_HEADERS})")))
+            return Err(Rejection::new(
+                431,
+                format!("too many request headers (at most {MAX_HEADERS})"),
+            ))
         }
         Err(e) => return Err(Rejection::new(400, format!("malformed HTTP request: {e}"))),
     };
@@ -97,7 +109,10 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Rejection> 
     };
     for header in raw.headers.iter() {
         let Ok(value) = std::str::from_utf8(header.value) else {
-            return Err(Rejection::new(400, format!("header {} is not valid UTF-8", header.name)));
+            return Err(Rejection::new(
+                400,
+                format!("header {} is not valid UTF-8", header.name),
+            ));
         };
         let value = value.trim();
         let name = header.name;
@@ -116,7 +131,12 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Rejection> 
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             request.protocols.extend(tokens(value).map(str::to_owned));
         } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
-            request.extensions.extend(value.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()));
+            request.extensions.extend(
+                value
+                    .split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty()),
+            );
         }
     }
     Ok(Some((request, consumed)))
@@ -143,46 +163,84 @@ pub struct Accepted {
 /// Applies §4.2.1's requirements to a request aimed at a WebSocket path.
 pub fn validate_upgrade(request: &Request, policy: &UpgradePolicy) -> Result<Accepted, Rejection> {
     if request.method != "GET" {
-        return Err(Rejection::new(405, "a WebSocket handshake must use GET").with_header("Allow", "GET"));
+        return Err(
+            Rejection::new(405, "a WebSocket handshake must use GET").with_header("Allow", "GET")
+        );
     }
     if !request.wants_websocket() {
-        return Err(Rejection::new(426, "this path speaks WebSocket: send an Upgrade: websocket request")
-            .with_header("Upgrade", "websocket")
-            .with_header("Sec-WebSocket-Version", "13"));
+        return Err(Rejection::new(
+            426,
+            "this path speaks WebSocket: send an Upgrade: websocket request",
+        )
+        .with_header("Upgrade", "websocket")
+        .with_header("Sec-WebSocket-Version", "13"));
     }
     if request.minor_version < 1 {
-        return Err(Rejection::new(400, "a WebSocket handshake requires HTTP/1.1"));
+        return Err(Rejection::new(
+            400,
+            "a WebSocket handshake requires HTTP/1.1",
+        ));
     }
     if request.host.as_deref().is_none_or(str::is_empty) {
         return Err(Rejection::new(400, "missing Host header"));
     }
     if !request.upgrade_websocket {
-        return Err(Rejection::new(400, "Upgrade header must contain the token websocket"));
+        return Err(Rejection::new(
+            400,
+            "Upgrade header must contain the token websocket",
+        ));
     }
     if !request.connection_upgrade {
-        return Err(Rejection::new(400, "Connection header must contain the token upgrade"));
+        return Err(Rejection::new(
+            400,
+            "Connection header must contain the token upgrade",
+        ));
     }
     if request.version.as_deref() != Some("13") {
-        return Err(Rejection::new(426, "unsupported Sec-WebSocket-Version: this server speaks version 13")
-            .with_header("Sec-WebSocket-Version", "13"));
+        return Err(Rejection::new(
+            426,
+            "unsupported Sec-WebSocket-Version: this server speaks version 13",
+        )
+        .with_header("Sec-WebSocket-Version", "13"));
     }
     let key = match request.keys.as_slice() {
         [key] => key,
         [] => return Err(Rejection::new(400, "missing Sec-WebSocket-Key header")),
-        _ => return Err(Rejection::new(400, "more than one Sec-WebSocket-Key header")),
+        _ => {
+            return Err(Rejection::new(
+                400,
+                "more than one Sec-WebSocket-Key header",
+            ))
+        }
     };
     if BASE64.decode(key).map(|k| k.len()) != Ok(16) {
-        return Err(Rejection::new(400, "Sec-WebSocket-Key must be 16 bytes in base64"));
+        return Err(Rejection::new(
+            400,
+            "Sec-WebSocket-Key must be 16 bytes in base64",
+        ));
     }
     if let (Some(origin), false) = (&request.origin, policy.allowed_origins.is_empty()) {
-        if !policy.allowed_origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin)) {
-            return Err(Rejection::new(403, format!("origin {origin} is not allowed")));
+        if !policy
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(origin))
+        {
+            return Err(Rejection::new(
+                403,
+                format!("origin {origin} is not allowed"),
+            ));
         }
     }
     // The client lists its preference order; pick its first one we speak.
-    let subprotocol =
-        request.protocols.iter().find(|offered| policy.subprotocols.iter().any(|ours| ours == *offered)).cloned();
-    Ok(Accepted { accept_key: accept_key(key), subprotocol })
+    let subprotocol = request
+        .protocols
+        .iter()
+        .find(|offered| policy.subprotocols.iter().any(|ours| ours == *offered))
+        .cloned();
+    Ok(Accepted {
+        accept_key: accept_key(key),
+        subprotocol,
+    })
 }
 
 /// `Sec-WebSocket-Accept`: base64(SHA-1(key + GUID)) (§4.2.2).
@@ -209,7 +267,12 @@ pub fn accept_response(accepted: &Accepted) -> Vec<u8> {
 }
 
 /// A complete `Connection: close` HTTP/1.1 response.
-pub fn http_response(status: u16, headers: &[(&str, &str)], content_type: &str, body: &[u8]) -> Vec<u8> {
+pub fn http_response(
+    status: u16,
+    headers: &[(&str, &str)],
+    content_type: &str,
+    body: &[u8],
+) -> Vec<u8> {
     let mut head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
         status_text(status),
@@ -271,13 +334,18 @@ mod tests {
         match parse_request(text.as_bytes()) {
             Err(rejection) => rejection.status,
             Ok(None) => panic!("partial"),
-            Ok(Some((request, _))) => validate_upgrade(&request, policy).map_or_else(|r| r.status, |_| 101),
+            Ok(Some((request, _))) => {
+                validate_upgrade(&request, policy).map_or_else(|r| r.status, |_| 101)
+            }
         }
     }
 
     #[test]
     fn rfc_sample_key() {
-        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
@@ -289,16 +357,29 @@ mod tests {
         assert!(response.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
         assert!(response.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         assert!(response.ends_with("\r\n\r\n"));
-        assert_eq!(status_of(&replace("Connection: keep-alive, Upgrade", "connection: UPGRADE"), &Default::default()), 101);
+        assert_eq!(
+            status_of(
+                &replace("Connection: keep-alive, Upgrade", "connection: UPGRADE"),
+                &Default::default()
+            ),
+            101
+        );
     }
 
     #[test]
     fn partial_until_the_blank_line() {
         for cut in 0..GOOD.len() {
-            assert_eq!(parse_request(&GOOD.as_bytes()[..cut]), Ok(None), "cut at {cut}");
+            assert_eq!(
+                parse_request(&GOOD.as_bytes()[..cut]),
+                Ok(None),
+                "cut at {cut}"
+            );
         }
         let with_frame = format!("{GOOD}\u{81}");
-        assert_eq!(parse_request(with_frame.as_bytes()).unwrap().unwrap().1, GOOD.len());
+        assert_eq!(
+            parse_request(with_frame.as_bytes()).unwrap().unwrap().1,
+            GOOD.len()
+        );
     }
 
     #[test]
@@ -306,19 +387,44 @@ mod tests {
         let p = UpgradePolicy::default();
         let cases: Vec<(String, u16)> = vec![
             (replace("GET", "POST"), 405),
-            (replace("Upgrade: WebSocket\r\n", "").replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""), 426),
+            (
+                replace("Upgrade: WebSocket\r\n", "")
+                    .replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+                426,
+            ),
             (replace("HTTP/1.1", "HTTP/1.0"), 400),
             (replace("Host: example\r\n", ""), 400),
             (replace("Upgrade: WebSocket", "Upgrade: h2c"), 400),
-            (replace("Connection: keep-alive, Upgrade", "Connection: keep-alive"), 400),
-            (replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"), 426),
+            (
+                replace("Connection: keep-alive, Upgrade", "Connection: keep-alive"),
+                400,
+            ),
+            (
+                replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"),
+                426,
+            ),
             (replace("Sec-WebSocket-Version: 13\r\n", ""), 426),
-            (replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""), 400),
+            (
+                replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+                400,
+            ),
             (replace("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZQ=="), 400),
             (replace("dGhlIHNhbXBsZSBub25jZQ==", "not base64!"), 400),
-            (replace("Host: example\r\n", "Host: example\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n"), 400),
+            (
+                replace(
+                    "Host: example\r\n",
+                    "Host: example\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n",
+                ),
+                400,
+            ),
             ("GET / HTTP/1.1\r\nHost\r\n\r\n".to_owned(), 400),
-            (format!("GET / HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(MAX_HEADERS + 1)), 431),
+            (
+                format!(
+                    "GET / HTTP/1.1\r\n{}\r\n",
+                    "X: y\r\n".repeat(MAX_HEADERS + 1)
+                ),
+                431,
+            ),
         ];
         for (text, status) in cases {
             assert_eq!(status_of(&text, &p), status, "{text:?}");
@@ -327,35 +433,64 @@ mod tests {
 
     #[test]
     fn version_rejection_advertises_13() {
-        let request = parse(&replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"));
+        let request = parse(&replace(
+            "Sec-WebSocket-Version: 13",
+            "Sec-WebSocket-Version: 8",
+        ));
         let rejection = validate_upgrade(&request, &UpgradePolicy::default()).unwrap_err();
         let text = String::from_utf8(rejection.to_response()).unwrap();
-        assert!(text.starts_with("HTTP/1.1 426 Upgrade Required\r\n"), "{text}");
+        assert!(
+            text.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
+            "{text}"
+        );
         assert!(text.contains("Sec-WebSocket-Version: 13\r\n"));
         assert!(text.contains("Content-Length: "));
     }
 
     #[test]
     fn origin_allow_list() {
-        let policy = UpgradePolicy { allowed_origins: vec!["https://good.example".into()], ..Default::default() };
-        let with = |origin: &str| replace("Host: example\r\n", &format!("Host: example\r\nOrigin: {origin}\r\n"));
+        let policy = UpgradePolicy {
+            allowed_origins: vec!["https://good.example".into()],
+            ..Default::default()
+        };
+        let with = |origin: &str| {
+            replace(
+                "Host: example\r\n",
+                &format!("Host: example\r\nOrigin: {origin}\r\n"),
+            )
+        };
         assert_eq!(status_of(&with("https://good.example"), &policy), 101);
         assert_eq!(status_of(&with("https://evil.example"), &policy), 403);
         assert_eq!(status_of(GOOD, &policy), 101, "no Origin: not a browser");
-        assert_eq!(status_of(&with("https://evil.example"), &UpgradePolicy::default()), 101, "no list: any origin");
+        assert_eq!(
+            status_of(&with("https://evil.example"), &UpgradePolicy::default()),
+            101,
+            "no list: any origin"
+        );
     }
 
     #[test]
     fn subprotocol_selection_follows_client_preference() {
-        let policy = UpgradePolicy { subprotocols: vec!["chat".into(), "json".into()], ..Default::default() };
+        let policy = UpgradePolicy {
+            subprotocols: vec!["chat".into(), "json".into()],
+            ..Default::default()
+        };
         let offer = |list: &str| {
-            let request = parse(&replace("Host: example\r\n", &format!("Host: example\r\nSec-WebSocket-Protocol: {list}\r\n")));
+            let request = parse(&replace(
+                "Host: example\r\n",
+                &format!("Host: example\r\nSec-WebSocket-Protocol: {list}\r\n"),
+            ));
             validate_upgrade(&request, &policy).unwrap().subprotocol
         };
         assert_eq!(offer("json, chat"), Some("json".into()));
         assert_eq!(offer("mqtt, chat"), Some("chat".into()));
         assert_eq!(offer("mqtt"), None);
-        let accepted = Accepted { accept_key: "k".into(), subprotocol: Some("chat".into()) };
-        assert!(String::from_utf8(accept_response(&accepted)).unwrap().contains("Sec-WebSocket-Protocol: chat\r\n"));
+        let accepted = Accepted {
+            accept_key: "k".into(),
+            subprotocol: Some("chat".into()),
+        };
+        assert!(String::from_utf8(accept_response(&accepted))
+            .unwrap()
+            .contains("Sec-WebSocket-Protocol: chat\r\n"));
     }
 }

@@ -104,15 +104,19 @@ mod tests {
     fn rejects_invalid_sequences_wherever_split() {
         let cases: &[&[u8]] = &[
             b"\xff",
-            b"ab\xc0\xaf",             // overlong '/'
-            b"\xed\xa0\x80",           // UTF-16 surrogate
-            b"\xf4\x90\x80\x80",       // above U+10FFFF
+            b"ab\xc0\xaf",       // overlong '/'
+            b"\xed\xa0\x80",     // UTF-16 surrogate
+            b"\xf4\x90\x80\x80", // above U+10FFFF
             b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited",
-            b"\xe2\x82",               // truncated at the end
+            b"\xe2\x82", // truncated at the end
         ];
         for bytes in cases {
             for split in 0..=bytes.len() {
-                assert_eq!(validate_split(bytes, &[split]), Err(InvalidUtf8), "{bytes:?} at {split}");
+                assert_eq!(
+                    validate_split(bytes, &[split]),
+                    Err(InvalidUtf8),
+                    "{bytes:?} at {split}"
+                );
             }
         }
     }

@@ -23,12 +23,16 @@ impl TestServer {
     pub fn start(flags: &[&str]) -> TestServer {
         let mut args = vec!["fanout", "--listen", "127.0.0.1:0"];
         args.extend_from_slice(flags);
-        let config = Config::from_args(args).expect("test flags parse");
+        let config = Config::from_args(args).unwrap_or_else(|e| panic!("test flags: {e}"));
         let server = Server::bind(config).expect("bind 127.0.0.1:0");
         let addr = server.local_addrs()[0];
         let handle = server.shutdown_handle();
         let thread = std::thread::spawn(move || server.run());
-        TestServer { addr, handle, thread: Some(thread) }
+        TestServer {
+            addr,
+            handle,
+            thread: Some(thread),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -45,7 +49,11 @@ impl TestServer {
     /// Stops the server and waits for its loop to return.
     pub fn stop(mut self) -> std::io::Result<()> {
         self.handle.shutdown();
-        self.thread.take().unwrap().join().expect("server thread panicked")
+        self.thread
+            .take()
+            .unwrap()
+            .join()
+            .expect("server thread panicked")
     }
 }
 
@@ -61,8 +69,12 @@ impl Drop for TestServer {
 /// A TCP connection with 5 s read/write timeouts so no test can hang.
 pub fn connect_tcp(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect(addr).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     stream.set_nodelay(true).unwrap();
     stream
 }
@@ -93,7 +105,11 @@ pub fn read_http_head(stream: &mut TcpStream) -> String {
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         let n = stream.read(&mut byte).expect("read head");
-        assert!(n == 1, "connection closed during the head: {:?}", String::from_utf8_lossy(&head));
+        assert!(
+            n == 1,
+            "connection closed during the head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
         head.push(byte[0]);
         assert!(head.len() < 16 << 10, "head too long");
     }
@@ -134,7 +150,8 @@ impl ServerFrame {
 
     /// For a close frame: the status code, if any.
     pub fn close_code(&self) -> Option<u16> {
-        (self.opcode() == 8 && self.payload.len() >= 2).then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+        (self.opcode() == 8 && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
     }
 
     pub fn close_reason(&self) -> String {
@@ -162,7 +179,10 @@ pub fn read_frame(stream: &mut TcpStream) -> Option<ServerFrame> {
     };
     let mut payload = vec![0u8; len as usize];
     stream.read_exact(&mut payload).ok()?;
-    Some(ServerFrame { b0: head[0], payload })
+    Some(ServerFrame {
+        b0: head[0],
+        payload,
+    })
 }
 
 /// Reads frames until a close frame arrives, skipping pings.
@@ -179,13 +199,17 @@ pub fn read_until_close(stream: &mut TcpStream) -> ServerFrame {
 /// True if the server closed the TCP connection within `within`.
 pub fn wait_for_eof(stream: &mut TcpStream, within: Duration) -> bool {
     let deadline = Instant::now() + within;
-    stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let mut buf = [0u8; 4096];
     while Instant::now() < deadline {
         match stream.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(_) => return true,
         }
     }
@@ -210,7 +234,10 @@ impl ServerProcess {
             .expect("spawn fanout");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let line = lines.next().expect("fanout printed nothing").expect("read stdout");
+        let line = lines
+            .next()
+            .expect("fanout printed nothing")
+            .expect("read stdout");
         let addr = line
             .strip_prefix("fanout listening on ws://")
             .unwrap_or_else(|| panic!("unexpected first line: {line}"))
@@ -228,7 +255,10 @@ impl ServerProcess {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "fanout did not exit within 10 s of signal {signal}");
+            assert!(
+                Instant::now() < deadline,
+                "fanout did not exit within 10 s of signal {signal}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
