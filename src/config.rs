@@ -45,7 +45,8 @@ pub struct Config {
     #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub max_message_size: usize,
 
-    /// Largest single frame payload; larger closes with 1009.
+    /// Largest single frame payload; larger closes with 1009. A frame is
+    /// also never allowed past --max-message-size.
     #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub max_frame_size: usize,
 
@@ -125,9 +126,6 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.listen.is_empty() {
             return Err("at least one --listen address is needed".into());
-        }
-        if self.max_frame_size > self.max_message_size {
-            return Err("--max-frame-size cannot exceed --max-message-size".into());
         }
         if self.read_buffer_size < 4096 {
             return Err("--read-buffer-size must be at least 4KiB".into());

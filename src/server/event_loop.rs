@@ -108,7 +108,7 @@ impl Server {
                 subprotocols: config.subprotocols.clone(),
             },
             limits: Limits {
-                max_frame_size: config.max_frame_size as u64,
+                max_frame_size: config.max_frame_size.min(config.max_message_size) as u64,
                 max_message_size: config.max_message_size as u64,
             },
             conns: Slab::new(),
