@@ -14,6 +14,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(message) = config.validate() {
+        eprintln!("fanout: {message}");
+        return ExitCode::from(2);
+    }
     match raise_fd_limit() {
         Ok(limit) => log::debug!("open file limit: {limit}"),
         Err(e) => log::warn!("could not read the open file limit: {e}"),

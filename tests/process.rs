@@ -1,0 +1,453 @@
+//! The real `fanout` binary: command line, config file, signals and
+//! several listen addresses.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Runs the binary to completion (killing it after 10 s, which fails the
+/// test) and returns its exit status, stdout and stderr.
+fn run_to_exit(args: &[&str]) -> (ExitStatus, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fanout");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("fanout {args:?} did not exit within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (status, out.join().unwrap(), err.join().unwrap())
+}
+
+/// The binary started with arbitrary flags (no implicit `--listen`),
+/// reporting every `fanout listening on` line; killed on drop.
+struct Spawned {
+    child: Child,
+    addrs: Vec<SocketAddr>,
+}
+
+impl Spawned {
+    fn start(flags: &[&str], listeners: usize) -> Spawned {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
+            .args(flags)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn fanout");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Keep draining stdout for the child's whole life so a later print
+        // never meets a closed pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                // Once the receiver is gone, keep reading; just stop forwarding.
+                let _ = tx.send(line);
+            }
+        });
+        let mut addrs = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while addrs.len() < listeners {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "fanout printed {} of {listeners} listening lines",
+                    addrs.len()
+                )
+            });
+            let addr = line
+                .strip_prefix("fanout listening on ws://")
+                .unwrap_or_else(|| panic!("unexpected stdout line: {line}"))
+                .parse()
+                .unwrap();
+            addrs.push(addr);
+        }
+        Spawned { child, addrs }
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fanout did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn temp_config(contents: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fanout.toml");
+    std::fs::write(&path, contents).unwrap();
+    let path = path.display().to_string();
+    (dir, path)
+}
+
+/// Sends the standard upgrade request and returns the status code.
+fn handshake_status(addr: SocketAddr) -> (u16, TcpStream) {
+    let mut stream = connect_tcp(addr);
+    stream.write_all(UPGRADE_HEAD.as_bytes()).unwrap();
+    let head = read_http_head(&mut stream);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, stream)
+}
+
+fn assert_echo(stream: &mut TcpStream, text: &str) {
+    stream
+        .write_all(&client_frame(0x81, text.as_bytes()))
+        .unwrap();
+    let frame = read_frame(stream).expect("echo reply");
+    assert_eq!(
+        (frame.opcode(), frame.payload.as_slice()),
+        (1, text.as_bytes())
+    );
+}
+
+#[test]
+fn help_lists_every_flag_and_defaults() {
+    let (status, out, err) = run_to_exit(&["--help"]);
+    assert_eq!(status.code(), Some(0), "stdout: {out}\nstderr: {err}");
+    // Help that was asked for is output, not an error: stdout.
+    let help = out;
+    for flag in [
+        "--config",
+        "--listen",
+        "--max-connections",
+        "--max-pending-handshakes",
+        "--max-header-bytes",
+        "--handshake-timeout",
+        "--max-message-size",
+        "--max-frame-size",
+        "--max-outbound-buffer",
+        "--ping-interval",
+        "--idle-timeout",
+        "--close-timeout",
+        "--shutdown-grace",
+        "--allowed-origin",
+        "--subprotocol",
+        "--read-buffer-size",
+        "--help",
+        "--version",
+    ] {
+        assert!(
+            help.contains(flag),
+            "--help does not mention {flag}:\n{help}"
+        );
+    }
+    for default in [
+        "16MiB",
+        "30s",
+        "90s",
+        "8KiB",
+        "10s",
+        "1MiB",
+        "64KiB",
+        "0.0.0.0:8080",
+        "100000",
+    ] {
+        assert!(
+            help.contains(default),
+            "--help does not show the default {default}:\n{help}"
+        );
+    }
+
+    let (status, out, err) = run_to_exit(&["--version"]);
+    assert_eq!(status.code(), Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(
+        out.contains(env!("CARGO_PKG_VERSION")),
+        "stdout: {out}\nstderr: {err}"
+    );
+}
+
+#[test]
+fn unknown_flag_exits_2_with_a_message() {
+    let (status, out, err) = run_to_exit(&["--listen", "127.0.0.1:0", "--max-conections", "5"]);
+    assert_eq!(status.code(), Some(2), "stdout: {out}\nstderr: {err}");
+    assert!(
+        err.contains("--max-conections"),
+        "the message names the flag: {err}"
+    );
+    assert!(out.is_empty(), "nothing on stdout: {out}");
+}
+
+#[test]
+fn bad_values_name_the_flag() {
+    for (flag, value) in [
+        ("--max-message-size", "12 parsecs"),
+        ("--max-header-bytes", "lots"),
+        ("--handshake-timeout", "soon"),
+        ("--max-connections", "many"),
+        ("--listen", "not-an-address"),
+    ] {
+        let (status, out, err) = run_to_exit(&["--listen", "127.0.0.1:0", flag, value]);
+        assert_eq!(
+            status.code(),
+            Some(2),
+            "{flag} {value}: stdout: {out}\nstderr: {err}"
+        );
+        assert!(
+            err.contains(flag),
+            "the message for {flag} {value} names the flag: {err}"
+        );
+    }
+}
+
+#[test]
+fn values_that_parse_but_make_no_sense_are_refused_naming_the_flag() {
+    for (flag, value) in [
+        ("--read-buffer-size", "1KiB"),
+        ("--idle-timeout", "0s"),
+        ("--handshake-timeout", "0ms"),
+    ] {
+        let (status, out, err) = run_to_exit(&["--listen", "127.0.0.1:0", flag, value]);
+        assert_eq!(
+            status.code(),
+            Some(2),
+            "{flag} {value} must be refused as a usage error: stdout: {out}\nstderr: {err}"
+        );
+        assert!(
+            err.contains(flag),
+            "the message for {flag} {value} names the flag: {err}"
+        );
+        assert!(!out.contains("listening"), "must not start serving: {out}");
+    }
+}
+
+#[test]
+fn config_file_with_an_unknown_key_exits_2_naming_key_and_file() {
+    let (_dir, path) = temp_config("max-connections = 5\nmax-conections = 7\n");
+    let (status, out, err) = run_to_exit(&["--listen", "127.0.0.1:0", "--config", &path]);
+    assert_eq!(status.code(), Some(2), "stdout: {out}\nstderr: {err}");
+    assert!(err.contains("max-conections"), "names the key: {err}");
+    assert!(err.contains(&path), "names the file: {err}");
+
+    let (status, _, err) = run_to_exit(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        "/nonexistent/fanout.toml",
+    ]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("/nonexistent/fanout.toml"), "{err}");
+}
+
+#[test]
+fn config_file_with_a_bad_value_exits_2_naming_key_and_file() {
+    let (_dir, path) = temp_config("max-connections = \"lots\"\n");
+    let (status, out, err) = run_to_exit(&["--listen", "127.0.0.1:0", "--config", &path]);
+    assert_eq!(status.code(), Some(2), "stdout: {out}\nstderr: {err}");
+    assert!(err.contains("max-connections"), "names the key: {err}");
+    assert!(err.contains(&path), "names the file: {err}");
+
+    // A single-valued option given as a list.
+    let (_dir, path) = temp_config("max-connections = [1, 2]\n");
+    let (status, _, err) = run_to_exit(&["--listen", "127.0.0.1:0", "--config", &path]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("max-connections"), "names the key: {err}");
+    assert!(err.contains(&path), "names the file: {err}");
+
+    let (_dir, path) = temp_config("this is not toml\n");
+    let (status, _, err) = run_to_exit(&["--listen", "127.0.0.1:0", "--config", &path]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains(&path), "names the file: {err}");
+}
+
+#[test]
+fn config_file_applies_and_flags_override_it() {
+    let (_dir, path) = temp_config("max-connections = 1\nhandshake-timeout = \"5s\"\n");
+    let server = ServerProcess::start(&["--config", &path]);
+    let (status, mut first) = handshake_status(server.addr);
+    assert_eq!(status, 101);
+    assert_echo(&mut first, "only one");
+    let (status, _) = handshake_status(server.addr);
+    assert_eq!(status, 503, "max-connections = 1 from the file must apply");
+    drop(server);
+
+    let server = ServerProcess::start(&["--config", &path, "--max-connections", "2"]);
+    let (status, mut first) = handshake_status(server.addr);
+    assert_eq!(status, 101);
+    let (status, mut second) = handshake_status(server.addr);
+    assert_eq!(
+        status, 101,
+        "--max-connections 2 on the command line must win over the file"
+    );
+    assert_echo(&mut first, "one");
+    assert_echo(&mut second, "two");
+    let (status, _) = handshake_status(server.addr);
+    assert_eq!(status, 503);
+}
+
+/// Opens `n` raw WebSockets, each proven live by an echo.
+fn open_clients(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|i| {
+            let mut stream = raw_upgrade(addr);
+            assert_echo(&mut stream, &format!("client {i}"));
+            stream
+        })
+        .collect()
+}
+
+fn graceful_shutdown_on(signal: i32) {
+    let mut server = ServerProcess::start(&["--shutdown-grace", "10s"]);
+    let mut clients = open_clients(server.addr, 3);
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe { libc::kill(server.child.id() as i32, signal) };
+    let started = Instant::now();
+    for client in &mut clients {
+        let close = read_until_close(client);
+        assert_eq!(close.close_code(), Some(1001), "{close:?}");
+        assert_eq!(close.close_reason(), "server shutting down");
+        client
+            .write_all(&client_frame(0x88, &1001u16.to_be_bytes()))
+            .unwrap();
+    }
+    for client in &mut clients {
+        assert!(
+            wait_for_eof(client, Duration::from_secs(3)),
+            "server did not close TCP after the close handshake"
+        );
+    }
+    // Signal 0 sends nothing: this only waits (at most 10 s) for the exit.
+    let status = server.signal_and_wait(0);
+    let elapsed = started.elapsed();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after signal {signal}: {status:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "exit took {elapsed:?}; grace is 10s but every client answered"
+    );
+}
+
+#[test]
+fn sigterm_closes_every_websocket_with_1001_and_exits_0() {
+    graceful_shutdown_on(libc::SIGTERM);
+}
+
+#[test]
+fn sigint_closes_every_websocket_with_1001_and_exits_0() {
+    graceful_shutdown_on(libc::SIGINT);
+}
+
+#[test]
+fn shutdown_exits_0_after_the_grace_period_when_a_client_never_answers() {
+    let mut server = ServerProcess::start(&["--shutdown-grace", "500ms"]);
+    let mut clients = open_clients(server.addr, 2);
+    // A connection still in its handshake must not hold up the exit either.
+    let mut pending = connect_tcp(server.addr);
+    pending.write_all(&UPGRADE_HEAD.as_bytes()[..20]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+
+    let started = Instant::now();
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    for client in &mut clients {
+        let close = read_until_close(client);
+        assert_eq!(
+            (close.close_code(), close.close_reason().as_str()),
+            (Some(1001), "server shutting down")
+        );
+    }
+    // Nobody answers; the process must still exit.
+    // Signal 0 sends nothing: this only waits (at most 10 s) for the exit.
+    let status = server.signal_and_wait(0);
+    let elapsed = started.elapsed();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(
+        elapsed >= Duration::from_millis(400),
+        "exited before the grace period: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "exit took {elapsed:?} with a 500ms grace"
+    );
+    for client in &mut clients {
+        assert!(wait_for_eof(client, Duration::from_secs(2)));
+    }
+    assert!(wait_for_eof(&mut pending, Duration::from_secs(2)));
+}
+
+#[test]
+fn shutdown_with_no_clients_is_immediate() {
+    let mut server = ServerProcess::start(&["--shutdown-grace", "10s"]);
+    let started = Instant::now();
+    let status = server.signal_and_wait(libc::SIGTERM);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn two_listen_addresses_both_serve() {
+    let mut server = Spawned::start(&["--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"], 2);
+    assert_eq!(server.addrs.len(), 2);
+    assert_ne!(server.addrs[0], server.addrs[1]);
+    for (i, addr) in server.addrs.clone().into_iter().enumerate() {
+        assert!(addr.ip().is_loopback(), "{addr}");
+        let mut ws = raw_upgrade(addr);
+        assert_echo(&mut ws, &format!("via listener {i}"));
+        let mut health = connect_tcp(addr);
+        health
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        let _ = health.read_to_string(&mut response);
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    }
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(server.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
