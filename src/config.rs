@@ -24,6 +24,11 @@ pub struct Config {
     #[arg(long = "listen", value_name = "ADDR", default_value = "0.0.0.0:8080")]
     pub listen: Vec<SocketAddr>,
 
+    /// Internal listener address (repeatable): clients here may publish
+    /// without a key. Bind it to a private interface only.
+    #[arg(long = "internal-listen", value_name = "ADDR")]
+    pub internal_listen: Vec<SocketAddr>,
+
     /// Most open WebSocket connections; further handshakes get 503.
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -86,6 +91,50 @@ pub struct Config {
     /// Size of the one read buffer the event loop reads every socket into.
     #[arg(long, value_name = "SIZE", default_value = "64KiB", value_parser = parse_size)]
     pub read_buffer_size: usize,
+
+    /// SHA-256 (hex) of a key that lets a client on a public listener
+    /// publish after `{"type":"auth","key":…}` (repeatable). Generate one
+    /// with `printf %s "$KEY" | sha256sum`.
+    #[arg(long = "publisher-key-sha256", value_name = "HEX", value_parser = parse_sha256_hex)]
+    pub publisher_key_hashes: Vec<[u8; 32]>,
+
+    /// Failed `auth` attempts after which a connection is closed with 1008.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub max_auth_failures: u32,
+
+    /// A `/ws` client must send a valid request (e.g. `register`) within
+    /// this time after connecting, or it is closed with 1008.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub registration_timeout: Duration,
+
+    /// Events kept for a `/ws` client before it registers; the matching
+    /// ones are delivered on registration.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub max_queue_size: usize,
+
+    /// Default number of messages a channel keeps for `since` resumption.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub channel_backlog: usize,
+
+    /// Default age after which channel backlog messages are discarded.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub channel_backlog_age: Duration,
+
+    /// Most channels that may exist at once.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_channels: usize,
+
+    /// Most channel subscriptions (names and patterns) per connection.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_subscriptions: usize,
+
+    /// Chat messages a room replays to someone who joins.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub chat_history: usize,
+
+    /// Longest chat line in bytes; longer lines are refused with an error.
+    #[arg(long, value_name = "BYTES", default_value_t = 1000)]
+    pub chat_max_line: usize,
 }
 
 impl Default for Config {
@@ -124,8 +173,8 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if self.listen.is_empty() {
-            return Err("at least one --listen address is needed".into());
+        if self.listen.is_empty() && self.internal_listen.is_empty() {
+            return Err("at least one --listen or --internal-listen address is needed".into());
         }
         if self.read_buffer_size < 4096 {
             return Err("--read-buffer-size must be at least 4KiB".into());
@@ -135,6 +184,7 @@ impl Config {
             ("--ping-interval", self.ping_interval),
             ("--idle-timeout", self.idle_timeout),
             ("--close-timeout", self.close_timeout),
+            ("--registration-timeout", self.registration_timeout),
         ] {
             if value.is_zero() {
                 return Err(format!("{name} must be greater than zero"));
@@ -210,6 +260,19 @@ fn file_to_args(
     Ok(args)
 }
 
+/// Parses 64 hex digits (a SHA-256 digest).
+pub fn parse_sha256_hex(text: &str) -> Result<[u8; 32], String> {
+    let text = text.trim();
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("expected 64 hex digits (the output of sha256sum)".into());
+    }
+    let mut digest = [0u8; 32];
+    for (i, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+    }
+    Ok(digest)
+}
+
 /// Parses `65536`, `64KiB`, `16MiB`, `1GiB` (also `k`, `M`, `G` as binary
 /// multiples, since these are buffer sizes).
 pub fn parse_size(text: &str) -> Result<usize, String> {
@@ -254,6 +317,14 @@ mod tests {
         assert_eq!(c.shutdown_grace, Duration::from_secs(5));
         assert_eq!(c.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn key_hashes() {
+        let hex = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        assert_eq!(parse_sha256_hex(hex).unwrap()[..2], [0x9f, 0x86]);
+        assert!(parse_sha256_hex("abc").is_err());
+        assert!(parse_sha256_hex(&"g".repeat(64)).is_err());
     }
 
     #[test]

@@ -1,16 +1,58 @@
 //! What each endpoint does with messages. Nothing here knows about
 //! sockets: the server hands the app (connection, message) pairs and an
-//! [`Outbox`] to answer through, addressed by connection id.
+//! [`Outbox`] to answer through, addressed by connection id. A message for
+//! many recipients is encoded once as a [`SharedFrame`] and handed to each.
 
+mod auth;
+pub mod channel_name;
+pub mod channels;
+pub mod chat;
+pub mod chat_command;
 mod echo;
+pub mod event_filter;
+pub mod event_stream;
+pub mod protocol;
 pub mod routes;
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use log::warn;
+use serde_json::{json, Value};
+
+use self::auth::KeyRing;
+use self::channels::{ChannelLimits, Channels};
+use self::chat::{Chat, LineKind};
+use self::event_stream::{Event, EventStreams};
+use self::protocol::{ack, error, parse_request, Command, ErrorCode, ProtocolError, Request};
+use crate::config::Config;
 use crate::ws::CloseCode;
+pub use crate::ws::SharedFrame;
 pub use routes::{resolve, Endpoint, Target};
 
 /// Identifies a WebSocket connection for as long as it is open. The server
 /// calls [`App::on_close`] before an id can be reused.
 pub type ConnId = usize;
+
+/// The channel whose messages feed the registration event streams.
+pub const EVENTS_CHANNEL: &str = "events";
+
+/// What kind of listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Internet-facing: subscribe only, unless the client presents a key.
+    Public,
+    /// Private network: trusted publishers.
+    Internal,
+}
+
+/// What the server knows about a connection when it opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnInfo {
+    pub role: Role,
+    pub peer: SocketAddr,
+}
 
 /// A data message received from, or sent to, a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,34 +68,376 @@ pub trait Outbox {
     /// until the queue drains (TCP backpressure): nothing is dropped.
     fn reply(&mut self, to: ConnId, message: Message<'_>);
 
+    /// Like `reply`, for a frame that is already encoded and shared.
+    fn reply_shared(&mut self, to: ConnId, frame: &SharedFrame);
+
+    /// Fan-out: queues a shared frame unless the recipient's queue is full.
+    /// Returns false when it was not queued; the server then calls
+    /// [`App::on_drained`] once that queue has emptied.
+    fn deliver(&mut self, to: ConnId, frame: &SharedFrame) -> bool;
+
     /// Closes a connection with a close frame.
     fn close(&mut self, to: ConnId, code: CloseCode, reason: &str);
 }
 
+/// Milliseconds since the Unix epoch, for message timestamps.
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Debug)]
+struct Client {
+    info: ConnInfo,
+    /// Internal listener, or a publisher key was presented.
+    trusted: bool,
+    auth_failures: u32,
+}
+
+/// Application counters, for logs and metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AppStats {
+    pub requests: u64,
+    pub request_errors: u64,
+    pub auth_failures: u64,
+    pub published: u64,
+}
+
 /// The application: one value, owned by the event loop.
-#[derive(Debug, Default)]
-pub struct App {}
+#[derive(Debug)]
+pub struct App {
+    keys: KeyRing,
+    max_auth_failures: u32,
+    clients: HashMap<ConnId, Client>,
+    next_serial: u64,
+    channels: Channels,
+    chat: Chat,
+    streams: EventStreams,
+    pub stats: AppStats,
+}
 
 impl App {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(config: &Config) -> Self {
+        Self {
+            keys: KeyRing::new(config.publisher_key_hashes.clone()),
+            max_auth_failures: config.max_auth_failures,
+            clients: HashMap::new(),
+            next_serial: 0,
+            channels: Channels::new(ChannelLimits {
+                backlog: config.channel_backlog,
+                backlog_age: config.channel_backlog_age,
+                max_channels: config.max_channels,
+                max_subscriptions: config.max_subscriptions,
+            }),
+            chat: Chat::new(
+                config.chat_history,
+                config.chat_max_line,
+                config.max_channels,
+            ),
+            streams: EventStreams::new(config.max_queue_size, config.registration_timeout),
+            stats: AppStats::default(),
+        }
     }
 
     /// A WebSocket handshake on `endpoint` completed.
-    pub fn on_open(&mut self, _conn: ConnId, _endpoint: Endpoint, _out: &mut impl Outbox) {}
+    pub fn on_open(
+        &mut self,
+        conn: ConnId,
+        endpoint: Endpoint,
+        info: ConnInfo,
+        now: Instant,
+        out: &mut impl Outbox,
+    ) {
+        self.next_serial += 1;
+        let trusted = info.role == Role::Internal;
+        self.clients.insert(
+            conn,
+            Client {
+                info,
+                trusted,
+                auth_failures: 0,
+            },
+        );
+        match endpoint {
+            Endpoint::Echo => {}
+            Endpoint::Chat => self.chat.on_plain_open(conn, out),
+            Endpoint::Ws => self.streams.on_open(conn, self.next_serial, now, out),
+        }
+    }
 
     pub fn on_message(
         &mut self,
         conn: ConnId,
         endpoint: Endpoint,
         message: Message<'_>,
+        now: Instant,
         out: &mut impl Outbox,
     ) {
         match endpoint {
             Endpoint::Echo => echo::on_message(conn, message, out),
+            Endpoint::Chat => self.chat.on_plain_message(conn, message, out),
+            Endpoint::Ws => self.on_ws_message(conn, message, now, out),
         }
     }
 
+    fn on_ws_message(
+        &mut self,
+        conn: ConnId,
+        message: Message<'_>,
+        now: Instant,
+        out: &mut impl Outbox,
+    ) {
+        self.stats.requests += 1;
+        let Message::Text(text) = message else {
+            let e = ProtocolError::new(
+                ErrorCode::BadRequest,
+                "binary messages are not understood on /ws: send JSON text",
+            );
+            return self.send_error(conn, &None, &e, out);
+        };
+        match parse_request(text) {
+            Ok(request) => {
+                if !matches!(request.command, Command::Register { .. }) {
+                    self.streams.on_other_request(conn);
+                }
+                let id = request.id.clone();
+                if let Err(e) = self.handle(conn, request, now, out) {
+                    self.send_error(conn, &id, &e, out);
+                }
+            }
+            Err((id, e)) => self.send_error(conn, &id, &e, out),
+        }
+    }
+
+    fn send_error(
+        &mut self,
+        conn: ConnId,
+        id: &Option<Value>,
+        e: &ProtocolError,
+        out: &mut impl Outbox,
+    ) {
+        self.stats.request_errors += 1;
+        out.reply(conn, Message::Text(&error(id, e)));
+    }
+
+    fn handle<O: Outbox>(
+        &mut self,
+        conn: ConnId,
+        request: Request,
+        now: Instant,
+        out: &mut O,
+    ) -> Result<(), ProtocolError> {
+        let Request { id, command } = request;
+        let acknowledge = |out: &mut O, request: &str, extra: Value| {
+            out.reply(conn, Message::Text(&ack(&id, request, extra)))
+        };
+        match command {
+            Command::Register { filters } => {
+                self.streams.register(conn, filters, out);
+            }
+            Command::Auth { key } => self.authenticate(conn, &key, &id, out)?,
+            Command::Create { channel, settings } => {
+                self.require_trusted(conn, "create channels")?;
+                let extra = self.channels.create(&channel, &settings)?;
+                acknowledge(out, "create", extra);
+            }
+            Command::Publish { channel, data } => {
+                let trusted = self.clients.get(&conn).is_some_and(|c| c.trusted);
+                let event = if channel == EVENTS_CHANNEL {
+                    Some(event_fields(&data)?)
+                } else {
+                    None
+                };
+                let published = self.channels.publish(&channel, &data, trusted, now, out)?;
+                self.stats.published += 1;
+                if let Some(fields) = event {
+                    self.streams.publish(&Event::new(fields), out);
+                }
+                let extra = json!({ "channel": channel, "offset": published.offset, "delivered": published.delivered });
+                acknowledge(out, "publish", extra);
+            }
+            Command::Subscribe { channel, since } => {
+                let (extra, replay) = self.channels.subscribe(conn, &channel, since, now)?;
+                acknowledge(out, "subscribe", extra);
+                for frame in &replay {
+                    out.reply_shared(conn, frame);
+                }
+            }
+            Command::Unsubscribe { channel } => {
+                let extra = self.channels.unsubscribe(conn, &channel)?;
+                acknowledge(out, "unsubscribe", extra);
+            }
+            Command::ListChannels => acknowledge(out, "list", self.channels.list()),
+            Command::ChatJoin { room } => {
+                let extra = self.chat.join(conn, &room, out)?;
+                acknowledge(out, "chat.join", extra);
+            }
+            Command::ChatLeave { room } => {
+                if !self.chat.leave(conn, &room, out) {
+                    return Err(ProtocolError::new(
+                        ErrorCode::NotFound,
+                        format!("not in room `{room}`"),
+                    ));
+                }
+                acknowledge(out, "chat.leave", json!({ "room": room }));
+            }
+            Command::ChatSay { room, text } => {
+                self.chat.say(conn, &room, &text, LineKind::Say, out)?;
+                acknowledge(out, "chat.say", json!({ "room": room }));
+            }
+            Command::ChatNick { nick } => {
+                let extra = self.chat.rename(conn, &nick, out)?;
+                acknowledge(out, "chat.nick", extra);
+            }
+            Command::ChatWho { room } => {
+                let members = self.chat.who(&room);
+                acknowledge(out, "chat.who", json!({ "room": room, "members": members }));
+            }
+            Command::ChatRooms => acknowledge(out, "chat.rooms", self.chat.rooms()),
+        }
+        Ok(())
+    }
+
+    fn require_trusted(&self, conn: ConnId, action: &str) -> Result<(), ProtocolError> {
+        if self.clients.get(&conn).is_some_and(|c| c.trusted) {
+            Ok(())
+        } else {
+            Err(ProtocolError::new(
+                ErrorCode::Forbidden,
+                format!("only trusted connections may {action}: use the internal listener, or `auth` with a publisher key"),
+            ))
+        }
+    }
+
+    fn authenticate(
+        &mut self,
+        conn: ConnId,
+        key: &str,
+        id: &Option<Value>,
+        out: &mut impl Outbox,
+    ) -> Result<(), ProtocolError> {
+        let Some(client) = self.clients.get_mut(&conn) else {
+            return Ok(());
+        };
+        if self.keys.verify(key) {
+            client.trusted = true;
+            client.auth_failures = 0;
+            out.reply(
+                conn,
+                Message::Text(&ack(id, "auth", json!({ "trusted": true }))),
+            );
+            return Ok(());
+        }
+        client.auth_failures += 1;
+        self.stats.auth_failures += 1;
+        warn!(
+            "conn {conn} from {}: publisher key rejected ({} failure(s))",
+            client.info.peer, client.auth_failures
+        );
+        if client.auth_failures >= self.max_auth_failures {
+            let e = ProtocolError::new(
+                ErrorCode::AuthFailed,
+                "publisher key rejected; too many failures, closing",
+            );
+            out.reply(conn, Message::Text(&error(id, &e)));
+            out.close(
+                conn,
+                CloseCode::POLICY_VIOLATION,
+                "too many failed authentication attempts",
+            );
+            return Ok(());
+        }
+        let left = self.max_auth_failures - client.auth_failures;
+        Err(ProtocolError::new(
+            ErrorCode::AuthFailed,
+            format!("publisher key rejected; {left} attempt(s) left"),
+        ))
+    }
+
+    /// The connection's queue emptied after fan-out messages were dropped.
+    pub fn on_drained(&mut self, conn: ConnId, out: &mut impl Outbox) {
+        self.channels.on_drained(conn, out);
+        self.chat.on_drained(conn, out);
+    }
+
     /// The connection is gone; forget everything about it.
-    pub fn on_close(&mut self, _conn: ConnId, _endpoint: Endpoint) {}
+    pub fn on_close(&mut self, conn: ConnId, _endpoint: Endpoint, out: &mut impl Outbox) {
+        self.clients.remove(&conn);
+        self.channels.remove_conn(conn);
+        self.chat.remove_conn(conn, out);
+        self.streams.remove_conn(conn);
+    }
+
+    /// The next moment the app needs [`App::on_timer`].
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.streams.next_deadline()
+    }
+
+    pub fn on_timer(&mut self, now: Instant, out: &mut impl Outbox) {
+        self.streams.on_timer(now, out);
+    }
+}
+
+/// An event for the registration streams: a JSON object with a string `type`.
+fn event_fields(data: &Value) -> Result<serde_json::Map<String, Value>, ProtocolError> {
+    match data {
+        Value::Object(fields) if fields.get("type").is_some_and(Value::is_string) => Ok(fields.clone()),
+        _ => Err(ProtocolError::new(
+            ErrorCode::InvalidField,
+            format!("field `data` must be an event: a JSON object with a string `type` (publishing to `{EVENTS_CHANNEL}`)"),
+        )),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    /// An outbox that records everything; connections in `full` refuse fan-out.
+    #[derive(Debug, Default)]
+    pub struct RecordingOutbox {
+        pub replies: Vec<(ConnId, String)>,
+        pub delivered: Vec<(ConnId, SharedFrame)>,
+        pub closed: Vec<(ConnId, u16)>,
+        pub full: HashSet<ConnId>,
+    }
+
+    fn frame_text(frame: &SharedFrame) -> String {
+        let bytes = frame.bytes();
+        let header = match bytes[1] & 0x7F {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        String::from_utf8(bytes[header..].to_vec()).unwrap()
+    }
+
+    impl Outbox for RecordingOutbox {
+        fn reply(&mut self, to: ConnId, message: Message<'_>) {
+            let text = match message {
+                Message::Text(t) => t.to_owned(),
+                Message::Binary(b) => format!("{b:?}"),
+            };
+            self.replies.push((to, text));
+        }
+
+        fn reply_shared(&mut self, to: ConnId, frame: &SharedFrame) {
+            self.replies.push((to, frame_text(frame)));
+        }
+
+        fn deliver(&mut self, to: ConnId, frame: &SharedFrame) -> bool {
+            if self.full.contains(&to) {
+                return false;
+            }
+            self.delivered.push((to, frame.clone()));
+            true
+        }
+
+        fn close(&mut self, to: ConnId, code: CloseCode, _reason: &str) {
+            self.closed.push((to, code.0));
+        }
+    }
 }

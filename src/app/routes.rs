@@ -1,10 +1,14 @@
-//! Which path is which endpoint. Application routes (`/ws`, `/chat`, the
-//! web page at `/`) are added here as the app grows.
+//! Which path is which endpoint.
 
 /// A WebSocket endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
+    /// `/echo`: every message back to its sender.
     Echo,
+    /// `/ws`: JSON channels, chat and the event-stream registration protocol.
+    Ws,
+    /// `/chat`: plain-text chat for `websocat` and friends.
+    Chat,
 }
 
 /// What a request path leads to.
@@ -19,6 +23,8 @@ pub enum Target {
 pub fn resolve(path: &str) -> Target {
     match path {
         "/echo" => Target::WebSocket(Endpoint::Echo),
+        "/ws" => Target::WebSocket(Endpoint::Ws),
+        "/chat" => Target::WebSocket(Endpoint::Chat),
         "/healthz" => Target::Health,
         _ => Target::NotFound,
     }
@@ -32,6 +38,8 @@ mod tests {
     fn known_and_unknown_paths() {
         assert_eq!(resolve("/echo"), Target::WebSocket(Endpoint::Echo));
         assert_eq!(resolve("/healthz"), Target::Health);
+        assert_eq!(resolve("/ws"), Target::WebSocket(Endpoint::Ws));
+        assert_eq!(resolve("/chat"), Target::WebSocket(Endpoint::Chat));
         assert_eq!(resolve("/echo/"), Target::NotFound);
         assert_eq!(resolve("/nope"), Target::NotFound);
     }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use mio::net::TcpStream;
 
 use super::outbound::Outbound;
-use crate::app::Endpoint;
+use crate::app::{ConnInfo, Endpoint};
 use crate::ws::{close::close_payload, CloseCode, CloseState, Decoder, OpCode};
 
 #[derive(Debug)]
@@ -37,6 +37,7 @@ pub struct Session {
 #[derive(Debug)]
 pub struct Connection {
     pub socket: TcpStream,
+    pub info: ConnInfo,
     /// Distinguishes this connection from earlier ones in the same slot.
     pub serial: u64,
     pub phase: Phase,
@@ -50,12 +51,21 @@ pub struct Connection {
     pub dirty: bool,
     /// Our side of the TCP stream was shut down after a failing close.
     pub write_shut: bool,
+    /// A fan-out delivery found the queue full: tell the app once it drains.
+    pub drain_wanted: bool,
 }
 
 impl Connection {
-    pub fn new(socket: TcpStream, serial: u64, now: Instant, handshake_deadline: Instant) -> Self {
+    pub fn new(
+        socket: TcpStream,
+        info: ConnInfo,
+        serial: u64,
+        now: Instant,
+        handshake_deadline: Instant,
+    ) -> Self {
         Self {
             socket,
+            info,
             serial,
             phase: Phase::Handshake {
                 request: Vec::new(),
@@ -67,6 +77,7 @@ impl Connection {
             read_paused: false,
             dirty: false,
             write_shut: false,
+            drain_wanted: false,
         }
     }
 

@@ -16,7 +16,9 @@ use super::connection::{Connection, Phase, Session};
 use super::listener::{is_resource_exhaustion, Listener, ACCEPT_RETRY};
 use super::stats::Stats;
 use super::timers::{TimerKey, Timers};
-use crate::app::{resolve, App, ConnId, Endpoint, Message, Outbox, Target};
+use crate::app::{
+    resolve, App, ConnId, ConnInfo, Endpoint, Message, Outbox, Role, SharedFrame, Target,
+};
 use crate::config::Config;
 use crate::ws::handshake::{self, Rejection, UpgradePolicy};
 use crate::ws::{CloseCode, CloseState, Decoder, Event, Limits, OpCode};
@@ -88,8 +90,10 @@ impl Server {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let poll = Poll::new()?;
         let mut listeners = Vec::new();
-        for (index, addr) in config.listen.iter().enumerate() {
-            let mut listener = Listener::bind(*addr)?;
+        let public = config.listen.iter().map(|a| (*a, Role::Public));
+        let internal = config.internal_listen.iter().map(|a| (*a, Role::Internal));
+        for (index, (addr, role)) in public.chain(internal).enumerate() {
+            let mut listener = Listener::bind(addr, role)?;
             poll.registry().register(
                 &mut listener.socket,
                 listener_token(index),
@@ -112,7 +116,7 @@ impl Server {
                 max_message_size: config.max_message_size as u64,
             },
             conns: Slab::new(),
-            app: App::new(),
+            app: App::new(&config),
             timers: Timers::default(),
             dirty: Vec::new(),
             resume: Vec::new(),
@@ -212,7 +216,15 @@ impl Server {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
-        let timer = self.core.timers.timeout(now);
+        let app = self
+            .core
+            .app
+            .next_deadline()
+            .map(|at| at.saturating_duration_since(now));
+        let timer = match (self.core.timers.timeout(now), app) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let stop = self
             .core
             .stopping_at
@@ -275,7 +287,11 @@ impl Server {
                         );
                         continue;
                     }
-                    if let Err(e) = core.add_connection(self.poll.registry(), socket) {
+                    let info = ConnInfo {
+                        role: listener.role,
+                        peer,
+                    };
+                    if let Err(e) = core.add_connection(self.poll.registry(), socket, info) {
                         warn!("could not register connection from {peer}: {e}");
                     }
                 }
@@ -340,6 +356,16 @@ impl Server {
     }
 
     fn run_timers(&mut self) {
+        if self
+            .core
+            .app
+            .next_deadline()
+            .is_some_and(|at| at <= self.core.now)
+        {
+            let now = self.core.now;
+            let (app, mut out) = self.core.app_and_outbox();
+            app.on_timer(now, &mut out);
+        }
         while let Some((at, key)) = self.core.timers.pop_due(self.core.now) {
             match key {
                 TimerKey::ResumeAccept { listener } => {
@@ -368,6 +394,7 @@ impl Core {
         &mut self,
         registry: &mio::Registry,
         mut socket: mio::net::TcpStream,
+        info: ConnInfo,
     ) -> io::Result<()> {
         // Frames are written whole, once per turn: Nagle would only add latency.
         socket.set_nodelay(true)?;
@@ -382,6 +409,7 @@ impl Core {
         let deadline = self.now + self.config.handshake_timeout;
         entry.insert(Connection::new(
             socket,
+            info,
             self.next_serial,
             self.now,
             deadline,
@@ -520,26 +548,9 @@ impl Core {
         self.mark_dirty(token);
         let deadline = self.conns[token].next_deadline(self.config.idle_timeout);
         self.schedule(token, deadline);
-        let Core {
-            app,
-            conns,
-            dirty,
-            timers,
-            config,
-            now,
-            ..
-        } = self;
-        app.on_open(
-            token,
-            endpoint,
-            &mut Delivery {
-                conns,
-                dirty,
-                timers,
-                config,
-                now: *now,
-            },
-        );
+        let (info, now) = (self.conns[token].info, self.now);
+        let (app, mut out) = self.app_and_outbox();
+        app.on_open(token, endpoint, info, now, &mut out);
         if !early.is_empty() {
             self.websocket_input(token, &mut early);
         }
@@ -599,43 +610,15 @@ impl Core {
             match event {
                 Event::Text(text) if session.close.is_open() => {
                     self.stats.messages_in += 1;
-                    let Core {
-                        app,
-                        conns,
-                        dirty,
-                        timers,
-                        config,
-                        now,
-                        ..
-                    } = self;
-                    let mut out = Delivery {
-                        conns,
-                        dirty,
-                        timers,
-                        config,
-                        now: *now,
-                    };
-                    app.on_message(token, endpoint, Message::Text(text), &mut out);
+                    let now = self.now;
+                    let (app, mut out) = self.app_and_outbox();
+                    app.on_message(token, endpoint, Message::Text(text), now, &mut out);
                 }
                 Event::Binary(bytes) if session.close.is_open() => {
                     self.stats.messages_in += 1;
-                    let Core {
-                        app,
-                        conns,
-                        dirty,
-                        timers,
-                        config,
-                        now,
-                        ..
-                    } = self;
-                    let mut out = Delivery {
-                        conns,
-                        dirty,
-                        timers,
-                        config,
-                        now: *now,
-                    };
-                    app.on_message(token, endpoint, Message::Binary(bytes), &mut out);
+                    let now = self.now;
+                    let (app, mut out) = self.app_and_outbox();
+                    app.on_message(token, endpoint, Message::Binary(bytes), now, &mut out);
                 }
                 Event::Ping(payload) if session.close.is_open() => {
                     conn.out.push_frame(OpCode::Pong, payload);
@@ -735,24 +718,52 @@ impl Core {
         let result = conn.out.flush_to(&mut conn.socket);
         self.stats.bytes_out += (before - conn.out.len()) as u64;
         match result {
+            Ok(true) if conn.finished_after_flush() => return self.drop_conn(token, "closed"),
             Ok(true) => {
-                if conn.finished_after_flush() {
-                    return self.drop_conn(token, "closed");
-                }
                 let failing = conn.session_mut().is_some_and(|s| s.discard_input);
                 if failing && !conn.write_shut {
                     // Our close frame is out; the FIN tells the peer nothing follows.
                     conn.write_shut = true;
                     let _ = conn.socket.shutdown(Shutdown::Write);
                 }
+                if std::mem::take(&mut conn.drain_wanted) {
+                    // Fan-out messages were dropped while the queue was full:
+                    // the app's notices go out at the end of this turn.
+                    let (app, mut out) = self.app_and_outbox();
+                    app.on_drained(token, &mut out);
+                }
             }
             Ok(false) => {}
             Err(e) => return self.drop_conn(token, &format!("write error: {e}")),
         }
+        let conn = &mut self.conns[token];
         if conn.read_paused && conn.out.len() < self.config.max_outbound_buffer {
             conn.read_paused = false;
             self.resume.push(token);
         }
+    }
+
+    /// Splits the core into the app and the outbox it answers through.
+    fn app_and_outbox(&mut self) -> (&mut App, Delivery<'_>) {
+        let Core {
+            app,
+            conns,
+            dirty,
+            timers,
+            config,
+            now,
+            ..
+        } = self;
+        (
+            app,
+            Delivery {
+                conns,
+                dirty,
+                timers,
+                config,
+                now: *now,
+            },
+        )
     }
 
     fn drop_conn(&mut self, token: usize, reason: &str) {
@@ -764,7 +775,8 @@ impl Core {
             Phase::Handshake { .. } => self.pending_handshakes -= 1,
             Phase::Open(session) => {
                 self.open_websockets -= 1;
-                self.app.on_close(token, session.endpoint);
+                let (app, mut out) = self.app_and_outbox();
+                app.on_close(token, session.endpoint, &mut out);
             }
             Phase::Responding { .. } => {}
         }
@@ -793,6 +805,26 @@ impl Delivery<'_> {
 }
 
 impl Outbox for Delivery<'_> {
+    fn reply_shared(&mut self, to: ConnId, frame: &SharedFrame) {
+        if let Some(conn) = self.open_conn(to) {
+            conn.out.push_shared(frame.share());
+        }
+    }
+
+    fn deliver(&mut self, to: ConnId, frame: &SharedFrame) -> bool {
+        let limit = self.config.max_outbound_buffer;
+        // A connection that is gone or closing is not slow: nothing to report.
+        let Some(conn) = self.open_conn(to) else {
+            return true;
+        };
+        if conn.out.len() + frame.bytes().len() > limit {
+            conn.drain_wanted = true;
+            return false;
+        }
+        conn.out.push_shared(frame.share());
+        true
+    }
+
     fn reply(&mut self, to: ConnId, message: Message<'_>) {
         let Some(conn) = self.open_conn(to) else {
             return;

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use mio::net::TcpListener;
 
+use crate::app::Role;
+
 /// How long accepting pauses after EMFILE/ENFILE: the pending connections
 /// wait in the kernel's backlog until descriptors free up, instead of the
 /// loop spinning on an accept that keeps failing.
@@ -16,18 +18,20 @@ pub const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 pub struct Listener {
     pub socket: TcpListener,
     pub addr: SocketAddr,
+    pub role: Role,
     /// Accepting is paused until a retry timer fires.
     pub paused: bool,
 }
 
 impl Listener {
-    pub fn bind(addr: SocketAddr) -> io::Result<Self> {
+    pub fn bind(addr: SocketAddr, role: Role) -> io::Result<Self> {
         let socket = TcpListener::bind(addr)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         let addr = socket.local_addr()?;
         Ok(Self {
             socket,
             addr,
+            role,
             paused: false,
         })
     }

@@ -174,6 +174,36 @@ pub fn write_frame(out: &mut Vec<u8>, opcode: OpCode, fin: bool, payload: &[u8])
     out.extend_from_slice(payload);
 }
 
+/// A complete server frame encoded once and shared by every recipient's
+/// write queue: fan-out costs a reference count per recipient, not a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedFrame(std::sync::Arc<[u8]>);
+
+impl SharedFrame {
+    pub fn text(text: &str) -> Self {
+        Self::new(OpCode::Text, text.as_bytes())
+    }
+
+    pub fn binary(bytes: &[u8]) -> Self {
+        Self::new(OpCode::Binary, bytes)
+    }
+
+    fn new(opcode: OpCode, payload: &[u8]) -> Self {
+        let mut frame = Vec::with_capacity(server_header_len(payload.len()) + payload.len());
+        write_frame(&mut frame, opcode, true, payload);
+        Self(frame.into())
+    }
+
+    /// The encoded frame, header included.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn share(&self) -> std::sync::Arc<[u8]> {
+        self.0.clone()
+    }
+}
+
 /// Length of the header `write_frame` emits for a payload of `len` bytes.
 pub fn server_header_len(len: usize) -> usize {
     match len {
@@ -274,6 +304,14 @@ mod tests {
             FrameHeader::decode(&huge),
             Err(HeaderError::LengthHighBitSet)
         );
+    }
+
+    #[test]
+    fn shared_frames_are_complete_server_frames() {
+        assert_eq!(SharedFrame::text("hi").bytes(), b"\x81\x02hi");
+        let big = SharedFrame::binary(&[7; 300]);
+        assert_eq!(&big.bytes()[..4], &[0x82, 126, 1, 44]);
+        assert_eq!(big.bytes().len(), 304);
     }
 
     #[test]

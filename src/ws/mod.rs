@@ -12,4 +12,4 @@ pub mod utf8;
 pub use close::CloseCode;
 pub use close_handshake::CloseState;
 pub use decoder::{Decoder, Event, Limits, Violation};
-pub use frame::{write_frame, OpCode};
+pub use frame::{write_frame, OpCode, SharedFrame};

@@ -1,0 +1,595 @@
+//! Pub/sub channels: named streams of JSON messages with monotonically
+//! increasing offsets, a backlog bounded by count and age for resumption,
+//! and exact or wildcard subscriptions.
+//!
+//! Slow consumers: a message that does not fit a subscriber's queue is
+//! dropped for that subscriber and counted; once its queue drains it gets a
+//! `dropped` notice naming the channel and the offset range it missed, so it
+//! can resubscribe with `since` and fill the gap from the backlog.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use log::debug;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::channel_name::{is_pattern, pattern_matches, validate_name, validate_pattern};
+use super::protocol::{ChannelSettings, ErrorCode, ProtocolError, PublishPolicy};
+use super::{unix_millis, ConnId, Outbox};
+use crate::ws::SharedFrame;
+
+/// Server-wide defaults and limits for channels.
+#[derive(Debug, Clone)]
+pub struct ChannelLimits {
+    pub backlog: usize,
+    pub backlog_age: Duration,
+    pub max_channels: usize,
+    pub max_subscriptions: usize,
+}
+
+#[derive(Debug)]
+struct Stored {
+    offset: u64,
+    at: Instant,
+    frame: SharedFrame,
+}
+
+#[derive(Debug)]
+struct Channel {
+    publish: PublishPolicy,
+    backlog_limit: usize,
+    backlog_age: Duration,
+    /// Offset the next message gets; offsets start at 1.
+    next_offset: u64,
+    backlog: VecDeque<Stored>,
+    subscribers: HashSet<ConnId>,
+}
+
+impl Channel {
+    fn last_offset(&self) -> u64 {
+        self.next_offset - 1
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while self
+            .backlog
+            .front()
+            .is_some_and(|m| now.duration_since(m.at) > self.backlog_age)
+        {
+            self.backlog.pop_front();
+        }
+    }
+
+    fn describe(&self, name: &str) -> Value {
+        json!({
+            "channel": name,
+            "offset": self.last_offset(),
+            "first_offset": self.backlog.front().map(|m| m.offset),
+            "backlog": self.backlog.len(),
+            "backlog_limit": self.backlog_limit,
+            "backlog_age": self.backlog_age.as_secs(),
+            "subscribers": self.subscribers.len(),
+            "publish": match self.publish { PublishPolicy::Trusted => "trusted", PublishPolicy::Anyone => "anyone" },
+        })
+    }
+}
+
+/// Messages a subscriber missed because its queue was full.
+#[derive(Debug, Clone, Copy)]
+struct Gap {
+    count: u64,
+    first_offset: u64,
+    last_offset: u64,
+}
+
+#[derive(Serialize)]
+struct MessageOut<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    channel: &'a str,
+    offset: u64,
+    ts: u64,
+    data: &'a Value,
+}
+
+#[derive(Debug)]
+pub struct Channels {
+    limits: ChannelLimits,
+    channels: HashMap<String, Channel>,
+    /// Wildcard subscriptions: (pattern, subscriber).
+    patterns: Vec<(String, ConnId)>,
+    /// What each connection subscribed to, names and patterns.
+    by_conn: HashMap<ConnId, Vec<String>>,
+    gaps: HashMap<(ConnId, String), Gap>,
+    pub dropped_total: u64,
+}
+
+/// What a successful publish did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub offset: u64,
+    pub delivered: usize,
+    pub dropped: usize,
+}
+
+impl Channels {
+    pub fn new(limits: ChannelLimits) -> Self {
+        Self {
+            limits,
+            channels: HashMap::new(),
+            patterns: Vec::new(),
+            by_conn: HashMap::new(),
+            gaps: HashMap::new(),
+            dropped_total: 0,
+        }
+    }
+
+    /// Creates a channel; creating one that exists changes nothing and says so.
+    pub fn create(
+        &mut self,
+        name: &str,
+        settings: &ChannelSettings,
+    ) -> Result<Value, ProtocolError> {
+        validate_name("channel", name)?;
+        if let Some(existing) = self.channels.get(name) {
+            let mut description = existing.describe(name);
+            description["created"] = json!(false);
+            return Ok(description);
+        }
+        if self.channels.len() >= self.limits.max_channels {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitReached,
+                format!(
+                    "the server already has its maximum of {} channels",
+                    self.limits.max_channels
+                ),
+            ));
+        }
+        if settings.backlog.is_some_and(|n| n > 1_000_000) {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                "field `backlog` must be at most 1000000",
+            ));
+        }
+        let channel = Channel {
+            publish: settings.publish.unwrap_or(PublishPolicy::Trusted),
+            backlog_limit: settings.backlog.unwrap_or(self.limits.backlog),
+            backlog_age: settings
+                .backlog_age_secs
+                .map_or(self.limits.backlog_age, Duration::from_secs),
+            next_offset: 1,
+            backlog: VecDeque::new(),
+            subscribers: HashSet::new(),
+        };
+        let mut channel = channel;
+        // Exact subscriptions made before the channel existed start now.
+        channel.subscribers.extend(
+            self.by_conn
+                .iter()
+                .filter(|(_, targets)| targets.iter().any(|t| t == name))
+                .map(|(conn, _)| *conn),
+        );
+        let mut description = channel.describe(name);
+        description["created"] = json!(true);
+        self.channels.insert(name.to_owned(), channel);
+        Ok(description)
+    }
+
+    /// Publishes `data`. A trusted publisher creates a missing channel with
+    /// the defaults; anyone else needs the channel to exist and allow them.
+    pub fn publish(
+        &mut self,
+        name: &str,
+        data: &Value,
+        trusted: bool,
+        now: Instant,
+        out: &mut impl Outbox,
+    ) -> Result<Published, ProtocolError> {
+        validate_name("channel", name)?;
+        if !self.channels.contains_key(name) {
+            if !trusted {
+                return Err(ProtocolError::new(
+                    ErrorCode::NotFound,
+                    format!("no channel named `{name}`"),
+                ));
+            }
+            self.create(name, &ChannelSettings::default())?;
+        }
+        let channel = self.channels.get_mut(name).expect("created above");
+        if channel.publish == PublishPolicy::Trusted && !trusted {
+            return Err(ProtocolError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "publishing to `{name}` needs a trusted connection: the internal listener, or `auth` with a \
+                     publisher key"
+                ),
+            ));
+        }
+        let offset = channel.next_offset;
+        channel.next_offset += 1;
+        let message = MessageOut {
+            kind: "message",
+            channel: name,
+            offset,
+            ts: unix_millis(),
+            data,
+        };
+        let frame =
+            SharedFrame::text(&serde_json::to_string(&message).expect("JSON values serialize"));
+        channel.expire(now);
+        if channel.backlog_limit > 0 {
+            if channel.backlog.len() >= channel.backlog_limit {
+                channel.backlog.pop_front();
+            }
+            channel.backlog.push_back(Stored {
+                offset,
+                at: now,
+                frame: frame.clone(),
+            });
+        }
+        let mut published = Published {
+            offset,
+            delivered: 0,
+            dropped: 0,
+        };
+        let exact: Vec<ConnId> = channel.subscribers.iter().copied().collect();
+        let by_pattern = self
+            .patterns
+            .iter()
+            .filter(|(pattern, conn)| {
+                pattern_matches(pattern, name) && !channel.subscribers.contains(conn)
+            })
+            .map(|(_, conn)| *conn);
+        let mut seen_by_pattern = HashSet::new();
+        let recipients: Vec<ConnId> = exact
+            .into_iter()
+            .chain(by_pattern.filter(|conn| seen_by_pattern.insert(*conn)))
+            .collect();
+        for conn in recipients {
+            if out.deliver(conn, &frame) {
+                published.delivered += 1;
+            } else {
+                published.dropped += 1;
+                self.dropped_total += 1;
+                let gap = self.gaps.entry((conn, name.to_owned())).or_insert(Gap {
+                    count: 0,
+                    first_offset: offset,
+                    last_offset: offset,
+                });
+                if gap.count == 0 {
+                    debug!("conn {conn}: dropping channel `{name}` messages from offset {offset}: slow consumer");
+                }
+                gap.count += 1;
+                gap.last_offset = offset;
+            }
+        }
+        Ok(published)
+    }
+
+    /// Subscribes to a name or pattern. With `since`, first replays the
+    /// backlog after that offset (through `replay`), or refuses with
+    /// `not_recoverable` when the backlog no longer reaches back that far.
+    pub fn subscribe(
+        &mut self,
+        conn: ConnId,
+        target: &str,
+        since: Option<u64>,
+        now: Instant,
+    ) -> Result<(Value, Vec<SharedFrame>), ProtocolError> {
+        validate_pattern("channel", target)?;
+        let pattern = is_pattern(target);
+        if pattern && since.is_some() {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                "field `since` needs an exact channel name, not a pattern",
+            ));
+        }
+        let subscriptions = self.by_conn.entry(conn).or_default();
+        if subscriptions.iter().any(|s| s == target) {
+            return Err(ProtocolError::new(
+                ErrorCode::Conflict,
+                format!("already subscribed to `{target}`"),
+            ));
+        }
+        if subscriptions.len() >= self.limits.max_subscriptions {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitReached,
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.limits.max_subscriptions
+                ),
+            ));
+        }
+        let replay = match (since, self.channels.get_mut(target)) {
+            (None, _) | (Some(0), None) => Vec::new(),
+            (Some(since), None) => return Err(not_recoverable(target, since, None, 0)),
+            (Some(since), Some(channel)) => {
+                channel.expire(now);
+                let first = channel.backlog.front().map(|m| m.offset);
+                let reachable = since <= channel.last_offset()
+                    && first.map_or(since == channel.last_offset(), |f| since + 1 >= f);
+                if !reachable {
+                    return Err(not_recoverable(target, since, first, channel.last_offset()));
+                }
+                channel
+                    .backlog
+                    .iter()
+                    .filter(|m| m.offset > since)
+                    .map(|m| m.frame.clone())
+                    .collect()
+            }
+        };
+        let subscriptions = self.by_conn.entry(conn).or_default();
+        subscriptions.push(target.to_owned());
+        if pattern {
+            self.patterns.push((target.to_owned(), conn));
+        } else if let Some(channel) = self.channels.get_mut(target) {
+            channel.subscribers.insert(conn);
+        }
+        let offset = self.channels.get(target).map(Channel::last_offset);
+        Ok((
+            json!({ "channel": target, "offset": offset, "replayed": replay.len() }),
+            replay,
+        ))
+    }
+
+    pub fn unsubscribe(&mut self, conn: ConnId, target: &str) -> Result<Value, ProtocolError> {
+        let subscriptions = self.by_conn.entry(conn).or_default();
+        let Some(index) = subscriptions.iter().position(|s| s == target) else {
+            return Err(ProtocolError::new(
+                ErrorCode::NotFound,
+                format!("not subscribed to `{target}`"),
+            ));
+        };
+        subscriptions.swap_remove(index);
+        self.patterns.retain(|(p, c)| !(*c == conn && p == target));
+        if let Some(channel) = self.channels.get_mut(target) {
+            channel.subscribers.remove(&conn);
+        }
+        Ok(json!({ "channel": target }))
+    }
+
+    pub fn list(&self) -> Value {
+        let mut names: Vec<&String> = self.channels.keys().collect();
+        names.sort();
+        let channels: Vec<Value> = names
+            .into_iter()
+            .map(|n| self.channels[n].describe(n))
+            .collect();
+        json!({ "channels": channels })
+    }
+
+    /// Sends the `dropped` notices owed to a connection whose queue drained.
+    pub fn on_drained(&mut self, conn: ConnId, out: &mut impl Outbox) {
+        let owed: Vec<(String, Gap)> = self
+            .gaps
+            .iter()
+            .filter(|((c, _), _)| *c == conn)
+            .map(|((_, channel), gap)| (channel.clone(), *gap))
+            .collect();
+        for (channel, gap) in owed {
+            self.gaps.remove(&(conn, channel.clone()));
+            let notice = json!({
+                "type": "dropped",
+                "channel": channel,
+                "count": gap.count,
+                "first_offset": gap.first_offset,
+                "last_offset": gap.last_offset,
+                "message": format!(
+                    "{} message(s) were dropped because this connection read too slowly; resubscribe with \
+                     \"since\": {} to recover them from the backlog",
+                    gap.count,
+                    gap.first_offset - 1
+                ),
+            });
+            out.reply(conn, super::Message::Text(&notice.to_string()));
+        }
+    }
+
+    pub fn remove_conn(&mut self, conn: ConnId) {
+        if let Some(subscriptions) = self.by_conn.remove(&conn) {
+            for target in subscriptions {
+                if let Some(channel) = self.channels.get_mut(&target) {
+                    channel.subscribers.remove(&conn);
+                }
+            }
+        }
+        self.patterns.retain(|(_, c)| *c != conn);
+        self.gaps.retain(|(c, _), _| *c != conn);
+    }
+}
+
+fn not_recoverable(channel: &str, since: u64, first: Option<u64>, last: u64) -> ProtocolError {
+    let reach = match first {
+        Some(first) => format!("the backlog holds offsets {first} to {last}"),
+        None if last == 0 => "the channel has no messages yet".to_owned(),
+        None => format!("the backlog is empty (last offset {last})"),
+    };
+    let why = if since > last {
+        "is ahead of the channel (was it restarted?)"
+    } else {
+        "is no longer in the backlog"
+    };
+    ProtocolError::new(
+        ErrorCode::NotRecoverable,
+        format!("cannot resume `{channel}` after offset {since}: that offset {why}; {reach}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::tests::RecordingOutbox;
+
+    fn limits() -> ChannelLimits {
+        ChannelLimits {
+            backlog: 3,
+            backlog_age: Duration::from_secs(60),
+            max_channels: 2,
+            max_subscriptions: 2,
+        }
+    }
+
+    fn offsets(frames: &[SharedFrame]) -> Vec<u64> {
+        frames
+            .iter()
+            .map(|f| {
+                let text = std::str::from_utf8(&f.bytes()[2..]).unwrap();
+                serde_json::from_str::<Value>(text).unwrap()["offset"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn offsets_increase_and_backlog_resumes_or_refuses() {
+        let mut channels = Channels::new(limits());
+        let mut out = RecordingOutbox::default();
+        let now = Instant::now();
+        for i in 1..=5 {
+            let published = channels
+                .publish("a", &json!(i), true, now, &mut out)
+                .unwrap();
+            assert_eq!(published.offset, i);
+        }
+        // Backlog keeps offsets 3, 4, 5.
+        let (_, replay) = channels.subscribe(1, "a", Some(2), now).unwrap();
+        assert_eq!(offsets(&replay), vec![3, 4, 5]);
+        let (_, replay) = channels.subscribe(2, "a", Some(5), now).unwrap();
+        assert!(replay.is_empty());
+        let e = channels.subscribe(3, "a", Some(1), now).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotRecoverable);
+        assert!(e.message.contains("offsets 3 to 5"), "{}", e.message);
+        let e = channels.subscribe(3, "a", Some(9), now).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotRecoverable);
+        // Expired by age: nothing recoverable.
+        let later = now + Duration::from_secs(61);
+        assert_eq!(
+            channels.subscribe(4, "a", Some(4), later).unwrap_err().code,
+            ErrorCode::NotRecoverable
+        );
+    }
+
+    #[test]
+    fn exact_and_pattern_subscribers_get_each_message_once() {
+        let mut channels = Channels::new(ChannelLimits {
+            max_channels: 10,
+            max_subscriptions: 10,
+            ..limits()
+        });
+        let mut out = RecordingOutbox::default();
+        let now = Instant::now();
+        channels.subscribe(1, "trades.btc", None, now).unwrap();
+        channels.subscribe(1, "trades.*", None, now).unwrap();
+        channels.subscribe(2, "trades.*", None, now).unwrap();
+        let published = channels
+            .publish("trades.btc", &json!({"p":1}), true, now, &mut out)
+            .unwrap();
+        assert_eq!(published.delivered, 2);
+        assert_eq!(out.delivered.iter().filter(|(c, _)| *c == 1).count(), 1);
+        channels
+            .publish("trades.btc.usd", &json!(1), true, now, &mut out)
+            .unwrap();
+        assert_eq!(out.delivered.len(), 2, "`*` matches one segment only");
+        channels.subscribe(3, "later", None, now).unwrap();
+        assert_eq!(
+            channels
+                .publish("later", &json!(1), true, now, &mut out)
+                .unwrap()
+                .delivered,
+            1
+        );
+        channels.unsubscribe(2, "trades.*").unwrap();
+        assert_eq!(
+            channels.unsubscribe(2, "trades.*").unwrap_err().code,
+            ErrorCode::NotFound
+        );
+        channels.remove_conn(1);
+        let published = channels
+            .publish("trades.btc", &json!(1), true, now, &mut out)
+            .unwrap();
+        assert_eq!(published.delivered, 0);
+    }
+
+    #[test]
+    fn publish_rules_and_limits() {
+        let mut channels = Channels::new(limits());
+        let mut out = RecordingOutbox::default();
+        let now = Instant::now();
+        assert_eq!(
+            channels
+                .publish("x", &json!(1), false, now, &mut out)
+                .unwrap_err()
+                .code,
+            ErrorCode::NotFound
+        );
+        channels.create("x", &ChannelSettings::default()).unwrap();
+        assert_eq!(
+            channels
+                .publish("x", &json!(1), false, now, &mut out)
+                .unwrap_err()
+                .code,
+            ErrorCode::Forbidden
+        );
+        let open = ChannelSettings {
+            publish: Some(PublishPolicy::Anyone),
+            ..Default::default()
+        };
+        channels.create("open", &open).unwrap();
+        assert!(channels
+            .publish("open", &json!(1), false, now, &mut out)
+            .is_ok());
+        assert_eq!(
+            channels.create("third", &open).unwrap_err().code,
+            ErrorCode::LimitReached
+        );
+        assert_eq!(
+            channels.create("x", &open).unwrap()["created"],
+            json!(false)
+        );
+        channels.subscribe(9, "a", None, now).unwrap();
+        channels.subscribe(9, "b", None, now).unwrap();
+        assert_eq!(
+            channels.subscribe(9, "c", None, now).unwrap_err().code,
+            ErrorCode::LimitReached
+        );
+        assert_eq!(
+            channels.subscribe(8, "a.*", Some(1), now).unwrap_err().code,
+            ErrorCode::InvalidField
+        );
+    }
+
+    #[test]
+    fn slow_subscribers_get_a_gap_notice_when_drained() {
+        let mut channels = Channels::new(limits());
+        let mut out = RecordingOutbox {
+            full: [5].into_iter().collect(),
+            ..Default::default()
+        };
+        let now = Instant::now();
+        channels.subscribe(5, "a", None, now).unwrap();
+        for _ in 0..3 {
+            channels
+                .publish("a", &json!(1), true, now, &mut out)
+                .unwrap();
+        }
+        assert_eq!(channels.dropped_total, 3);
+        channels.on_drained(5, &mut out);
+        let notice: Value = serde_json::from_str(&out.replies[0].1).unwrap();
+        assert_eq!(
+            (notice["type"].as_str(), notice["count"].as_u64()),
+            (Some("dropped"), Some(3))
+        );
+        assert_eq!(
+            (
+                notice["first_offset"].as_u64(),
+                notice["last_offset"].as_u64()
+            ),
+            (Some(1), Some(3))
+        );
+        channels.on_drained(5, &mut out);
+        assert_eq!(out.replies.len(), 1, "a gap is reported once");
+    }
+}
