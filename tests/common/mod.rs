@@ -13,7 +13,10 @@ use fanout::server::{Server, ShutdownHandle};
 
 /// An in-process server on 127.0.0.1:0, shut down and joined on drop.
 pub struct TestServer {
+    /// The first bound address (the first `--listen`).
     pub addr: SocketAddr,
+    /// Every bound address: the `--listen` ones first, then `--internal-listen`.
+    pub addrs: Vec<SocketAddr>,
     handle: ShutdownHandle,
     thread: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -25,11 +28,13 @@ impl TestServer {
         args.extend_from_slice(flags);
         let config = Config::from_args(args).unwrap_or_else(|e| panic!("test flags: {e}"));
         let server = Server::bind(config).expect("bind 127.0.0.1:0");
-        let addr = server.local_addrs()[0];
+        let addrs = server.local_addrs();
+        let addr = addrs[0];
         let handle = server.shutdown_handle();
         let thread = std::thread::spawn(move || server.run());
         TestServer {
             addr,
+            addrs,
             handle,
             thread: Some(thread),
         }
