@@ -226,7 +226,7 @@ mod tests {
         let texts: Vec<String> = out.replies.iter().map(|(_, t)| t.clone()).collect();
         assert!(texts[1].contains(r#""type":"registered""#), "{}", texts[1]);
         // Queue of 2 kept the trade and the second payment; only the payment matches.
-        assert_eq!(texts[2], r#"{"amount":"500","type":"payment"}"#);
+        assert_eq!(texts[2], r#"{"type":"payment","amount":"500"}"#);
         assert!(texts[3].contains(r#""type":"dropped""#) && texts[3].contains(r#""count":1"#));
         streams.publish(&event(json!({"type":"payment"})), &mut out);
         streams.publish(&event(json!({"type":"trade"})), &mut out);
