@@ -55,8 +55,10 @@ pub struct Config {
     #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub max_frame_size: usize,
 
-    /// Bytes queued for one client before the server stops reading its
-    /// requests (echo, pongs) or, for fan-out traffic, closes it with 1008.
+    /// Bytes queued for one client. When its own requests (echo, pongs,
+    /// acks) fill it, the server stops reading from it until it drains;
+    /// fan-out traffic that does not fit is dropped with a notice (channels,
+    /// chat) or closes the client with 1008 (registered event streams).
     #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
     pub max_outbound_buffer: usize,
 

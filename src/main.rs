@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::process::ExitCode;
 
 use fanout::config::{Config, ConfigError};
@@ -35,7 +36,8 @@ fn main() -> ExitCode {
     }
     for addr in server.local_addrs() {
         // Scripts and tests wait for this line to learn the port.
-        println!("fanout listening on ws://{addr}");
+        // Not println!: a closed stdout must not take the server down.
+        let _ = writeln!(std::io::stdout(), "fanout listening on ws://{addr}");
     }
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,

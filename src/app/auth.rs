@@ -14,6 +14,10 @@ impl KeyRing {
         Self { digests }
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+
     /// Whether `key` hashes to one of the configured digests. Every digest
     /// is compared, whichever matches, so the time taken does not depend on
     /// which one (if any) did.

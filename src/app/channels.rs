@@ -286,13 +286,18 @@ impl Channels {
             ));
         }
         let subscriptions = self.by_conn.entry(conn).or_default();
-        if subscriptions.iter().any(|s| s == target) {
+        // Subscribing again with `since` is how a subscriber fills a gap
+        // (after a `dropped` notice): it replays, the subscription stays.
+        let resuming = subscriptions.iter().any(|s| s == target);
+        if resuming && since.is_none() {
             return Err(ProtocolError::new(
                 ErrorCode::Conflict,
-                format!("already subscribed to `{target}`"),
+                format!(
+                    "already subscribed to `{target}` (add \"since\" to replay from the backlog)"
+                ),
             ));
         }
-        if subscriptions.len() >= self.limits.max_subscriptions {
+        if !resuming && subscriptions.len() >= self.limits.max_subscriptions {
             return Err(ProtocolError::new(
                 ErrorCode::LimitReached,
                 format!(
@@ -320,6 +325,11 @@ impl Channels {
                     .collect()
             }
         };
+        let offset = self.channels.get(target).map(Channel::last_offset);
+        let ack = json!({ "channel": target, "offset": offset, "replayed": replay.len(), "resumed": resuming });
+        if resuming {
+            return Ok((ack, replay));
+        }
         let subscriptions = self.by_conn.entry(conn).or_default();
         subscriptions.push(target.to_owned());
         if pattern {
@@ -327,11 +337,7 @@ impl Channels {
         } else if let Some(channel) = self.channels.get_mut(target) {
             channel.subscribers.insert(conn);
         }
-        let offset = self.channels.get(target).map(Channel::last_offset);
-        Ok((
-            json!({ "channel": target, "offset": offset, "replayed": replay.len() }),
-            replay,
-        ))
+        Ok((ack, replay))
     }
 
     pub fn unsubscribe(&mut self, conn: ConnId, target: &str) -> Result<Value, ProtocolError> {
@@ -459,6 +465,16 @@ mod tests {
         assert_eq!(offsets(&replay), vec![3, 4, 5]);
         let (_, replay) = channels.subscribe(2, "a", Some(5), now).unwrap();
         assert!(replay.is_empty());
+        // Subscribed already: `since` replays without a second subscription.
+        let (ack, replay) = channels.subscribe(2, "a", Some(3), now).unwrap();
+        assert_eq!(
+            (ack["resumed"].as_bool(), offsets(&replay)),
+            (Some(true), vec![4, 5])
+        );
+        assert_eq!(
+            channels.subscribe(2, "a", None, now).unwrap_err().code,
+            ErrorCode::Conflict
+        );
         let e = channels.subscribe(3, "a", Some(1), now).unwrap_err();
         assert_eq!(e.code, ErrorCode::NotRecoverable);
         assert!(e.message.contains("offsets 3 to 5"), "{}", e.message);

@@ -163,7 +163,7 @@ impl Chat {
         );
         out.reply(conn, Message::Text(&greeting));
         // The lobby always exists, so joining it cannot fail.
-        let _ = self.join(conn, DEFAULT_ROOM, out);
+        let _ = self.join(conn, DEFAULT_ROOM, out, |_| String::new());
     }
 
     /// One `/chat` message: each line is said or run as a command. Problems
@@ -201,6 +201,13 @@ impl Chat {
                 ),
             );
         }
+        if has_control_characters(line) {
+            return tell(
+                out,
+                conn,
+                "! control characters (escape sequences, carriage returns) are not allowed",
+            );
+        }
         let current_room = self
             .members
             .get(&conn)
@@ -217,7 +224,7 @@ impl Chat {
                 if current_room.as_deref() == Some(room) {
                     Err(conflict(format!("you are already in [{room}]")))
                 } else {
-                    let joined = self.join(conn, room, out);
+                    let joined = self.join(conn, room, out, |_| String::new());
                     if joined.is_ok() {
                         if let Some(old) = current_room {
                             self.leave(conn, &old, out);
@@ -292,13 +299,16 @@ impl Chat {
         }
     }
 
-    /// Joins `room` (creating it), replays its history, announces the join.
+    /// Joins `room` (creating it), tells the joiner (`json_intro` builds
+    /// the JSON client's acknowledgement from the join details), replays
+    /// the room's history and announces the join to the room.
     pub fn join(
         &mut self,
         conn: ConnId,
         room: &str,
         out: &mut impl Outbox,
-    ) -> Result<Value, ProtocolError> {
+        json_intro: impl FnOnce(&Value) -> String,
+    ) -> Result<(), ProtocolError> {
         if !valid_room(room) {
             return Err(ProtocolError::new(
                 ErrorCode::InvalidField,
@@ -328,23 +338,21 @@ impl Chat {
         let entry = self.rooms.entry(room.to_owned()).or_default();
         entry.members.push(conn);
         let history: Vec<Arc<Line>> = entry.history.iter().cloned().collect();
-        if format == ChatFormat::Plain {
-            tell(
-                out,
-                conn,
-                &format!(
-                    "* joined [{room}] as {nick}; last {} message(s):",
-                    history.len()
-                ),
-            );
-        }
+        let info = json!({ "room": room, "nick": nick, "members": self.who(room), "replayed": history.len() });
+        // What the joiner is told first: before the history it replays.
+        let intro = match format {
+            ChatFormat::Plain => format!(
+                "* joined [{room}] as {nick}; last {} message(s):",
+                history.len()
+            ),
+            ChatFormat::Json => json_intro(&info),
+        };
+        out.reply(conn, Message::Text(&intro));
         for line in &history {
             out.reply_shared(conn, line.frame(format));
         }
         self.broadcast(room, &nick, "", LineKind::Joined, out);
-        Ok(
-            json!({ "room": room, "nick": nick, "members": self.who(room), "replayed": history.len() }),
-        )
+        Ok(())
     }
 
     /// Leaves `room`; an empty room other than the lobby is removed.
@@ -401,6 +409,14 @@ impl Chat {
                 ),
             ));
         }
+        // A newline or escape sequence would let one user forge lines, or
+        // rewrite the screen, of everyone reading the room in a terminal.
+        if has_control_characters(text) {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                "field `text` must be one line without control characters",
+            ));
+        }
         let nick = member.nick.clone();
         self.broadcast(room, &nick, text, kind, out);
         Ok(())
@@ -443,6 +459,10 @@ impl Chat {
             tell(out, conn, &format!("* you are now {nick}"));
         }
         Ok(json!({ "nick": nick, "previous": old }))
+    }
+
+    pub fn room_exists(&self, room: &str) -> bool {
+        self.rooms.contains_key(room)
     }
 
     pub fn who(&self, room: &str) -> Vec<String> {
@@ -551,6 +571,11 @@ impl Chat {
             self.nicks.remove(&member.nick.to_ascii_lowercase());
         }
     }
+}
+
+/// Control characters other than tab.
+fn has_control_characters(text: &str) -> bool {
+    text.chars().any(|c| c.is_control() && c != '\t')
 }
 
 fn conflict(message: String) -> ProtocolError {

@@ -270,8 +270,8 @@ impl App {
             }
             Command::ListChannels => acknowledge(out, "list", self.channels.list()),
             Command::ChatJoin { room } => {
-                let extra = self.chat.join(conn, &room, out)?;
-                acknowledge(out, "chat.join", extra);
+                self.chat
+                    .join(conn, &room, out, |info| ack(&id, "chat.join", info.clone()))?;
             }
             Command::ChatLeave { room } => {
                 if !self.chat.leave(conn, &room, out) {
@@ -291,6 +291,12 @@ impl App {
                 acknowledge(out, "chat.nick", extra);
             }
             Command::ChatWho { room } => {
+                if !self.chat.room_exists(&room) {
+                    return Err(ProtocolError::new(
+                        ErrorCode::NotFound,
+                        format!("no room named `{room}`"),
+                    ));
+                }
                 let members = self.chat.who(&room);
                 acknowledge(out, "chat.who", json!({ "room": room, "members": members }));
             }
@@ -320,6 +326,12 @@ impl App {
         let Some(client) = self.clients.get_mut(&conn) else {
             return Ok(());
         };
+        if self.keys.is_empty() {
+            return Err(ProtocolError::new(
+                ErrorCode::AuthFailed,
+                "this server accepts no publisher keys; publish from the internal listener",
+            ));
+        }
         if self.keys.verify(key) {
             client.trusted = true;
             client.auth_failures = 0;

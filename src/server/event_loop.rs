@@ -212,7 +212,7 @@ impl Server {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.core.resume.is_empty() {
+        if !self.core.resume.is_empty() || !self.core.dirty.is_empty() {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
@@ -700,9 +700,19 @@ impl Core {
         self.schedule(token, deadline);
     }
 
+    /// Writes every connection with output. Flushing can produce more
+    /// output for others (a close makes the app announce a departure; a
+    /// drained queue gets its drop notice), so it goes round again; what a
+    /// pathological chain leaves after a few rounds waits for the next turn,
+    /// which then does not sleep.
     fn flush_dirty(&mut self) {
-        for token in std::mem::take(&mut self.dirty) {
-            self.flush(token);
+        for _ in 0..4 {
+            if self.dirty.is_empty() {
+                return;
+            }
+            for token in std::mem::take(&mut self.dirty) {
+                self.flush(token);
+            }
         }
     }
 
@@ -751,6 +761,7 @@ impl Core {
             dirty,
             timers,
             config,
+            stats,
             now,
             ..
         } = self;
@@ -761,6 +772,7 @@ impl Core {
                 dirty,
                 timers,
                 config,
+                stats,
                 now: *now,
             },
         )
@@ -789,6 +801,7 @@ struct Delivery<'a> {
     dirty: &'a mut Vec<usize>,
     timers: &'a mut Timers,
     config: &'a Config,
+    stats: &'a mut Stats,
     now: Instant,
 }
 
@@ -817,12 +830,22 @@ impl Outbox for Delivery<'_> {
         let Some(conn) = self.open_conn(to) else {
             return true;
         };
+        let mut written = 0;
         if conn.out.len() + frame.bytes().len() > limit {
-            conn.drain_wanted = true;
-            return false;
+            // The queue may be full only because this turn has not written
+            // yet: give the socket what it takes before calling it slow.
+            let before = conn.out.len();
+            let _ = conn.out.flush_to(&mut conn.socket);
+            written = before - conn.out.len();
         }
-        conn.out.push_shared(frame.share());
-        true
+        let fits = conn.out.len() + frame.bytes().len() <= limit;
+        if fits {
+            conn.out.push_shared(frame.share());
+        } else {
+            conn.drain_wanted = true;
+        }
+        self.stats.bytes_out += written as u64;
+        fits
     }
 
     fn reply(&mut self, to: ConnId, message: Message<'_>) {

@@ -248,6 +248,8 @@ impl ServerProcess {
             .unwrap_or_else(|| panic!("unexpected first line: {line}"))
             .parse()
             .unwrap();
+        // Keep draining stdout so later lines never meet a closed pipe.
+        std::thread::spawn(move || for _ in lines.by_ref() {});
         ServerProcess { child, addr }
     }
 
