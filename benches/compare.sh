@@ -1,0 +1,286 @@
+#!/usr/bin/env bash
+# fanout against tokio-tungstenite (current_thread), workload by workload.
+#
+#   bash benches/compare.sh [--quick] [--rounds R] [--duration SECS]
+#                           [--idle-conns N] [--idle-hold SECS]
+#
+# Builds fanout, benches/loadgen and benches/peer-tokio (release), then runs
+# every workload R times (default 5) against each server, alternating which
+# goes first, with a fresh server per run pinned to CPU 0 and the load
+# generator pinned to CPU 1. Prints the medians and the ratio fanout/peer as
+# a markdown table (also written, with every raw summary line, under
+# target/compare/). A default run takes about 7 minutes on 2 cores (50 runs).
+# --quick: 1 round, 2 s per run, small counts: a smoke test, not figures.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROUNDS=5
+DURATION=5
+WARMUP=1
+IDLE_CONNS=19000
+IDLE_HOLD=2
+ECHO_CONNS=100
+SUBS=1000
+QUICK=0
+
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --rounds) ROUNDS=$2; shift ;;
+        --duration) DURATION=$2; shift ;;
+        --idle-conns) IDLE_CONNS=$2; shift ;;
+        --idle-hold) IDLE_HOLD=$2; shift ;;
+        -h|--help) usage ;;
+        *) echo "compare.sh: unknown option $1" >&2; usage ;;
+    esac
+    shift
+done
+if [ "$QUICK" = 1 ]; then
+    ROUNDS=1 DURATION=2 WARMUP=0.5 IDLE_CONNS=1000 IDLE_HOLD=1 ECHO_CONNS=20 SUBS=100
+fi
+
+log() { echo "compare.sh: $*" >&2; }
+
+# --- tools and limits -------------------------------------------------------
+if command -v taskset >/dev/null 2>&1 && [ "$(nproc)" -ge 2 ]; then
+    PIN_SERVER=(taskset -c 0)
+    PIN_LOAD=(taskset -c 1)
+else
+    log "taskset (util-linux) or a second CPU is missing: running unpinned, figures are not comparable"
+    PIN_SERVER=()
+    PIN_LOAD=()
+fi
+need_fds=$((IDLE_CONNS + 200))
+if [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt "$need_fds" ]; then
+    ulimit -Hn "$need_fds" 2>/dev/null || true
+fi
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+fds=$(ulimit -n)
+if [ "$fds" != unlimited ] && [ "$fds" -lt "$need_fds" ]; then
+    IDLE_CONNS=$((fds - 200))
+    log "open file limit is $fds: idle connections lowered to $IDLE_CONNS"
+fi
+
+# --- build -------------------------------------------------------------------
+log "building (release): fanout, loadgen, peer-tokio"
+(cd "$ROOT" && cargo build --release --quiet --bin fanout)
+cargo build --release --quiet --manifest-path "$ROOT/benches/loadgen/Cargo.toml"
+cargo build --release --quiet --manifest-path "$ROOT/benches/peer-tokio/Cargo.toml"
+
+WORK=$(mktemp -d /tmp/fanout-compare.XXXXXX)
+# Private copies: a rebuild elsewhere during the run changes nothing here.
+cp "$ROOT/target/release/fanout" "$WORK/fanout"
+cp "$ROOT/benches/loadgen/target/release/loadgen" "$WORK/loadgen"
+cp "$ROOT/benches/peer-tokio/target/release/peer-tokio" "$WORK/peer"
+OUTDIR="$ROOT/target/compare"
+mkdir -p "$OUTDIR"
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RESULTS="$OUTDIR/results-$STAMP.txt"
+SUMMARY="$OUTDIR/summary-$STAMP.md"
+: >"$RESULTS"
+
+SERVER_PID=""
+LOAD_PID=""
+stop_server() {
+    [ -n "$SERVER_PID" ] || return 0
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 50); do
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+}
+cleanup() {
+    if [ -n "$LOAD_PID" ]; then
+        kill -TERM "$LOAD_PID" 2>/dev/null || true
+        wait "$LOAD_PID" 2>/dev/null || true
+    fi
+    stop_server
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start_server fanout|peer: sets SERVER_PID, PORT and IPORT.
+start_server() {
+    : >"$WORK/server.out"
+    local want
+    if [ "$1" = fanout ]; then
+        RUST_LOG=warn "${PIN_SERVER[@]}" "$WORK/fanout" --listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 \
+            --max-outbound-buffer 64MiB >"$WORK/server.out" 2>>"$OUTDIR/server-stderr-$STAMP.log" &
+        want=2
+    else
+        "${PIN_SERVER[@]}" "$WORK/peer" --listen 127.0.0.1:0 \
+            >"$WORK/server.out" 2>>"$OUTDIR/server-stderr-$STAMP.log" &
+        want=1
+    fi
+    SERVER_PID=$!
+    for _ in $(seq 100); do
+        [ "$(grep -c 'listening on ws://' "$WORK/server.out" || true)" -ge "$want" ] && break
+        kill -0 "$SERVER_PID" 2>/dev/null || { log "$1 exited at start"; return 1; }
+        sleep 0.1
+    done
+    PORT=$(sed -n '1s/.*:\([0-9]*\)$/\1/p' "$WORK/server.out")
+    IPORT=$(sed -n '2s/.*:\([0-9]*\)$/\1/p' "$WORK/server.out")
+    [ -n "$PORT" ] || { log "$1 printed no address"; return 1; }
+}
+
+# The workloads: name, then the loadgen arguments for each server.
+WORKLOADS=(echo-32B echo-16KiB echo-1MiB broadcast-64B idle)
+declare -A NAME
+NAME[echo-32B]="echo, $ECHO_CONNS conns × 32 B text, 16 in flight"
+NAME[echo-16KiB]="echo, 10 conns × 16 KiB binary, 1 in flight"
+NAME[echo-1MiB]="echo, 1 conn × 1 MiB binary"
+NAME[broadcast-64B]="broadcast 64 B to $SUBS subscribers, 16 in flight"
+NAME[idle]="$IDLE_CONNS idle upgraded connections"
+declare -A TARGET
+TARGET[echo-32B]="≤ 0.35"
+TARGET[echo-16KiB]="≤ 0.45"
+TARGET[echo-1MiB]="≤ 0.70"
+TARGET[broadcast-64B]="≤ 0.50"
+TARGET[idle]="≤ 0.3 KiB"
+
+loadgen_args() { # workload server
+    local timing=(--duration "$DURATION" --warmup "$WARMUP")
+    local echo_url="ws://127.0.0.1:$PORT/echo"
+    case "$1" in
+        echo-32B) echo echo --url "$echo_url" --conns "$ECHO_CONNS" --size 32 --inflight 16 "${timing[@]}" ;;
+        echo-16KiB) echo echo --url "$echo_url" --conns 10 --size 16KiB --inflight 1 --binary "${timing[@]}" ;;
+        echo-1MiB) echo echo --url "$echo_url" --conns 1 --size 1MiB --inflight 1 --binary "${timing[@]}" ;;
+        broadcast-64B)
+            if [ "$2" = fanout ]; then
+                echo broadcast --url "ws://127.0.0.1:$PORT/ws" --publish-url "ws://127.0.0.1:$IPORT/ws" \
+                    --subs "$SUBS" --size 64 --inflight 16 "${timing[@]}"
+            else
+                echo broadcast --url "ws://127.0.0.1:$PORT/sub" --publish-url "ws://127.0.0.1:$PORT/pub" \
+                    --peer-protocol raw --subs "$SUBS" --size 64 --inflight 16 "${timing[@]}"
+            fi ;;
+        idle) echo connections --url "$echo_url" --conns "$IDLE_CONNS" --hold "$IDLE_HOLD" ;;
+    esac
+}
+
+run_one() { # workload server round
+    local line rc=0
+    start_server "$2" || { echo "$1 $2 $3 FAILED server did not start" >>"$RESULTS"; stop_server; return; }
+    # shellcheck disable=SC2046 # word splitting of the argument list is wanted
+    "${PIN_LOAD[@]}" timeout 180 "$WORK/loadgen" $(loadgen_args "$1" "$2") --pid "$SERVER_PID" \
+        >"$WORK/load.out" 2>"$WORK/load.err" &
+    LOAD_PID=$!
+    wait "$LOAD_PID" || rc=$?
+    LOAD_PID=""
+    kill -0 "$SERVER_PID" 2>/dev/null || log "$2 died during $1"
+    stop_server
+    line=$(grep '^loadgen ' "$WORK/load.out" || true)
+    if [ "$rc" != 0 ] || [ -z "$line" ]; then
+        line="FAILED rc=$rc $(tr '\n' ' ' <"$WORK/load.err")"
+    fi
+    echo "$1 $2 $3 $line" >>"$RESULTS"
+    log "round $3 $1 $2: ${line#loadgen }"
+}
+
+runs=$((${#WORKLOADS[@]} * 2 * ROUNDS))
+log "$runs runs: $ROUNDS round(s), ${DURATION}s per run; raw lines in $RESULTS"
+for round in $(seq "$ROUNDS"); do
+    for w in "${WORKLOADS[@]}"; do
+        if [ $((round % 2)) = 1 ]; then order="fanout peer"; else order="peer fanout"; fi
+        for s in $order; do
+            run_one "$w" "$s" "$round"
+        done
+    done
+done
+
+# --- medians -----------------------------------------------------------------
+# Results lines: WORKLOAD SERVER ROUND loadgen key=value ... [# comment]
+median() { # key workload server
+    awk -v k="$1" -v w="$2" -v s="$3" '
+        $1 == w && $2 == s && $4 == "loadgen" {
+            for (i = 5; i <= NF && $i != "#"; i++) {
+                n = index($i, "=")
+                if (substr($i, 1, n - 1) == k) { v = substr($i, n + 1); if (v ~ /^-?[0-9.]+$/) print v }
+            }
+        }' "$RESULTS" | sort -g |
+        awk '{ a[NR] = $1 } END { if (NR == 0) print "n/a"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "n/a" || b == "n/a" || b + 0 == 0) print "n/a"; else if (a / b >= 0.1) printf "%.2f", a / b; else printf "%.2g", a / b }'
+}
+fmt() { awk -v v="$1" 'BEGIN { if (v == "n/a") print v; else if (v >= 100) printf "%.0f", v; else printf "%.3g", v }'; }
+
+{
+    echo "fanout vs tokio-tungstenite (current_thread): medians of $ROUNDS run(s) each, ${DURATION}s measured per run;"
+    echo "server on CPU 0, load generator on CPU 1; $(date -u +%Y-%m-%d), $(uname -r), $(nproc) CPUs."
+    if [ "$QUICK" = 1 ]; then echo "QUICK SMOKE RUN: the figures below are not measurements."; fi
+    echo
+    echo "| workload | metric | fanout | tokio-tungstenite | fanout/peer | target |"
+    echo "|---|---|---|---|---|---|"
+    for w in "${WORKLOADS[@]}"; do
+        if [ "$w" = idle ]; then
+            metrics=("kib_per_conn|KiB RSS per connection" "server_ns_per_msg|server CPU ns per connection"
+                "p50_us|handshake p50 µs")
+        else
+            unit=msg units=msgs
+            if [ "$w" = broadcast-64B ]; then unit=delivery units=deliveries; fi
+            metrics=("server_ns_per_msg|server CPU ns per $unit" "msgs_per_s|$units per s"
+                "p50_us|latency p50 µs" "p99_us|latency p99 µs")
+        fi
+        first=1
+        for m in "${metrics[@]}"; do
+            key=${m%%|*}
+            label=${m#*|}
+            f=$(median "$key" "$w" fanout)
+            p=$(median "$key" "$w" peer)
+            t=""
+            name=""
+            if [ "$first" = 1 ]; then t=${TARGET[$w]}; name=${NAME[$w]}; first=0; fi
+            echo "| $name | $label | $(fmt "$f") | $(fmt "$p") | $(ratio "$f" "$p") | $t |"
+        done
+    done
+    echo
+    # Anything that went wrong in any run.
+    troubles=$(awk '
+        / FAILED/ { print; next }
+        {
+            bad = 0
+            for (i = 5; i <= NF && $i != "#"; i++) {
+                split($i, kv, "=")
+                if ((kv[1] == "errors" || kv[1] == "closed" || kv[1] == "failed" || kv[1] == "mismatch" ||
+                     kv[1] == "unexpected" || kv[1] == "lost" || kv[1] == "others" || kv[1] == "undrained") && kv[2] + 0 > 0) bad = 1
+                if (kv[1] == "max_gap_ms" && kv[2] + 0 >= 500) bad = 1
+            }
+            if (bad) print
+        }' "$RESULTS")
+    if [ -n "$troubles" ]; then
+        echo "Runs with errors, losses, closed connections or stalls (max_gap_ms ≥ 500):"
+        echo
+        echo '```'
+        echo "$troubles"
+        echo '```'
+    else
+        echo "No run had errors, losses, closed connections or stalls."
+    fi
+    # Runs where something else on the machine took the server's CPU.
+    contended=$(awk '
+        $4 == "loadgen" {
+            secs = 0; window = 0; wait = 0
+            for (i = 5; i <= NF && $i != "#"; i++) {
+                split($i, kv, "=")
+                if (kv[1] == "secs") secs = kv[2]
+                if (kv[1] == "window_s") window = kv[2]
+                if (kv[1] == "server_runq_ms") wait = kv[2]
+            }
+            if (window > 0) secs = window
+            if (secs > 0 && wait > secs * 1000 * 0.05) printf "%s %s round %s: server waited %s ms for its CPU in %s s\n", $1, $2, $3, wait, secs
+        }' "$RESULTS")
+    if [ -n "$contended" ]; then
+        echo
+        echo "Runs where the server waited for CPU 0 over 5 % of the measured time (other load on the machine; those figures are unreliable):"
+        echo
+        echo '```'
+        echo "$contended"
+        echo '```'
+    fi
+} | tee "$SUMMARY"
+log "summary: $SUMMARY"

@@ -1,0 +1,504 @@
+//! Connections on one mio poll: opening them (TCP connect, upgrade, and
+//! fanout's channel setup) with a bounded number in progress, reading
+//! until `WouldBlock`, and writing queued frames.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::stats::{Clock, Hist};
+use crate::ws::{self, Event, Rx};
+
+/// A `ws://` URL on loopback.
+#[derive(Clone, Debug)]
+pub struct Url {
+    pub addr: SocketAddr,
+    pub host: String,
+    pub path: String,
+}
+
+impl Url {
+    /// Parses `ws://HOST:PORT/PATH`; refuses anything but 127.0.0.0/8
+    /// (`localhost` is taken as 127.0.0.1).
+    pub fn parse(url: &str) -> Result<Url, String> {
+        let rest = url
+            .strip_prefix("ws://")
+            .ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
+        let (host, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let hostport = if host.starts_with("localhost:") {
+            host.replacen("localhost", "127.0.0.1", 1)
+        } else {
+            host.to_owned()
+        };
+        // An IP literal only: no name lookups.
+        let addr: SocketAddr = hostport
+            .parse()
+            .map_err(|_| format!("{url}: host must be 127.x.x.x:PORT or localhost:PORT"))?;
+        match addr.ip() {
+            IpAddr::V4(ip) if ip.octets()[0] == 127 => {}
+            ip => return Err(format!("{url}: refusing {ip}: loopback (127.0.0.0/8) only")),
+        }
+        Ok(Url { addr, host: host.to_owned(), path: path.to_owned() })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Connecting,
+    Handshake,
+    Open,
+    Closed,
+}
+
+/// Application-level setup after the upgrade (fanout's `/ws`).
+#[derive(Debug)]
+pub enum Setup {
+    /// Nothing to do.
+    Ready,
+    /// Wait for the `welcome` message, send this frame, then wait for its ack.
+    AfterWelcome(Vec<u8>),
+    WaitAck,
+}
+
+pub struct Conn {
+    pub stream: TcpStream,
+    pub state: State,
+    pub setup: Setup,
+    hs: Vec<u8>,
+    pub rx: Rx,
+    /// Complete frames waiting to be written, and how much of them went.
+    pub out: Vec<u8>,
+    pub out_off: usize,
+    /// False after a write met `WouldBlock`, until the next writable event.
+    pub writable: bool,
+    pub t_start: u64,
+    pub t_open: u64,
+    // echo: frames owed to the socket from the shared block, the offset
+    // into the first of them, and the send times of the frames in flight.
+    pub tx_pending: u32,
+    pub tx_off: usize,
+    pub ring: Vec<u64>,
+    pub ring_head: usize,
+    pub ring_len: usize,
+    // broadcast subscriber: the sequence number expected next.
+    pub next_seq: u64,
+}
+
+impl Conn {
+    #[inline]
+    pub fn ring_push(&mut self, t: u64) {
+        let cap = self.ring.len();
+        let at = (self.ring_head + self.ring_len) % cap;
+        self.ring[at] = t;
+        self.ring_len += 1;
+    }
+
+    #[inline]
+    pub fn ring_pop(&mut self) -> Option<u64> {
+        if self.ring_len == 0 {
+            return None;
+        }
+        let t = self.ring[self.ring_head];
+        self.ring_head = (self.ring_head + 1) % self.ring.len();
+        self.ring_len -= 1;
+        Some(t)
+    }
+
+    /// Queues a pong answering the ping just parsed.
+    pub fn queue_pong(&mut self) {
+        ws::push_frame(&mut self.out, ws::OP_PONG, self.rx.control());
+    }
+
+    /// Writes `out` until done or `WouldBlock`; true when all of it went.
+    pub fn flush_out(&mut self) -> io::Result<bool> {
+        while self.out_off < self.out.len() {
+            match self.stream.write(&self.out[self.out_off..]) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => self.out_off += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.writable = false;
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Keeps its capacity: no allocation next time.
+        self.out.clear();
+        self.out_off = 0;
+        Ok(true)
+    }
+
+    /// Reads until `WouldBlock`, handing every complete event to `f`.
+    /// Ok(false) on end of stream.
+    #[inline]
+    pub fn read_events(&mut self, buf: &mut [u8], mut f: impl FnMut(&mut Conn, Event)) -> io::Result<bool> {
+        loop {
+            match self.stream.read(buf) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    let data = &buf[..n];
+                    let mut pos = 0;
+                    while let Some(ev) = self.rx.next(data, &mut pos) {
+                        f(self, ev);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Closes with a reset (SO_LINGER 0): no TIME_WAIT left behind by runs
+    /// of thousands of connections.
+    pub fn reset(&mut self) {
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &linger as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+        self.state = State::Closed;
+    }
+}
+
+/// Source addresses connections are spread over (127.0.0.1 to 127.0.0.N):
+/// with one source address, tens of thousands of connections to one port
+/// make the kernel's ephemeral port search in `connect()` slow.
+const SOURCES: u32 = 8;
+
+/// A non-blocking connect from 127.0.0.(1 + n % SOURCES), the port picked
+/// by `connect()` itself (IP_BIND_ADDRESS_NO_PORT).
+fn connect_from(n: usize, to: SocketAddr) -> io::Result<TcpStream> {
+    let SocketAddr::V4(to) = to else {
+        return Err(io::Error::new(ErrorKind::InvalidInput, "IPv4 only"));
+    };
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let stream = std::net::TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let sockaddr = |ip: u32, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: ip.to_be() },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let from = sockaddr(0x7f00_0001 + (n as u32 % SOURCES), 0);
+        if libc::bind(fd, &from as *const _ as *const libc::sockaddr, len) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let dest = sockaddr(u32::from(*to.ip()), to.port());
+        if libc::connect(fd, &dest as *const _ as *const libc::sockaddr, len) != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(e);
+            }
+        }
+        Ok(TcpStream::from_std(stream))
+    }
+}
+
+/// What opening a batch of connections came to.
+#[derive(Default)]
+pub struct Opened {
+    pub ready: usize,
+    pub failed: usize,
+    pub first_error: Option<String>,
+    /// Connect to upgrade response, per connection.
+    pub handshake: Hist,
+    pub first_start: u64,
+    pub last_ready: u64,
+}
+
+impl Opened {
+    fn fail(&mut self, why: String) {
+        self.failed += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(why);
+        }
+    }
+}
+
+pub struct Net {
+    pub poll: Poll,
+    pub events: Events,
+    pub conns: Vec<Conn>,
+    pub buf: Vec<u8>,
+    pub clock: Clock,
+}
+
+/// Raises the soft descriptor limit to the hard one.
+pub fn raise_fd_limit() {
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+impl Net {
+    pub fn new(clock: Clock, read_buffer: usize) -> io::Result<Net> {
+        Ok(Net {
+            poll: Poll::new()?,
+            events: Events::with_capacity(1024),
+            conns: Vec::new(),
+            buf: vec![0; read_buffer],
+            clock,
+        })
+    }
+
+    /// Opens `n` more connections to `url` (appended to `conns`, token =
+    /// index), at most `concurrency` of them between connect and ready,
+    /// and takes each through `setup()`. Stops at `deadline`: what is not
+    /// ready then counts as failed. Connections already open are serviced
+    /// meanwhile (pings answered, other input discarded).
+    pub fn open(
+        &mut self,
+        url: &Url,
+        n: usize,
+        concurrency: usize,
+        deadline: Instant,
+        setup: impl Fn() -> Setup,
+    ) -> Opened {
+        let request = ws::upgrade_request(&url.host, &url.path);
+        let first = self.conns.len();
+        let mut report = Opened { first_start: self.clock.ns(), ..Default::default() };
+        let mut started = 0;
+        let mut in_progress = 0usize;
+        while report.ready + report.failed < n {
+            let now = Instant::now();
+            if now >= deadline {
+                let left = n - report.ready - report.failed;
+                report.fail(format!("{left} connection(s) not ready before the deadline"));
+                report.failed += left - 1;
+                for conn in &mut self.conns[first..] {
+                    let ready = conn.state == State::Open && matches!(conn.setup, Setup::Ready);
+                    if conn.state != State::Closed && !ready {
+                        conn.reset();
+                        let _ = self.poll.registry().deregister(&mut conn.stream);
+                    }
+                }
+                break;
+            }
+            while started < n && in_progress < concurrency {
+                started += 1;
+                match connect_from(self.conns.len(), url.addr) {
+                    Ok(mut stream) => {
+                        let token = Token(self.conns.len());
+                        if let Err(e) = self.poll.registry().register(
+                            &mut stream,
+                            token,
+                            Interest::READABLE | Interest::WRITABLE,
+                        ) {
+                            report.fail(format!("register: {e}"));
+                            continue;
+                        }
+                        self.conns.push(Conn {
+                            stream,
+                            state: State::Connecting,
+                            setup: setup(),
+                            hs: Vec::new(),
+                            rx: Rx::default(),
+                            out: request.clone(),
+                            out_off: 0,
+                            writable: false,
+                            t_start: self.clock.ns(),
+                            t_open: 0,
+                            tx_pending: 0,
+                            tx_off: 0,
+                            ring: Vec::new(),
+                            ring_head: 0,
+                            ring_len: 0,
+                            next_seq: 0,
+                        });
+                        in_progress += 1;
+                    }
+                    Err(e) => report.fail(format!("connect {}: {e}", url.addr)),
+                }
+            }
+            let timeout = deadline.saturating_duration_since(now).min(Duration::from_millis(100));
+            if let Err(e) = self.poll.poll(&mut self.events, Some(timeout)) {
+                if e.kind() != ErrorKind::Interrupted {
+                    report.fail(format!("poll: {e}"));
+                    return report;
+                }
+            }
+            let tokens: Vec<(usize, bool)> = self.events.iter().map(|e| (e.token().0, e.is_writable())).collect();
+            for (idx, writable) in tokens {
+                let conn = &mut self.conns[idx];
+                if writable {
+                    conn.writable = true;
+                }
+                let was_ready = conn.state == State::Open && matches!(conn.setup, Setup::Ready);
+                if conn.state == State::Closed {
+                    continue;
+                }
+                match self.advance(idx) {
+                    Ok(()) => {
+                        let conn = &self.conns[idx];
+                        if idx >= first && !was_ready && conn.state == State::Open && matches!(conn.setup, Setup::Ready) {
+                            in_progress -= 1;
+                            report.ready += 1;
+                            report.last_ready = self.clock.ns();
+                            report.handshake.record(conn.t_open.saturating_sub(conn.t_start));
+                        }
+                    }
+                    Err(why) => {
+                        let conn = &mut self.conns[idx];
+                        conn.reset();
+                        let _ = self.poll.registry().deregister(&mut conn.stream);
+                        if idx >= first && !was_ready {
+                            in_progress -= 1;
+                            report.fail(why);
+                        } else {
+                            eprintln!("loadgen: connection {idx} lost while opening others: {why}");
+                        }
+                    }
+                }
+            }
+        }
+        report
+    }
+
+    /// Moves one connection along: connect, upgrade, setup; for a ready
+    /// one, answers pings and discards the rest.
+    fn advance(&mut self, idx: usize) -> Result<(), String> {
+        let clock = self.clock;
+        let conn = &mut self.conns[idx];
+        if conn.state == State::Connecting {
+            if let Ok(Some(e)) | Err(e) = conn.stream.take_error() {
+                return Err(format!("connect: {e}"));
+            }
+            match conn.stream.peer_addr() {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::NotConnected => return Ok(()),
+                Err(e) => return Err(format!("connect: {e}")),
+            }
+            let _ = conn.stream.set_nodelay(true);
+            conn.state = State::Handshake;
+            conn.writable = true;
+        }
+        if conn.writable && conn.out_off < conn.out.len() {
+            conn.flush_out().map_err(|e| format!("write: {e}"))?;
+        }
+        if conn.state == State::Handshake {
+            loop {
+                match conn.stream.read(&mut self.buf) {
+                    Ok(0) => return Err("closed during the upgrade".into()),
+                    Ok(n) => {
+                        conn.hs.extend_from_slice(&self.buf[..n]);
+                        if let Some(end) = conn.hs.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head_end = end + 4;
+                            ws::check_response(&conn.hs[..head_end])?;
+                            let hs = std::mem::take(&mut conn.hs);
+                            conn.state = State::Open;
+                            conn.t_open = clock.ns();
+                            let mut pos = head_end;
+                            let mut result = Ok(());
+                            while let Some(ev) = conn.rx.next(&hs, &mut pos) {
+                                if let Err(e) = setup_event(conn, ev) {
+                                    result = Err(e);
+                                }
+                            }
+                            result?;
+                            break;
+                        }
+                        if conn.hs.len() > 16 * 1024 {
+                            return Err("upgrade response head too large".into());
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("read: {e}")),
+                }
+            }
+        }
+        // Open: setup messages, pings; anything else is discarded.
+        let mut result = Ok(());
+        let open = conn
+            .read_events(&mut self.buf, |c, ev| {
+                if let Err(e) = setup_event(c, ev) {
+                    result = Err(e);
+                }
+            })
+            .map_err(|e| format!("read: {e}"))?;
+        result?;
+        if !open {
+            return Err("closed by the server".into());
+        }
+        if conn.writable && conn.out_off < conn.out.len() {
+            conn.flush_out().map_err(|e| format!("write: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn setup_event(conn: &mut Conn, ev: Event) -> Result<(), String> {
+    match ev {
+        Event::Ping => conn.queue_pong(),
+        Event::Pong => {}
+        Event::Close { code } => return Err(format!("server closed with {code}")),
+        Event::Error(e) => return Err(format!("protocol error: {e}")),
+        Event::Message { .. } => match std::mem::replace(&mut conn.setup, Setup::Ready) {
+            Setup::AfterWelcome(frame) => {
+                conn.out.extend_from_slice(&frame);
+                conn.setup = Setup::WaitAck;
+            }
+            Setup::WaitAck => {
+                let text = conn.rx.captured();
+                if text.starts_with(br#"{"type":"ack""#) {
+                    conn.setup = Setup::Ready;
+                } else if text.starts_with(br#"{"type":"error""#) {
+                    return Err(format!("setup refused: {}", String::from_utf8_lossy(text)));
+                } else {
+                    conn.setup = Setup::WaitAck;
+                }
+            }
+            Setup::Ready => {}
+        },
+    }
+    Ok(())
+}
+
+/// A text payload of `size` bytes (printable ASCII: valid UTF-8).
+pub fn text_payload(size: usize) -> Vec<u8> {
+    (0..size).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// A binary payload of `size` bytes (xorshift noise).
+pub fn binary_payload(size: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
