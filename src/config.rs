@@ -137,6 +137,60 @@ pub struct Config {
     /// Longest chat line in bytes; longer lines are refused with an error.
     #[arg(long, value_name = "BYTES", default_value_t = 1000)]
     pub chat_max_line: usize,
+
+    /// Turn off the built-in simulated market feed (on by default).
+    #[arg(long)]
+    pub no_sim: bool,
+
+    /// Seed for the simulated feed, for a reproducible run (default: random).
+    #[arg(long, value_name = "N")]
+    pub sim_seed: Option<u64>,
+
+    /// Simulated trades per second, across all symbols.
+    #[arg(long, value_name = "RATE", default_value_t = 20.0)]
+    pub sim_trades_per_sec: f64,
+
+    /// Simulated payments and contract events per second.
+    #[arg(long, value_name = "RATE", default_value_t = 4.0)]
+    pub sim_events_per_sec: f64,
+
+    /// Replay an NDJSON file of events (one object per line with an integer
+    /// `ts` in Unix milliseconds), then stop replaying.
+    #[arg(long, value_name = "FILE")]
+    pub replay: Option<PathBuf>,
+
+    /// Replay speed: 1 is real time, 10 is ten times faster.
+    #[arg(long, value_name = "FACTOR", default_value_t = 1.0)]
+    pub replay_speed: f64,
+
+    /// K-line intervals kept for every symbol, comma-separated.
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "1s,1m,5m,15m,1h,4h,1d",
+        value_delimiter = ','
+    )]
+    pub kline_intervals: Vec<String>,
+
+    /// Closed candles kept per symbol and interval (sent on subscribe).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub kline_history: usize,
+
+    /// Symbol the plain-text K-line commands (`sub-1m` …) use.
+    #[arg(long, value_name = "SYMBOL", default_value = "PUMP-SOL")]
+    pub kline_default_symbol: String,
+
+    /// Most market symbols tracked; trades for more are counted and dropped.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub max_symbols: usize,
+
+    /// Most dynamic filters per connection.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub max_filters: usize,
+
+    /// Most alerts per connection.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub max_alerts: usize,
 }
 
 impl Default for Config {
@@ -180,6 +234,18 @@ impl Config {
         }
         if self.read_buffer_size < 4096 {
             return Err("--read-buffer-size must be at least 4KiB".into());
+        }
+        if !(self.replay_speed > 0.0 && self.replay_speed.is_finite()) {
+            return Err("--replay-speed must be a positive number".into());
+        }
+        let rate_ok = |rate: f64| (0.0..=100_000.0).contains(&rate);
+        if !rate_ok(self.sim_trades_per_sec) || !rate_ok(self.sim_events_per_sec) {
+            return Err(
+                "--sim-trades-per-sec and --sim-events-per-sec must be between 0 and 100000".into(),
+            );
+        }
+        if self.kline_intervals.is_empty() {
+            return Err("--kline-intervals needs at least one interval".into());
         }
         for (name, value) in [
             ("--handshake-timeout", self.handshake_timeout),

@@ -11,6 +11,7 @@ pub mod chat_command;
 mod echo;
 pub mod event_filter;
 pub mod event_stream;
+pub mod market;
 pub mod protocol;
 pub mod routes;
 
@@ -18,13 +19,16 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use log::warn;
-use serde_json::{json, Value};
+use log::{debug, warn};
+use serde_json::{json, Map, Value};
 
 use self::auth::KeyRing;
+use self::channels::Published;
 use self::channels::{ChannelLimits, Channels};
 use self::chat::{Chat, LineKind};
 use self::event_stream::{Event, EventStreams};
+use self::market::legacy::{self, LegacyCommand};
+use self::market::Market;
 use self::protocol::{ack, error, parse_request, Command, ErrorCode, ProtocolError, Request};
 use crate::config::Config;
 use crate::ws::CloseCode;
@@ -34,6 +38,12 @@ pub use routes::{resolve, Endpoint, Target};
 /// Identifies a WebSocket connection for as long as it is open. The server
 /// calls [`App::on_close`] before an id can be reused.
 pub type ConnId = usize;
+
+/// The self-contained web page served at `/`.
+pub const PAGE_HTML: &str = include_str!("page.html");
+
+/// The channel every fired alert is also published on.
+pub const ALERTS_CHANNEL: &str = "alerts";
 
 /// The channel whose messages feed the registration event streams.
 pub const EVENTS_CHANNEL: &str = "events";
@@ -114,12 +124,15 @@ pub struct App {
     channels: Channels,
     chat: Chat,
     streams: EventStreams,
+    market: Market,
     pub stats: AppStats,
 }
 
 impl App {
-    pub fn new(config: &Config) -> Self {
-        Self {
+    /// Fails on settings only the app can check (a K-line interval, the
+    /// replay file).
+    pub fn new(config: &Config, now: Instant) -> Result<Self, String> {
+        Ok(Self {
             keys: KeyRing::new(config.publisher_key_hashes.clone()),
             max_auth_failures: config.max_auth_failures,
             clients: HashMap::new(),
@@ -136,8 +149,9 @@ impl App {
                 config.max_channels,
             ),
             streams: EventStreams::new(config.max_queue_size, config.registration_timeout),
+            market: Market::new(config, now)?,
             stats: AppStats::default(),
-        }
+        })
     }
 
     /// A WebSocket handshake on `endpoint` completed.
@@ -160,7 +174,7 @@ impl App {
             },
         );
         match endpoint {
-            Endpoint::Echo => {}
+            Endpoint::Echo | Endpoint::Kline => {}
             Endpoint::Chat => self.chat.on_plain_open(conn, out),
             Endpoint::Ws => self.streams.on_open(conn, self.next_serial, now, out),
         }
@@ -178,6 +192,7 @@ impl App {
             Endpoint::Echo => echo::on_message(conn, message, out),
             Endpoint::Chat => self.chat.on_plain_message(conn, message, out),
             Endpoint::Ws => self.on_ws_message(conn, message, now, out),
+            Endpoint::Kline => self.on_kline_message(conn, message, out),
         }
     }
 
@@ -196,6 +211,10 @@ impl App {
             );
             return self.send_error(conn, &None, &e, out);
         };
+        if let Some(command) = legacy::parse(text) {
+            self.streams.on_other_request(conn);
+            return self.legacy_kline(conn, command, out);
+        }
         match parse_request(text) {
             Ok(request) => {
                 if !matches!(request.command, Command::Register { .. }) {
@@ -207,6 +226,34 @@ impl App {
                 }
             }
             Err((id, e)) => self.send_error(conn, &id, &e, out),
+        }
+    }
+
+    /// `/kline`: only the old K-line service's plain-text commands.
+    fn on_kline_message(&mut self, conn: ConnId, message: Message<'_>, out: &mut impl Outbox) {
+        match message {
+            Message::Text(text) => match legacy::parse(text) {
+                Some(command) => self.legacy_kline(conn, command, out),
+                None => {
+                    let e = ProtocolError::new(
+                        ErrorCode::UnknownType,
+                        format!("unknown command `{}` (expected sub-1s, sub-1m, sub-5m, sub-1h or unsub)", text.trim()),
+                    );
+                    self.send_error(conn, &None, &e, out);
+                }
+            },
+            Message::Binary(_) => {
+                let e =
+                    ProtocolError::new(ErrorCode::BadRequest, "send text commands such as sub-1m");
+                self.send_error(conn, &None, &e, out);
+            }
+        }
+    }
+
+    fn legacy_kline(&mut self, conn: ConnId, command: LegacyCommand<'_>, out: &mut impl Outbox) {
+        match command {
+            LegacyCommand::Subscribe(interval) => self.market.legacy_subscribe(conn, interval, out),
+            LegacyCommand::Unsubscribe => self.market.legacy_unsubscribe(conn),
         }
     }
 
@@ -244,16 +291,16 @@ impl App {
             }
             Command::Publish { channel, data } => {
                 let trusted = self.clients.get(&conn).is_some_and(|c| c.trusted);
-                let event = if channel == EVENTS_CHANNEL {
-                    Some(event_fields(&data)?)
+                let published = if channel == EVENTS_CHANNEL {
+                    let fields = event_fields(&data)?;
+                    if !trusted {
+                        return Err(untrusted_event_publisher());
+                    }
+                    self.publish_event(fields, now, out)?
                 } else {
-                    None
+                    self.channels.publish(&channel, &data, trusted, now, out)?
                 };
-                let published = self.channels.publish(&channel, &data, trusted, now, out)?;
                 self.stats.published += 1;
-                if let Some(fields) = event {
-                    self.streams.publish(&Event::new(fields), out);
-                }
                 let extra = json!({ "channel": channel, "offset": published.offset, "delivered": published.delivered });
                 acknowledge(out, "publish", extra);
             }
@@ -301,6 +348,34 @@ impl App {
                 acknowledge(out, "chat.who", json!({ "room": room, "members": members }));
             }
             Command::ChatRooms => acknowledge(out, "chat.rooms", self.chat.rooms()),
+            Command::KlineSubscribe(request) => {
+                self.market
+                    .kline_subscribe(conn, &request, out, |details| {
+                        ack(&id, "kline.subscribe", details)
+                    })?;
+            }
+            Command::KlineUnsubscribe { symbol, interval } => {
+                let extra = self.market.kline_unsubscribe(conn, &symbol, &interval)?;
+                acknowledge(out, "kline.unsubscribe", extra);
+            }
+            Command::MarketSymbols => acknowledge(out, "market.symbols", self.market.symbols()),
+            Command::FilterSubscribe { name, filter } => {
+                let extra = self.market.filter_subscribe(conn, &name, &filter)?;
+                acknowledge(out, "filter.subscribe", extra);
+            }
+            Command::FilterUnsubscribe { name } => {
+                let extra = self.market.filter_unsubscribe(conn, &name)?;
+                acknowledge(out, "filter.unsubscribe", extra);
+            }
+            Command::AlertCreate { request } => {
+                let extra = self.market.alert_create(conn, &request)?;
+                acknowledge(out, "alert.create", extra);
+            }
+            Command::AlertList => acknowledge(out, "alert.list", self.market.alert_list(conn)),
+            Command::AlertDelete { alert } => {
+                let extra = self.market.alert_delete(conn, &alert)?;
+                acknowledge(out, "alert.delete", extra);
+            }
         }
         Ok(())
     }
@@ -369,6 +444,7 @@ impl App {
 
     /// The connection's queue emptied after fan-out messages were dropped.
     pub fn on_drained(&mut self, conn: ConnId, out: &mut impl Outbox) {
+        self.market.on_drained(conn, out);
         self.channels.on_drained(conn, out);
         self.chat.on_drained(conn, out);
     }
@@ -379,16 +455,71 @@ impl App {
         self.channels.remove_conn(conn);
         self.chat.remove_conn(conn, out);
         self.streams.remove_conn(conn);
+        self.market.remove_conn(conn);
     }
 
     /// The next moment the app needs [`App::on_timer`].
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.streams.next_deadline()
+        [self.streams.next_deadline(), self.market.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn on_timer(&mut self, now: Instant, out: &mut impl Outbox) {
         self.streams.on_timer(now, out);
+        for event in self.market.poll_feeds(now) {
+            // Feed events are the server's own: publishing them cannot be
+            // refused for trust, only for limits, which are logged.
+            if let Err(e) = self.publish_event(event, now, out) {
+                debug!("feed event not published: {}", e.message);
+            }
+        }
+        self.market.on_timer(now, out);
     }
+
+    /// The one path every event takes, whoever published it: the `events`
+    /// channel (offsets, backlog, subscribers), the registration streams,
+    /// and the market (candles, filters, alerts, whose firings go to their
+    /// owners and to the `alerts` channel).
+    fn publish_event(
+        &mut self,
+        fields: Map<String, Value>,
+        now: Instant,
+        out: &mut impl Outbox,
+    ) -> Result<Published, ProtocolError> {
+        let data = Value::Object(fields);
+        let published = self
+            .channels
+            .publish(EVENTS_CHANNEL, &data, true, now, out)?;
+        let Value::Object(fields) = data else {
+            unreachable!("built as an object above")
+        };
+        let event = Event::new(fields);
+        self.streams.publish(&event, out);
+        let json =
+            std::str::from_utf8(event.frame.payload()).expect("events are encoded from JSON text");
+        for fired in self.market.on_event(&event.fields, json, now, out) {
+            out.reply(fired.conn, Message::Text(&fired.message.to_string()));
+            if let Err(e) = self
+                .channels
+                .publish(ALERTS_CHANNEL, &fired.message, true, now, out)
+            {
+                debug!("alert not published on `{ALERTS_CHANNEL}`: {}", e.message);
+            }
+        }
+        Ok(published)
+    }
+}
+
+fn untrusted_event_publisher() -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::Forbidden,
+        format!(
+            "publishing to `{EVENTS_CHANNEL}` needs a trusted connection: the internal listener, or `auth` with a \
+             publisher key"
+        ),
+    )
 }
 
 /// An event for the registration streams: a JSON object with a string `type`.

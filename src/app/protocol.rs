@@ -114,6 +114,37 @@ pub enum Command {
         room: String,
     },
     ChatRooms,
+    KlineSubscribe(KlineRequest),
+    KlineUnsubscribe {
+        symbol: String,
+        interval: String,
+    },
+    MarketSymbols,
+    FilterSubscribe {
+        name: String,
+        filter: Value,
+    },
+    FilterUnsubscribe {
+        name: String,
+    },
+    AlertCreate {
+        request: Map<String, Value>,
+    },
+    AlertList,
+    AlertDelete {
+        alert: String,
+    },
+}
+
+/// A `kline.subscribe` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KlineRequest {
+    pub symbol: String,
+    pub interval: String,
+    /// At most one open-candle update per this many milliseconds (0: all).
+    pub throttle_ms: u64,
+    /// Closed candles wanted first (default: all kept, at most 1000).
+    pub history: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -166,12 +197,33 @@ fn parse_command(object: &Map<String, Value>) -> Result<Command, ProtocolError> 
         "chat.nick" => Command::ChatNick { nick: fields.string("nick")?.to_owned() },
         "chat.who" => Command::ChatWho { room: fields.string("room")?.to_owned() },
         "chat.rooms" => Command::ChatRooms,
+        "kline.subscribe" => Command::KlineSubscribe(KlineRequest {
+            symbol: fields.string("symbol")?.to_owned(),
+            interval: fields.string("interval")?.to_owned(),
+            throttle_ms: fields.opt_u64("throttle_ms")?.unwrap_or(0),
+            history: fields.opt_u64("history")?.map(|n| n as usize),
+        }),
+        "kline.unsubscribe" => Command::KlineUnsubscribe {
+            symbol: fields.string("symbol")?.to_owned(),
+            interval: fields.string("interval")?.to_owned(),
+        },
+        "market.symbols" => Command::MarketSymbols,
+        "filter.subscribe" => Command::FilterSubscribe {
+            name: fields.opt_string("name")?.unwrap_or("default").to_owned(),
+            filter: object.get("filter").cloned().ok_or_else(|| missing("filter"))?,
+        },
+        "filter.unsubscribe" => Command::FilterUnsubscribe { name: fields.string("filter")?.to_owned() },
+        "alert.create" => Command::AlertCreate { request: object.clone() },
+        "alert.list" => Command::AlertList,
+        "alert.delete" => Command::AlertDelete { alert: fields.string("alert")?.to_owned() },
         other => {
             return Err(ProtocolError::new(
                 ErrorCode::UnknownType,
                 format!(
                     "unknown request type `{other}` (expected register, auth, create, publish, subscribe, unsubscribe, \
-                     list, chat.join, chat.leave, chat.say, chat.nick, chat.who or chat.rooms)"
+                     list, chat.join, chat.leave, chat.say, chat.nick, chat.who, chat.rooms, kline.subscribe, \
+                     kline.unsubscribe, market.symbols, filter.subscribe, filter.unsubscribe, alert.create, alert.list \
+                     or alert.delete)"
                 ),
             ))
         }
@@ -199,6 +251,14 @@ impl<'a> Fields<'a> {
         match self.0.get(field) {
             None | Some(Value::Null) => Err(missing(field)),
             Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(invalid(field, "a string")),
+        }
+    }
+
+    fn opt_string(&self, field: &str) -> Result<Option<&'a str>, ProtocolError> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
             Some(_) => Err(invalid(field, "a string")),
         }
     }

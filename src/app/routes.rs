@@ -9,6 +9,8 @@ pub enum Endpoint {
     Ws,
     /// `/chat`: plain-text chat for `websocat` and friends.
     Chat,
+    /// `/kline`: the old K-line service's plain-text commands.
+    Kline,
 }
 
 /// What a request path leads to.
@@ -17,6 +19,8 @@ pub enum Target {
     WebSocket(Endpoint),
     /// Plain HTTP liveness probe.
     Health,
+    /// The web page at `/`.
+    Page,
     NotFound,
 }
 
@@ -25,6 +29,8 @@ pub fn resolve(path: &str) -> Target {
         "/echo" => Target::WebSocket(Endpoint::Echo),
         "/ws" => Target::WebSocket(Endpoint::Ws),
         "/chat" => Target::WebSocket(Endpoint::Chat),
+        "/kline" => Target::WebSocket(Endpoint::Kline),
+        "/" | "/index.html" => Target::Page,
         "/healthz" => Target::Health,
         _ => Target::NotFound,
     }

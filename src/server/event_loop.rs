@@ -116,7 +116,8 @@ impl Server {
                 max_message_size: config.max_message_size as u64,
             },
             conns: Slab::new(),
-            app: App::new(&config),
+            app: App::new(&config, Instant::now())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
             timers: Timers::default(),
             dirty: Vec::new(),
             resume: Vec::new(),
@@ -495,6 +496,11 @@ impl Core {
             Ok(Some(found)) => found,
         };
         match resolve(&request_head.path) {
+            Target::Page => {
+                let page = crate::app::PAGE_HTML.as_bytes();
+                let response = handshake::http_response(200, &[], "text/html; charset=utf-8", page);
+                self.respond(token, &response, "web page");
+            }
             Target::Health => {
                 let response =
                     handshake::http_response(200, &[], "text/plain; charset=utf-8", b"ok\n");

@@ -199,6 +199,16 @@ impl SharedFrame {
         &self.0
     }
 
+    /// The payload, without the header.
+    pub fn payload(&self) -> &[u8] {
+        let header = match self.0[1] & 0x7F {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        &self.0[header..]
+    }
+
     pub fn share(&self) -> std::sync::Arc<[u8]> {
         self.0.clone()
     }
@@ -312,6 +322,8 @@ mod tests {
         let big = SharedFrame::binary(&[7; 300]);
         assert_eq!(&big.bytes()[..4], &[0x82, 126, 1, 44]);
         assert_eq!(big.bytes().len(), 304);
+        assert_eq!(big.payload(), &[7; 300][..]);
+        assert_eq!(SharedFrame::text("hi").payload(), b"hi");
     }
 
     #[test]

@@ -22,9 +22,15 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Starts a server with the given extra flags (on top of a loopback bind).
+    /// Starts a server with the given extra flags (on top of a loopback bind
+    /// and `--no-sim`, unless the flags give `--sim-seed`).
     pub fn start(flags: &[&str]) -> TestServer {
         let mut args = vec!["fanout", "--listen", "127.0.0.1:0"];
+        // The simulated market would publish into every test; tests that
+        // want it pass a seed, which makes its events reproducible.
+        if !flags.contains(&"--sim-seed") {
+            args.push("--no-sim");
+        }
         args.extend_from_slice(flags);
         let config = Config::from_args(args).unwrap_or_else(|e| panic!("test flags: {e}"));
         let server = Server::bind(config).expect("bind 127.0.0.1:0");

@@ -1,0 +1,690 @@
+//! Market data: feeds in (the simulator, a replay file, publishers),
+//! K-line candles, user-defined event filters and alerts out.
+//!
+//! Every event reaches [`Market::on_event`] once, whatever fed it. Trades
+//! and ticks update the candles; each changed candle is encoded once per
+//! format and shared by its subscribers. Dynamic filters and alerts are
+//! compiled when created and evaluated per event.
+//!
+//! Slow consumers: candle updates and filter matches that do not fit a
+//! subscriber's queue are dropped and counted (the next update carries the
+//! latest state anyway); when the queue drains the client gets a `dropped`
+//! notice with the count.
+
+pub mod alert;
+pub mod filter_expr;
+pub mod kline;
+pub mod legacy;
+pub mod replay;
+pub mod sim;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
+
+use log::{debug, info};
+use serde_json::{json, Map, Value};
+
+use self::alert::{Alert, AlertSpec, CandleField, Firing, Source};
+use self::filter_expr::Filter;
+use self::kline::{Applied, Book, Candle, Interval, Trade};
+use self::replay::ReplayFeed;
+use self::sim::{SimConfig, SimFeed};
+use super::protocol::{ErrorCode, KlineRequest, ProtocolError};
+use super::{unix_millis, ConnId, Message, Outbox};
+use crate::config::Config;
+use crate::ws::SharedFrame;
+
+/// Candles sent on subscribe at most, whatever the client asks.
+const MAX_HISTORY_REQUEST: usize = 1000;
+
+type SeriesKey = (String, u64);
+
+#[derive(Debug)]
+struct KlineSub {
+    conn: ConnId,
+    /// The old plain-text service's shape instead of `{"type":"kline",…}`.
+    legacy: bool,
+    throttle: Duration,
+    last_sent: Option<Instant>,
+    /// An update was held back by the throttle; the latest state is owed.
+    pending: bool,
+}
+
+#[derive(Debug, Default)]
+struct ConnMarket {
+    /// The legacy subscription, if any (one at a time, like the original).
+    legacy: Option<SeriesKey>,
+    filters: Vec<(String, Filter)>,
+    alerts: Vec<Alert>,
+    dropped: u64,
+}
+
+/// Counters for logs and metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MarketStats {
+    pub trades: u64,
+    pub late_trades: u64,
+    pub rejected_market_events: u64,
+    pub dropped_updates: u64,
+    pub alerts_fired: u64,
+}
+
+/// An alert that fired: who gets it, and the message (also published on
+/// the `alerts` channel by the app).
+#[derive(Debug)]
+pub struct AlertMessage {
+    pub conn: ConnId,
+    pub message: Value,
+}
+
+#[derive(Debug)]
+pub struct Market {
+    book: Book,
+    intervals: Vec<Interval>,
+    default_symbol: String,
+    subs: HashMap<SeriesKey, Vec<KlineSub>>,
+    conns: HashMap<ConnId, ConnMarket>,
+    throttled: BinaryHeap<Reverse<(Instant, ConnId, SeriesKey)>>,
+    sim: Option<SimFeed>,
+    replay: Option<ReplayFeed>,
+    max_filters: usize,
+    max_alerts: usize,
+    next_alert: u64,
+    pub stats: MarketStats,
+}
+
+impl Market {
+    pub fn new(config: &Config, now: Instant) -> Result<Market, String> {
+        let intervals = config
+            .kline_intervals
+            .iter()
+            .map(|text| Interval::parse(text.trim()).map_err(|e| format!("--kline-intervals: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sim = (!config.no_sim).then(|| {
+            let seed = config
+                .sim_seed
+                .unwrap_or_else(|| unix_millis() ^ u64::from(std::process::id()));
+            info!("simulated market feed on (seed {seed}); --no-sim turns it off");
+            SimFeed::new(
+                SimConfig {
+                    seed,
+                    trades_per_sec: config.sim_trades_per_sec,
+                    events_per_sec: config.sim_events_per_sec,
+                },
+                now,
+                unix_millis() as i64,
+            )
+        });
+        let replay = match &config.replay {
+            Some(path) => {
+                Some(ReplayFeed::open(path, config.replay_speed, now).map_err(|e| e.to_string())?)
+            }
+            None => None,
+        };
+        Ok(Market {
+            book: Book::new(intervals.clone(), config.kline_history, config.max_symbols),
+            intervals,
+            default_symbol: config.kline_default_symbol.clone(),
+            subs: HashMap::new(),
+            conns: HashMap::new(),
+            throttled: BinaryHeap::new(),
+            sim,
+            replay,
+            max_filters: config.max_filters,
+            max_alerts: config.max_alerts,
+            next_alert: 0,
+            stats: MarketStats::default(),
+        })
+    }
+
+    fn interval(&self, field: &str, text: &str) -> Result<Interval, ProtocolError> {
+        let names: Vec<String> = self.intervals.iter().map(|i| i.name()).collect();
+        Interval::parse(text)
+            .ok()
+            .filter(|i| self.intervals.contains(i))
+            .ok_or_else(|| {
+                ProtocolError::new(
+                    ErrorCode::InvalidField,
+                    format!(
+                        "field `{field}`: unknown interval `{text}` (this server keeps {})",
+                        names.join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// `market.symbols`: what can be subscribed to.
+    pub fn symbols(&self) -> Value {
+        let mut symbols = self.book.symbols();
+        symbols.sort();
+        let intervals: Vec<String> = self.intervals.iter().map(|i| i.name()).collect();
+        json!({ "symbols": symbols, "intervals": intervals, "default_symbol": self.default_symbol })
+    }
+
+    /// `kline.subscribe`: sends `ack` (built by the caller from the details),
+    /// the recent closed candles, the open one, then live updates.
+    pub fn kline_subscribe(
+        &mut self,
+        conn: ConnId,
+        request: &KlineRequest,
+        out: &mut impl Outbox,
+        ack: impl FnOnce(Value) -> String,
+    ) -> Result<(), ProtocolError> {
+        let KlineRequest {
+            symbol,
+            interval,
+            throttle_ms,
+            history,
+        } = request;
+        let (symbol, throttle_ms) = (symbol.as_str(), *throttle_ms);
+        validate_symbol(symbol)?;
+        let interval = self.interval("interval", interval)?;
+        let key = (symbol.to_owned(), interval.secs);
+        let subs = self.subs.entry(key.clone()).or_default();
+        if subs.iter().any(|s| s.conn == conn && !s.legacy) {
+            return Err(ProtocolError::new(
+                ErrorCode::Conflict,
+                format!("already subscribed to {symbol} {}", interval.name()),
+            ));
+        }
+        subs.push(KlineSub {
+            conn,
+            legacy: false,
+            throttle: Duration::from_millis(throttle_ms),
+            last_sent: None,
+            pending: false,
+        });
+        self.conns.entry(conn).or_default();
+        let wanted = history.unwrap_or(usize::MAX).min(MAX_HISTORY_REQUEST);
+        let series = self.book.series(symbol, interval);
+        let closed: Vec<&Candle> = series.map(|s| s.history().collect()).unwrap_or_default();
+        let skip = closed.len().saturating_sub(wanted);
+        let details = json!({
+            "symbol": symbol,
+            "interval": interval.name(),
+            "history": closed.len() - skip,
+            "throttle_ms": throttle_ms,
+        });
+        out.reply(conn, Message::Text(&ack(details)));
+        for candle in closed
+            .into_iter()
+            .skip(skip)
+            .chain(series.and_then(|s| s.current()))
+        {
+            out.reply(
+                conn,
+                Message::Text(&candle.to_json(symbol, interval).to_string()),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn kline_unsubscribe(
+        &mut self,
+        conn: ConnId,
+        symbol: &str,
+        interval: &str,
+    ) -> Result<Value, ProtocolError> {
+        let interval = self.interval("interval", interval)?;
+        let key = (symbol.to_owned(), interval.secs);
+        let removed = self.remove_sub(conn, &key, false);
+        if !removed {
+            return Err(ProtocolError::new(
+                ErrorCode::NotFound,
+                format!("not subscribed to {symbol} {}", interval.name()),
+            ));
+        }
+        Ok(json!({ "symbol": symbol, "interval": interval.name() }))
+    }
+
+    fn remove_sub(&mut self, conn: ConnId, key: &SeriesKey, legacy: bool) -> bool {
+        let Some(subs) = self.subs.get_mut(key) else {
+            return false;
+        };
+        let before = subs.len();
+        subs.retain(|s| !(s.conn == conn && s.legacy == legacy));
+        let removed = subs.len() != before;
+        if subs.is_empty() {
+            self.subs.remove(key);
+        }
+        removed
+    }
+
+    /// `sub-1m` and friends: replaces the connection's legacy subscription
+    /// and sends the open candle right away.
+    pub fn legacy_subscribe(&mut self, conn: ConnId, interval: &str, out: &mut impl Outbox) {
+        let interval = match self.interval("interval", interval) {
+            Ok(interval) => interval,
+            Err(e) => {
+                let reply =
+                    json!({ "type": "error", "code": e.code.as_str(), "message": e.message });
+                return out.reply(conn, Message::Text(&reply.to_string()));
+            }
+        };
+        self.legacy_unsubscribe(conn);
+        let key = (self.default_symbol.clone(), interval.secs);
+        self.subs.entry(key.clone()).or_default().push(KlineSub {
+            conn,
+            legacy: true,
+            throttle: Duration::ZERO,
+            last_sent: None,
+            pending: false,
+        });
+        self.conns.entry(conn).or_default().legacy = Some(key);
+        let current = self
+            .book
+            .series(&self.default_symbol, interval)
+            .and_then(|s| s.current());
+        if let Some(candle) = current {
+            out.reply(conn, Message::Text(&candle.to_legacy_json(interval)));
+        }
+    }
+
+    pub fn legacy_unsubscribe(&mut self, conn: ConnId) {
+        if let Some(key) = self.conns.get_mut(&conn).and_then(|c| c.legacy.take()) {
+            self.remove_sub(conn, &key, true);
+        }
+    }
+
+    pub fn filter_subscribe(
+        &mut self,
+        conn: ConnId,
+        name: &str,
+        spec: &Value,
+    ) -> Result<Value, ProtocolError> {
+        if name.is_empty() || name.len() > 64 {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                "field `name` must be 1-64 characters",
+            ));
+        }
+        let filter = Filter::compile(spec, "filter")?;
+        let state = self.conns.entry(conn).or_default();
+        if state.filters.iter().any(|(n, _)| n == name) {
+            return Err(ProtocolError::new(
+                ErrorCode::Conflict,
+                format!("a filter named `{name}` exists already"),
+            ));
+        }
+        if state.filters.len() >= self.max_filters {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitReached,
+                format!("at most {} filters per connection", self.max_filters),
+            ));
+        }
+        state.filters.push((name.to_owned(), filter));
+        Ok(json!({ "filter": name }))
+    }
+
+    pub fn filter_unsubscribe(&mut self, conn: ConnId, name: &str) -> Result<Value, ProtocolError> {
+        let state = self.conns.entry(conn).or_default();
+        let before = state.filters.len();
+        state.filters.retain(|(n, _)| n != name);
+        if state.filters.len() == before {
+            return Err(ProtocolError::new(
+                ErrorCode::NotFound,
+                format!("no filter named `{name}`"),
+            ));
+        }
+        Ok(json!({ "filter": name }))
+    }
+
+    pub fn alert_create(
+        &mut self,
+        conn: ConnId,
+        request: &Map<String, Value>,
+    ) -> Result<Value, ProtocolError> {
+        let spec = AlertSpec::parse(request)?;
+        if let Source::Kline {
+            symbol, interval, ..
+        } = &spec.source
+        {
+            validate_symbol(symbol)?;
+            self.interval("interval", interval)?;
+        }
+        let state = self.conns.entry(conn).or_default();
+        if state.alerts.len() >= self.max_alerts {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitReached,
+                format!("at most {} alerts per connection", self.max_alerts),
+            ));
+        }
+        let id = match &spec.id {
+            Some(id) if state.alerts.iter().any(|a| a.id() == id) => {
+                return Err(ProtocolError::new(
+                    ErrorCode::Conflict,
+                    format!("an alert named `{id}` exists already"),
+                ))
+            }
+            Some(id) => id.clone(),
+            None => {
+                self.next_alert += 1;
+                format!("a{}", self.next_alert)
+            }
+        };
+        let alert = Alert::new(id, spec);
+        let description = alert.describe();
+        state.alerts.push(alert);
+        Ok(description)
+    }
+
+    pub fn alert_list(&self, conn: ConnId) -> Value {
+        let alerts: Vec<Value> = self
+            .conns
+            .get(&conn)
+            .map(|c| c.alerts.iter().map(Alert::describe).collect())
+            .unwrap_or_default();
+        json!({ "alerts": alerts })
+    }
+
+    pub fn alert_delete(&mut self, conn: ConnId, id: &str) -> Result<Value, ProtocolError> {
+        let state = self.conns.entry(conn).or_default();
+        let before = state.alerts.len();
+        state.alerts.retain(|a| a.id() != id);
+        if state.alerts.len() == before {
+            return Err(ProtocolError::new(
+                ErrorCode::NotFound,
+                format!("no alert named `{id}`"),
+            ));
+        }
+        Ok(json!({ "alert": id }))
+    }
+
+    /// One published event. `event_json` is its encoding, made once by the
+    /// caller. Returns the alerts it fired.
+    pub fn on_event(
+        &mut self,
+        event: &Map<String, Value>,
+        event_json: &str,
+        now: Instant,
+        out: &mut impl Outbox,
+    ) -> Vec<AlertMessage> {
+        let now_ms = unix_millis() as i64;
+        let mut fired = Vec::new();
+        for (conn, state) in self.conns.iter_mut() {
+            for (name, filter) in &state.filters {
+                if filter.matches(event) {
+                    let text = format!(
+                        r#"{{"type":"match","filter":{},"event":{event_json}}}"#,
+                        Value::String(name.clone())
+                    );
+                    if !out.deliver(*conn, &SharedFrame::text(&text)) {
+                        state.dropped += 1;
+                        self.stats.dropped_updates += 1;
+                    }
+                }
+            }
+            for alert in state.alerts.iter_mut() {
+                if let Some(firing) = alert.on_event(event, now_ms) {
+                    fired.push(alert_message(
+                        *conn,
+                        alert,
+                        &firing,
+                        Some(json!({ "event": event })),
+                    ));
+                }
+            }
+            state.alerts.retain(|a| !a.is_done());
+        }
+        match Trade::from_event(event, now_ms) {
+            Ok(Some((symbol, trade))) => self.on_trade(symbol, &trade, now, out, &mut fired),
+            Ok(None) => {}
+            Err(reason) => {
+                self.stats.rejected_market_events += 1;
+                debug!("market event not used for candles: {reason}");
+            }
+        }
+        self.stats.alerts_fired += fired.len() as u64;
+        fired
+    }
+
+    fn on_trade(
+        &mut self,
+        symbol: &str,
+        trade: &Trade,
+        now: Instant,
+        out: &mut impl Outbox,
+        fired: &mut Vec<AlertMessage>,
+    ) {
+        let applied = match self.book.apply(symbol, trade) {
+            Ok(applied) => applied,
+            Err(reason) => {
+                self.stats.rejected_market_events += 1;
+                debug!("trade for {symbol} dropped: {reason}");
+                return;
+            }
+        };
+        self.stats.trades += 1;
+        for (interval, outcome) in applied {
+            let (closed, current) = match outcome {
+                Applied::Updated { closed, current } => (closed, current),
+                Applied::Late => {
+                    self.stats.late_trades += 1;
+                    continue;
+                }
+                Applied::Overflow => {
+                    self.stats.rejected_market_events += 1;
+                    continue;
+                }
+            };
+            let key = (symbol.to_owned(), interval.secs);
+            if let Some(closed) = &closed {
+                self.send_candle(&key, interval, closed, true, now, out);
+            }
+            self.send_candle(&key, interval, &current, false, now, out);
+            self.check_alerts(symbol, interval, &current, trade.ts_ms, fired);
+        }
+    }
+
+    /// Fans one candle state out to its subscribers, encoded once per format.
+    /// A final (closed) candle ignores throttles; an open-candle update to a
+    /// throttled subscriber is held and the latest state sent when due.
+    fn send_candle(
+        &mut self,
+        key: &SeriesKey,
+        interval: Interval,
+        candle: &Candle,
+        final_state: bool,
+        now: Instant,
+        out: &mut impl Outbox,
+    ) {
+        let Some(subs) = self.subs.get_mut(key) else {
+            return;
+        };
+        let mut modern: Option<SharedFrame> = None;
+        let mut legacy: Option<SharedFrame> = None;
+        for sub in subs.iter_mut() {
+            if !final_state && !sub.throttle.is_zero() {
+                if let Some(last) = sub.last_sent {
+                    if now < last + sub.throttle {
+                        if !sub.pending {
+                            sub.pending = true;
+                            self.throttled.push(Reverse((
+                                last + sub.throttle,
+                                sub.conn,
+                                key.clone(),
+                            )));
+                        }
+                        continue;
+                    }
+                }
+            }
+            let frame = if sub.legacy {
+                legacy.get_or_insert_with(|| SharedFrame::text(&candle.to_legacy_json(interval)))
+            } else {
+                modern.get_or_insert_with(|| {
+                    SharedFrame::text(&candle.to_json(&key.0, interval).to_string())
+                })
+            };
+            sub.last_sent = Some(now);
+            sub.pending = false;
+            if !out.deliver(sub.conn, frame) {
+                self.stats.dropped_updates += 1;
+                if let Some(state) = self.conns.get_mut(&sub.conn) {
+                    state.dropped += 1;
+                }
+            }
+        }
+    }
+
+    fn check_alerts(
+        &mut self,
+        symbol: &str,
+        interval: Interval,
+        candle: &Candle,
+        ts_ms: i64,
+        fired: &mut Vec<AlertMessage>,
+    ) {
+        for (conn, state) in self.conns.iter_mut() {
+            for alert in state.alerts.iter_mut() {
+                let Source::Kline {
+                    symbol: s,
+                    interval: i,
+                    field,
+                } = &alert.spec().source
+                else {
+                    continue;
+                };
+                if s != symbol || Interval::parse(i).ok() != Some(interval) {
+                    continue;
+                }
+                let value = match field {
+                    CandleField::Open => candle.open,
+                    CandleField::High => candle.high,
+                    CandleField::Low => candle.low,
+                    CandleField::Close => candle.close,
+                    CandleField::Volume => candle.volume,
+                };
+                if let Some(firing) = alert.on_candle(value, candle.open, candle.start_ms, ts_ms) {
+                    let extra = json!({ "candle": candle.to_json(symbol, interval) });
+                    fired.push(alert_message(*conn, alert, &firing, Some(extra)));
+                }
+            }
+            state.alerts.retain(|a| !a.is_done());
+        }
+    }
+
+    /// The next moment a feed or a throttled subscription needs the loop.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let feeds = [
+            self.sim.as_ref().map(SimFeed::next_due),
+            self.replay.as_ref().and_then(ReplayFeed::next_due),
+        ];
+        let throttle = self.throttled.peek().map(|Reverse((at, _, _))| *at);
+        feeds.into_iter().chain([throttle]).flatten().min()
+    }
+
+    /// Events the feeds have due, for the app to publish like any other.
+    pub fn poll_feeds(&mut self, now: Instant) -> Vec<Map<String, Value>> {
+        let mut events = Vec::new();
+        if let Some(sim) = self.sim.as_mut() {
+            events.extend(sim.poll(now));
+        }
+        if let Some(replay) = self.replay.as_mut() {
+            events.extend(replay.poll(now));
+            if replay.is_finished() {
+                self.replay = None;
+            }
+        }
+        events
+    }
+
+    /// Sends the latest state owed to throttled subscriptions that are due.
+    pub fn on_timer(&mut self, now: Instant, out: &mut impl Outbox) {
+        while let Some(Reverse((at, conn, key))) = self.throttled.peek().cloned() {
+            if at > now {
+                break;
+            }
+            self.throttled.pop();
+            let Some(interval) = self.intervals.iter().copied().find(|i| i.secs == key.1) else {
+                continue;
+            };
+            let Some(candle) = self
+                .book
+                .series(&key.0, interval)
+                .and_then(|s| s.current())
+                .cloned()
+            else {
+                continue;
+            };
+            let Some(sub) = self
+                .subs
+                .get_mut(&key)
+                .and_then(|subs| subs.iter_mut().find(|s| s.conn == conn && !s.legacy))
+            else {
+                continue;
+            };
+            if !sub.pending {
+                continue;
+            }
+            sub.pending = false;
+            sub.last_sent = Some(now);
+            let frame = SharedFrame::text(&candle.to_json(&key.0, interval).to_string());
+            if !out.deliver(conn, &frame) {
+                self.stats.dropped_updates += 1;
+            }
+        }
+    }
+
+    /// Tells a connection whose queue drained how many updates it missed.
+    pub fn on_drained(&mut self, conn: ConnId, out: &mut impl Outbox) {
+        let Some(state) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let dropped = std::mem::take(&mut state.dropped);
+        if dropped > 0 {
+            let notice = json!({
+                "type": "dropped",
+                "stream": "market",
+                "count": dropped,
+                "message": format!("{dropped} market update(s) were dropped because this connection read too slowly"),
+            });
+            out.reply(conn, Message::Text(&notice.to_string()));
+        }
+    }
+
+    pub fn remove_conn(&mut self, conn: ConnId) {
+        self.conns.remove(&conn);
+        self.subs.retain(|_, subs| {
+            subs.retain(|s| s.conn != conn);
+            !subs.is_empty()
+        });
+    }
+}
+
+fn validate_symbol(symbol: &str) -> Result<(), ProtocolError> {
+    let ok = (1..=64).contains(&symbol.len())
+        && symbol
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'/' | b'.' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtocolError::new(
+            ErrorCode::InvalidField,
+            "field `symbol` must be 1-64 characters of letters, digits and `- _ / . :`",
+        ))
+    }
+}
+
+fn alert_message(conn: ConnId, alert: &Alert, firing: &Firing, extra: Option<Value>) -> AlertMessage {
+    // The alert's own description, with its threshold renamed so that
+    // `value` can carry what triggered it.
+    let mut message = Map::new();
+    message.insert("type".into(), json!("alert"));
+    if let Value::Object(description) = alert.describe() {
+        for (key, value) in description {
+            let key = if key == "value" { "threshold".to_owned() } else { key };
+            message.insert(key, value);
+        }
+    }
+    message.insert("value".into(), json!(firing.value.normalize().to_string()));
+    let previous = firing.previous.map_or(Value::Null, |p| json!(p.normalize().to_string()));
+    message.insert("previous".into(), previous);
+    message.insert("ts".into(), json!(firing.ts_ms));
+    if let Some(Value::Object(extra)) = extra {
+        message.extend(extra);
+    }
+    AlertMessage { conn, message: Value::Object(message) }
+}
