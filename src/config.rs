@@ -247,6 +247,10 @@ impl Config {
         if self.kline_intervals.is_empty() {
             return Err("--kline-intervals needs at least one interval".into());
         }
+        for interval in &self.kline_intervals {
+            crate::app::market::kline::Interval::parse(interval.trim())
+                .map_err(|e| format!("--kline-intervals: {e}"))?;
+        }
         for (name, value) in [
             ("--handshake-timeout", self.handshake_timeout),
             ("--ping-interval", self.ping_interval),
