@@ -156,8 +156,13 @@ impl Market {
 
     /// `market.symbols`: what can be subscribed to.
     pub fn symbols(&self) -> Value {
+        // Symbols the feeds will trade count before their first trade, so a
+        // client that connects at start-up sees them all.
         let mut symbols = self.book.symbols();
+        symbols.extend(self.sim.as_ref().map(SimFeed::symbols).unwrap_or_default());
+        symbols.push(self.default_symbol.clone());
         symbols.sort();
+        symbols.dedup();
         let intervals: Vec<String> = self.intervals.iter().map(|i| i.name()).collect();
         json!({ "symbols": symbols, "intervals": intervals, "default_symbol": self.default_symbol })
     }
@@ -668,23 +673,37 @@ fn validate_symbol(symbol: &str) -> Result<(), ProtocolError> {
     }
 }
 
-fn alert_message(conn: ConnId, alert: &Alert, firing: &Firing, extra: Option<Value>) -> AlertMessage {
+fn alert_message(
+    conn: ConnId,
+    alert: &Alert,
+    firing: &Firing,
+    extra: Option<Value>,
+) -> AlertMessage {
     // The alert's own description, with its threshold renamed so that
     // `value` can carry what triggered it.
     let mut message = Map::new();
     message.insert("type".into(), json!("alert"));
     if let Value::Object(description) = alert.describe() {
         for (key, value) in description {
-            let key = if key == "value" { "threshold".to_owned() } else { key };
+            let key = if key == "value" {
+                "threshold".to_owned()
+            } else {
+                key
+            };
             message.insert(key, value);
         }
     }
     message.insert("value".into(), json!(firing.value.normalize().to_string()));
-    let previous = firing.previous.map_or(Value::Null, |p| json!(p.normalize().to_string()));
+    let previous = firing
+        .previous
+        .map_or(Value::Null, |p| json!(p.normalize().to_string()));
     message.insert("previous".into(), previous);
     message.insert("ts".into(), json!(firing.ts_ms));
     if let Some(Value::Object(extra)) = extra {
         message.extend(extra);
     }
-    AlertMessage { conn, message: Value::Object(message) }
+    AlertMessage {
+        conn,
+        message: Value::Object(message),
+    }
 }
