@@ -12,10 +12,10 @@ use log::{debug, info, warn};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use super::connection::{Connection, Phase, Session};
+use super::connection::{Connection, Handshake, Phase, Session};
 use super::listener::{is_resource_exhaustion, Listener, ACCEPT_RETRY};
 use super::stats::Stats;
-use super::timers::{TimerKey, Timers};
+use super::timers::{next_serial, Clock, Tick, Timer, TimerKey, Timers};
 use crate::app::{
     resolve, App, ConnId, ConnInfo, Endpoint, Message, Outbox, Role, SharedFrame, Target,
 };
@@ -74,12 +74,15 @@ struct Core {
     dirty: Vec<usize>,
     /// Connections to read again next turn (budget used up or unpaused).
     resume: Vec<usize>,
-    next_serial: u64,
+    next_serial: u32,
     pending_handshakes: usize,
     open_websockets: usize,
     stopping_at: Option<Instant>,
     stats: Stats,
     now: Instant,
+    /// `now` as a tick, for connection deadlines.
+    tick: Tick,
+    clock: Clock,
 }
 
 impl Server {
@@ -106,6 +109,8 @@ impl Server {
             requested: Arc::new(AtomicBool::new(false)),
             waker,
         };
+        let start = Instant::now();
+        let clock = Clock::new(start);
         let core = Core {
             policy: UpgradePolicy {
                 allowed_origins: config.allowed_origins.clone(),
@@ -116,7 +121,7 @@ impl Server {
                 max_message_size: config.max_message_size as u64,
             },
             conns: Slab::new(),
-            app: App::new(&config, Instant::now())
+            app: App::new(&config, start)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
             timers: Timers::default(),
             dirty: Vec::new(),
@@ -126,7 +131,9 @@ impl Server {
             open_websockets: 0,
             stopping_at: None,
             stats: Stats::default(),
-            now: Instant::now(),
+            now: start,
+            tick: clock.tick(start),
+            clock,
             config,
         };
         Ok(Server {
@@ -172,7 +179,7 @@ impl Server {
                 }
                 return Err(e);
             }
-            self.core.now = Instant::now();
+            self.core.set_now(Instant::now());
             for event in events.iter() {
                 match event.token() {
                     SIGNAL => self.on_signal(),
@@ -222,7 +229,12 @@ impl Server {
             .app
             .next_deadline()
             .map(|at| at.saturating_duration_since(now));
-        let timer = match (self.core.timers.timeout(now), app) {
+        let heap = self
+            .core
+            .timers
+            .next()
+            .map(|at| self.core.clock.instant(at).saturating_duration_since(now));
+        let timer = match (heap, app) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -263,7 +275,7 @@ impl Server {
         for token in tokens {
             match core.conns[token].phase {
                 Phase::Open(_) => core.close(token, CloseCode::GOING_AWAY, "server shutting down"),
-                Phase::Handshake { .. } => core.drop_conn(token, "server shutting down"),
+                Phase::Handshake(_) => core.drop_conn(token, "server shutting down"),
                 Phase::Responding { .. } => {}
             }
         }
@@ -306,8 +318,8 @@ impl Server {
                     core.stats.accept_pauses += 1;
                     listener.paused = true;
                     core.timers.schedule(
-                        core.now + ACCEPT_RETRY,
-                        TimerKey::ResumeAccept { listener: index },
+                        core.tick.after(ACCEPT_RETRY),
+                        TimerKey::resume_accept(index),
                     );
                     return;
                 }
@@ -340,7 +352,7 @@ impl Server {
                     return;
                 }
                 Ok(n) => {
-                    conn.last_heard = self.core.now;
+                    conn.last_heard = self.core.tick;
                     self.core.stats.bytes_in += n as u64;
                     self.core.on_input(token, &mut self.read_buf[..n]);
                 }
@@ -367,15 +379,15 @@ impl Server {
             let (app, mut out) = self.core.app_and_outbox();
             app.on_timer(now, &mut out);
         }
-        while let Some((at, key)) = self.core.timers.pop_due(self.core.now) {
-            match key {
-                TimerKey::ResumeAccept { listener } => {
+        while let Some((at, timer)) = self.core.timers.pop_due(self.core.tick) {
+            match timer {
+                Timer::ResumeAccept { listener } => {
                     if let Some(l) = self.listeners.get_mut(listener) {
                         l.paused = false;
                         self.accept(listener);
                     }
                 }
-                TimerKey::Connection { token, serial } => {
+                Timer::Connection { token, serial } => {
                     let Some(conn) = self.core.conns.get_mut(token) else {
                         continue;
                     };
@@ -391,6 +403,11 @@ impl Server {
 }
 
 impl Core {
+    fn set_now(&mut self, now: Instant) {
+        self.now = now;
+        self.tick = self.clock.tick(now);
+    }
+
     fn add_connection(
         &mut self,
         registry: &mio::Registry,
@@ -401,18 +418,21 @@ impl Core {
         socket.set_nodelay(true)?;
         let entry = self.conns.vacant_entry();
         let token = entry.key();
+        if token >= FIRST_LISTENER - 64 || u32::try_from(token).is_err() {
+            return Err(io::Error::other("connection table full"));
+        }
         registry.register(
             &mut socket,
             Token(token),
             Interest::READABLE | Interest::WRITABLE,
         )?;
-        self.next_serial += 1;
-        let deadline = self.now + self.config.handshake_timeout;
+        self.next_serial = next_serial(self.next_serial);
+        let deadline = self.tick.after(self.config.handshake_timeout);
         entry.insert(Connection::new(
             socket,
             info,
             self.next_serial,
-            self.now,
+            self.tick,
             deadline,
         ));
         self.pending_handshakes += 1;
@@ -420,7 +440,7 @@ impl Core {
         Ok(())
     }
 
-    fn schedule(&mut self, token: usize, at: Instant) {
+    fn schedule(&mut self, token: usize, at: Tick) {
         let Some(conn) = self.conns.get_mut(token) else {
             return;
         };
@@ -428,13 +448,8 @@ impl Core {
             return;
         }
         conn.wake_at = Some(at);
-        self.timers.schedule(
-            at,
-            TimerKey::Connection {
-                token,
-                serial: conn.serial,
-            },
-        );
+        self.timers
+            .schedule(at, TimerKey::connection(token, conn.serial));
     }
 
     fn mark_dirty(&mut self, token: usize) {
@@ -448,7 +463,7 @@ impl Core {
 
     fn on_input(&mut self, token: usize, input: &mut [u8]) {
         match &self.conns[token].phase {
-            Phase::Handshake { .. } => self.handshake_input(token, input),
+            Phase::Handshake(_) => self.handshake_input(token, input),
             Phase::Open(_) => self.websocket_input(token, input),
             Phase::Responding { .. } => {}
         }
@@ -471,9 +486,10 @@ impl Core {
     fn handshake_input(&mut self, token: usize, input: &[u8]) {
         let max = self.config.max_header_bytes;
         let too_large = || Rejection::new(431, format!("request head larger than {max} bytes"));
-        let Phase::Handshake { request, .. } = &mut self.conns[token].phase else {
+        let Phase::Handshake(handshake) = &mut self.conns[token].phase else {
             return;
         };
+        let request = &mut handshake.request;
         let scan_from = request.len().saturating_sub(2);
         request.extend_from_slice(input);
         // Parse only once a blank line may have arrived, so a client that
@@ -532,21 +548,23 @@ impl Core {
     }
 
     fn upgrade(&mut self, token: usize, endpoint: Endpoint, response: &[u8], consumed: usize) {
-        let now = self.now;
         let conn = &mut self.conns[token];
-        let Phase::Handshake { request, .. } = &mut conn.phase else {
-            return;
-        };
-        // Frames the client sent right behind its request.
-        let mut early = request.split_off(consumed);
-        conn.phase = Phase::Open(Session {
+        let open = Phase::Open(Session {
             endpoint,
-            decoder: Some(Decoder::new(self.limits)),
+            decoder: None,
             close: CloseState::Open,
             close_deadline: None,
             discard_input: false,
-            next_ping: now + self.config.ping_interval,
+            next_ping: self.tick.after(self.config.ping_interval),
         });
+        let Phase::Handshake(handshake) = std::mem::replace(&mut conn.phase, open) else {
+            unreachable!("upgrade is only called during the handshake");
+        };
+        // The request buffer goes with the handshake; frames the client
+        // sent right behind its request are decoded from it once.
+        let Handshake {
+            mut request, info, ..
+        } = *handshake;
         conn.out.push_bytes(response);
         self.pending_handshakes -= 1;
         self.open_websockets += 1;
@@ -554,11 +572,11 @@ impl Core {
         self.mark_dirty(token);
         let deadline = self.conns[token].next_deadline(self.config.idle_timeout);
         self.schedule(token, deadline);
-        let (info, now) = (self.conns[token].info, self.now);
+        let now = self.now;
         let (app, mut out) = self.app_and_outbox();
         app.on_open(token, endpoint, info, now, &mut out);
-        if !early.is_empty() {
-            self.websocket_input(token, &mut early);
+        if request.len() > consumed {
+            self.websocket_input(token, &mut request[consumed..]);
         }
     }
 
@@ -572,10 +590,10 @@ impl Core {
     fn respond(&mut self, token: usize, response: &[u8], what: &str) {
         let conn = &mut self.conns[token];
         debug!("conn {token}: HTTP response: {what}");
-        if matches!(conn.phase, Phase::Handshake { .. }) {
+        if matches!(conn.phase, Phase::Handshake(_)) {
             self.pending_handshakes -= 1;
         }
-        let deadline = self.now + self.config.close_timeout;
+        let deadline = self.tick.after(self.config.close_timeout);
         conn.phase = Phase::Responding { deadline };
         conn.out.push_bytes(response);
         self.mark_dirty(token);
@@ -590,9 +608,13 @@ impl Core {
             return;
         }
         let endpoint = session.endpoint;
-        let Some(mut decoder) = session.decoder.take() else {
-            return;
+        // Between messages a connection keeps no decoder: a fresh one on
+        // the stack costs less than the memory of one per idle connection.
+        let mut decoder = match session.decoder.take() {
+            Some(boxed) => DecoderSlot::Boxed(boxed),
+            None => DecoderSlot::Stack(Decoder::new(self.limits)),
         };
+        let decoder = &mut decoder;
         let mut pos = 0;
         while pos < input.len() {
             let (used, event) = match decoder.decode(&mut input[pos..]) {
@@ -647,7 +669,9 @@ impl Core {
             }
         }
         if let Some(session) = self.conns.get_mut(token).and_then(Connection::session_mut) {
-            session.decoder = Some(decoder);
+            if decoder.is_mid_message() && !session.discard_input {
+                session.decoder = Some(decoder.take().into_boxed());
+            }
         }
     }
 
@@ -661,7 +685,7 @@ impl Core {
 
     /// Starts the closing handshake from our side.
     fn close(&mut self, token: usize, code: CloseCode, reason: &str) {
-        let deadline = self.now + self.config.close_timeout;
+        let deadline = self.tick.after(self.config.close_timeout);
         if let Some(deadline) = self.conns[token].begin_close(code, reason, deadline) {
             self.stats.closes_sent += 1;
             self.mark_dirty(token);
@@ -670,10 +694,10 @@ impl Core {
     }
 
     fn on_timer(&mut self, token: usize) {
-        let now = self.now;
+        let now = self.tick;
         let conn = &mut self.conns[token];
         match &mut conn.phase {
-            Phase::Handshake { deadline, .. } if *deadline <= now => {
+            Phase::Handshake(handshake) if handshake.deadline <= now => {
                 let reason = format!(
                     "handshake not completed within {:?}",
                     self.config.handshake_timeout
@@ -687,7 +711,8 @@ impl Core {
                 if session.close_deadline.is_some_and(|at| at <= now) {
                     return self.drop_conn(token, "no close frame from the peer in time");
                 }
-                if session.close.is_open() && now >= conn.last_heard + self.config.idle_timeout {
+                if session.close.is_open() && now >= conn.last_heard.after(self.config.idle_timeout)
+                {
                     self.stats.idle_closes += 1;
                     let reason = format!(
                         "idle timeout: nothing received for {:?}",
@@ -695,7 +720,7 @@ impl Core {
                     );
                     self.close(token, CloseCode::POLICY_VIOLATION, &reason);
                 } else if session.close.is_open() && now >= session.next_ping {
-                    session.next_ping = now + self.config.ping_interval;
+                    session.next_ping = now.after(self.config.ping_interval);
                     conn.out.push_frame(OpCode::Ping, b"");
                     self.mark_dirty(token);
                 }
@@ -768,7 +793,7 @@ impl Core {
             timers,
             config,
             stats,
-            now,
+            tick,
             ..
         } = self;
         (
@@ -779,7 +804,7 @@ impl Core {
                 timers,
                 config,
                 stats,
-                now: *now,
+                tick: *tick,
             },
         )
     }
@@ -790,13 +815,56 @@ impl Core {
         };
         debug!("conn {token}: dropped: {reason}");
         match conn.phase {
-            Phase::Handshake { .. } => self.pending_handshakes -= 1,
+            Phase::Handshake(_) => self.pending_handshakes -= 1,
             Phase::Open(session) => {
                 self.open_websockets -= 1;
                 let (app, mut out) = self.app_and_outbox();
                 app.on_close(token, session.endpoint, &mut out);
             }
             Phase::Responding { .. } => {}
+        }
+    }
+}
+
+/// The decoder a connection is read with: its own while a message is
+/// partly received, else a fresh one.
+enum DecoderSlot {
+    Boxed(Box<Decoder>),
+    Stack(Decoder),
+    Taken,
+}
+
+impl DecoderSlot {
+    fn take(&mut self) -> Self {
+        std::mem::replace(self, DecoderSlot::Taken)
+    }
+
+    fn into_boxed(self) -> Box<Decoder> {
+        match self {
+            DecoderSlot::Boxed(boxed) => boxed,
+            DecoderSlot::Stack(decoder) => Box::new(decoder),
+            DecoderSlot::Taken => unreachable!("a decoder slot is used once"),
+        }
+    }
+}
+
+impl std::ops::Deref for DecoderSlot {
+    type Target = Decoder;
+    fn deref(&self) -> &Decoder {
+        match self {
+            DecoderSlot::Boxed(boxed) => boxed,
+            DecoderSlot::Stack(decoder) => decoder,
+            DecoderSlot::Taken => unreachable!("a decoder slot is used once"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for DecoderSlot {
+    fn deref_mut(&mut self) -> &mut Decoder {
+        match self {
+            DecoderSlot::Boxed(boxed) => boxed,
+            DecoderSlot::Stack(decoder) => decoder,
+            DecoderSlot::Taken => unreachable!("a decoder slot is used once"),
         }
     }
 }
@@ -808,7 +876,7 @@ struct Delivery<'a> {
     timers: &'a mut Timers,
     config: &'a Config,
     stats: &'a mut Stats,
-    now: Instant,
+    tick: Tick,
 }
 
 impl Delivery<'_> {
@@ -826,7 +894,7 @@ impl Delivery<'_> {
 impl Outbox for Delivery<'_> {
     fn reply_shared(&mut self, to: ConnId, frame: &SharedFrame) {
         if let Some(conn) = self.open_conn(to) {
-            conn.out.push_shared(frame.share());
+            conn.out.push_shared(frame);
         }
     }
 
@@ -846,7 +914,7 @@ impl Outbox for Delivery<'_> {
         }
         let fits = conn.out.len() + frame.bytes().len() <= limit;
         if fits {
-            conn.out.push_shared(frame.share());
+            conn.out.push_shared(frame);
         } else {
             conn.drain_wanted = true;
         }
@@ -865,7 +933,7 @@ impl Outbox for Delivery<'_> {
     }
 
     fn close(&mut self, to: ConnId, code: CloseCode, reason: &str) {
-        let deadline = self.now + self.config.close_timeout;
+        let deadline = self.tick.after(self.config.close_timeout);
         let Some(conn) = self.open_conn(to) else {
             return;
         };
@@ -874,10 +942,7 @@ impl Outbox for Delivery<'_> {
         };
         if conn.wake_at.is_none_or(|w| at < w) {
             conn.wake_at = Some(at);
-            let key = TimerKey::Connection {
-                token: to,
-                serial: conn.serial,
-            };
+            let key = TimerKey::connection(to, conn.serial);
             self.timers.schedule(at, key);
         }
     }

@@ -123,8 +123,12 @@ impl Decoder {
     }
 
     /// True while a frame or a fragmented message is only partly received.
+    /// False between messages (a message just delivered counts as done),
+    /// when the decoder holds nothing a fresh one would not.
     pub fn is_mid_message(&self) -> bool {
-        self.header_spill_len > 0 || self.frame.is_some() || self.message.is_some()
+        self.header_spill_len > 0
+            || self.frame.is_some()
+            || (self.message.is_some() && self.delivered != Delivered::Message)
     }
 
     /// Consumes bytes from the front of `input` (unmasking them in place)
