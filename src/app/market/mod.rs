@@ -406,6 +406,9 @@ impl Market {
         out: &mut impl Outbox,
     ) -> Vec<AlertMessage> {
         let now_ms = unix_millis() as i64;
+        // Alerts run in event time, like candles: cooldowns then mean the
+        // same thing for a live feed and for a replay at any speed.
+        let event_ms = event.get("ts").and_then(Value::as_i64).unwrap_or(now_ms);
         let mut fired = Vec::new();
         for (conn, state) in self.conns.iter_mut() {
             for (name, filter) in &state.filters {
@@ -421,7 +424,7 @@ impl Market {
                 }
             }
             for alert in state.alerts.iter_mut() {
-                if let Some(firing) = alert.on_event(event, now_ms) {
+                if let Some(firing) = alert.on_event(event, event_ms) {
                     fired.push(alert_message(
                         *conn,
                         alert,
