@@ -5,5 +5,6 @@
 
 pub mod app;
 pub mod config;
+pub mod metrics;
 pub mod server;
 pub mod ws;

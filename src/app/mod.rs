@@ -31,6 +31,7 @@ use self::market::legacy::{self, LegacyCommand};
 use self::market::Market;
 use self::protocol::{ack, error, parse_request, Command, ErrorCode, ProtocolError, Request};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::ws::CloseCode;
 pub use crate::ws::SharedFrame;
 pub use routes::{resolve, Endpoint, Target};
@@ -456,6 +457,80 @@ impl App {
         self.chat.remove_conn(conn, out);
         self.streams.remove_conn(conn);
         self.market.remove_conn(conn);
+    }
+
+    /// The listener role an open connection came in on.
+    pub fn role(&self, conn: ConnId) -> Option<Role> {
+        self.clients.get(&conn).map(|c| c.info.role)
+    }
+
+    /// The app's counters for `GET /metrics`.
+    pub fn write_metrics(&self, m: &mut Metrics) {
+        let s = &self.stats;
+        m.counter(
+            "fanout_requests_total",
+            "JSON requests received on /ws.",
+            s.requests,
+        );
+        m.counter(
+            "fanout_request_errors_total",
+            "Requests answered with an error.",
+            s.request_errors,
+        );
+        m.counter(
+            "fanout_auth_failures_total",
+            "Publisher keys rejected.",
+            s.auth_failures,
+        );
+        m.counter(
+            "fanout_published_total",
+            "Messages published by clients.",
+            s.published,
+        );
+        m.family(
+            "fanout_slow_consumer_drops_total",
+            "Fan-out messages dropped because a subscriber's queue was full, by stream.",
+            "counter",
+            &[
+                (&[("stream", "channel")], self.channels.dropped_total as f64),
+                (&[("stream", "chat")], self.chat.dropped_total as f64),
+                (
+                    &[("stream", "market")],
+                    self.market.stats.dropped_updates as f64,
+                ),
+            ],
+        );
+        m.counter(
+            "fanout_slow_consumer_closes_total",
+            "Registered event-stream clients closed with 1008 for reading too slowly.",
+            self.streams.slow_closes,
+        );
+        m.counter(
+            "fanout_registration_timeouts_total",
+            "Clients closed for not registering in time.",
+            self.streams.timeouts,
+        );
+        let market = &self.market.stats;
+        m.counter(
+            "fanout_market_trades_total",
+            "Trades and ticks aggregated into candles.",
+            market.trades,
+        );
+        m.counter(
+            "fanout_market_late_trades_total",
+            "Trades for already-closed candles, dropped.",
+            market.late_trades,
+        );
+        m.counter(
+            "fanout_market_rejected_events_total",
+            "Market events with unusable fields, or past the symbol limit.",
+            market.rejected_market_events,
+        );
+        m.counter(
+            "fanout_alerts_fired_total",
+            "Alerts fired.",
+            market.alerts_fired,
+        );
     }
 
     /// The next moment the app needs [`App::on_timer`].

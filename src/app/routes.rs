@@ -19,6 +19,10 @@ pub enum Target {
     WebSocket(Endpoint),
     /// Plain HTTP liveness probe.
     Health,
+    /// Plain HTTP readiness probe.
+    Ready,
+    /// Prometheus metrics.
+    Metrics,
     /// The web page at `/`.
     Page,
     NotFound,
@@ -32,6 +36,8 @@ pub fn resolve(path: &str) -> Target {
         "/kline" => Target::WebSocket(Endpoint::Kline),
         "/" | "/index.html" => Target::Page,
         "/healthz" => Target::Health,
+        "/readyz" => Target::Ready,
+        "/metrics" => Target::Metrics,
         _ => Target::NotFound,
     }
 }

@@ -20,8 +20,10 @@ use crate::app::{
     resolve, App, ConnId, ConnInfo, Endpoint, Message, Outbox, Role, SharedFrame, Target,
 };
 use crate::config::Config;
+use crate::metrics::{Labels, Metrics};
 use crate::ws::handshake::{self, Rejection, UpgradePolicy};
 use crate::ws::{CloseCode, CloseState, Decoder, Event, Limits, OpCode};
+use std::collections::BTreeMap;
 
 const SIGNAL: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -31,6 +33,19 @@ const FIRST_LISTENER: usize = usize::MAX - 2;
 /// iteration before the loop moves on, so one fast peer cannot starve the
 /// others; it is resumed on the next iteration.
 const READS_PER_TURN: usize = 16;
+
+/// When a read loop may stop before the socket says `WouldBlock`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// A read that does not fill the buffer emptied the socket's receive
+    /// queue; anything arriving later raises a new edge, so the loop skips
+    /// the read that would only say `WouldBlock`.
+    UntilShortRead,
+    /// The peer's FIN (or an error) is already known, or the socket was
+    /// left unread earlier: no new edge will come, so read until the
+    /// socket says so.
+    UntilWouldBlock,
+}
 
 fn listener_token(index: usize) -> Token {
     Token(FIRST_LISTENER - index)
@@ -179,7 +194,8 @@ impl Server {
                 }
                 return Err(e);
             }
-            self.core.set_now(Instant::now());
+            let woke = Instant::now();
+            self.core.set_now(woke);
             for event in events.iter() {
                 match event.token() {
                     SIGNAL => self.on_signal(),
@@ -195,17 +211,21 @@ impl Server {
                         if event.is_writable() {
                             self.core.flush(t);
                         }
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.read(t);
+                        if event.is_read_closed() || event.is_error() {
+                            self.read(t, Drain::UntilWouldBlock);
+                        } else if event.is_readable() {
+                            self.read(t, Drain::UntilShortRead);
                         }
                     }
                 }
             }
             for token in std::mem::take(&mut self.core.resume) {
-                self.read(token);
+                self.read(token, Drain::UntilWouldBlock);
             }
             self.run_timers();
             self.core.flush_dirty();
+            self.core.stats.loop_iterations += 1;
+            self.core.stats.loop_busy += woke.elapsed();
             if let Some(stop_at) = self.core.stopping_at {
                 if self.core.conns.is_empty() || self.core.now >= stop_at {
                     let left = self.core.conns.len();
@@ -329,8 +349,9 @@ impl Server {
         }
     }
 
-    /// Reads until `WouldBlock`, the per-turn budget, or backpressure.
-    fn read(&mut self, token: usize) {
+    /// Reads until the socket is drained, the per-turn budget is used, or
+    /// backpressure.
+    fn read(&mut self, token: usize, drain: Drain) {
         for _ in 0..READS_PER_TURN {
             let Some(conn) = self.core.conns.get_mut(token) else {
                 return;
@@ -355,6 +376,9 @@ impl Server {
                     conn.last_heard = self.core.tick;
                     self.core.stats.bytes_in += n as u64;
                     self.core.on_input(token, &mut self.read_buf[..n]);
+                    if n < self.read_buf.len() && drain == Drain::UntilShortRead {
+                        return;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -403,6 +427,53 @@ impl Server {
 }
 
 impl Core {
+    /// The whole `GET /metrics` document.
+    fn metrics(&self) -> String {
+        let mut m = Metrics::new();
+        let mut open: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        let (mut queued, mut deepest) = (0usize, 0usize);
+        for (token, conn) in &self.conns {
+            // Upgraded connections' listener roles live with the app.
+            let (role, endpoint) = match &conn.phase {
+                Phase::Open(session) => (self.app.role(token), endpoint_name(session.endpoint)),
+                Phase::Handshake(handshake) => (Some(handshake.info.role), "handshake"),
+                Phase::Responding { .. } => (None, "http"),
+            };
+            let listener = match role {
+                Some(Role::Public) => "public",
+                Some(Role::Internal) => "internal",
+                None => "unknown",
+            };
+            *open.entry((listener, endpoint)).or_default() += 1;
+            queued += conn.out.len();
+            deepest = deepest.max(conn.out.len());
+        }
+        let samples: Vec<([(&str, &str); 2], f64)> = open
+            .iter()
+            .map(|((l, e), n)| ([("listener", *l), ("endpoint", *e)], *n as f64))
+            .collect();
+        let samples: Vec<(Labels<'_>, f64)> = samples.iter().map(|(l, n)| (&l[..], *n)).collect();
+        m.family(
+            "fanout_connections",
+            "Open connections by listener and endpoint (handshake and http: not upgraded).",
+            "gauge",
+            &samples,
+        );
+        m.gauge(
+            "fanout_outbound_queued_bytes",
+            "Bytes queued for all clients.",
+            queued as f64,
+        );
+        m.gauge(
+            "fanout_outbound_queue_max_bytes",
+            "The deepest client queue, in bytes.",
+            deepest as f64,
+        );
+        self.stats.write_metrics(&mut m);
+        self.app.write_metrics(&mut m);
+        m.finish()
+    }
+
     fn set_now(&mut self, now: Instant) {
         self.now = now;
         self.tick = self.clock.tick(now);
@@ -521,6 +592,26 @@ impl Core {
                 let response =
                     handshake::http_response(200, &[], "text/plain; charset=utf-8", b"ok\n");
                 self.respond(token, &response, "health check");
+            }
+            Target::Ready if self.stopping_at.is_some() => {
+                self.reject(token, Rejection::new(503, "shutting down"));
+            }
+            Target::Ready => {
+                // Listeners are bound before the loop runs; a node with a
+                // cluster link will also require it to be up.
+                let response =
+                    handshake::http_response(200, &[], "text/plain; charset=utf-8", b"ready\n");
+                self.respond(token, &response, "readiness check");
+            }
+            Target::Metrics => {
+                let text = self.metrics();
+                let response = handshake::http_response(
+                    200,
+                    &[],
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    text.as_bytes(),
+                );
+                self.respond(token, &response, "metrics");
             }
             Target::NotFound => {
                 let reason = format!("no endpoint at {}", request_head.path);
@@ -869,6 +960,15 @@ impl std::ops::DerefMut for DecoderSlot {
     }
 }
 
+fn endpoint_name(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::Echo => "echo",
+        Endpoint::Ws => "ws",
+        Endpoint::Chat => "chat",
+        Endpoint::Kline => "kline",
+    }
+}
+
 /// The app's view of the connection table.
 struct Delivery<'a> {
     conns: &'a mut Slab<Connection>,
@@ -915,8 +1015,10 @@ impl Outbox for Delivery<'_> {
         let fits = conn.out.len() + frame.bytes().len() <= limit;
         if fits {
             conn.out.push_shared(frame);
+            self.stats.deliveries += 1;
         } else {
             conn.drain_wanted = true;
+            self.stats.delivery_drops += 1;
         }
         self.stats.bytes_out += written as u64;
         fits

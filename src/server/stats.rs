@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::metrics::{Labels, Metrics};
+
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
     pub upgrades: u64,
@@ -21,6 +23,104 @@ pub struct Stats {
     pub messages_in: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Fan-out frames queued for a recipient, and those refused because
+    /// the recipient's queue was full.
+    pub deliveries: u64,
+    pub delivery_drops: u64,
+    /// Loop turns, and the time they spent working (not waiting in poll).
+    pub loop_iterations: u64,
+    pub loop_busy: std::time::Duration,
+}
+
+impl Stats {
+    /// The loop's own families for `GET /metrics`.
+    pub fn write_metrics(&self, m: &mut Metrics) {
+        m.counter(
+            "fanout_handshakes_accepted_total",
+            "WebSocket upgrades completed.",
+            self.upgrades,
+        );
+        let statuses: Vec<String> = self.rejections.keys().map(u16::to_string).collect();
+        let labels: Vec<[(&str, &str); 1]> =
+            statuses.iter().map(|s| [("status", s.as_str())]).collect();
+        let samples: Vec<(Labels<'_>, f64)> = labels
+            .iter()
+            .zip(self.rejections.values())
+            .map(|(l, n)| (&l[..], *n as f64))
+            .collect();
+        m.family(
+            "fanout_handshakes_rejected_total",
+            "HTTP requests refused with an error status, by status.",
+            "counter",
+            &samples,
+        );
+        m.counter(
+            "fanout_refused_on_accept_total",
+            "TCP connections closed on accept: too many handshakes pending.",
+            self.refused_on_accept,
+        );
+        m.counter(
+            "fanout_accept_pauses_total",
+            "Accept pauses after running out of descriptors.",
+            self.accept_pauses,
+        );
+        m.counter(
+            "fanout_protocol_errors_total",
+            "Connections failed for breaking RFC 6455.",
+            self.protocol_errors,
+        );
+        m.counter(
+            "fanout_idle_closes_total",
+            "Connections closed by the idle timeout.",
+            self.idle_closes,
+        );
+        m.counter(
+            "fanout_closes_sent_total",
+            "Close frames the server initiated.",
+            self.closes_sent,
+        );
+        m.counter(
+            "fanout_read_pauses_total",
+            "Reads paused because a peer's replies piled up.",
+            self.read_pauses,
+        );
+        m.counter(
+            "fanout_messages_in_total",
+            "WebSocket messages received.",
+            self.messages_in,
+        );
+        m.counter(
+            "fanout_bytes_in_total",
+            "Bytes read from sockets.",
+            self.bytes_in,
+        );
+        m.counter(
+            "fanout_bytes_out_total",
+            "Bytes written to sockets.",
+            self.bytes_out,
+        );
+        m.counter(
+            "fanout_deliveries_total",
+            "Fan-out frames queued for a recipient.",
+            self.deliveries,
+        );
+        m.counter(
+            "fanout_delivery_drops_total",
+            "Fan-out frames not queued because the recipient's queue was full.",
+            self.delivery_drops,
+        );
+        m.counter(
+            "fanout_loop_iterations_total",
+            "Event-loop turns.",
+            self.loop_iterations,
+        );
+        m.family(
+            "fanout_loop_busy_seconds_total",
+            "Time the event loop spent working rather than waiting in poll.",
+            "counter",
+            &[(&[], self.loop_busy.as_secs_f64())],
+        );
+    }
 }
 
 impl fmt::Display for Stats {

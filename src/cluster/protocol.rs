@@ -1,0 +1,733 @@
+//! The Redis data layout and the pure parts of the link: key names, the
+//! publish script, and the interpretation of decoded replies.
+//!
+//! Nothing here does I/O; the `redis` crate decodes RESP into
+//! [`redis::Value`] and these functions turn values into link types,
+//! answering `Err` (never panicking) on anything unexpected.
+
+use redis::Value;
+
+/// The shared bus stream every node reads (`XREAD BLOCK`).
+pub const BUS_KEY: &str = "fanout:bus";
+/// The bus sequence counter: entry `n` on the bus carries `bseq = n`, so a
+/// reader sees exactly how many entries it missed when the bus was trimmed
+/// past it.
+pub const BUS_SEQ_KEY: &str = "fanout:bus:seq";
+/// A random value written once into an empty Redis (`SET NX`); when it
+/// changes between two connections, Redis lost its data (restart without
+/// persistence, FLUSHALL, another server behind the same address).
+pub const EPOCH_KEY: &str = "fanout:epoch";
+
+/// Seconds a node instance's publish-dedup key lives after its last publish.
+pub const DEDUP_TTL_SECS: u64 = 86_400;
+
+/// The per-channel offset counter.
+pub fn offset_key(channel: &str) -> String {
+    format!("fanout:offset:{channel}")
+}
+
+/// The per-channel stream: entry ID `0-<offset>`, bounded by `MAXLEN ~`.
+pub fn channel_key(channel: &str) -> String {
+    format!("fanout:ch:{channel}")
+}
+
+/// The last publish sequence number of one node instance that Redis
+/// applied; makes resending a batch after an ambiguous failure idempotent.
+pub fn dedup_key(node_id: &str, instance: &str) -> String {
+    format!("fanout:node:{node_id}:{instance}")
+}
+
+/// The publish script: one atomic step that assigns the channel offset,
+/// appends to the channel stream and to the bus, and records the node's
+/// sequence number.
+///
+/// KEYS: offset counter, channel stream, bus stream, bus counter, dedup key.
+/// ARGV: channel, origin, origin seq, payload, channel MAXLEN, bus MAXLEN,
+/// dedup TTL.
+/// Returns the offset, or 0 when this origin seq was already applied.
+///
+/// Numbers are formatted with `%d` (Lua 5.1's `tostring` would switch to
+/// exponent notation past 14 digits).
+pub const PUBLISH_LUA: &str = r#"
+local seq = tonumber(ARGV[3])
+local seen = tonumber(redis.call('GET', KEYS[5]) or '0') or 0
+if seq <= seen then
+  return 0
+end
+local off = redis.call('INCR', KEYS[1])
+local ok = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], string.format('0-%d', off),
+  'origin', ARGV[2], 'seq', ARGV[3], 'payload', ARGV[4])
+if type(ok) == 'table' and ok.err then
+  -- The counter is behind the stream (its key was lost or reset): continue
+  -- after the highest ID the stream ever generated.
+  local info = redis.call('XINFO', 'STREAM', KEYS[2])
+  local top = 0
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      top = tonumber(string.match(info[i + 1], '^0%-(%d+)$')) or 0
+    end
+  end
+  if top < off then
+    return redis.error_reply(ok.err)
+  end
+  off = top + 1
+  redis.call('SET', KEYS[1], string.format('%d', off))
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], string.format('0-%d', off),
+    'origin', ARGV[2], 'seq', ARGV[3], 'payload', ARGV[4])
+end
+local bseq = redis.call('INCR', KEYS[4])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*',
+  'ch', ARGV[1], 'off', string.format('%d', off), 'origin', ARGV[2], 'seq', ARGV[3],
+  'bseq', string.format('%d', bseq), 'payload', ARGV[4])
+redis.call('SET', KEYS[5], ARGV[3], 'EX', ARGV[7])
+return off
+"#;
+
+/// A node id is part of key names and `CLIENT SETNAME`: 1 to 64 ASCII
+/// letters, digits, `_`, `-`, `.`.
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// A stream entry ID `ms-seq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StreamId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl StreamId {
+    pub fn parse(s: &str) -> Option<StreamId> {
+        let (ms, seq) = s.split_once('-')?;
+        Some(StreamId {
+            ms: parse_u64(ms.as_bytes())?,
+            seq: parse_u64(seq.as_bytes())?,
+        })
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// Digits only, no sign, no overflow.
+fn parse_u64(b: &[u8]) -> Option<u64> {
+    if b.is_empty() || b.len() > 20 {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &c in b {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+    }
+    Some(n)
+}
+
+/// One entry of a stream as decoded: its ID and its field/value pairs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawEntry {
+    pub id: String,
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RawEntry {
+    fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+
+    fn take_field(&mut self, name: &str) -> Option<Vec<u8>> {
+        let i = self.fields.iter().position(|(k, _)| k == name.as_bytes())?;
+        Some(std::mem::take(&mut self.fields[i].1))
+    }
+}
+
+/// A bus entry, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusEntry {
+    pub id: StreamId,
+    pub channel: String,
+    pub offset: u64,
+    pub origin: String,
+    pub origin_seq: u64,
+    pub bseq: u64,
+    pub payload: String,
+}
+
+/// An entry of a channel stream, checked (the answer to a history request).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    pub offset: u64,
+    pub origin: String,
+    pub origin_seq: u64,
+    pub payload: String,
+}
+
+fn bytes_of(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        Value::VerbatimString { text, .. } => Some(text.into_bytes()),
+        _ => None,
+    }
+}
+
+fn string_of(v: Value) -> Option<String> {
+    String::from_utf8(bytes_of(v)?).ok()
+}
+
+fn u64_of_bytes(b: &[u8]) -> Option<u64> {
+    parse_u64(b)
+}
+
+/// The reply to `XRANGE`/`XREVRANGE`, or one stream's entries inside an
+/// `XREAD` reply: `[[id, [field, value, ...]], ...]`.
+pub fn parse_entries(v: Value) -> Result<Vec<RawEntry>, String> {
+    let items = match v {
+        Value::Array(items) | Value::Set(items) => items,
+        Value::Nil => return Ok(Vec::new()),
+        other => return Err(format!("stream entries: expected an array, got {}", kind(&other))),
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Array(pair) = item else {
+            return Err("stream entry: expected [id, fields]".into());
+        };
+        let mut pair = pair.into_iter();
+        let (Some(id), Some(fields), None) = (pair.next(), pair.next(), pair.next()) else {
+            return Err("stream entry: expected exactly [id, fields]".into());
+        };
+        let id = string_of(id).ok_or("stream entry: the ID is not a string")?;
+        let fields = match fields {
+            Value::Array(flat) => {
+                if flat.len() % 2 != 0 {
+                    return Err(format!("stream entry {id}: odd number of field items"));
+                }
+                let mut fields = Vec::with_capacity(flat.len() / 2);
+                let mut it = flat.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    match (bytes_of(k), bytes_of(v)) {
+                        (Some(k), Some(v)) => fields.push((k, v)),
+                        _ => return Err(format!("stream entry {id}: a field is not a string")),
+                    }
+                }
+                fields
+            }
+            Value::Map(pairs) => {
+                let mut fields = Vec::with_capacity(pairs.len());
+                for (k, v) in pairs {
+                    match (bytes_of(k), bytes_of(v)) {
+                        (Some(k), Some(v)) => fields.push((k, v)),
+                        _ => return Err(format!("stream entry {id}: a field is not a string")),
+                    }
+                }
+                fields
+            }
+            // A deleted entry still listed (XREADGROUP history) has no fields.
+            Value::Nil => Vec::new(),
+            other => {
+                return Err(format!(
+                    "stream entry {id}: expected a field array, got {}",
+                    kind(&other)
+                ))
+            }
+        };
+        out.push(RawEntry { id, fields });
+    }
+    Ok(out)
+}
+
+/// The reply to `XREAD ... STREAMS key id`: `nil` on timeout, otherwise
+/// `[[key, entries]]` (RESP2) or `{key: entries}` (RESP3). Answers the
+/// entries of `key` only.
+pub fn parse_xread(v: Value, key: &str) -> Result<Vec<RawEntry>, String> {
+    let streams: Vec<(Value, Value)> = match v {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Map(pairs) => pairs,
+        Value::Array(items) => {
+            let mut pairs = Vec::with_capacity(items.len());
+            for item in items {
+                let Value::Array(kv) = item else {
+                    return Err("XREAD: expected [key, entries]".into());
+                };
+                let mut kv = kv.into_iter();
+                let (Some(k), Some(e), None) = (kv.next(), kv.next(), kv.next()) else {
+                    return Err("XREAD: expected exactly [key, entries]".into());
+                };
+                pairs.push((k, e));
+            }
+            pairs
+        }
+        other => return Err(format!("XREAD: expected an array, got {}", kind(&other))),
+    };
+    let mut out = Vec::new();
+    for (k, entries) in streams {
+        if bytes_of(k).as_deref() == Some(key.as_bytes()) {
+            out.extend(parse_entries(entries)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Checks a bus entry: every field present and well-formed.
+pub fn bus_entry(mut raw: RawEntry) -> Result<BusEntry, String> {
+    let id = StreamId::parse(&raw.id).ok_or_else(|| format!("bus entry {}: bad ID", raw.id))?;
+    let num = |raw: &RawEntry, name: &str| {
+        raw.field(name)
+            .and_then(u64_of_bytes)
+            .ok_or_else(|| format!("bus entry {}: missing or bad field {name}", raw.id))
+    };
+    let offset = num(&raw, "off")?;
+    let origin_seq = num(&raw, "seq")?;
+    let bseq = num(&raw, "bseq")?;
+    let channel = text_field(&mut raw, "ch")?;
+    let origin = text_field(&mut raw, "origin")?;
+    let payload = text_field(&mut raw, "payload")?;
+    Ok(BusEntry {
+        id,
+        channel,
+        offset,
+        origin,
+        origin_seq,
+        bseq,
+        payload,
+    })
+}
+
+fn text_field(raw: &mut RawEntry, name: &str) -> Result<String, String> {
+    raw.take_field(name)
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| format!("entry {}: missing or non-UTF-8 field {name}", raw.id))
+}
+
+/// Checks a channel-stream entry (ID `0-<offset>`).
+pub fn history_entry(mut raw: RawEntry) -> Result<HistoryEntry, String> {
+    let offset = match StreamId::parse(&raw.id) {
+        Some(StreamId { ms: 0, seq }) if seq > 0 => seq,
+        _ => return Err(format!("channel entry {}: not an offset ID", raw.id)),
+    };
+    let origin_seq = raw
+        .field("seq")
+        .and_then(u64_of_bytes)
+        .ok_or_else(|| format!("channel entry {}: missing or bad field seq", raw.id))?;
+    let origin = text_field(&mut raw, "origin")?;
+    let payload = text_field(&mut raw, "payload")?;
+    Ok(HistoryEntry {
+        offset,
+        origin,
+        origin_seq,
+        payload,
+    })
+}
+
+/// An integer reply (`GET` of a counter: nil means 0).
+pub fn parse_count(v: Value) -> Result<u64, String> {
+    match v {
+        Value::Nil => Ok(0),
+        Value::Int(i) if i >= 0 => Ok(i as u64),
+        other => {
+            let desc = kind(&other);
+            bytes_of(other)
+                .and_then(|b| u64_of_bytes(&b))
+                .ok_or_else(|| format!("expected a counter, got {desc}"))
+        }
+    }
+}
+
+/// The outcome of one publish-script call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishReply {
+    /// Applied at this offset.
+    Offset(u64),
+    /// This origin seq was applied before (a resend after an ambiguous
+    /// failure).
+    Duplicate,
+    /// `NOSCRIPT`: the script cache is empty (Redis restarted, `SCRIPT
+    /// FLUSH`); load it and resend.
+    NoScript,
+    /// Redis cannot take writes right now (`LOADING`, `READONLY`,
+    /// `MASTERDOWN`, `TRYAGAIN`, `BUSY`): resend after a reconnect.
+    Transient(String),
+    /// Redis refused this publish for good (out of memory, a key of the
+    /// wrong type, a script error): the message is lost.
+    Failed(String),
+}
+
+/// Classifies one reply of the publish pipeline.
+pub fn publish_reply(v: Value) -> PublishReply {
+    match v {
+        Value::Int(0) => PublishReply::Duplicate,
+        Value::Int(n) if n > 0 => PublishReply::Offset(n as u64),
+        Value::ServerError(e) => {
+            let code = e.code().to_string();
+            let text = format!("{code} {}", e.details().unwrap_or(""));
+            match code.as_str() {
+                "NOSCRIPT" => PublishReply::NoScript,
+                "LOADING" | "READONLY" | "MASTERDOWN" | "TRYAGAIN" | "BUSY" | "CLUSTERDOWN" => {
+                    PublishReply::Transient(text)
+                }
+                _ => PublishReply::Failed(text),
+            }
+        }
+        other => PublishReply::Failed(format!("unexpected reply {}", kind(&other))),
+    }
+}
+
+/// What a history request answers, computed from the entries after the
+/// requested offset and the channel's offset counter (read in one
+/// `MULTI`/`EXEC`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct History {
+    /// The entries after `after_offset`, oldest first, at most `limit`.
+    pub entries: Vec<HistoryEntry>,
+    /// The channel's latest offset (0 when it never had a message, or when
+    /// Redis lost its data).
+    pub last_offset: u64,
+    /// Messages after `after_offset` that the stream no longer holds
+    /// (trimmed by `MAXLEN ~`): they precede `entries`.
+    pub missed: u64,
+    /// `entries` stopped at `limit` before `last_offset`: ask again after
+    /// the last entry's offset.
+    pub more: bool,
+}
+
+/// Builds a [`History`] from the decoded entries and the counter.
+pub fn history(
+    after_offset: u64,
+    limit: usize,
+    entries: Vec<HistoryEntry>,
+    last_offset: u64,
+) -> History {
+    let expected_first = after_offset.saturating_add(1);
+    let missed = match entries.first() {
+        Some(first) => first.offset.saturating_sub(expected_first),
+        None => last_offset.saturating_sub(after_offset),
+    };
+    let more = entries.len() >= limit
+        && entries
+            .last()
+            .is_some_and(|last| last.offset < last_offset);
+    History {
+        entries,
+        last_offset,
+        missed,
+        more,
+    }
+}
+
+/// A short name for a value's type, for error messages (never the data).
+pub fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Nil => "nil",
+        Value::Int(_) => "integer",
+        Value::BulkString(_) => "bulk string",
+        Value::Array(_) => "array",
+        Value::SimpleString(_) => "simple string",
+        Value::Okay => "OK",
+        Value::Map(_) => "map",
+        Value::Attribute { .. } => "attribute",
+        Value::Set(_) => "set",
+        Value::Double(_) => "double",
+        Value::Boolean(_) => "boolean",
+        Value::VerbatimString { .. } => "verbatim string",
+        Value::BigNumber(_) => "big number",
+        Value::Push { .. } => "push",
+        Value::ServerError(_) => "error",
+    }
+}
+
+/// A tiny xorshift generator for backoff jitter (no crypto needed).
+#[derive(Debug, Clone)]
+pub struct Jitter(u64);
+
+impl Jitter {
+    pub fn new(seed: u64) -> Jitter {
+        Jitter(seed | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+/// A random-enough 64-bit value from std's per-process hash keys, the time
+/// and the pid (the instance nonce and the jitter seed).
+pub fn random_u64() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.write_u128(now);
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn entry(id: &str, fields: &[(&str, &str)]) -> Value {
+        let mut flat = Vec::new();
+        for (k, v) in fields {
+            flat.push(bulk(k));
+            flat.push(bulk(v));
+        }
+        Value::Array(vec![bulk(id), Value::Array(flat)])
+    }
+
+    fn bus(id: &str, ch: &str, off: &str, bseq: &str, payload: &str) -> Value {
+        entry(
+            id,
+            &[
+                ("ch", ch),
+                ("off", off),
+                ("origin", "a"),
+                ("seq", "7"),
+                ("bseq", bseq),
+                ("payload", payload),
+            ],
+        )
+    }
+
+    #[test]
+    fn stream_ids() {
+        assert_eq!(
+            StreamId::parse("1700000000000-3"),
+            Some(StreamId {
+                ms: 1_700_000_000_000,
+                seq: 3
+            })
+        );
+        assert_eq!(StreamId::parse("0-0").unwrap().to_string(), "0-0");
+        for bad in ["", "1", "-1", "1-", "a-1", "1-+2", "1--2", "99999999999999999999-1"] {
+            assert_eq!(StreamId::parse(bad), None, "{bad}");
+        }
+        assert!(StreamId::parse("1-9").unwrap() < StreamId::parse("2-0").unwrap());
+    }
+
+    #[test]
+    fn node_ids() {
+        assert!(valid_node_id("node-a.1_x"));
+        assert!(!valid_node_id(""));
+        assert!(!valid_node_id("a b"));
+        assert!(!valid_node_id("a:b"));
+        assert!(!valid_node_id(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn keys() {
+        assert_eq!(offset_key("news"), "fanout:offset:news");
+        assert_eq!(channel_key("news"), "fanout:ch:news");
+        assert_eq!(dedup_key("a", "ff"), "fanout:node:a:ff");
+    }
+
+    #[test]
+    fn xread_timeout_is_empty() {
+        assert_eq!(parse_xread(Value::Nil, BUS_KEY).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn xread_resp2_and_resp3_shapes() {
+        let entries = Value::Array(vec![
+            bus("5-0", "news", "1", "10", "hello"),
+            bus("5-1", "news", "2", "11", "world"),
+        ]);
+        let resp2 = Value::Array(vec![Value::Array(vec![bulk(BUS_KEY), entries.clone()])]);
+        let resp3 = Value::Map(vec![(bulk(BUS_KEY), entries)]);
+        for v in [resp2, resp3] {
+            let raw = parse_xread(v, BUS_KEY).unwrap();
+            assert_eq!(raw.len(), 2);
+            let e = bus_entry(raw[1].clone()).unwrap();
+            assert_eq!(e.id, StreamId { ms: 5, seq: 1 });
+            assert_eq!(e.channel, "news");
+            assert_eq!(e.offset, 2);
+            assert_eq!(e.origin, "a");
+            assert_eq!(e.origin_seq, 7);
+            assert_eq!(e.bseq, 11);
+            assert_eq!(e.payload, "world");
+        }
+    }
+
+    #[test]
+    fn xread_other_keys_are_ignored() {
+        let v = Value::Array(vec![Value::Array(vec![
+            bulk("other"),
+            Value::Array(vec![bus("1-0", "c", "1", "1", "x")]),
+        ])]);
+        assert!(parse_xread(v, BUS_KEY).unwrap().is_empty());
+    }
+
+    #[test]
+    fn malformed_replies_are_errors_not_panics() {
+        let bad = [
+            Value::Int(3),
+            Value::Array(vec![Value::Int(1)]),
+            Value::Array(vec![Value::Array(vec![bulk(BUS_KEY)])]),
+            Value::Array(vec![Value::Array(vec![bulk(BUS_KEY), Value::Int(1)])]),
+            Value::Array(vec![Value::Array(vec![
+                bulk(BUS_KEY),
+                Value::Array(vec![Value::Array(vec![bulk("1-0")])]),
+            ])]),
+            Value::Array(vec![Value::Array(vec![
+                bulk(BUS_KEY),
+                Value::Array(vec![Value::Array(vec![
+                    bulk("1-0"),
+                    Value::Array(vec![bulk("odd")]),
+                ])]),
+            ])]),
+            Value::Array(vec![Value::Array(vec![
+                bulk(BUS_KEY),
+                Value::Array(vec![Value::Array(vec![
+                    bulk("1-0"),
+                    Value::Array(vec![bulk("k"), Value::Array(vec![])]),
+                ])]),
+            ])]),
+        ];
+        for v in bad {
+            assert!(parse_xread(v.clone(), BUS_KEY).is_err(), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn bad_bus_entries_are_rejected() {
+        let cases = [
+            entry("x", &[]),
+            entry("1-0", &[("ch", "c"), ("off", "1"), ("origin", "a"), ("seq", "1"), ("payload", "p")]),
+            entry("1-0", &[("ch", "c"), ("off", "-1"), ("origin", "a"), ("seq", "1"), ("bseq", "1"), ("payload", "p")]),
+            entry("1-0", &[("off", "1"), ("origin", "a"), ("seq", "1"), ("bseq", "1"), ("payload", "p")]),
+        ];
+        for c in cases {
+            let raw = parse_entries(Value::Array(vec![c])).unwrap();
+            assert!(bus_entry(raw[0].clone()).is_err());
+        }
+        let non_utf8 = Value::Array(vec![Value::Array(vec![
+            bulk("1-0"),
+            Value::Array(vec![
+                bulk("ch"),
+                bulk("c"),
+                bulk("off"),
+                bulk("1"),
+                bulk("origin"),
+                bulk("a"),
+                bulk("seq"),
+                bulk("1"),
+                bulk("bseq"),
+                bulk("1"),
+                bulk("payload"),
+                Value::BulkString(vec![0xff, 0xfe]),
+            ]),
+        ])]);
+        let raw = parse_entries(non_utf8).unwrap();
+        assert!(bus_entry(raw[0].clone()).is_err());
+    }
+
+    #[test]
+    fn history_entries() {
+        let raw = parse_entries(Value::Array(vec![entry(
+            "0-42",
+            &[("origin", "b"), ("seq", "3"), ("payload", "{\"x\":1}")],
+        )]))
+        .unwrap();
+        assert_eq!(
+            history_entry(raw[0].clone()).unwrap(),
+            HistoryEntry {
+                offset: 42,
+                origin: "b".into(),
+                origin_seq: 3,
+                payload: "{\"x\":1}".into()
+            }
+        );
+        for id in ["1-42", "0-0", "zz"] {
+            let raw = parse_entries(Value::Array(vec![entry(
+                id,
+                &[("origin", "b"), ("seq", "3"), ("payload", "p")],
+            )]))
+            .unwrap();
+            assert!(history_entry(raw[0].clone()).is_err(), "{id}");
+        }
+    }
+
+    #[test]
+    fn counters() {
+        assert_eq!(parse_count(Value::Nil), Ok(0));
+        assert_eq!(parse_count(bulk("17")), Ok(17));
+        assert_eq!(parse_count(Value::Int(4)), Ok(4));
+        assert!(parse_count(Value::Int(-1)).is_err());
+        assert!(parse_count(bulk("x")).is_err());
+        assert!(parse_count(Value::Array(vec![])).is_err());
+    }
+
+    #[test]
+    fn publish_replies() {
+        assert_eq!(publish_reply(Value::Int(5)), PublishReply::Offset(5));
+        assert_eq!(publish_reply(Value::Int(0)), PublishReply::Duplicate);
+        assert!(matches!(publish_reply(Value::Int(-2)), PublishReply::Failed(_)));
+        assert!(matches!(publish_reply(Value::Nil), PublishReply::Failed(_)));
+        assert!(matches!(publish_reply(bulk("5")), PublishReply::Failed(_)));
+    }
+
+    fn h(offset: u64) -> HistoryEntry {
+        HistoryEntry {
+            offset,
+            origin: "a".into(),
+            origin_seq: offset,
+            payload: String::new(),
+        }
+    }
+
+    #[test]
+    fn history_accounting() {
+        // Everything after 2 is there.
+        let r = history(2, 10, vec![h(3), h(4)], 4);
+        assert_eq!((r.missed, r.more, r.last_offset), (0, false, 4));
+        // Trimmed: 3..=5 are gone.
+        let r = history(2, 10, vec![h(6), h(7)], 7);
+        assert_eq!((r.missed, r.more), (3, false));
+        // Limit reached before the head.
+        let r = history(0, 2, vec![h(1), h(2)], 5);
+        assert_eq!((r.missed, r.more), (0, true));
+        // Limit reached exactly at the head.
+        let r = history(0, 2, vec![h(1), h(2)], 2);
+        assert!(!r.more);
+        // Nothing left although the counter moved on.
+        let r = history(2, 10, vec![], 9);
+        assert_eq!((r.missed, r.more), (7, false));
+        // Up to date, and a client ahead of a wiped Redis.
+        assert_eq!(history(9, 10, vec![], 9).missed, 0);
+        assert_eq!(history(9, 10, vec![], 0).missed, 0);
+        // No overflow at the top.
+        assert_eq!(history(u64::MAX, 10, vec![], 3).missed, 0);
+    }
+
+    #[test]
+    fn jitter_moves() {
+        let mut j = Jitter::new(0);
+        let a = j.next_u64();
+        let b = j.next_u64();
+        assert_ne!(a, b);
+        assert_ne!(a, 0);
+    }
+}
