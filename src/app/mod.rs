@@ -165,6 +165,11 @@ impl App {
         out: &mut impl Outbox,
     ) {
         self.next_serial += 1;
+        if endpoint == Endpoint::Echo {
+            // Echo needs no per-connection state: idle echo connections
+            // (what benchmarks hold open by the thousand) cost the app nothing.
+            return;
+        }
         let trusted = info.role == Role::Internal;
         self.clients.insert(
             conn,
@@ -451,17 +456,15 @@ impl App {
     }
 
     /// The connection is gone; forget everything about it.
-    pub fn on_close(&mut self, conn: ConnId, _endpoint: Endpoint, out: &mut impl Outbox) {
+    pub fn on_close(&mut self, conn: ConnId, endpoint: Endpoint, out: &mut impl Outbox) {
+        if endpoint == Endpoint::Echo {
+            return;
+        }
         self.clients.remove(&conn);
         self.channels.remove_conn(conn);
         self.chat.remove_conn(conn, out);
         self.streams.remove_conn(conn);
         self.market.remove_conn(conn);
-    }
-
-    /// The listener role an open connection came in on.
-    pub fn role(&self, conn: ConnId) -> Option<Role> {
-        self.clients.get(&conn).map(|c| c.info.role)
     }
 
     /// The app's counters for `GET /metrics`.

@@ -12,7 +12,7 @@ use mio::net::TcpStream;
 
 use super::outbound::Outbound;
 use super::timers::Tick;
-use crate::app::{ConnInfo, Endpoint};
+use crate::app::{ConnInfo, Endpoint, Role};
 use crate::ws::{close::close_payload, CloseCode, CloseState, Decoder, OpCode};
 
 #[derive(Debug)]
@@ -43,6 +43,8 @@ pub struct Session {
     /// messages the loop decodes with a fresh decoder on its stack.
     pub decoder: Option<Box<Decoder>>,
     pub endpoint: Endpoint,
+    /// The listener it came in on (for metrics; the app keeps its own).
+    pub role: Role,
     pub close: CloseState,
     /// The peer broke the protocol: nothing more it sends is parsed.
     pub discard_input: bool,

@@ -432,10 +432,9 @@ impl Core {
         let mut m = Metrics::new();
         let mut open: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         let (mut queued, mut deepest) = (0usize, 0usize);
-        for (token, conn) in &self.conns {
-            // Upgraded connections' listener roles live with the app.
+        for (_, conn) in &self.conns {
             let (role, endpoint) = match &conn.phase {
-                Phase::Open(session) => (self.app.role(token), endpoint_name(session.endpoint)),
+                Phase::Open(session) => (Some(session.role), endpoint_name(session.endpoint)),
                 Phase::Handshake(handshake) => (Some(handshake.info.role), "handshake"),
                 Phase::Responding { .. } => (None, "http"),
             };
@@ -640,7 +639,11 @@ impl Core {
 
     fn upgrade(&mut self, token: usize, endpoint: Endpoint, response: &[u8], consumed: usize) {
         let conn = &mut self.conns[token];
+        let Phase::Handshake(handshake) = &conn.phase else {
+            unreachable!("upgrade is only called during the handshake");
+        };
         let open = Phase::Open(Session {
+            role: handshake.info.role,
             endpoint,
             decoder: None,
             close: CloseState::Open,
