@@ -4,6 +4,7 @@
 //! the routes that decide what each endpoint does with messages.
 
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod server;

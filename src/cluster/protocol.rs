@@ -197,7 +197,12 @@ pub fn parse_entries(v: Value) -> Result<Vec<RawEntry>, String> {
     let items = match v {
         Value::Array(items) | Value::Set(items) => items,
         Value::Nil => return Ok(Vec::new()),
-        other => return Err(format!("stream entries: expected an array, got {}", kind(&other))),
+        other => {
+            return Err(format!(
+                "stream entries: expected an array, got {}",
+                kind(&other)
+            ))
+        }
     };
     let mut out = Vec::with_capacity(items.len());
     for item in items {
@@ -414,16 +419,67 @@ pub fn history(
         Some(first) => first.offset.saturating_sub(expected_first),
         None => last_offset.saturating_sub(after_offset),
     };
-    let more = entries.len() >= limit
-        && entries
-            .last()
-            .is_some_and(|last| last.offset < last_offset);
+    let more =
+        entries.len() >= limit && entries.last().is_some_and(|last| last.offset < last_offset);
     History {
         entries,
         last_offset,
         missed,
         more,
     }
+}
+
+/// Splits the reply of a `MULTI`/`EXEC` pipeline into its `n` results.
+fn exec_results(v: Value, n: usize, what: &str) -> Result<Vec<Value>, String> {
+    match v {
+        Value::Array(items) if items.len() == n => Ok(items),
+        other => Err(format!(
+            "{what}: expected {n} results, got {}",
+            kind(&other)
+        )),
+    }
+}
+
+/// The reply to `MULTI; XRANGE ch 0-<after+1> + COUNT limit; GET offset; EXEC`.
+pub fn parse_history_reply(v: Value, after_offset: u64, limit: usize) -> Result<History, String> {
+    let mut items = exec_results(v, 2, "history")?.into_iter();
+    let (Some(entries), Some(counter)) = (items.next(), items.next()) else {
+        return Err("history: missing results".into());
+    };
+    let entries = parse_entries(entries)?
+        .into_iter()
+        .map(history_entry)
+        .collect::<Result<Vec<_>, _>>()?;
+    let last_offset = parse_count(counter)?;
+    Ok(history(after_offset, limit, entries, last_offset))
+}
+
+/// The reply to `MULTI; XREVRANGE bus + - COUNT 1; GET bus-seq; EXEC`: where
+/// a reader that wants only new messages starts (the bus's last ID, `0-0`
+/// when it is empty) and the bus sequence number there.
+pub fn parse_bus_position(v: Value) -> Result<(StreamId, u64), String> {
+    let mut items = exec_results(v, 2, "bus position")?.into_iter();
+    let (Some(top), Some(counter)) = (items.next(), items.next()) else {
+        return Err("bus position: missing results".into());
+    };
+    let bseq = parse_count(counter)?;
+    let id = match parse_entries(top)?.first() {
+        Some(e) => {
+            StreamId::parse(&e.id).ok_or_else(|| format!("bus position: bad ID {}", e.id))?
+        }
+        None => StreamId { ms: 0, seq: 0 },
+    };
+    Ok((id, bseq))
+}
+
+/// The reply to `MULTI; SET epoch candidate NX; GET epoch; EXEC` (the `SET`
+/// result ignored): the epoch now in Redis.
+pub fn parse_epoch(v: Value) -> Result<String, String> {
+    let mut items = exec_results(v, 1, "epoch")?.into_iter();
+    items
+        .next()
+        .and_then(string_of)
+        .ok_or_else(|| "epoch: not a string".to_string())
 }
 
 /// A short name for a value's type, for error messages (never the data).
@@ -436,14 +492,13 @@ pub fn kind(v: &Value) -> &'static str {
         Value::SimpleString(_) => "simple string",
         Value::Okay => "OK",
         Value::Map(_) => "map",
-        Value::Attribute { .. } => "attribute",
         Value::Set(_) => "set",
         Value::Double(_) => "double",
         Value::Boolean(_) => "boolean",
         Value::VerbatimString { .. } => "verbatim string",
-        Value::BigNumber(_) => "big number",
         Value::Push { .. } => "push",
         Value::ServerError(_) => "error",
+        _ => "other value",
     }
 }
 
@@ -522,7 +577,16 @@ mod tests {
             })
         );
         assert_eq!(StreamId::parse("0-0").unwrap().to_string(), "0-0");
-        for bad in ["", "1", "-1", "1-", "a-1", "1-+2", "1--2", "99999999999999999999-1"] {
+        for bad in [
+            "",
+            "1",
+            "-1",
+            "1-",
+            "a-1",
+            "1-+2",
+            "1--2",
+            "99999999999999999999-1",
+        ] {
             assert_eq!(StreamId::parse(bad), None, "{bad}");
         }
         assert!(StreamId::parse("1-9").unwrap() < StreamId::parse("2-0").unwrap());
@@ -615,9 +679,37 @@ mod tests {
     fn bad_bus_entries_are_rejected() {
         let cases = [
             entry("x", &[]),
-            entry("1-0", &[("ch", "c"), ("off", "1"), ("origin", "a"), ("seq", "1"), ("payload", "p")]),
-            entry("1-0", &[("ch", "c"), ("off", "-1"), ("origin", "a"), ("seq", "1"), ("bseq", "1"), ("payload", "p")]),
-            entry("1-0", &[("off", "1"), ("origin", "a"), ("seq", "1"), ("bseq", "1"), ("payload", "p")]),
+            entry(
+                "1-0",
+                &[
+                    ("ch", "c"),
+                    ("off", "1"),
+                    ("origin", "a"),
+                    ("seq", "1"),
+                    ("payload", "p"),
+                ],
+            ),
+            entry(
+                "1-0",
+                &[
+                    ("ch", "c"),
+                    ("off", "-1"),
+                    ("origin", "a"),
+                    ("seq", "1"),
+                    ("bseq", "1"),
+                    ("payload", "p"),
+                ],
+            ),
+            entry(
+                "1-0",
+                &[
+                    ("off", "1"),
+                    ("origin", "a"),
+                    ("seq", "1"),
+                    ("bseq", "1"),
+                    ("payload", "p"),
+                ],
+            ),
         ];
         for c in cases {
             let raw = parse_entries(Value::Array(vec![c])).unwrap();
@@ -684,7 +776,10 @@ mod tests {
     fn publish_replies() {
         assert_eq!(publish_reply(Value::Int(5)), PublishReply::Offset(5));
         assert_eq!(publish_reply(Value::Int(0)), PublishReply::Duplicate);
-        assert!(matches!(publish_reply(Value::Int(-2)), PublishReply::Failed(_)));
+        assert!(matches!(
+            publish_reply(Value::Int(-2)),
+            PublishReply::Failed(_)
+        ));
         assert!(matches!(publish_reply(Value::Nil), PublishReply::Failed(_)));
         assert!(matches!(publish_reply(bulk("5")), PublishReply::Failed(_)));
     }
@@ -729,5 +824,40 @@ mod tests {
         let b = j.next_u64();
         assert_ne!(a, b);
         assert_ne!(a, 0);
+    }
+
+    #[test]
+    fn exec_replies() {
+        let v = Value::Array(vec![
+            Value::Array(vec![entry(
+                "0-3",
+                &[("origin", "a"), ("seq", "1"), ("payload", "x")],
+            )]),
+            bulk("5"),
+        ]);
+        let r = parse_history_reply(v, 2, 10).unwrap();
+        assert_eq!(r.entries.len(), 1);
+        assert_eq!((r.last_offset, r.missed, r.more), (5, 0, false));
+        assert!(parse_history_reply(Value::Nil, 0, 1).is_err());
+        assert!(parse_history_reply(Value::Array(vec![Value::Nil]), 0, 1).is_err());
+
+        let v = Value::Array(vec![
+            Value::Array(vec![bus("9-2", "c", "1", "4", "p")]),
+            bulk("4"),
+        ]);
+        assert_eq!(
+            parse_bus_position(v).unwrap(),
+            (StreamId { ms: 9, seq: 2 }, 4)
+        );
+        let v = Value::Array(vec![Value::Array(vec![]), Value::Nil]);
+        assert_eq!(
+            parse_bus_position(v).unwrap(),
+            (StreamId { ms: 0, seq: 0 }, 0)
+        );
+        assert!(parse_bus_position(Value::Okay).is_err());
+
+        assert_eq!(parse_epoch(Value::Array(vec![bulk("ab")])).unwrap(), "ab");
+        assert!(parse_epoch(Value::Array(vec![Value::Nil])).is_err());
+        assert!(parse_epoch(Value::Array(vec![])).is_err());
     }
 }

@@ -1,0 +1,1355 @@
+//! [`RedisLink`]: the two Redis threads (writer, reader) and the
+//! non-blocking handle the event loop holds. See the module doc of
+//! [`crate::cluster`] for the design.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use redis::{Client, Connection, ErrorKind, RedisError, Script, Value};
+
+use super::backoff::Backoff;
+use super::protocol::{
+    self, channel_key, dedup_key, offset_key, History, PublishReply, StreamId, BUS_KEY,
+    BUS_SEQ_KEY, DEDUP_TTL_SECS, EPOCH_KEY, PUBLISH_LUA,
+};
+use super::queues::{Command, Inbox, Outbox};
+
+/// The most entries one history request answers.
+pub const MAX_HISTORY: usize = 10_000;
+
+/// How often an idle writer checks its connection with `PING`.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest a link thread sleeps before looking at the stop flag.
+const TICK: Duration = Duration::from_millis(100);
+/// Repeated warnings (malformed entries, rejected publishes) are logged at
+/// most this often.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Settings of a [`RedisLink`]. [`LinkConfig::new`] fills in defaults.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// `redis://[:PASSWORD@]HOST:PORT[/DB]` (`rediss://` is refused: no TLS
+    /// built in).
+    pub url: String,
+    /// This node's name: the `origin` of its messages. 1 to 64 ASCII
+    /// letters, digits, `_`, `-`, `.`; unique per node.
+    pub node_id: String,
+    /// Per-channel stream bound (`MAXLEN ~`): how far back "resume since N"
+    /// reaches.
+    pub stream_maxlen: usize,
+    /// Bus stream bound (`MAXLEN ~`): how far a reader may fall behind (or
+    /// be disconnected) before it misses messages, which it then reports as
+    /// [`LostKind::BusGap`].
+    pub bus_maxlen: usize,
+    /// First reconnect delay; it doubles up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Publishes and history requests waiting for Redis, including the
+    /// batch in flight. Beyond it `publish` answers [`Full`].
+    pub outbound_queue: usize,
+    /// Bus messages waiting for the event loop to `drain`. When full, the
+    /// reader pauses (Redis holds the backlog in the bus).
+    pub inbound_queue: usize,
+    /// Most publishes per pipelined round trip, and most bus entries per
+    /// `XREAD` (`COUNT`).
+    pub batch: usize,
+    /// `XREAD BLOCK` time: also how long the reader takes to notice
+    /// shutdown.
+    pub read_block: Duration,
+    /// Connect timeout and per-command timeout.
+    pub io_timeout: Duration,
+    /// How long `shutdown` waits for the threads (the writer spends up to
+    /// half of it flushing queued publishes).
+    pub shutdown_timeout: Duration,
+}
+
+impl LinkConfig {
+    pub fn new(url: impl Into<String>, node_id: impl Into<String>) -> LinkConfig {
+        LinkConfig {
+            url: url.into(),
+            node_id: node_id.into(),
+            stream_maxlen: 10_000,
+            bus_maxlen: 100_000,
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            outbound_queue: 10_000,
+            inbound_queue: 10_000,
+            batch: 256,
+            read_block: Duration::from_millis(500),
+            io_timeout: Duration::from_secs(2),
+            shutdown_timeout: Duration::from_secs(3),
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if !protocol::valid_node_id(&self.node_id) {
+            return Err(format!(
+                "node id {:?}: expected 1 to 64 ASCII letters, digits, '_', '-', '.'",
+                self.node_id
+            ));
+        }
+        for (name, v) in [
+            ("stream_maxlen", self.stream_maxlen),
+            ("bus_maxlen", self.bus_maxlen),
+            ("outbound_queue", self.outbound_queue),
+            ("inbound_queue", self.inbound_queue),
+            ("batch", self.batch),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        let hour = Duration::from_secs(3600);
+        for (name, v) in [
+            ("read_block", self.read_block),
+            ("io_timeout", self.io_timeout),
+            ("reconnect_min", self.reconnect_min),
+            ("reconnect_max", self.reconnect_max),
+            ("shutdown_timeout", self.shutdown_timeout),
+        ] {
+            if v > hour {
+                return Err(format!("{name} must be at most an hour"));
+            }
+        }
+        if self.read_block < Duration::from_millis(1) || self.io_timeout < Duration::from_millis(1)
+        {
+            return Err("read_block and io_timeout must be at least 1 ms".into());
+        }
+        Ok(())
+    }
+}
+
+/// What the link hands to the event loop (see [`RedisLink::drain`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A message from the bus, from any node including this one (skip your
+    /// own by `origin` if you delivered them locally already). Per channel,
+    /// offsets increase by one and are the same on every node.
+    Message {
+        channel: String,
+        offset: u64,
+        /// The publishing node's `node_id`.
+        origin: String,
+        /// What `publish` returned on the origin node.
+        origin_seq: u64,
+        payload: String,
+    },
+    /// The answer to [`RedisLink::history`].
+    History {
+        request: u64,
+        channel: String,
+        result: Result<History, String>,
+    },
+    /// Both connections are up (first connect, or after a `Down`).
+    Up,
+    /// Redis is unreachable: sent once per outage (one warning is logged).
+    Down { reason: String },
+    /// Redis lost its data (restarted without persistence, flushed, or a
+    /// different server): channel offsets start again from 1 and history
+    /// from before is gone; messages not yet read from the old bus are lost
+    /// (their number is unknown).
+    Reset,
+    /// Messages that will never be delivered, counted.
+    Lost { count: u64, kind: LostKind },
+}
+
+/// Why messages were lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostKind {
+    /// `publish` found the outbound queue full (it also answered [`Full`]).
+    /// Reported in batches, as counted since the last report.
+    QueueFull,
+    /// Redis refused this node's publish `origin_seq` (out of memory, a key
+    /// of the wrong type, ...): count is 1.
+    Rejected { origin_seq: u64 },
+    /// The bus was trimmed past this node's reader (it was disconnected or
+    /// slow for longer than `bus_maxlen` messages): messages from any node.
+    BusGap,
+}
+
+/// The link as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Started, not connected yet.
+    Connecting,
+    /// Both connections up.
+    Up,
+    /// An outage: at least one connection is down and reconnecting.
+    Down,
+    /// Shut down.
+    Stopped,
+}
+
+/// Counters and gauges of a link (all since `start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkStats {
+    pub state: LinkState,
+    /// Publishes Redis applied (each once, resends included).
+    pub published: u64,
+    /// Bus messages handed to the loop.
+    pub received: u64,
+    pub lost_queue_full: u64,
+    pub lost_rejected: u64,
+    pub lost_bus_gap: u64,
+    /// Publishes still queued when `shutdown` gave up.
+    pub lost_at_shutdown: u64,
+    /// Bus entries that were not fanout messages (skipped).
+    pub malformed: u64,
+    /// Resends after an ambiguous failure that Redis had already applied
+    /// (and skipped; they are counted in `published` once).
+    pub duplicates: u64,
+    /// History requests answered (with entries or an error).
+    pub history_answered: u64,
+    /// Publishes and history requests waiting or in flight.
+    pub outbound_queued: usize,
+    /// Bus messages waiting for `drain`.
+    pub inbound_queued: usize,
+    /// Age of the newest bus entry the reader got, by this host's clock
+    /// against Redis's (0 when the reader is caught up).
+    pub lag_ms: u64,
+    /// Connections established after the first one of each thread.
+    pub reconnects: u64,
+    pub connect_failures: u64,
+    /// Outages (`Down` transitions).
+    pub outages: u64,
+    /// Redis data resets seen (`Reset`).
+    pub resets: u64,
+    /// Length of the current outage (0 when up).
+    pub down_ms: u64,
+    /// Total time spent down, the current outage included.
+    pub down_total_ms: u64,
+}
+
+/// `publish` or `history` found the outbound queue full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
+impl fmt::Display for Full {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("redis link outbound queue is full")
+    }
+}
+
+impl std::error::Error for Full {}
+
+#[derive(Default)]
+struct Counters {
+    published: AtomicU64,
+    lost_queue_full: AtomicU64,
+    lost_rejected: AtomicU64,
+    lost_bus_gap: AtomicU64,
+    lost_at_shutdown: AtomicU64,
+    malformed: AtomicU64,
+    duplicates: AtomicU64,
+    history_answered: AtomicU64,
+    lag_ms: AtomicU64,
+    reconnects: AtomicU64,
+    connect_failures: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Writer,
+    Reader,
+}
+
+struct Status {
+    writer_up: bool,
+    reader_up: bool,
+    state: LinkState,
+    epoch: Option<String>,
+    /// Bumped whenever the epoch in Redis changed (a data reset).
+    epoch_gen: u64,
+    outages: u64,
+    resets: u64,
+    down_since: Option<Instant>,
+    down_total: Duration,
+}
+
+struct Shared {
+    cfg: LinkConfig,
+    /// `host:port` (no credentials), for logs.
+    addr: String,
+    /// Random per process: publishes of a restarted node never collide with
+    /// the dedup state of its previous run.
+    instance: String,
+    stop: AtomicBool,
+    /// The reader has taken its start position on the bus: until then the
+    /// writer holds publishes back, so that the node's own reader sees
+    /// every message published after `start`.
+    reader_ready: AtomicBool,
+    outbox: Outbox,
+    inbox: Inbox,
+    status: Mutex<Status>,
+    c: Counters,
+    /// Queue-full losses not yet reported as `Inbound::Lost`.
+    overflow: AtomicU64,
+    next_seq: AtomicU64,
+    next_request: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn conn_up(&self, side: Side) {
+        let mut s = lock(&self.status);
+        match side {
+            Side::Writer => s.writer_up = true,
+            Side::Reader => s.reader_up = true,
+        }
+        if s.writer_up && s.reader_up && s.state != LinkState::Up && !self.stopping() {
+            match s.down_since.take() {
+                Some(since) => {
+                    let outage = since.elapsed();
+                    s.down_total += outage;
+                    log::info!(
+                        "redis link to {} is up again after {:.1} s",
+                        self.addr,
+                        outage.as_secs_f64()
+                    );
+                }
+                None => log::info!(
+                    "redis link to {} is up (node {})",
+                    self.addr,
+                    self.cfg.node_id
+                ),
+            }
+            s.state = LinkState::Up;
+            self.inbox.push_control(Inbound::Up);
+        }
+    }
+
+    fn conn_down(&self, side: Side, reason: &str) {
+        let mut s = lock(&self.status);
+        match side {
+            Side::Writer => s.writer_up = false,
+            Side::Reader => s.reader_up = false,
+        }
+        if matches!(s.state, LinkState::Up | LinkState::Connecting) && !self.stopping() {
+            s.state = LinkState::Down;
+            s.outages += 1;
+            s.down_since = Some(Instant::now());
+            log::warn!(
+                "redis link to {} is down ({reason}); local clients are still served, \
+                 publishes are queued (up to {}), reconnecting with backoff",
+                self.addr,
+                self.cfg.outbound_queue
+            );
+            self.inbox.push_control(Inbound::Down {
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    /// Records the epoch now in Redis; a change means Redis lost its data.
+    /// Answers the epoch generation.
+    fn note_epoch(&self, epoch: String) -> u64 {
+        let mut s = lock(&self.status);
+        match &s.epoch {
+            Some(old) if *old == epoch => {}
+            Some(_) => {
+                s.epoch = Some(epoch);
+                s.epoch_gen += 1;
+                s.resets += 1;
+                log::warn!(
+                    "redis at {} lost its data (restart without persistence or flush): \
+                     channel offsets start again from 1, earlier history is gone",
+                    self.addr
+                );
+                self.inbox.push_control(Inbound::Reset);
+            }
+            None => s.epoch = Some(epoch),
+        }
+        s.epoch_gen
+    }
+
+    fn lost(&self, count: u64, kind: LostKind) {
+        if count > 0 {
+            self.inbox.push_control(Inbound::Lost { count, kind });
+        }
+    }
+
+    fn report_overflow(&self) {
+        let n = self.overflow.swap(0, Ordering::AcqRel);
+        self.lost(n, LostKind::QueueFull);
+    }
+
+    fn answer_history(&self, cmd: Command, result: Result<History, String>) {
+        if let Command::History {
+            request, channel, ..
+        } = cmd
+        {
+            add(&self.c.history_answered, 1);
+            self.inbox.push_control(Inbound::History {
+                request,
+                channel,
+                result,
+            });
+        }
+    }
+
+    fn stats(&self) -> LinkStats {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let s = lock(&self.status);
+        let down = s.down_since.map(|t| t.elapsed()).unwrap_or_default();
+        LinkStats {
+            state: s.state,
+            published: load(&self.c.published),
+            received: self.inbox.messages_in(),
+            lost_queue_full: load(&self.c.lost_queue_full),
+            lost_rejected: load(&self.c.lost_rejected),
+            lost_bus_gap: load(&self.c.lost_bus_gap),
+            lost_at_shutdown: load(&self.c.lost_at_shutdown),
+            malformed: load(&self.c.malformed),
+            duplicates: load(&self.c.duplicates),
+            history_answered: load(&self.c.history_answered),
+            outbound_queued: self.outbox.len(),
+            inbound_queued: self.inbox.len(),
+            lag_ms: load(&self.c.lag_ms),
+            reconnects: load(&self.c.reconnects),
+            connect_failures: load(&self.c.connect_failures),
+            outages: s.outages,
+            resets: s.resets,
+            down_ms: millis(down),
+            down_total_ms: millis(s.down_total + down),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A Redis server error leaves the connection usable; anything else (I/O,
+/// timeout, a reply the client could not parse) does not.
+fn is_connection_error(e: &RedisError) -> bool {
+    !matches!(e.kind(), ErrorKind::Server(_) | ErrorKind::Extension)
+}
+
+/// Logs a repeated warning at most once per [`WARN_INTERVAL`].
+struct RateLimited {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    fn new() -> RateLimited {
+        RateLimited {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    fn warn(&mut self, msg: fmt::Arguments<'_>) {
+        if self.last.is_some_and(|t| t.elapsed() < WARN_INTERVAL) {
+            self.suppressed += 1;
+            return;
+        }
+        if self.suppressed > 0 {
+            log::warn!("{msg} ({} similar warnings suppressed)", self.suppressed);
+        } else {
+            log::warn!("{msg}");
+        }
+        self.last = Some(Instant::now());
+        self.suppressed = 0;
+    }
+}
+
+/// Opens one connection with the link's timeouts and a client name.
+fn open(
+    sh: &Shared,
+    client: &Client,
+    role: &str,
+    read_timeout: Duration,
+) -> redis::RedisResult<Connection> {
+    let mut con = client.get_connection_with_timeout(sh.cfg.io_timeout)?;
+    con.set_read_timeout(Some(read_timeout))?;
+    con.set_write_timeout(Some(sh.cfg.io_timeout))?;
+    // Visible in CLIENT LIST; a server that refuses it is still usable.
+    let name = format!("fanout-{}-{role}", sh.cfg.node_id);
+    if let Err(e) = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(name)
+        .query::<Value>(&mut con)
+    {
+        if is_connection_error(&e) {
+            return Err(e);
+        }
+    }
+    Ok(con)
+}
+
+/// `SET epoch NX` + `GET epoch` in one transaction; answers the epoch
+/// generation after recording what Redis holds.
+fn sync_epoch(sh: &Shared, con: &mut Connection) -> Result<u64, String> {
+    let candidate = format!("{:016x}", protocol::random_u64());
+    let reply = redis::pipe()
+        .atomic()
+        .cmd("SET")
+        .arg(EPOCH_KEY)
+        .arg(candidate)
+        .arg("NX")
+        .ignore()
+        .cmd("GET")
+        .arg(EPOCH_KEY)
+        .query::<Value>(con)
+        .map_err(|e| e.to_string())?;
+    Ok(sh.note_epoch(protocol::parse_epoch(reply)?))
+}
+
+/// Sleeps `d` in short steps, returning early when the link stops.
+fn nap(sh: &Shared, d: Duration) {
+    let deadline = Instant::now() + d;
+    while !sh.stopping() {
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        std::thread::sleep((deadline - now).min(TICK / 2));
+    }
+}
+
+/// The non-blocking handle the event loop holds. Dropping it shuts the link
+/// down like [`RedisLink::shutdown`].
+pub struct RedisLink {
+    sh: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl RedisLink {
+    /// Validates `config`, starts the writer and reader threads and returns
+    /// at once; connecting happens in the background (watch for
+    /// [`Inbound::Up`] / [`Inbound::Down`]). `waker` is woken whenever
+    /// inbound items become available.
+    pub fn start(config: LinkConfig, waker: Arc<mio::Waker>) -> io::Result<RedisLink> {
+        let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
+        config.check().map_err(invalid)?;
+        let client = Client::open(config.url.as_str())
+            .map_err(|e| invalid(format!("redis url {:?}: {e}", config.url)))?;
+        let addr = client.get_connection_info().addr().to_string();
+        let sh = Arc::new(Shared {
+            addr,
+            instance: format!("{:016x}", protocol::random_u64()),
+            stop: AtomicBool::new(false),
+            reader_ready: AtomicBool::new(false),
+            outbox: Outbox::new(config.outbound_queue),
+            inbox: Inbox::new(config.inbound_queue, waker),
+            status: Mutex::new(Status {
+                writer_up: false,
+                reader_up: false,
+                state: LinkState::Connecting,
+                epoch: None,
+                epoch_gen: 0,
+                outages: 0,
+                resets: 0,
+                down_since: None,
+                down_total: Duration::ZERO,
+            }),
+            c: Counters::default(),
+            overflow: AtomicU64::new(0),
+            next_seq: AtomicU64::new(0),
+            next_request: AtomicU64::new(0),
+            cfg: config,
+        });
+        let seed = protocol::random_u64();
+        let writer = Writer {
+            sh: sh.clone(),
+            client: client.clone(),
+            conn: None,
+            script: Script::new(PUBLISH_LUA),
+            backoff: Backoff::new(sh.cfg.reconnect_min, sh.cfg.reconnect_max, seed),
+            down: false,
+            connected_before: false,
+            batch: Vec::new(),
+            dseqs: Vec::new(),
+            next_dseq: 0,
+            noscript_rounds: 0,
+            dedup_key: dedup_key(&sh.cfg.node_id, &sh.instance),
+            last_io: Instant::now(),
+            rejected_warn: RateLimited::new(),
+        };
+        let reader = Reader {
+            sh: sh.clone(),
+            client,
+            conn: None,
+            backoff: Backoff::new(
+                sh.cfg.reconnect_min,
+                sh.cfg.reconnect_max,
+                seed.rotate_left(17),
+            ),
+            down: false,
+            connected_before: false,
+            last_id: None,
+            last_bseq: 0,
+            epoch_gen: 0,
+            staged: VecDeque::new(),
+            malformed_warn: RateLimited::new(),
+        };
+        let mut threads = Vec::with_capacity(2);
+        let spawned = std::thread::Builder::new()
+            .name("fanout-redis-writer".into())
+            .spawn(move || writer.run())
+            .and_then(|w| {
+                threads.push(w);
+                std::thread::Builder::new()
+                    .name("fanout-redis-reader".into())
+                    .spawn(move || reader.run())
+            });
+        let mut link = RedisLink { sh, threads };
+        match spawned {
+            Ok(r) => {
+                link.threads.push(r);
+                Ok(link)
+            }
+            Err(e) => {
+                link.stop();
+                Err(e)
+            }
+        }
+    }
+
+    /// This node's id (the `origin` of its messages).
+    pub fn node_id(&self) -> &str {
+        &self.sh.cfg.node_id
+    }
+
+    /// Queues `payload` for `channel`; never blocks. Answers the publish's
+    /// `origin_seq` (1, 2, ... per link), which comes back in the
+    /// [`Inbound::Message`] that carries its offset. On [`Full`] the
+    /// message is dropped, counted (`lost_queue_full`) and later reported
+    /// as `Inbound::Lost { kind: QueueFull }`.
+    pub fn publish(&self, channel: &str, payload: String) -> Result<u64, Full> {
+        let seq = self.sh.next_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let cmd = Command::Publish {
+            id: seq,
+            channel: channel.to_string(),
+            payload,
+        };
+        match self.sh.outbox.push(cmd) {
+            Ok(()) => Ok(seq),
+            Err(_) => {
+                add(&self.sh.c.lost_queue_full, 1);
+                add(&self.sh.overflow, 1);
+                Err(Full)
+            }
+        }
+    }
+
+    /// Asks for the messages of `channel` after `after_offset` (at most
+    /// `limit`, clamped to 1..=[`MAX_HISTORY`]); never blocks. Answers a
+    /// request id; the result comes back as [`Inbound::History`], in order
+    /// with this link's earlier publishes. While Redis is unreachable the
+    /// answer is an error, at once.
+    pub fn history(&self, channel: &str, after_offset: u64, limit: usize) -> Result<u64, Full> {
+        let request = self.sh.next_request.fetch_add(1, Ordering::Relaxed) + 1;
+        let cmd = Command::History {
+            request,
+            channel: channel.to_string(),
+            after_offset,
+            limit: limit.clamp(1, MAX_HISTORY),
+        };
+        self.sh.outbox.push(cmd).map(|()| request).map_err(|_| Full)
+    }
+
+    /// Everything that arrived since the last call, oldest first; never
+    /// blocks. Call it after each wake of the link's `mio::Waker` token.
+    pub fn drain(&self) -> impl Iterator<Item = Inbound> {
+        self.sh.inbox.drain().into_iter()
+    }
+
+    pub fn state(&self) -> LinkState {
+        lock(&self.sh.status).state
+    }
+
+    pub fn stats(&self) -> LinkStats {
+        self.sh.stats()
+    }
+
+    /// Stops the threads (the writer first flushes queued publishes if it
+    /// is connected), waiting at most `shutdown_timeout`; a thread that
+    /// does not finish in time is left to end on its own. Answers the final
+    /// stats.
+    pub fn shutdown(mut self) -> LinkStats {
+        self.stop();
+        self.sh.stats()
+    }
+
+    fn stop(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        self.sh.stop.store(true, Ordering::Release);
+        self.sh.outbox.wake();
+        self.sh.inbox.release();
+        let deadline = Instant::now() + self.sh.cfg.shutdown_timeout;
+        for t in self.threads.drain(..) {
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if t.is_finished() {
+                if t.join().is_err() {
+                    log::error!("redis link thread panicked");
+                }
+            } else {
+                log::warn!(
+                    "redis link thread {:?} did not stop within {:?}; leaving it",
+                    t.thread().name().unwrap_or("?"),
+                    self.sh.cfg.shutdown_timeout
+                );
+            }
+        }
+        let mut s = lock(&self.sh.status);
+        if let Some(since) = s.down_since.take() {
+            s.down_total += since.elapsed();
+        }
+        s.state = LinkState::Stopped;
+    }
+}
+
+impl Drop for RedisLink {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl fmt::Debug for RedisLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLink")
+            .field("addr", &self.sh.addr)
+            .field("node_id", &self.sh.cfg.node_id)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+/// The writer thread: publishes (pipelined, through the publish script)
+/// and history requests, on its own connection.
+struct Writer {
+    sh: Arc<Shared>,
+    client: Client,
+    conn: Option<Connection>,
+    script: Script,
+    backoff: Backoff,
+    /// Reported down; the next connect waits for the backoff first.
+    down: bool,
+    connected_before: bool,
+    /// Commands taken from the outbox, not finished yet.
+    batch: Vec<Command>,
+    /// Per publish in `batch`: the dedup sequence it was last sent with, 0
+    /// when it was never sent or Redis certainly did not apply it.
+    dseqs: Vec<u64>,
+    next_dseq: u64,
+    noscript_rounds: u32,
+    dedup_key: String,
+    last_io: Instant,
+    rejected_warn: RateLimited,
+}
+
+impl Writer {
+    fn run(mut self) {
+        while !self.sh.stopping() {
+            self.sh.report_overflow();
+            if self.conn.is_none() && !self.connect() {
+                continue;
+            }
+            if !self.sh.reader_ready.load(Ordering::Acquire) {
+                self.sh
+                    .outbox
+                    .sleep_until(Instant::now() + TICK / 4, &self.sh.stop);
+                continue;
+            }
+            if self.batch.is_empty() {
+                self.sh
+                    .outbox
+                    .take_batch(self.sh.cfg.batch, TICK, &self.sh.stop, &mut self.batch);
+                self.dseqs.clear();
+                self.dseqs.resize(self.batch.len(), 0);
+                if self.batch.is_empty() {
+                    self.health_check();
+                    continue;
+                }
+            }
+            self.process();
+        }
+        self.finish();
+    }
+
+    fn process(&mut self) {
+        if matches!(self.batch.first(), Some(Command::History { .. })) {
+            self.run_history();
+        } else {
+            self.run_publishes();
+        }
+    }
+
+    /// Connects (after the backoff delay when down). Answers whether the
+    /// writer is connected.
+    fn connect(&mut self) -> bool {
+        if self.down {
+            let deadline = Instant::now() + self.backoff.next_delay();
+            while !self.sh.stopping() && Instant::now() < deadline {
+                self.fail_history("redis link is down");
+                self.sh.report_overflow();
+                self.sh.outbox.sleep_until(deadline, &self.sh.stop);
+            }
+            if self.sh.stopping() {
+                return false;
+            }
+        }
+        match self.try_connect() {
+            Ok(()) => true,
+            Err(reason) => {
+                self.down = true;
+                self.sh.conn_down(Side::Writer, &reason);
+                false
+            }
+        }
+    }
+
+    fn try_connect(&mut self) -> Result<(), String> {
+        let result = (|| {
+            let mut con = open(&self.sh, &self.client, "writer", self.sh.cfg.io_timeout)
+                .map_err(|e| e.to_string())?;
+            self.script
+                .prepare_invoke()
+                .load(&mut con)
+                .map_err(|e| format!("SCRIPT LOAD: {e}"))?;
+            sync_epoch(&self.sh, &mut con)?;
+            Ok(con)
+        })();
+        match result {
+            Ok(con) => {
+                self.conn = Some(con);
+                self.last_io = Instant::now();
+                if self.connected_before {
+                    add(&self.sh.c.reconnects, 1);
+                }
+                self.connected_before = true;
+                self.down = false;
+                self.backoff.reset();
+                self.sh.conn_up(Side::Writer);
+                Ok(())
+            }
+            Err(e) => {
+                add(&self.sh.c.connect_failures, 1);
+                Err(e)
+            }
+        }
+    }
+
+    /// The connection broke: one immediate retry (a stale connection after
+    /// a quick Redis restart is not an outage), else report down.
+    fn connection_failed(&mut self, e: &RedisError) {
+        self.conn = None;
+        if self.sh.stopping() {
+            return;
+        }
+        if let Err(again) = self.try_connect() {
+            log::debug!("redis writer: {e}; reconnecting: {again}");
+            self.down = true;
+            self.sh.conn_down(Side::Writer, &e.to_string());
+        }
+    }
+
+    /// Answers queued history requests with an error (Redis unreachable).
+    fn fail_history(&mut self, why: &str) {
+        if matches!(self.batch.first(), Some(Command::History { .. })) {
+            let cmd = self.batch.remove(0);
+            self.dseqs.clear();
+            self.sh.outbox.done(1);
+            self.sh.answer_history(cmd, Err(why.to_string()));
+        }
+        for cmd in self.sh.outbox.take_history() {
+            self.sh.answer_history(cmd, Err(why.to_string()));
+        }
+    }
+
+    fn health_check(&mut self) {
+        if self.last_io.elapsed() < HEALTH_INTERVAL {
+            return;
+        }
+        let Some(con) = self.conn.as_mut() else {
+            return;
+        };
+        self.last_io = Instant::now();
+        match redis::cmd("PING").query::<Value>(con) {
+            Ok(_) => {}
+            Err(e) if is_connection_error(&e) => self.connection_failed(&e),
+            // LOADING and the like: Redis is there but cannot serve yet.
+            Err(e) => {
+                self.conn = None;
+                self.down = true;
+                self.sh.conn_down(Side::Writer, &e.to_string());
+            }
+        }
+    }
+
+    fn run_history(&mut self) {
+        let Some(Command::History {
+            channel,
+            after_offset,
+            limit,
+            ..
+        }) = self.batch.first()
+        else {
+            return;
+        };
+        let (after_offset, limit) = (*after_offset, *limit);
+        let Some(con) = self.conn.as_mut() else {
+            return;
+        };
+        let reply = redis::pipe()
+            .atomic()
+            .cmd("XRANGE")
+            .arg(channel_key(channel))
+            .arg(format!("0-{}", after_offset.saturating_add(1)))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit)
+            .cmd("GET")
+            .arg(offset_key(channel))
+            .query::<Value>(con);
+        self.last_io = Instant::now();
+        let result = match reply {
+            Ok(v) => protocol::parse_history_reply(v, after_offset, limit),
+            Err(e) if is_connection_error(&e) => {
+                let why = format!("redis link: {e}");
+                self.connection_failed(&e);
+                Err(why)
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let cmd = self.batch.remove(0);
+        self.dseqs.clear();
+        self.sh.outbox.done(1);
+        self.sh.answer_history(cmd, result);
+    }
+
+    fn run_publishes(&mut self) {
+        let Some(con) = self.conn.as_mut() else {
+            return;
+        };
+        let cfg = &self.sh.cfg;
+        let hash = self.script.get_hash();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        // Loading the script first in the same pipeline means no EVALSHA of
+        // this batch can meet an empty script cache (Redis restarted, or
+        // another client's SCRIPT FLUSH) -- except by a flush racing the
+        // pipeline, which is handled below.
+        pipe.cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA);
+        for (cmd, dseq) in self.batch.iter().zip(self.dseqs.iter_mut()) {
+            let Command::Publish {
+                id,
+                channel,
+                payload,
+            } = cmd
+            else {
+                continue;
+            };
+            if *dseq == 0 {
+                self.next_dseq += 1;
+                *dseq = self.next_dseq;
+            }
+            pipe.cmd("EVALSHA")
+                .arg(hash)
+                .arg(5)
+                .arg(offset_key(channel))
+                .arg(channel_key(channel))
+                .arg(BUS_KEY)
+                .arg(BUS_SEQ_KEY)
+                .arg(&self.dedup_key)
+                .arg(channel)
+                .arg(&cfg.node_id)
+                .arg(*id)
+                .arg(payload.as_str())
+                .arg(cfg.stream_maxlen)
+                .arg(cfg.bus_maxlen)
+                .arg(DEDUP_TTL_SECS)
+                .arg(*dseq);
+        }
+        let reply = pipe.query::<Value>(con);
+        self.last_io = Instant::now();
+        let replies = match reply {
+            Ok(Value::Array(replies)) if replies.len() == self.batch.len() + 1 => replies,
+            Ok(other) => {
+                // Cannot tell what was applied: resend after a reconnect
+                // (the dedup sequence keeps that exactly-once).
+                let e = RedisError::from((
+                    ErrorKind::Client,
+                    "unexpected pipeline reply",
+                    protocol::kind(&other).to_string(),
+                ));
+                self.connection_failed(&e);
+                return;
+            }
+            Err(e) => {
+                if is_connection_error(&e) {
+                    self.connection_failed(&e);
+                } else {
+                    // Not expected with ignore_errors; treat like a broken
+                    // connection, which resends safely.
+                    self.conn = None;
+                }
+                return;
+            }
+        };
+        let outcomes: Vec<PublishReply> = replies
+            .into_iter()
+            .skip(1)
+            .map(protocol::publish_reply)
+            .collect();
+        // A publish that certainly did not apply is resent only if no later
+        // one of the batch applied: resending it then would reorder this
+        // node's messages, so it is reported lost instead.
+        let last_applied = outcomes
+            .iter()
+            .rposition(|o| matches!(o, PublishReply::Offset(_) | PublishReply::Duplicate));
+        let mut retry = vec![false; outcomes.len()];
+        let mut transient: Option<String> = None;
+        let mut noscript = false;
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            let resendable = last_applied.is_none_or(|j| j < i);
+            let id = match &self.batch[i] {
+                Command::Publish { id, .. } => *id,
+                Command::History { .. } => 0,
+            };
+            match outcome {
+                PublishReply::Offset(_) => add(&self.sh.c.published, 1),
+                PublishReply::Duplicate => {
+                    add(&self.sh.c.published, 1);
+                    add(&self.sh.c.duplicates, 1);
+                }
+                PublishReply::NoScript if resendable => {
+                    noscript = true;
+                    retry[i] = true;
+                }
+                PublishReply::Transient(why) if resendable => {
+                    transient.get_or_insert(why);
+                    retry[i] = true;
+                }
+                PublishReply::NoScript => self.reject(id, "NOSCRIPT while later publishes applied"),
+                PublishReply::Transient(why) | PublishReply::Failed(why) => self.reject(id, &why),
+            }
+        }
+        if noscript {
+            self.noscript_rounds += 1;
+            if self.noscript_rounds > 3 {
+                // The script keeps vanishing: give these up rather than spin.
+                for (i, r) in retry.iter_mut().enumerate() {
+                    if std::mem::take(r) {
+                        let id = match &self.batch[i] {
+                            Command::Publish { id, .. } => *id,
+                            Command::History { .. } => 0,
+                        };
+                        self.reject(id, "NOSCRIPT after reloading the script");
+                    }
+                }
+                self.noscript_rounds = 0;
+            }
+        } else {
+            self.noscript_rounds = 0;
+        }
+        // Keep the ones to resend, with a fresh dedup sequence (they were
+        // certainly not applied).
+        let mut finished = 0;
+        let mut keep = Vec::new();
+        for (cmd, r) in std::mem::take(&mut self.batch).into_iter().zip(retry) {
+            if r {
+                keep.push(cmd);
+            } else {
+                finished += 1;
+            }
+        }
+        self.batch = keep;
+        self.dseqs.clear();
+        self.dseqs.resize(self.batch.len(), 0);
+        self.sh.outbox.done(finished);
+        if let Some(why) = transient {
+            // LOADING, READONLY, ...: this server cannot take writes now.
+            self.conn = None;
+            self.down = true;
+            self.sh.conn_down(Side::Writer, &why);
+        }
+    }
+
+    fn reject(&mut self, origin_seq: u64, why: &str) {
+        add(&self.sh.c.lost_rejected, 1);
+        self.rejected_warn.warn(format_args!(
+            "redis link: publish {origin_seq} of node {} was refused by redis ({why}); it is lost",
+            self.sh.cfg.node_id
+        ));
+        self.sh.lost(1, LostKind::Rejected { origin_seq });
+    }
+
+    /// Shutdown: flush what is queued while connected, for up to half the
+    /// shutdown timeout; count the rest as lost.
+    fn finish(&mut self) {
+        let deadline = Instant::now() + self.sh.cfg.shutdown_timeout / 2;
+        while self.conn.is_some() && Instant::now() < deadline {
+            if self.batch.is_empty() {
+                self.sh.outbox.take_batch(
+                    self.sh.cfg.batch,
+                    Duration::ZERO,
+                    &self.sh.stop,
+                    &mut self.batch,
+                );
+                self.dseqs.clear();
+                self.dseqs.resize(self.batch.len(), 0);
+                if self.batch.is_empty() {
+                    break;
+                }
+            }
+            self.process();
+        }
+        let left = self
+            .batch
+            .drain(..)
+            .chain(self.sh.outbox.take_all())
+            .filter(|c| matches!(c, Command::Publish { .. }))
+            .count() as u64;
+        if left > 0 {
+            add(&self.sh.c.lost_at_shutdown, left);
+            log::warn!("redis link: {left} queued publish(es) were not sent before shutdown");
+        }
+    }
+}
+
+/// The reader thread: `XREAD BLOCK` on the bus from the last seen ID, on
+/// its own connection.
+struct Reader {
+    sh: Arc<Shared>,
+    client: Client,
+    conn: Option<Connection>,
+    backoff: Backoff,
+    down: bool,
+    connected_before: bool,
+    /// The last bus entry read; `None` before the first connection.
+    last_id: Option<StreamId>,
+    /// Its bus sequence number (gap detection).
+    last_bseq: u64,
+    epoch_gen: u64,
+    staged: VecDeque<Inbound>,
+    malformed_warn: RateLimited,
+}
+
+impl Reader {
+    fn run(mut self) {
+        while !self.sh.stopping() {
+            if self.conn.is_none() && !self.connect() {
+                continue;
+            }
+            self.read_once();
+        }
+    }
+
+    fn connect(&mut self) -> bool {
+        if self.down {
+            nap(&self.sh, self.backoff.next_delay());
+            if self.sh.stopping() {
+                return false;
+            }
+        }
+        match self.try_connect() {
+            Ok(()) => true,
+            Err(reason) => {
+                self.down = true;
+                self.sh.conn_down(Side::Reader, &reason);
+                false
+            }
+        }
+    }
+
+    fn try_connect(&mut self) -> Result<(), String> {
+        let cfg = &self.sh.cfg;
+        let result = (|| {
+            let mut con = open(
+                &self.sh,
+                &self.client,
+                "reader",
+                cfg.read_block + cfg.io_timeout,
+            )
+            .map_err(|e| e.to_string())?;
+            let generation = sync_epoch(&self.sh, &mut con)?;
+            let position = redis::pipe()
+                .atomic()
+                .cmd("XREVRANGE")
+                .arg(BUS_KEY)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .cmd("GET")
+                .arg(BUS_SEQ_KEY)
+                .query::<Value>(&mut con)
+                .map_err(|e| e.to_string())?;
+            let (top, counter) = protocol::parse_bus_position(position)?;
+            Ok((con, generation, top, counter))
+        })();
+        match result {
+            Ok((con, generation, top, counter)) => {
+                match self.last_id {
+                    // First connection: only messages from now on.
+                    None => {
+                        self.last_id = Some(top);
+                        self.last_bseq = counter;
+                    }
+                    // The bus started over (Redis lost its data): everything
+                    // on it is new to this reader.
+                    Some(_) if generation != self.epoch_gen || counter < self.last_bseq => {
+                        self.last_id = Some(StreamId { ms: 0, seq: 0 });
+                        self.last_bseq = 0;
+                    }
+                    // Otherwise resume after the last entry read.
+                    Some(_) => {}
+                }
+                self.epoch_gen = generation;
+                self.conn = Some(con);
+                self.sh.reader_ready.store(true, Ordering::Release);
+                if self.connected_before {
+                    add(&self.sh.c.reconnects, 1);
+                }
+                self.connected_before = true;
+                self.down = false;
+                self.backoff.reset();
+                self.sh.conn_up(Side::Reader);
+                Ok(())
+            }
+            Err(e) => {
+                add(&self.sh.c.connect_failures, 1);
+                Err(e)
+            }
+        }
+    }
+
+    fn failed(&mut self, e: &RedisError) {
+        self.conn = None;
+        if self.sh.stopping() {
+            return;
+        }
+        if is_connection_error(e) {
+            match self.try_connect() {
+                Ok(()) => return,
+                Err(again) => log::debug!("redis reader: {e}; reconnecting: {again}"),
+            }
+        }
+        self.down = true;
+        self.sh.conn_down(Side::Reader, &e.to_string());
+    }
+
+    fn read_once(&mut self) {
+        let Some(con) = self.conn.as_mut() else {
+            return;
+        };
+        let from = self
+            .last_id
+            .unwrap_or(StreamId { ms: 0, seq: 0 })
+            .to_string();
+        let block_ms = u64::try_from(self.sh.cfg.read_block.as_millis()).unwrap_or(u64::MAX);
+        let reply = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(self.sh.cfg.batch)
+            .arg("BLOCK")
+            .arg(block_ms)
+            .arg("STREAMS")
+            .arg(BUS_KEY)
+            .arg(from)
+            .query::<Value>(con);
+        match reply {
+            Ok(v) => self.deliver(v),
+            Err(e) => self.failed(&e),
+        }
+    }
+
+    fn deliver(&mut self, v: Value) {
+        let entries = match protocol::parse_xread(v, BUS_KEY) {
+            Ok(entries) => entries,
+            Err(why) => {
+                self.malformed_warn.warn(format_args!(
+                    "redis reader: unreadable XREAD reply ({why}); reconnecting"
+                ));
+                self.conn = None;
+                return;
+            }
+        };
+        let Some(last) = entries.last() else {
+            self.sh.c.lag_ms.store(0, Ordering::Relaxed);
+            return;
+        };
+        if let Some(id) = StreamId::parse(&last.id) {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(millis)
+                .unwrap_or(0);
+            self.sh
+                .c
+                .lag_ms
+                .store(now_ms.saturating_sub(id.ms), Ordering::Relaxed);
+        }
+        let mut restarted = false;
+        for raw in entries {
+            let Some(raw_id) = StreamId::parse(&raw.id) else {
+                // Redis never sends this; re-reading would spin on it.
+                add(&self.sh.c.malformed, 1);
+                self.conn = None;
+                break;
+            };
+            match protocol::bus_entry(raw) {
+                Ok(e) => {
+                    if e.bseq > self.last_bseq.saturating_add(1) {
+                        let gap = e.bseq - self.last_bseq - 1;
+                        add(&self.sh.c.lost_bus_gap, gap);
+                        self.staged.push_back(Inbound::Lost {
+                            count: gap,
+                            kind: LostKind::BusGap,
+                        });
+                    } else if e.bseq <= self.last_bseq {
+                        restarted = true;
+                    }
+                    self.last_bseq = e.bseq;
+                    self.staged.push_back(Inbound::Message {
+                        channel: e.channel,
+                        offset: e.offset,
+                        origin: e.origin,
+                        origin_seq: e.origin_seq,
+                        payload: e.payload,
+                    });
+                }
+                Err(why) => {
+                    add(&self.sh.c.malformed, 1);
+                    self.malformed_warn
+                        .warn(format_args!("redis reader: skipped a bus entry: {why}"));
+                }
+            }
+            self.last_id = Some(raw_id);
+        }
+        if restarted {
+            // The bus sequence went back: Redis was flushed under a live
+            // connection. Let the epoch tell (and report) it.
+            log::warn!("redis reader: the bus sequence went back; redis lost its data");
+            if let Some(con) = self.conn.as_mut() {
+                match sync_epoch(&self.sh, con) {
+                    Ok(generation) => self.epoch_gen = generation,
+                    Err(e) => log::debug!("redis reader: epoch check failed: {e}"),
+                }
+            }
+        }
+        self.sh.inbox.push_messages(&mut self.staged, &self.sh.stop);
+        self.staged.clear();
+    }
+}

@@ -1,0 +1,99 @@
+//! Scale-out over Redis: the link between one fanout node and a shared
+//! Redis server, as a self-contained part the event loop can drive without
+//! ever blocking on Redis.
+//!
+//! # Threads and hand-over
+//!
+//! [`RedisLink::start`] spawns two threads, each with its own Redis
+//! connection, using the `redis` crate's synchronous API (no async runtime,
+//! no hand-written RESP):
+//!
+//! * the **writer** takes publishes and history requests from a bounded
+//!   outbox and runs them: publishes pipelined in batches of up to
+//!   [`LinkConfig::batch`], history requests one at a time, in the order
+//!   they were queued;
+//! * the **reader** loops on `XREAD COUNT batch BLOCK read_block STREAMS
+//!   fanout:bus <last-id>` and forwards every entry.
+//!
+//! The loop's side is sans-socket: [`RedisLink::publish`] and
+//! [`RedisLink::history`] only queue (never block; `Full` when the bound is
+//! reached), and whatever the threads produce goes into a bounded inbox;
+//! the threads wake the loop through a `mio::Waker` (registered by the loop
+//! with its own token) when the inbox goes from empty to non-empty, and the
+//! loop calls [`RedisLink::drain`] on that token. Both queues are a
+//! `Mutex<VecDeque>` plus a `Condvar` rather than `std::sync::mpsc`, for
+//! an exact bound that includes the batch in flight, batched hand-over, and
+//! answering queued history requests at once during an outage.
+//!
+//! # Data in Redis
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `fanout:offset:{channel}` | string | the channel's last offset |
+//! | `fanout:ch:{channel}` | stream | ID `0-<offset>`, fields `origin`, `seq`, `payload`; `MAXLEN ~ stream_maxlen` |
+//! | `fanout:bus` | stream | auto ID, fields `ch`, `off`, `origin`, `seq`, `bseq`, `payload`; `MAXLEN ~ bus_maxlen` |
+//! | `fanout:bus:seq` | string | the bus's last `bseq` |
+//! | `fanout:epoch` | string | random, set once (`SET NX`); a change means Redis lost its data |
+//! | `fanout:node:{node}:{instance}` | string | a node run's last applied dedup sequence (expires after a day) |
+//!
+//! A publish is ONE script call ([`protocol::PUBLISH_LUA`], sent as
+//! `EVALSHA` with the hash of the crate's `Script`; each pipeline starts
+//! with `SCRIPT LOAD` so that a restarted Redis's empty script cache cannot
+//! fail it): it `INCR`s the channel's offset, `XADD`s the message to the
+//! channel stream with ID `0-<offset>`, and `XADD`s it to the bus. Redis
+//! runs scripts one at a time, so offsets are 1, 2, 3, ... per channel, the
+//! same on every node, and the bus order is the offset order.
+//!
+//! Every node's reader sees every bus entry exactly once, its own included
+//! (the app skips by `origin` what it already delivered locally). On its
+//! first connection the reader starts at the bus's current end (only new
+//! messages); the writer holds publishes back until then, so a node's own
+//! reader sees everything published through its link after `start`.
+//! `publish` answers the message's `origin_seq` (1, 2, ... per link), which
+//! comes back in the [`Inbound::Message`] with the assigned offset: that is
+//! how the app learns the offset of its own publish.
+//!
+//! # Outages
+//!
+//! When a connection breaks the thread first reconnects once at once (a
+//! stale connection is not an outage); if that fails the link reports
+//! [`Inbound::Down`] once, logs one warning, and both threads retry with
+//! exponential backoff (`reconnect_min`..`reconnect_max`, a little
+//! jitter). When both connections are back: [`Inbound::Up`].
+//!
+//! * Publishes keep queuing during the outage, up to `outbound_queue`
+//!   (the batch in flight included); beyond it `publish` answers
+//!   [`Full`], counts `lost_queue_full`, and the writer reports
+//!   [`Inbound::Lost`] `{ kind: QueueFull }` (summed counts) — never
+//!   silent. Queued publishes are sent after reconnecting.
+//! * A batch whose reply was lost (connection broke mid-pipeline) is resent
+//!   with the same dedup sequence numbers; the script skips the ones Redis
+//!   already applied, so a resend never duplicates.
+//! * The reader resumes after the last bus ID it read, so a reader outage
+//!   loses nothing while the bus still holds it; if the bus was trimmed
+//!   past it, the `bseq` gap is reported as `Lost { kind: BusGap }` with
+//!   the exact count.
+//! * If Redis lost its data (restart without persistence), the epoch
+//!   changes: [`Inbound::Reset`] (offsets start again from 1) and the
+//!   reader reads the new bus from its start.
+//! * History requests are answered with an error at once while down.
+//!
+//! [`LinkStats`] exposes the outage (state, outages, current and total
+//! down time, reconnects), queue depths, reader lag and every loss counter.
+//!
+//! # Limits
+//!
+//! A single Redis server, 5.0 or later (tested with Debian's 7.0); not
+//! Redis Cluster: the script touches keys of several slots. Payloads are
+//! UTF-8 strings. A node id is part of key names and must be unique per
+//! running node. Shutdown flushes queued publishes for up to half of
+//! `shutdown_timeout` when connected and counts the rest
+//! (`lost_at_shutdown`).
+
+mod backoff;
+mod link;
+pub mod protocol;
+mod queues;
+
+pub use link::{Full, Inbound, LinkConfig, LinkState, LinkStats, LostKind, RedisLink, MAX_HISTORY};
+pub use protocol::{History, HistoryEntry};
