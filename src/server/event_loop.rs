@@ -3,7 +3,9 @@
 //! due timers, then write every connection that has output once.
 
 use std::io::{self, Read};
+use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,8 +23,9 @@ use crate::app::{
 };
 use crate::config::Config;
 use crate::metrics::{Labels, Metrics};
+use crate::ws::decoder::MESSAGE_HEADROOM;
 use crate::ws::handshake::{self, Rejection, UpgradePolicy};
-use crate::ws::{CloseCode, CloseState, Decoder, Event, Limits, OpCode};
+use crate::ws::{CloseCode, CloseState, Decoder, Event, Limits, OpCode, Violation};
 use std::collections::BTreeMap;
 
 const SIGNAL: Token = Token(usize::MAX);
@@ -45,6 +48,18 @@ enum Drain {
     /// left unread earlier: no new edge will come, so read until the
     /// socket says so.
     UntilWouldBlock,
+}
+
+/// Reads from `socket` into memory not yet initialized (so a large
+/// message buffer is not zeroed first just to be overwritten).
+fn recv_into(socket: &mio::net::TcpStream, room: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+    // SAFETY: recv writes at most `room.len()` bytes into the buffer and
+    // reports how many; the descriptor is the socket's own.
+    let n = unsafe { libc::recv(socket.as_raw_fd(), room.as_mut_ptr().cast(), room.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 fn listener_token(index: usize) -> Token {
@@ -366,6 +381,40 @@ impl Server {
                 conn.read_paused = true;
                 self.core.stats.read_pauses += 1;
                 return;
+            }
+            // The rest of a large frame goes straight into its message
+            // buffer: no pass through the read buffer, no copy out of it.
+            let direct = match &mut conn.phase {
+                Phase::Open(Session {
+                    decoder: Some(decoder),
+                    ..
+                }) => decoder.direct_space(self.read_buf.len()),
+                _ => None,
+            };
+            if let Some(room) = direct {
+                let wanted = room.len();
+                match recv_into(&conn.socket, room) {
+                    Ok(0) => {
+                        self.core.on_eof(token);
+                        return;
+                    }
+                    Ok(n) => {
+                        conn.last_heard = self.core.tick;
+                        self.core.stats.bytes_in += n as u64;
+                        self.core.direct_input(token, n);
+                        if n < wanted && drain == Drain::UntilShortRead {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        debug!("conn {token}: read error: {e}");
+                        self.core.drop_conn(token, "read error");
+                        return;
+                    }
+                }
+                continue;
             }
             match conn.socket.read(&mut self.read_buf) {
                 Ok(0) => {
@@ -714,59 +763,152 @@ impl Core {
             let (used, event) = match decoder.decode(&mut input[pos..]) {
                 Ok(decoded) => decoded,
                 Err(violation) => {
-                    self.stats.protocol_errors += 1;
-                    debug!(
-                        "conn {token}: failing with {}: {}",
-                        violation.code.0, violation.reason
-                    );
-                    self.fail(token, violation.code, violation.reason);
+                    self.violation(token, violation);
                     break;
                 }
             };
             pos += used;
             let Some(event) = event else { break };
-            let conn = &mut self.conns[token];
-            let Phase::Open(session) = &mut conn.phase else {
-                break;
-            };
-            match event {
-                Event::Text(text) if session.close.is_open() => {
-                    self.stats.messages_in += 1;
-                    let now = self.now;
-                    let (app, mut out) = self.app_and_outbox();
-                    app.on_message(token, endpoint, Message::Text(text), now, &mut out);
-                }
-                Event::Binary(bytes) if session.close.is_open() => {
-                    self.stats.messages_in += 1;
-                    let now = self.now;
-                    let (app, mut out) = self.app_and_outbox();
-                    app.on_message(token, endpoint, Message::Binary(bytes), now, &mut out);
-                }
-                Event::Ping(payload) if session.close.is_open() => {
-                    conn.out.push_frame(OpCode::Pong, payload);
-                    self.mark_dirty(token);
-                }
-                Event::Close(received) => {
-                    if session.close.peer_closed() {
-                        // §5.5.1: answer with a close frame, typically echoing the code.
-                        let reply = received
-                            .map(|(code, _)| code.0.to_be_bytes().to_vec())
-                            .unwrap_or_default();
-                        conn.out.push_frame(OpCode::Close, &reply);
+            let (is_text, len) = match event {
+                Event::Text(text) => (true, text.len()),
+                Event::Binary(bytes) => (false, bytes.len()),
+                control => {
+                    if self.control_frame(token, control) {
+                        continue;
                     }
-                    self.mark_dirty(token);
                     break;
                 }
-                // Data after our close frame is read and dropped (§5.5.1);
-                // pongs need nothing.
-                _ => {}
-            }
+            };
+            // A message borrowed from `input` is the last bytes consumed;
+            // one assembled in the decoder is handed over.
+            let assembled = decoder.take_message();
+            let borrowed = if assembled.is_some() {
+                &[][..]
+            } else {
+                &input[pos - len..pos]
+            };
+            self.data_message(token, endpoint, is_text, assembled, borrowed);
         }
         if let Some(session) = self.conns.get_mut(token).and_then(Connection::session_mut) {
             if decoder.is_mid_message() && !session.discard_input {
                 session.decoder = Some(decoder.take().into_boxed());
             }
         }
+    }
+
+    /// `filled` bytes were read straight into the connection's message
+    /// buffer (see [`Decoder::direct_space`]).
+    fn direct_input(&mut self, token: usize, filled: usize) {
+        let Some(session) = self.conns[token].session_mut() else {
+            return;
+        };
+        let endpoint = session.endpoint;
+        let Some(mut decoder) = session.decoder.take() else {
+            return;
+        };
+        // SAFETY: the read loop asked `direct_space` for room, made no other
+        // call on the decoder, and the socket initialized `filled` bytes.
+        let is_text = match unsafe { decoder.direct_filled(filled) } {
+            Err(violation) => return self.violation(token, violation),
+            Ok(None) => None,
+            Ok(Some(Event::Text(_))) => Some(true),
+            Ok(Some(Event::Binary(_))) => Some(false),
+            Ok(Some(other)) => unreachable!("direct reads complete only messages: {other:?}"),
+        };
+        match is_text {
+            Some(is_text) => {
+                let assembled = decoder.take_message();
+                self.data_message(token, endpoint, is_text, assembled, &[]);
+            }
+            None => {
+                if let Some(session) = self.conns[token].session_mut() {
+                    session.decoder = Some(decoder);
+                }
+            }
+        }
+    }
+
+    fn violation(&mut self, token: usize, violation: Violation) {
+        self.stats.protocol_errors += 1;
+        debug!(
+            "conn {token}: failing with {}: {}",
+            violation.code.0, violation.reason
+        );
+        self.fail(token, violation.code, violation.reason);
+    }
+
+    /// A control frame arrived; returns whether to go on decoding.
+    fn control_frame(&mut self, token: usize, event: Event<'_>) -> bool {
+        let conn = &mut self.conns[token];
+        let Phase::Open(session) = &mut conn.phase else {
+            return false;
+        };
+        match event {
+            Event::Ping(payload) if session.close.is_open() => {
+                conn.out.push_frame(OpCode::Pong, payload);
+                self.mark_dirty(token);
+            }
+            Event::Close(received) => {
+                if session.close.peer_closed() {
+                    // §5.5.1: answer with a close frame, typically echoing the code.
+                    let reply = received
+                        .map(|(code, _)| code.0.to_be_bytes().to_vec())
+                        .unwrap_or_default();
+                    conn.out.push_frame(OpCode::Close, &reply);
+                }
+                self.mark_dirty(token);
+                return false;
+            }
+            // Pongs need nothing; a ping after our close frame is dropped.
+            _ => {}
+        }
+        true
+    }
+
+    /// A whole text or binary message arrived: either `assembled` (the
+    /// decoder's buffer, payload after `MESSAGE_HEADROOM`) or `borrowed`.
+    fn data_message(
+        &mut self,
+        token: usize,
+        endpoint: Endpoint,
+        is_text: bool,
+        assembled: Option<Vec<u8>>,
+        borrowed: &[u8],
+    ) {
+        let open = matches!(&self.conns[token].phase, Phase::Open(s) if s.close.is_open());
+        if !open {
+            // Data after our close frame is read and dropped (§5.5.1).
+            return;
+        }
+        self.stats.messages_in += 1;
+        let now = self.now;
+        let (app, mut out) = self.app_and_outbox();
+        let payload: &[u8] = match &assembled {
+            // SAFETY: the buffer's heap memory stays where it is and is
+            // neither written nor freed while `payload` is in use: `out`
+            // owns the buffer until the app's call returns, or moves it
+            // whole into this connection's queue if the app replies with
+            // exactly this message, and that queue is not flushed until the
+            // call returns (see `Delivery::lent`).
+            Some(buffer) => unsafe {
+                std::slice::from_raw_parts(
+                    buffer.as_ptr().add(MESSAGE_HEADROOM),
+                    buffer.len() - MESSAGE_HEADROOM,
+                )
+            },
+            None => borrowed,
+        };
+        let message = if is_text {
+            // SAFETY: the decoder returned these very bytes as `Event::Text`,
+            // so it validated them as UTF-8.
+            Message::Text(unsafe { std::str::from_utf8_unchecked(payload) })
+        } else {
+            Message::Binary(payload)
+        };
+        if let Some(buffer) = assembled {
+            out.lend(token, buffer);
+        }
+        app.on_message(token, endpoint, message, now, &mut out);
     }
 
     /// Fails the connection (§7.1.7): close frame, then ignore its input.
@@ -899,6 +1041,7 @@ impl Core {
                 config,
                 stats,
                 tick: *tick,
+                lent: None,
             },
         )
     }
@@ -980,9 +1123,38 @@ struct Delivery<'a> {
     config: &'a Config,
     stats: &'a mut Stats,
     tick: Tick,
+    /// A received message's buffer, lent to the app for one call (see
+    /// `Core::data_message`). Its connection's queue is not flushed during
+    /// the call, since the buffer may have moved into it while the app
+    /// still reads the message.
+    lent: Option<Lent>,
+}
+
+#[derive(Debug)]
+struct Lent {
+    conn: ConnId,
+    /// Taken when the app replies with the message itself.
+    buffer: Option<Vec<u8>>,
 }
 
 impl Delivery<'_> {
+    fn lend(&mut self, conn: ConnId, buffer: Vec<u8>) {
+        self.lent = Some(Lent {
+            conn,
+            buffer: Some(buffer),
+        });
+    }
+
+    /// The lent buffer, if `payload` is exactly its message and goes back
+    /// to the connection it came from.
+    fn reclaim(&mut self, to: ConnId, payload: &[u8]) -> Option<Vec<u8>> {
+        let lent = self.lent.as_mut().filter(|lent| lent.conn == to)?;
+        lent.buffer.take_if(|buffer| {
+            payload.as_ptr() == buffer.as_ptr().wrapping_add(MESSAGE_HEADROOM)
+                && payload.len() == buffer.len() - MESSAGE_HEADROOM
+        })
+    }
+
     fn open_conn(&mut self, to: ConnId) -> Option<&mut Connection> {
         let conn = self.conns.get_mut(to)?;
         let open = matches!(&conn.phase, Phase::Open(s) if s.close.is_open());
@@ -1003,12 +1175,13 @@ impl Outbox for Delivery<'_> {
 
     fn deliver(&mut self, to: ConnId, frame: &SharedFrame) -> bool {
         let limit = self.config.max_outbound_buffer;
+        let lent_here = self.lent.as_ref().is_some_and(|lent| lent.conn == to);
         // A connection that is gone or closing is not slow: nothing to report.
         let Some(conn) = self.open_conn(to) else {
             return true;
         };
         let mut written = 0;
-        if conn.out.len() + frame.bytes().len() > limit {
+        if conn.out.len() + frame.bytes().len() > limit && !lent_here {
             // The queue may be full only because this turn has not written
             // yet: give the socket what it takes before calling it slow.
             let before = conn.out.len();
@@ -1028,12 +1201,18 @@ impl Outbox for Delivery<'_> {
     }
 
     fn reply(&mut self, to: ConnId, message: Message<'_>) {
+        let (opcode, payload) = match message {
+            Message::Text(text) => (OpCode::Text, text.as_bytes()),
+            Message::Binary(bytes) => (OpCode::Binary, bytes),
+        };
+        // An echo: the received message's own buffer is queued, no copy.
+        let reclaimed = self.reclaim(to, payload);
         let Some(conn) = self.open_conn(to) else {
             return;
         };
-        match message {
-            Message::Text(text) => conn.out.push_frame(OpCode::Text, text.as_bytes()),
-            Message::Binary(bytes) => conn.out.push_frame(OpCode::Binary, bytes),
+        match reclaimed {
+            Some(buffer) => conn.out.push_message(opcode, buffer, MESSAGE_HEADROOM),
+            None => conn.out.push_frame(opcode, payload),
         }
     }
 

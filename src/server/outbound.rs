@@ -114,7 +114,13 @@ impl Outbound {
         let mut head = [0u8; MAX_HEADER_LEN];
         let head_len = header(opcode, payload_len).encode(&mut head);
         let start = payload_start - head_len;
-        buf[start..payload_start].copy_from_slice(&head[..head_len]);
+        // SAFETY: `start..payload_start` lies inside the buffer (asserted
+        // above). A raw write, not `&mut buf[..]`: a received message being
+        // echoed may still be borrowed by the app, and the header bytes are
+        // the only ones touched.
+        unsafe {
+            std::ptr::copy_nonoverlapping(head.as_ptr(), buf.as_mut_ptr().add(start), head_len);
+        }
         let queue = self.queue();
         queue.chunks.push_back(Chunk::Owned { buf, start });
         queue.queued += head_len + payload_len;

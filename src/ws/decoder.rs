@@ -7,11 +7,28 @@
 //! that chunk, with no copy. Only what straddles a chunk boundary is kept:
 //! up to 14 header bytes inline, a control payload, or the message being
 //! assembled (allocated on demand and released when delivered).
+//!
+//! Large messages need not pass through the caller's read buffer at all:
+//! while a data frame's payload is arriving, [`Decoder::direct_space`]
+//! lends the free room of the message buffer so the caller can read the
+//! socket straight into it, and [`Decoder::take_message`] hands the
+//! assembled buffer over (with room in front for a frame header) instead of
+//! lending it, so an echo writes it back without copying.
+
+use std::mem::MaybeUninit;
 
 use super::close::{parse_close_payload, BadClose, CloseCode};
 use super::frame::{FrameHeader, HeaderError, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
 use super::mask::apply_mask;
-use super::utf8::Utf8Validator;
+use super::utf8::{validate, Utf8Validator};
+
+/// Bytes kept free in front of an assembled message, so that whoever takes
+/// it over ([`Decoder::take_message`]) can write a frame header there.
+pub const MESSAGE_HEADROOM: usize = MAX_HEADER_LEN;
+
+/// An assembled message's buffer is grown at most this far ahead of the
+/// bytes received, whatever length a frame header announces.
+const RESERVE_AHEAD: u64 = 1 << 20;
 
 /// Receive limits, checked against frame headers before any payload byte
 /// is buffered.
@@ -72,17 +89,30 @@ impl FrameInProgress {
 #[derive(Debug)]
 struct MessageInProgress {
     is_text: bool,
-    payload: Vec<u8>,
+    /// `MESSAGE_HEADROOM` unused bytes, then the payload so far.
+    buffer: Vec<u8>,
     utf8: Utf8Validator,
 }
 
 impl MessageInProgress {
-    fn new(is_text: bool) -> Self {
+    /// `expected`: the payload length the first frame announced.
+    fn new(is_text: bool, expected: u64) -> Self {
+        let ahead = expected.min(RESERVE_AHEAD) as usize;
+        let mut buffer = Vec::with_capacity(MESSAGE_HEADROOM + ahead);
+        buffer.resize(MESSAGE_HEADROOM, 0);
         Self {
             is_text,
-            payload: Vec::new(),
+            buffer,
             utf8: Utf8Validator::new(),
         }
+    }
+
+    fn len(&self) -> usize {
+        self.buffer.len() - MESSAGE_HEADROOM
+    }
+
+    fn payload(&self) -> &[u8] {
+        &self.buffer[MESSAGE_HEADROOM..]
     }
 }
 
@@ -136,6 +166,11 @@ impl Decoder {
     /// the event, or `None` once all of `input` has been absorbed into
     /// partial state. Call again with `&mut input[consumed..]` after
     /// handling an event.
+    ///
+    /// A `Text` or `Binary` event is either borrowed from `input`, where it
+    /// is always the last bytes consumed (`input[consumed - len..consumed]`),
+    /// or was assembled in the decoder's buffer; then
+    /// [`Decoder::take_message`] can take it over.
     pub fn decode<'a>(
         &'a mut self,
         input: &'a mut [u8],
@@ -185,37 +220,118 @@ impl Decoder {
                 let payload = &input[chunk_start..pos];
                 let event = match frame.opcode {
                     OpCode::Binary => Event::Binary(payload),
-                    _ => Event::Text(std::str::from_utf8(payload).map_err(|_| invalid_utf8())?),
+                    _ => Event::Text(validate(payload).map_err(|_| invalid_utf8())?),
                 };
                 return Ok((pos, Some(event)));
             } else {
                 // A single-frame message cut by the end of `input` is
                 // assembled like a fragmented one.
-                let message = self
-                    .message
-                    .get_or_insert_with(|| MessageInProgress::new(frame.opcode == OpCode::Text));
+                let message = self.message.get_or_insert_with(|| {
+                    MessageInProgress::new(frame.opcode == OpCode::Text, frame.len)
+                });
                 if message.is_text {
                     message
                         .utf8
                         .feed(&input[chunk_start..pos])
                         .map_err(|_| invalid_utf8())?;
                 }
-                message.payload.extend_from_slice(&input[chunk_start..pos]);
+                message.buffer.extend_from_slice(&input[chunk_start..pos]);
                 if complete && frame.fin {
-                    self.delivered = Delivered::Message;
-                    let message = self.message.as_mut().expect("checked above");
-                    if !message.is_text {
-                        return Ok((pos, Some(Event::Binary(&message.payload))));
-                    }
-                    message.utf8.finish().map_err(|_| invalid_utf8())?;
-                    let text = std::str::from_utf8(&message.payload).map_err(|_| invalid_utf8())?;
-                    return Ok((pos, Some(Event::Text(text))));
+                    return Ok((pos, Some(self.deliver_message()?)));
                 }
             }
             if pos == input.len() {
                 return Ok((pos, None));
             }
         }
+    }
+
+    /// While a data frame's payload is arriving and at least `min` of its
+    /// bytes are still to come, the free room at the end of the message
+    /// buffer (never more than the frame still needs), for the caller to
+    /// read its socket straight into. Report what was read with
+    /// [`Decoder::direct_filled`] before any other call on the decoder.
+    pub fn direct_space(&mut self, min: usize) -> Option<&mut [MaybeUninit<u8>]> {
+        self.release_delivered();
+        let frame = self.frame?;
+        let remaining = frame.remaining();
+        if frame.opcode.is_control() || remaining < min as u64 {
+            return None;
+        }
+        let message = self
+            .message
+            .get_or_insert_with(|| MessageInProgress::new(frame.opcode == OpCode::Text, frame.len));
+        let ahead = remaining.min(RESERVE_AHEAD.max(message.len() as u64)) as usize;
+        message.buffer.reserve_exact(ahead);
+        let room = message.buffer.spare_capacity_mut();
+        let usable = room.len().min(remaining as usize);
+        Some(&mut room[..usable])
+    }
+
+    /// Takes in `filled` bytes read into the room [`Decoder::direct_space`]
+    /// returned: unmasks and validates them as `decode` would, and returns
+    /// the message if they completed it.
+    ///
+    /// # Safety
+    ///
+    /// The first `filled` bytes of that room must have been initialized,
+    /// and no other method may have been called since `direct_space`.
+    pub unsafe fn direct_filled(&mut self, filled: usize) -> Result<Option<Event<'_>>, Violation> {
+        let frame = self
+            .frame
+            .expect("direct_filled follows a direct_space that returned room");
+        let message = self
+            .message
+            .as_mut()
+            .expect("direct_space created the message");
+        let start = message.buffer.len();
+        assert!(
+            filled as u64 <= frame.remaining() && filled <= message.buffer.capacity() - start,
+            "more bytes filled than direct_space lent"
+        );
+        // SAFETY: within capacity (checked above) and initialized (the
+        // caller's promise).
+        unsafe { message.buffer.set_len(start + filled) };
+        let chunk = &mut message.buffer[start..];
+        apply_mask(chunk, frame.mask, frame.done as usize);
+        if message.is_text {
+            message.utf8.feed(chunk).map_err(|_| invalid_utf8())?;
+        }
+        let done = FrameInProgress {
+            done: frame.done + filled as u64,
+            ..frame
+        };
+        let complete = done.remaining() == 0;
+        self.frame = if complete { None } else { Some(done) };
+        if complete && frame.fin {
+            return self.deliver_message().map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Hands over the message the last `decode` or `direct_filled` returned
+    /// if it was assembled in the decoder's buffer (it spanned reads or
+    /// frames): the payload is `buffer[MESSAGE_HEADROOM..]`, the bytes in
+    /// front are free for a frame header. `None` if that message was
+    /// borrowed from the caller's input, or nothing was delivered.
+    pub fn take_message(&mut self) -> Option<Vec<u8>> {
+        if self.delivered != Delivered::Message {
+            return None;
+        }
+        self.delivered = Delivered::Nothing;
+        self.message.take().map(|message| message.buffer)
+    }
+
+    /// The assembled message is complete: final checks, then the event.
+    fn deliver_message(&mut self) -> Result<Event<'_>, Violation> {
+        self.delivered = Delivered::Message;
+        let message = self.message.as_mut().expect("a message is assembled");
+        if !message.is_text {
+            return Ok(Event::Binary(message.payload()));
+        }
+        message.utf8.finish().map_err(|_| invalid_utf8())?;
+        let text = validate(message.payload()).map_err(|_| invalid_utf8())?;
+        Ok(Event::Text(text))
     }
 
     fn release_delivered(&mut self) {
@@ -294,7 +410,7 @@ impl Decoder {
                     "frame exceeds the maximum frame size",
                 ));
             }
-            let so_far = self.message.as_ref().map_or(0, |m| m.payload.len() as u64);
+            let so_far = self.message.as_ref().map_or(0, |m| m.len() as u64);
             if so_far + header.payload_len > self.limits.max_message_size {
                 return Err(violation(
                     CloseCode::MESSAGE_TOO_BIG,
@@ -315,7 +431,10 @@ impl Decoder {
                     ));
                 }
                 (OpCode::Text | OpCode::Binary, false) if !header.fin => {
-                    self.message = Some(MessageInProgress::new(header.opcode == OpCode::Text));
+                    self.message = Some(MessageInProgress::new(
+                        header.opcode == OpCode::Text,
+                        header.payload_len,
+                    ));
                 }
                 _ => {}
             }
@@ -638,6 +757,155 @@ mod tests {
             decoder.decode(&mut bytes).unwrap().1,
             Some(Event::Binary(b"z"))
         );
+    }
+
+    /// Reads `stream` into the decoder the way the server does: through
+    /// `decode` while no frame wants direct reads, else straight into the
+    /// message buffer, at most `per_read` bytes per read.
+    fn run_direct(stream: &[u8], per_read: usize, min: usize) -> (Vec<Owned>, Vec<Vec<u8>>) {
+        let mut decoder = Decoder::new(Limits::default());
+        let (mut events, mut taken) = (Vec::new(), Vec::new());
+        let mut pos = 0;
+        while pos < stream.len() {
+            if let Some(room) = decoder.direct_space(min) {
+                let n = room.len().min(per_read).min(stream.len() - pos);
+                for (slot, byte) in room.iter_mut().zip(&stream[pos..pos + n]) {
+                    slot.write(*byte);
+                }
+                pos += n;
+                // SAFETY: the first n bytes were just written.
+                match unsafe { decoder.direct_filled(n) } {
+                    Err(v) => {
+                        events.push(Owned::Failed(v.code.0));
+                        return (events, taken);
+                    }
+                    Ok(None) => {}
+                    Ok(Some(Event::Binary(b))) => events.push(Owned::Binary(b.to_vec())),
+                    Ok(Some(Event::Text(t))) => events.push(Owned::Text(t.to_owned())),
+                    Ok(Some(other)) => panic!("direct reads only complete messages: {other:?}"),
+                }
+                taken.extend(decoder.take_message());
+                continue;
+            }
+            let end = (pos + per_read).min(stream.len());
+            let mut chunk = stream[pos..end].to_vec();
+            pos = end;
+            let mut at = 0;
+            loop {
+                match decoder.decode(&mut chunk[at..]) {
+                    Err(v) => {
+                        events.push(Owned::Failed(v.code.0));
+                        return (events, taken);
+                    }
+                    Ok((_, None)) => break,
+                    Ok((used, Some(event))) => {
+                        events.push(match event {
+                            Event::Text(t) => Owned::Text(t.to_owned()),
+                            Event::Binary(b) => Owned::Binary(b.to_vec()),
+                            Event::Ping(b) => Owned::Ping(b.to_vec()),
+                            other => panic!("unexpected {other:?}"),
+                        });
+                        at += used;
+                        taken.extend(decoder.take_message());
+                    }
+                }
+            }
+        }
+        (events, taken)
+    }
+
+    #[test]
+    fn large_frames_can_be_read_straight_into_the_message_buffer() {
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let text = "ünïcödé ".repeat(20_000);
+        let mut stream = frame(OpCode::Binary, true, &big);
+        stream.extend(frame(OpCode::Ping, true, b"p"));
+        stream.extend(frame(OpCode::Text, true, text.as_bytes()));
+        stream.extend(frame(OpCode::Binary, false, &big[..100_000]));
+        stream.extend(frame(OpCode::Continuation, true, &big[100_000..]));
+        stream.extend(frame(OpCode::Text, true, b"small"));
+        let expected = vec![
+            Owned::Binary(big.clone()),
+            Owned::Ping(b"p".to_vec()),
+            Owned::Text(text.clone()),
+            Owned::Binary(big.clone()),
+            Owned::Text("small".into()),
+        ];
+        for per_read in [1000, 65_536, 99_999, 1 << 20] {
+            let (events, taken) = run_direct(&stream, per_read, 1);
+            assert_eq!(events, expected, "{per_read} bytes per read");
+            // Messages that span reads are assembled and handed over, with
+            // their headroom; the rest are borrowed from the read.
+            let payloads: Vec<&[u8]> = taken.iter().map(|b| &b[MESSAGE_HEADROOM..]).collect();
+            if per_read < 100_000 {
+                assert!(payloads.contains(&&big[..]) && payloads.contains(&text.as_bytes()));
+            }
+        }
+        // Only frames with at least `min` bytes to come are read directly.
+        let (events, _) = run_direct(&stream, 65_536, 400_000);
+        assert_eq!(events, expected);
+    }
+
+    #[test]
+    fn direct_reads_validate_text_as_it_arrives() {
+        let mut payload = vec![b'a'; 100_000];
+        payload[50_000] = 0xFF;
+        let stream = frame(OpCode::Text, true, &payload);
+        let (events, _) = run_direct(&stream[..60_000], 1000, 1);
+        assert_eq!(
+            events,
+            vec![Owned::Failed(1007)],
+            "fails before the frame ends"
+        );
+    }
+
+    #[test]
+    fn direct_space_only_inside_a_data_frame() {
+        let mut decoder = Decoder::new(Limits::default());
+        assert!(decoder.direct_space(0).is_none(), "no frame yet");
+        let ping = frame(OpCode::Ping, true, &[1; 100]);
+        let mut head = ping[..10].to_vec();
+        assert_eq!(decoder.decode(&mut head).unwrap(), (10, None));
+        assert!(
+            decoder.direct_space(0).is_none(),
+            "control payloads are small"
+        );
+        let mut rest = ping[10..].to_vec();
+        assert!(decoder.decode(&mut rest).unwrap().1.is_some());
+        let data = frame(OpCode::Binary, true, &[2; 1000]);
+        let mut head = data[..8].to_vec();
+        decoder.decode(&mut head).unwrap();
+        assert!(
+            decoder.direct_space(1001).is_none(),
+            "fewer bytes to come than asked"
+        );
+        assert_eq!(
+            decoder.direct_space(1000).map(|room| room.len()),
+            Some(1000)
+        );
+    }
+
+    #[test]
+    fn borrowed_messages_are_the_last_bytes_consumed() {
+        let mut input = frame(OpCode::Text, true, b"first");
+        input.extend(frame(OpCode::Binary, true, &[7; 300]));
+        let copy = input.clone();
+        let mut decoder = Decoder::new(Limits::default());
+        let mut pos = 0;
+        while pos < input.len() {
+            let (used, event) = decoder.decode(&mut input[pos..]).unwrap();
+            let len = match event.unwrap() {
+                Event::Text(t) => t.len(),
+                Event::Binary(b) => b.len(),
+                other => panic!("{other:?}"),
+            };
+            pos += used;
+            assert!(decoder.take_message().is_none(), "borrowed, not assembled");
+            // Unmasked in place where the masked bytes were.
+            let mut masked = copy[pos - len..pos].to_vec();
+            apply_mask(&mut masked, KEY, 0);
+            assert_eq!(&input[pos - len..pos], &masked[..]);
+        }
     }
 
     #[test]

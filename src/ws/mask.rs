@@ -4,29 +4,45 @@
 /// position of `payload[0]` within the frame's payload. The offset lets a
 /// frame that arrives over several reads be unmasked piece by piece.
 ///
-/// The bulk of the slice is processed eight bytes at a time (unaligned
-/// loads, which the compiler widens further): the key is rotated to the
-/// current offset once and repeated to 8 bytes, so the inner loop is one
-/// load, one XOR and one store per word. Short payloads pay for no
+/// The bulk of the slice is processed a machine word at a time: the key is
+/// rotated to the current offset once and widened to 8 bytes, so the inner
+/// loop is one load, one XOR and one store per 8 bytes (which the compiler
+/// widens further). Short payloads take unaligned words and pay for no
 /// alignment prologue.
 pub fn apply_mask(payload: &mut [u8], key: [u8; 4], offset: usize) {
     let key = rotate_key(key, offset);
-    let narrow = u32::from_ne_bytes(key);
-    let wide = (u64::from(narrow) << 32) | u64::from(narrow);
-    let mut blocks = payload.chunks_exact_mut(64);
-    for block in &mut blocks {
-        let block: &mut [u8; 64] = block.try_into().expect("chunks of 64");
-        for word in block.as_chunks_mut::<8>().0 {
-            *word = (u64::from_ne_bytes(*word) ^ wide).to_ne_bytes();
-        }
+    if payload.len() < 64 {
+        return apply_unaligned(payload, key);
     }
-    let mut words = blocks.into_remainder().chunks_exact_mut(8);
+    // SAFETY: u64 has no invalid bit patterns, so viewing the aligned middle
+    // of a byte slice as u64s is sound; prefix and suffix stay bytes.
+    let (prefix, words, suffix) = unsafe { payload.align_to_mut::<u64>() };
+    apply_unaligned(prefix, key);
+    let key = rotate_key(key, prefix.len());
+    let wide = widen(key);
+    for word in words.iter_mut() {
+        *word ^= wide;
+    }
+    // Each word is 8 bytes, a multiple of the key length, so the suffix
+    // starts at the same key phase as the words did.
+    apply_unaligned(suffix, key);
+}
+
+/// The key repeated to a word, in memory order.
+fn widen(key: [u8; 4]) -> u64 {
+    let narrow = u64::from(u32::from_ne_bytes(key));
+    (narrow << 32) | narrow
+}
+
+/// Masks `bytes` starting at the key's phase 0, by unaligned words.
+fn apply_unaligned(bytes: &mut [u8], key: [u8; 4]) {
+    let wide = widen(key);
+    let mut words = bytes.chunks_exact_mut(8);
     for word in &mut words {
-        let bytes: &mut [u8; 8] = word.try_into().expect("chunks of 8");
-        *bytes = (u64::from_ne_bytes(*bytes) ^ wide).to_ne_bytes();
+        let word: &mut [u8; 8] = word.try_into().expect("chunks of 8");
+        *word = (u64::from_ne_bytes(*word) ^ wide).to_ne_bytes();
     }
-    // Each word is 8 bytes, a multiple of the key length, so the tail
-    // starts at the key's phase 0.
+    // A word is a multiple of the key length: the tail starts at phase 0.
     for (i, byte) in words.into_remainder().iter_mut().enumerate() {
         *byte ^= key[i & 3];
     }

@@ -65,6 +65,16 @@ impl Utf8Validator {
     }
 }
 
+/// Validates a whole text, with a fast path for ASCII (most protocol
+/// text): one word-at-a-time scan instead of the general decoder.
+pub fn validate(bytes: &[u8]) -> Result<&str, InvalidUtf8> {
+    if bytes.is_ascii() {
+        // SAFETY: every byte is below 0x80, and ASCII is valid UTF-8.
+        return Ok(unsafe { std::str::from_utf8_unchecked(bytes) });
+    }
+    std::str::from_utf8(bytes).map_err(|_| InvalidUtf8)
+}
+
 /// Length of the sequence a lead byte starts. Only called on bytes that
 /// `from_utf8` accepted as the start of an incomplete sequence, so it is
 /// always a 2-, 3- or 4-byte lead.
@@ -127,6 +137,24 @@ mod tests {
         assert_eq!(v.feed(b"\xf4"), Ok(()));
         // 0x90 after 0xF4 would encode above U+10FFFF: no completion can fix it.
         assert_eq!(v.feed(b"\x90"), Err(InvalidUtf8));
+    }
+
+    #[test]
+    fn whole_text_validation_agrees_with_std() {
+        let cases: &[&[u8]] = &[
+            b"",
+            b"plain ascii",
+            "κόσμε".as_bytes(),
+            b"\xff",
+            b"ab\xe2\x82",
+        ];
+        for bytes in cases {
+            assert_eq!(
+                validate(bytes).ok(),
+                std::str::from_utf8(bytes).ok(),
+                "{bytes:?}"
+            );
+        }
     }
 
     #[test]
