@@ -1,12 +1,21 @@
 //! Micro-benchmarks for the sans-IO hot paths: frame header decode,
-//! unmasking, UTF-8 validation, handshake parsing and whole-message decode.
+//! unmasking, UTF-8 validation, handshake parsing, whole-message decode,
+//! and a publish fanned out to N subscribers (through the channels router,
+//! and through the whole app from the JSON request), measured per delivery.
 //! Run: `cargo bench --bench protocol`.
 
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use fanout::app::channels::{ChannelLimits, Channels};
+use fanout::app::{App, ConnId, ConnInfo, Endpoint, Message, Outbox, Role, SharedFrame};
+use fanout::config::Config;
 use fanout::ws::frame::{FrameHeader, OpCode, MAX_HEADER_LEN};
 use fanout::ws::handshake::{parse_request, validate_upgrade, UpgradePolicy};
 use fanout::ws::mask::apply_mask;
 use fanout::ws::utf8::Utf8Validator;
+use fanout::ws::CloseCode;
 use fanout::ws::{Decoder, Limits};
 
 const KEY: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
@@ -100,12 +109,135 @@ fn decode_messages(c: &mut Criterion) {
     group.finish();
 }
 
+/// An outbox that only counts: what the benchmark sees is the router's own
+/// work per recipient (the server's queueing is measured by benches/loadgen).
+#[derive(Default)]
+struct CountingOutbox {
+    delivered: u64,
+    bytes: usize,
+    replies: u64,
+}
+
+impl Outbox for CountingOutbox {
+    fn reply(&mut self, _to: ConnId, message: Message<'_>) {
+        self.replies += 1;
+        if let Message::Text(text) = message {
+            self.bytes += text.len();
+        }
+    }
+
+    fn reply_shared(&mut self, _to: ConnId, frame: &SharedFrame) {
+        self.replies += 1;
+        self.bytes += frame.bytes().len();
+    }
+
+    fn deliver(&mut self, _to: ConnId, frame: &SharedFrame) -> bool {
+        self.delivered += 1;
+        self.bytes += frame.bytes().len();
+        true
+    }
+
+    fn close(&mut self, _to: ConnId, _code: CloseCode, _reason: &str) {}
+}
+
+const FANOUT_SIZES: [usize; 3] = [100, 1_000, 10_000];
+
+/// `Channels::publish` of a 64-byte payload to N exact subscribers (plus one
+/// wildcard subscription that does not match): envelope serialized once,
+/// backlog, and one `deliver` per subscriber.
+fn publish_fanout(c: &mut Criterion) {
+    let mut group = c.benchmark_group("publish_fanout");
+    let now = Instant::now();
+    let data = serde_json::Value::String("x".repeat(64));
+    for subscribers in FANOUT_SIZES {
+        let mut channels = Channels::new(ChannelLimits {
+            backlog: 1000,
+            backlog_age: Duration::from_secs(600),
+            max_channels: 10,
+            max_subscriptions: 10,
+        });
+        for conn in 0..subscribers {
+            channels.subscribe(conn, "bench", None, now).unwrap();
+        }
+        channels
+            .subscribe(subscribers, "other.*", None, now)
+            .unwrap();
+        let mut out = CountingOutbox::default();
+        group.throughput(Throughput::Elements(subscribers as u64));
+        group.bench_with_input(
+            BenchmarkId::new("channels", subscribers),
+            &subscribers,
+            |b, _| {
+                b.iter(|| {
+                    let published = channels
+                        .publish("bench", black_box(&data), true, now, &mut out)
+                        .unwrap();
+                    assert_eq!(published.delivered, subscribers);
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+/// The same fan-out entered the way a trusted publisher's message enters:
+/// `App::on_message` with the JSON `publish` request (parse, route,
+/// publish, ack).
+fn publish_fanout_app(c: &mut Criterion) {
+    let mut group = c.benchmark_group("publish_fanout");
+    let now = Instant::now();
+    let config = Config {
+        no_sim: true,
+        ..Config::default()
+    };
+    let info = |role| ConnInfo {
+        role,
+        peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
+    };
+    let request = format!(
+        r#"{{"type":"publish","channel":"bench","data":"{}"}}"#,
+        "x".repeat(64)
+    );
+    for subscribers in FANOUT_SIZES {
+        let mut app = App::new(&config, now).unwrap();
+        let mut out = CountingOutbox::default();
+        let subscribe = Message::Text(r#"{"type":"subscribe","channel":"bench"}"#);
+        for conn in 0..subscribers {
+            app.on_open(conn, Endpoint::Ws, info(Role::Public), now, &mut out);
+            app.on_message(conn, Endpoint::Ws, subscribe, now, &mut out);
+        }
+        let publisher = subscribers;
+        app.on_open(publisher, Endpoint::Ws, info(Role::Internal), now, &mut out);
+        out = CountingOutbox::default();
+        group.throughput(Throughput::Elements(subscribers as u64));
+        group.bench_with_input(
+            BenchmarkId::new("app", subscribers),
+            &subscribers,
+            |b, _| {
+                b.iter(|| {
+                    app.on_message(
+                        publisher,
+                        Endpoint::Ws,
+                        Message::Text(black_box(&request)),
+                        now,
+                        &mut out,
+                    )
+                })
+            },
+        );
+        assert!(out.delivered > 0 && out.delivered % subscribers as u64 == 0);
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     header_decode,
     unmask,
     utf8,
     handshake,
-    decode_messages
+    decode_messages,
+    publish_fanout,
+    publish_fanout_app
 );
 criterion_main!(benches);

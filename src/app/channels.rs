@@ -233,37 +233,36 @@ impl Channels {
             delivered: 0,
             dropped: 0,
         };
-        let exact: Vec<ConnId> = channel.subscribers.iter().copied().collect();
-        let by_pattern = self
-            .patterns
-            .iter()
-            .filter(|(pattern, conn)| {
-                pattern_matches(pattern, name) && !channel.subscribers.contains(conn)
-            })
-            .map(|(_, conn)| *conn);
-        let mut seen_by_pattern = HashSet::new();
-        let recipients: Vec<ConnId> = exact
-            .into_iter()
-            .chain(by_pattern.filter(|conn| seen_by_pattern.insert(*conn)))
-            .collect();
-        for conn in recipients {
+        // Straight from the subscriber set to the outbox: no list of
+        // recipients is built per publish.
+        let mut fan_out = |conn: ConnId| {
             if out.deliver(conn, &frame) {
                 published.delivered += 1;
             } else {
                 published.dropped += 1;
-                self.dropped_total += 1;
-                let gap = self.gaps.entry((conn, name.to_owned())).or_insert(Gap {
-                    count: 0,
-                    first_offset: offset,
-                    last_offset: offset,
-                });
-                if gap.count == 0 {
-                    debug!("conn {conn}: dropping channel `{name}` messages from offset {offset}: slow consumer");
-                }
-                gap.count += 1;
-                gap.last_offset = offset;
+                record_drop(&mut self.gaps, conn, name, offset);
+            }
+        };
+        for &conn in &channel.subscribers {
+            fan_out(conn);
+        }
+        if !self.patterns.is_empty() {
+            // A connection whose patterns match more than once gets one copy.
+            let mut by_pattern: Vec<ConnId> = self
+                .patterns
+                .iter()
+                .filter(|(pattern, conn)| {
+                    !channel.subscribers.contains(conn) && pattern_matches(pattern, name)
+                })
+                .map(|(_, conn)| *conn)
+                .collect();
+            by_pattern.sort_unstable();
+            by_pattern.dedup();
+            for conn in by_pattern {
+                fan_out(conn);
             }
         }
+        self.dropped_total += published.dropped as u64;
         Ok(published)
     }
 
@@ -404,6 +403,22 @@ impl Channels {
         self.patterns.retain(|(_, c)| *c != conn);
         self.gaps.retain(|(c, _), _| *c != conn);
     }
+}
+
+/// A slow subscriber missed message `offset` of channel `name`.
+fn record_drop(gaps: &mut HashMap<(ConnId, String), Gap>, conn: ConnId, name: &str, offset: u64) {
+    let gap = gaps.entry((conn, name.to_owned())).or_insert(Gap {
+        count: 0,
+        first_offset: offset,
+        last_offset: offset,
+    });
+    if gap.count == 0 {
+        debug!(
+            "conn {conn}: dropping channel `{name}` messages from offset {offset}: slow consumer"
+        );
+    }
+    gap.count += 1;
+    gap.last_offset = offset;
 }
 
 fn not_recoverable(channel: &str, since: u64, first: Option<u64>, last: u64) -> ProtocolError {
