@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::metrics::{Labels, Metrics};
 use crate::ws::decoder::MESSAGE_HEADROOM;
 use crate::ws::handshake::{self, Rejection, UpgradePolicy};
-use crate::ws::{CloseCode, CloseState, Decoder, Event, Limits, OpCode, Violation};
+use crate::ws::{CloseCode, CloseState, Decoder, Event, Limits, OpCode, Step, Violation};
 use std::collections::BTreeMap;
 
 const SIGNAL: Token = Token(usize::MAX);
@@ -758,9 +758,19 @@ impl Core {
             None => DecoderSlot::Stack(Decoder::new(self.limits)),
         };
         let decoder = &mut decoder;
+        // /echo streams a single-frame binary message too large for one
+        // read back as it arrives, instead of assembling it first.
+        let stream_min =
+            (endpoint == Endpoint::Echo).then_some(self.config.read_buffer_size as u64);
         let mut pos = 0;
         while pos < input.len() {
-            let (used, event) = match decoder.decode(&mut input[pos..]) {
+            let decoded = match stream_min {
+                Some(min) => decoder.decode_streaming(&mut input[pos..], min),
+                None => decoder
+                    .decode(&mut input[pos..])
+                    .map(|(used, event)| (used, event.map(Step::Event))),
+            };
+            let (used, step) = match decoded {
                 Ok(decoded) => decoded,
                 Err(violation) => {
                     self.violation(token, violation);
@@ -768,7 +778,18 @@ impl Core {
                 }
             };
             pos += used;
-            let Some(event) = event else { break };
+            let event = match step {
+                None => break,
+                Some(Step::Event(event)) => event,
+                Some(Step::StreamStart { len }) => {
+                    self.echo_stream_start(token, len);
+                    continue;
+                }
+                Some(Step::Chunk { payload, last }) => {
+                    self.echo_stream_chunk(token, payload, last);
+                    continue;
+                }
+            };
             let (is_text, len) = match event {
                 Event::Text(text) => (true, text.len()),
                 Event::Binary(bytes) => (false, bytes.len()),
@@ -825,6 +846,38 @@ impl Core {
                     session.decoder = Some(decoder);
                 }
             }
+        }
+    }
+
+    /// A binary message being streamed back by /echo begins: its reply
+    /// frame's header is queued (unless we already sent a close frame:
+    /// then the data is read and dropped, §5.5.1).
+    fn echo_stream_start(&mut self, token: usize, len: u64) {
+        let conn = &mut self.conns[token];
+        if matches!(&conn.phase, Phase::Open(s) if s.close.is_open()) {
+            conn.out.begin_stream(OpCode::Binary, len);
+            self.mark_dirty(token);
+        }
+    }
+
+    /// The next piece of a message /echo streams back: written through at
+    /// once. A close frame or ping queued meanwhile waits for the frame's end.
+    fn echo_stream_chunk(&mut self, token: usize, payload: &[u8], last: bool) {
+        let conn = &mut self.conns[token];
+        if !conn.out.is_streaming() {
+            return;
+        }
+        match conn.out.stream(&mut conn.socket, payload, last) {
+            Ok(written) => self.stats.bytes_out += written as u64,
+            // What was not written stays queued; the flush at the end of the
+            // turn meets the error again and drops the connection.
+            Err(e) => debug!("conn {token}: write error while streaming: {e}"),
+        }
+        if last {
+            self.stats.messages_in += 1;
+        }
+        if !self.conns[token].out.is_empty() {
+            self.mark_dirty(token);
         }
     }
 

@@ -6,6 +6,11 @@
 //! shared frames are queued by reference, and a received message handed
 //! over whole (an echo) is queued without a copy. A flush gathers every
 //! chunk into one vectored write when there are several.
+//!
+//! A frame can also be streamed: its header first, then its payload as it
+//! becomes available, written through to the socket when nothing is queued
+//! before it. Frames pushed meanwhile (a ping, a close) are held back and
+//! follow the streamed frame.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
@@ -47,138 +52,18 @@ impl Chunk {
     }
 }
 
+/// Chunks and how many bytes they hold.
 #[derive(Debug, Default)]
-struct Queue {
+struct Lane {
     chunks: VecDeque<Chunk>,
-    /// Bytes of the front chunk already written.
-    front_written: usize,
-    queued: usize,
+    bytes: usize,
 }
 
-#[derive(Debug, Default)]
-pub struct Outbound {
-    /// `None` whenever nothing is queued.
-    queue: Option<Box<Queue>>,
-}
-
-impl Outbound {
-    /// Bytes waiting to be written.
-    pub fn len(&self) -> usize {
-        self.queue.as_ref().map_or(0, |q| q.queued)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.queue.is_none()
-    }
-
-    fn queue(&mut self) -> &mut Queue {
-        self.queue.get_or_insert_with(Box::default)
-    }
-
-    /// Appends raw bytes (an HTTP response).
-    pub fn push_bytes(&mut self, bytes: &[u8]) {
-        let queue = self.queue();
-        queue.owned_tail(bytes.len()).extend_from_slice(bytes);
-        queue.queued += bytes.len();
-    }
-
-    /// Encodes and appends one unmasked frame.
-    pub fn push_frame(&mut self, opcode: OpCode, payload: &[u8]) {
-        let mut head = [0u8; MAX_HEADER_LEN];
-        let head_len = header(opcode, payload.len()).encode(&mut head);
-        let queue = self.queue();
-        let tail = queue.owned_tail(head_len + payload.len());
-        tail.extend_from_slice(&head[..head_len]);
-        tail.extend_from_slice(payload);
-        queue.queued += head_len + payload.len();
-    }
-
-    /// Queues an already-encoded frame shared with other recipients.
-    pub fn push_shared(&mut self, frame: &SharedFrame) {
-        let bytes = frame.bytes();
-        let queue = self.queue();
-        if bytes.len() <= COPY_SHARED_LIMIT {
-            queue.owned_tail(bytes.len()).extend_from_slice(bytes);
-        } else {
-            queue.chunks.push_back(Chunk::Shared(frame.clone()));
-        }
-        queue.queued += bytes.len();
-    }
-
-    /// Queues `buf[payload_start..]` as one frame without copying it: the
-    /// header is written into the `MAX_HEADER_LEN` bytes reserved in front
-    /// of the payload.
-    pub fn push_message(&mut self, opcode: OpCode, mut buf: Vec<u8>, payload_start: usize) {
-        assert!(payload_start >= MAX_HEADER_LEN && payload_start <= buf.len());
-        let payload_len = buf.len() - payload_start;
-        let mut head = [0u8; MAX_HEADER_LEN];
-        let head_len = header(opcode, payload_len).encode(&mut head);
-        let start = payload_start - head_len;
-        // SAFETY: `start..payload_start` lies inside the buffer (asserted
-        // above). A raw write, not `&mut buf[..]`: a received message being
-        // echoed may still be borrowed by the app, and the header bytes are
-        // the only ones touched.
-        unsafe {
-            std::ptr::copy_nonoverlapping(head.as_ptr(), buf.as_mut_ptr().add(start), head_len);
-        }
-        let queue = self.queue();
-        queue.chunks.push_back(Chunk::Owned { buf, start });
-        queue.queued += head_len + payload_len;
-    }
-
-    /// Writes as much as the socket takes. Returns `Ok(true)` when the
-    /// queue is empty (and its memory released), `Ok(false)` when the
-    /// socket would block.
-    pub fn flush_to(&mut self, sink: &mut impl Write) -> io::Result<bool> {
-        let Some(queue) = self.queue.as_mut() else {
-            return Ok(true);
-        };
-        loop {
-            let result = if queue.chunks.len() == 1 {
-                sink.write(&queue.chunks[0].bytes()[queue.front_written..])
-            } else {
-                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-                let mut count = 0;
-                for (slot, chunk) in slices.iter_mut().zip(&queue.chunks) {
-                    let bytes = chunk.bytes();
-                    *slot = IoSlice::new(if count == 0 {
-                        &bytes[queue.front_written..]
-                    } else {
-                        bytes
-                    });
-                    count += 1;
-                }
-                sink.write_vectored(&slices[..count])
-            };
-            match result {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    if queue.consume(n) {
-                        // Give the memory back: an idle connection holds no buffers.
-                        self.queue = None;
-                        return Ok(true);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-}
-
-fn header(opcode: OpCode, len: usize) -> FrameHeader {
-    FrameHeader {
-        fin: true,
-        rsv: 0,
-        opcode,
-        mask: None,
-        payload_len: len as u64,
-    }
-}
-
-impl Queue {
+impl Lane {
+    /// The last chunk, if it is an owned one with room for `extra` more
+    /// bytes, else a new one.
     fn owned_tail(&mut self, extra: usize) -> &mut Vec<u8> {
+        self.bytes += extra;
         let reuse = matches!(
             self.chunks.back(),
             Some(Chunk::Owned { buf, start: 0 }) if buf.len() + extra <= PACK_LIMIT
@@ -193,20 +78,247 @@ impl Queue {
         }
     }
 
-    /// Drops what was written; returns whether the queue is now empty.
+    fn push(&mut self, chunk: Chunk) {
+        self.bytes += chunk.bytes().len();
+        self.chunks.push_back(chunk);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    /// What goes to the socket next; `bytes` excludes what of the front
+    /// chunk is already written.
+    out: Lane,
+    /// Bytes of the front chunk already written.
+    front_written: usize,
+    /// `Some` while a streamed frame is open: frames pushed meanwhile.
+    held: Option<Lane>,
+}
+
+impl Queue {
+    /// Where a new frame goes: behind an open stream, if there is one.
+    fn lane(&mut self) -> &mut Lane {
+        match &mut self.held {
+            Some(held) => held,
+            None => &mut self.out,
+        }
+    }
+
+    /// Drops what was written; returns whether `out` is now empty.
     fn consume(&mut self, mut written: usize) -> bool {
-        self.queued -= written;
+        self.out.bytes -= written;
         while written > 0 {
-            let front_left = self.chunks[0].bytes().len() - self.front_written;
+            let front_left = self.out.chunks[0].bytes().len() - self.front_written;
             if written < front_left {
                 self.front_written += written;
                 return false;
             }
             written -= front_left;
             self.front_written = 0;
-            self.chunks.pop_front();
+            self.out.chunks.pop_front();
         }
-        self.chunks.is_empty()
+        self.out.chunks.is_empty()
+    }
+
+    /// Writes `out`, then `extra`, in as few calls as the socket allows;
+    /// returns how much of `extra` was written, and the error that stopped
+    /// writing, if any (not `WouldBlock`).
+    fn write_out(&mut self, sink: &mut impl Write, extra: &[u8]) -> (usize, Option<io::Error>) {
+        let mut extra_done = 0;
+        loop {
+            let pending = &extra[extra_done..];
+            if self.out.chunks.is_empty() && pending.is_empty() {
+                return (extra_done, None);
+            }
+            let result = match (self.out.chunks.len(), pending.is_empty()) {
+                (0, _) => sink.write(pending),
+                (1, true) => sink.write(&self.out.chunks[0].bytes()[self.front_written..]),
+                _ => {
+                    let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                    let mut count = 0;
+                    for chunk in self.out.chunks.iter().take(MAX_IOVECS - 1) {
+                        let bytes = chunk.bytes();
+                        slices[count] = IoSlice::new(if count == 0 {
+                            &bytes[self.front_written..]
+                        } else {
+                            bytes
+                        });
+                        count += 1;
+                    }
+                    if !pending.is_empty() && count == self.out.chunks.len() {
+                        slices[count] = IoSlice::new(pending);
+                        count += 1;
+                    }
+                    sink.write_vectored(&slices[..count])
+                }
+            };
+            match result {
+                Ok(0) => return (extra_done, Some(io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    let from_out = n.min(self.out.bytes);
+                    self.consume(from_out);
+                    extra_done += n - from_out;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (extra_done, None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return (extra_done, Some(e)),
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Outbound {
+    /// `None` whenever nothing is queued and no stream is open.
+    queue: Option<Box<Queue>>,
+}
+
+impl Outbound {
+    /// Bytes waiting to be written (held ones included).
+    pub fn len(&self) -> usize {
+        self.queue
+            .as_ref()
+            .map_or(0, |q| q.out.bytes + q.held.as_ref().map_or(0, |h| h.bytes))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_none()
+    }
+
+    /// A streamed frame is open.
+    pub fn is_streaming(&self) -> bool {
+        self.queue.as_ref().is_some_and(|q| q.held.is_some())
+    }
+
+    fn queue(&mut self) -> &mut Queue {
+        self.queue.get_or_insert_with(Box::default)
+    }
+
+    /// Releases the queue's memory once nothing is left in it.
+    fn release_if_idle(&mut self) {
+        if self
+            .queue
+            .as_ref()
+            .is_some_and(|q| q.out.chunks.is_empty() && q.held.is_none())
+        {
+            self.queue = None;
+        }
+    }
+
+    /// Appends raw bytes (an HTTP response).
+    pub fn push_bytes(&mut self, bytes: &[u8]) {
+        self.queue()
+            .lane()
+            .owned_tail(bytes.len())
+            .extend_from_slice(bytes);
+    }
+
+    /// Encodes and appends one unmasked frame.
+    pub fn push_frame(&mut self, opcode: OpCode, payload: &[u8]) {
+        let mut head = [0u8; MAX_HEADER_LEN];
+        let head_len = header(opcode, payload.len() as u64).encode(&mut head);
+        let tail = self.queue().lane().owned_tail(head_len + payload.len());
+        tail.extend_from_slice(&head[..head_len]);
+        tail.extend_from_slice(payload);
+    }
+
+    /// Queues an already-encoded frame shared with other recipients.
+    pub fn push_shared(&mut self, frame: &SharedFrame) {
+        let bytes = frame.bytes();
+        let lane = self.queue().lane();
+        if bytes.len() <= COPY_SHARED_LIMIT {
+            lane.owned_tail(bytes.len()).extend_from_slice(bytes);
+        } else {
+            lane.push(Chunk::Shared(frame.clone()));
+        }
+    }
+
+    /// Queues `buf[payload_start..]` as one frame without copying it: the
+    /// header is written into the `MAX_HEADER_LEN` bytes reserved in front
+    /// of the payload.
+    pub fn push_message(&mut self, opcode: OpCode, mut buf: Vec<u8>, payload_start: usize) {
+        assert!(payload_start >= MAX_HEADER_LEN && payload_start <= buf.len());
+        let payload_len = buf.len() - payload_start;
+        let mut head = [0u8; MAX_HEADER_LEN];
+        let head_len = header(opcode, payload_len as u64).encode(&mut head);
+        let start = payload_start - head_len;
+        // SAFETY: `start..payload_start` lies inside the buffer (asserted
+        // above). A raw write, not `&mut buf[..]`: a received message being
+        // echoed may still be borrowed by the app, and the header bytes are
+        // the only ones touched.
+        unsafe {
+            std::ptr::copy_nonoverlapping(head.as_ptr(), buf.as_mut_ptr().add(start), head_len);
+        }
+        self.queue().lane().push(Chunk::Owned { buf, start });
+    }
+
+    /// Opens a streamed frame of `len` payload bytes: queues its header;
+    /// the payload follows through [`Outbound::stream`]. Frames pushed until
+    /// the payload is complete are held back and follow it.
+    pub fn begin_stream(&mut self, opcode: OpCode, len: u64) {
+        let mut head = [0u8; MAX_HEADER_LEN];
+        let head_len = header(opcode, len).encode(&mut head);
+        let queue = self.queue();
+        assert!(queue.held.is_none(), "one stream at a time");
+        queue
+            .out
+            .owned_tail(head_len)
+            .extend_from_slice(&head[..head_len]);
+        queue.held = Some(Lane::default());
+    }
+
+    /// The next `bytes` of the open stream's payload (`last` completes it):
+    /// written to `sink` right away behind what is queued, and only what the
+    /// socket does not take is copied into the queue. Returns how many bytes
+    /// went to the socket (queued ones included).
+    pub fn stream(&mut self, sink: &mut impl Write, bytes: &[u8], last: bool) -> io::Result<usize> {
+        let queue = self.queue();
+        assert!(queue.held.is_some(), "stream() needs begin_stream()");
+        let before = queue.out.bytes;
+        let (done, error) = queue.write_out(sink, bytes);
+        let written = before - queue.out.bytes + done;
+        if done < bytes.len() {
+            queue
+                .out
+                .owned_tail(bytes.len() - done)
+                .extend_from_slice(&bytes[done..]);
+        }
+        if last {
+            let held = queue.held.take().expect("a stream is open");
+            queue.out.bytes += held.bytes;
+            queue.out.chunks.extend(held.chunks);
+        }
+        self.release_if_idle();
+        match error {
+            Some(e) => Err(e),
+            None => Ok(written),
+        }
+    }
+
+    /// Writes as much as the socket takes. Returns `Ok(true)` when nothing
+    /// is left to write (the queue's memory is released too, unless a
+    /// stream is open), `Ok(false)` when the socket would block.
+    pub fn flush_to(&mut self, sink: &mut impl Write) -> io::Result<bool> {
+        let Some(queue) = self.queue.as_mut() else {
+            return Ok(true);
+        };
+        let (_, error) = queue.write_out(sink, &[]);
+        let done = queue.out.chunks.is_empty();
+        self.release_if_idle();
+        match error {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
+    }
+}
+
+fn header(opcode: OpCode, len: u64) -> FrameHeader {
+    FrameHeader {
+        fin: true,
+        rsv: 0,
+        opcode,
+        mask: None,
+        payload_len: len,
     }
 }
 
@@ -231,13 +343,27 @@ mod tests {
             self.taken.extend_from_slice(&buf[..n]);
             Ok(n)
         }
+        /// Like a socket: one call takes from every slice, up to `per_call`.
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            if self.calls_left == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.calls_left -= 1;
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(self.per_call - n);
+                self.taken.extend_from_slice(&buf[..take]);
+                n += take;
+            }
+            Ok(n)
+        }
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
     }
 
     fn chunk_count(out: &Outbound) -> usize {
-        out.queue.as_ref().map_or(0, |q| q.chunks.len())
+        out.queue.as_ref().map_or(0, |q| q.out.chunks.len())
     }
 
     #[test]
@@ -285,6 +411,65 @@ mod tests {
         assert_eq!(chunk_count(&out), 1);
         out.push_frame(OpCode::Binary, &vec![0; PACK_LIMIT]);
         assert_eq!(chunk_count(&out), 2);
+    }
+
+    #[test]
+    fn a_streamed_frame_goes_out_whole_with_held_frames_after_it() {
+        let mut out = Outbound::default();
+        out.push_frame(OpCode::Text, b"before");
+        out.begin_stream(OpCode::Binary, 300);
+        assert!(out.is_streaming());
+        out.push_frame(OpCode::Ping, b"");
+        out.push_shared(&SharedFrame::text("later"));
+        let mut sink = Trickle {
+            taken: Vec::new(),
+            per_call: 7,
+            calls_left: 3,
+        };
+        // Blocks part-way: the rest is copied into the queue, in order.
+        assert_eq!(out.stream(&mut sink, &[1; 100], false).unwrap(), 21);
+        sink.calls_left = 1000;
+        sink.per_call = 1000;
+        out.stream(&mut sink, &[2; 150], false).unwrap();
+        assert!(out.flush_to(&mut sink).unwrap(), "nothing left to write");
+        assert!(
+            out.is_streaming() && !out.is_empty(),
+            "the stream is still open"
+        );
+        out.stream(&mut sink, &[3; 50], true).unwrap();
+        assert!(!out.is_streaming());
+        assert!(out.flush_to(&mut sink).unwrap());
+        assert!(out.queue.is_none());
+        let mut payload = vec![1; 100];
+        payload.extend([2; 150]);
+        payload.extend([3; 50]);
+        let expected = [
+            &b"\x81\x06before"[..],
+            &[0x82, 126, 1, 44],
+            &payload,
+            b"\x89\x00",
+            b"\x81\x05later",
+        ]
+        .concat();
+        assert_eq!(sink.taken, expected);
+    }
+
+    #[test]
+    fn a_stream_writes_through_without_queueing() {
+        let mut out = Outbound::default();
+        out.begin_stream(OpCode::Binary, 6);
+        let mut sink = Trickle {
+            taken: Vec::new(),
+            per_call: 1000,
+            calls_left: 1000,
+        };
+        // The header and the first piece leave in one call.
+        assert_eq!(out.stream(&mut sink, b"abc", false).unwrap(), 5);
+        assert_eq!(sink.calls_left, 999);
+        assert_eq!(out.len(), 0);
+        assert_eq!(out.stream(&mut sink, b"def", true).unwrap(), 3);
+        assert!(out.queue.is_none());
+        assert_eq!(sink.taken, b"\x82\x06abcdef");
     }
 
     #[test]

@@ -58,6 +58,24 @@ pub enum Event<'a> {
     Close(Option<(CloseCode, &'a str)>),
 }
 
+/// What [`Decoder::decode_streaming`] returns: an event, or the parts of a
+/// streamed message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step<'a> {
+    Event(Event<'a>),
+    /// A single-frame binary message of `len` bytes begins; its payload
+    /// follows in [`Step::Chunk`]s.
+    StreamStart {
+        len: u64,
+    },
+    /// The next bytes of the streamed message, unmasked; `last` on the one
+    /// that completes it.
+    Chunk {
+        payload: &'a [u8],
+        last: bool,
+    },
+}
+
 /// The peer broke the protocol: the connection must be failed with this
 /// close code and reason (§7.1.7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +96,9 @@ struct FrameInProgress {
     /// Payload bytes already consumed, which is also the mask phase.
     done: u64,
     len: u64,
+    /// Handed out piece by piece as it arrives instead of assembled (see
+    /// [`Decoder::decode_streaming`]).
+    streamed: bool,
 }
 
 impl FrameInProgress {
@@ -175,6 +196,33 @@ impl Decoder {
         &'a mut self,
         input: &'a mut [u8],
     ) -> Result<(usize, Option<Event<'a>>), Violation> {
+        match self.next_step(input, None)? {
+            (used, Some(Step::Event(event))) => Ok((used, Some(event))),
+            (used, None) => Ok((used, None)),
+            (_, Some(step)) => unreachable!("nothing is streamed without a minimum: {step:?}"),
+        }
+    }
+
+    /// Like [`Decoder::decode`], except that a single-frame binary message
+    /// (FIN set, not a continuation) of at least `min_len` bytes is not
+    /// assembled: its start, then its payload as it arrives, unmasked and
+    /// piece by piece, come back as [`Step`]s, for a caller that forwards
+    /// it at once (the echo endpoint streams large binary messages back).
+    /// Every rule that applies to the frame is checked on its header, so a
+    /// streamed frame can only end normally or be cut off.
+    pub fn decode_streaming<'a>(
+        &'a mut self,
+        input: &'a mut [u8],
+        min_len: u64,
+    ) -> Result<(usize, Option<Step<'a>>), Violation> {
+        self.next_step(input, Some(min_len.max(1)))
+    }
+
+    fn next_step<'a>(
+        &'a mut self,
+        input: &'a mut [u8],
+        stream_min: Option<u64>,
+    ) -> Result<(usize, Option<Step<'a>>), Violation> {
         self.release_delivered();
         let mut pos = 0;
         loop {
@@ -184,6 +232,19 @@ impl Decoder {
                 };
                 pos += used;
                 self.begin_frame(header)?;
+                let streams = stream_min.is_some_and(|min| {
+                    header.opcode == OpCode::Binary
+                        && header.fin
+                        && header.payload_len >= min
+                        && self.message.is_none()
+                });
+                if streams {
+                    if let Some(frame) = self.frame.as_mut() {
+                        frame.streamed = true;
+                    }
+                    let len = header.payload_len;
+                    return Ok((pos, Some(Step::StreamStart { len })));
+                }
             }
             let frame = self
                 .frame
@@ -204,16 +265,28 @@ impl Decoder {
             let complete = done.remaining() == 0;
             self.frame = if complete { None } else { Some(done) };
 
-            if frame.opcode.is_control() {
+            if frame.streamed {
+                if take == 0 {
+                    return Ok((pos, None));
+                }
+                let payload = &input[chunk_start..pos];
+                return Ok((
+                    pos,
+                    Some(Step::Chunk {
+                        payload,
+                        last: complete,
+                    }),
+                ));
+            } else if frame.opcode.is_control() {
                 if complete && self.control.is_empty() {
                     let event = control_event(frame.opcode, &input[chunk_start..pos])?;
-                    return Ok((pos, Some(event)));
+                    return Ok((pos, Some(Step::Event(event))));
                 }
                 self.control.extend_from_slice(&input[chunk_start..pos]);
                 if complete {
                     self.delivered = Delivered::Control;
                     let event = control_event(frame.opcode, &self.control)?;
-                    return Ok((pos, Some(event)));
+                    return Ok((pos, Some(Step::Event(event))));
                 }
             } else if complete && frame.fin && frame.done == 0 && self.message.is_none() {
                 // Fast path: the whole message is one frame inside `input`.
@@ -222,7 +295,7 @@ impl Decoder {
                     OpCode::Binary => Event::Binary(payload),
                     _ => Event::Text(validate(payload).map_err(|_| invalid_utf8())?),
                 };
-                return Ok((pos, Some(event)));
+                return Ok((pos, Some(Step::Event(event))));
             } else {
                 // A single-frame message cut by the end of `input` is
                 // assembled like a fragmented one.
@@ -237,7 +310,7 @@ impl Decoder {
                 }
                 message.buffer.extend_from_slice(&input[chunk_start..pos]);
                 if complete && frame.fin {
-                    return Ok((pos, Some(self.deliver_message()?)));
+                    return Ok((pos, Some(Step::Event(self.deliver_message()?))));
                 }
             }
             if pos == input.len() {
@@ -255,7 +328,7 @@ impl Decoder {
         self.release_delivered();
         let frame = self.frame?;
         let remaining = frame.remaining();
-        if frame.opcode.is_control() || remaining < min as u64 {
+        if frame.opcode.is_control() || frame.streamed || remaining < min as u64 {
             return None;
         }
         let message = self
@@ -445,6 +518,7 @@ impl Decoder {
             mask,
             done: 0,
             len: header.payload_len,
+            streamed: false,
         });
         Ok(())
     }
@@ -906,6 +980,107 @@ mod tests {
             apply_mask(&mut masked, KEY, 0);
             assert_eq!(&input[pos - len..pos], &masked[..]);
         }
+    }
+
+    /// Feeds `bytes` cut at `splits` through `decode_streaming`, joining
+    /// streamed chunks back into messages (and checking their order).
+    fn run_streaming(bytes: &[u8], splits: &[usize], min_len: u64) -> (Vec<Owned>, usize) {
+        let mut decoder = Decoder::new(Limits::default());
+        let (mut out, mut streamed) = (Vec::new(), 0);
+        let mut open: Option<(u64, Vec<u8>)> = None;
+        let mut start = 0;
+        for &end in splits.iter().chain(std::iter::once(&bytes.len())) {
+            let mut chunk = bytes[start..end].to_vec();
+            start = end;
+            let mut pos = 0;
+            while pos < chunk.len() {
+                let (used, step) = match decoder.decode_streaming(&mut chunk[pos..], min_len) {
+                    Ok(decoded) => decoded,
+                    Err(v) => {
+                        out.push(Owned::Failed(v.code.0));
+                        return (out, streamed);
+                    }
+                };
+                pos += used;
+                match step {
+                    None => break,
+                    Some(Step::StreamStart { len }) => {
+                        assert!(open.is_none(), "a stream starts only between messages");
+                        assert!(len >= min_len);
+                        open = Some((len, Vec::new()));
+                    }
+                    Some(Step::Chunk { payload, last }) => {
+                        let (len, mut got) = open.take().expect("chunks follow a start");
+                        assert!(!payload.is_empty());
+                        got.extend_from_slice(payload);
+                        assert_eq!(last, got.len() as u64 == len);
+                        if last {
+                            streamed += 1;
+                            out.push(Owned::Binary(got));
+                        } else {
+                            open = Some((len, got));
+                        }
+                    }
+                    Some(Step::Event(event)) => {
+                        assert!(open.is_none(), "no event inside a streamed frame");
+                        out.push(match event {
+                            Event::Text(t) => Owned::Text(t.to_owned()),
+                            Event::Binary(b) => Owned::Binary(b.to_vec()),
+                            Event::Ping(b) => Owned::Ping(b.to_vec()),
+                            Event::Pong(b) => Owned::Pong(b.to_vec()),
+                            Event::Close(c) => {
+                                Owned::Close(c.map(|(code, r)| (code.0, r.to_owned())))
+                            }
+                        });
+                    }
+                }
+            }
+        }
+        (out, streamed)
+    }
+
+    #[test]
+    fn large_single_frame_binary_messages_can_be_streamed() {
+        let big: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+        let mut input = frame(OpCode::Binary, true, &big);
+        input.extend(frame(OpCode::Ping, true, b"p"));
+        input.extend(frame(OpCode::Text, true, &[b'x'; 2000]));
+        input.extend(frame(OpCode::Binary, true, &big[..999]));
+        input.extend(frame(OpCode::Binary, false, &big[..1500]));
+        input.extend(frame(OpCode::Continuation, true, &big[1500..]));
+        input.extend(frame(OpCode::Binary, true, &big[..1000]));
+        let expected = run(Limits::default(), &input, &[]);
+        assert_eq!(expected.len(), 6);
+        // Streamed: the two single-frame binaries of 1000 bytes or more only.
+        for splits in [
+            vec![],
+            vec![1],
+            vec![5, 2000, 2003, 4000],
+            (1..input.len()).step_by(97).collect(),
+        ] {
+            assert_eq!(
+                run_streaming(&input, &splits, 1000),
+                (expected.clone(), 2),
+                "{splits:?}"
+            );
+        }
+        // Byte by byte, too.
+        let singles: Vec<usize> = (1..input.len()).collect();
+        assert_eq!(run_streaming(&input, &singles, 1000), (expected.clone(), 2));
+        // Limits are checked on the header, before anything is streamed.
+        let limits = Limits {
+            max_frame_size: 100,
+            max_message_size: 100,
+        };
+        let mut decoder = Decoder::new(limits);
+        let mut big_frame = frame(OpCode::Binary, true, &big);
+        assert_eq!(
+            decoder
+                .decode_streaming(&mut big_frame, 10)
+                .unwrap_err()
+                .code,
+            CloseCode::MESSAGE_TOO_BIG
+        );
     }
 
     #[test]

@@ -11,5 +11,5 @@ pub mod utf8;
 
 pub use close::CloseCode;
 pub use close_handshake::CloseState;
-pub use decoder::{Decoder, Event, Limits, Violation};
+pub use decoder::{Decoder, Event, Limits, Step, Violation};
 pub use frame::{write_frame, OpCode, SharedFrame};
