@@ -191,6 +191,17 @@ pub struct Config {
     /// Most alerts per connection.
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub max_alerts: usize,
+
+    /// Scale-out: share channels, events, chat and the market with every
+    /// other fanout node on this Redis server (`redis://HOST:PORT[/DB]`).
+    /// Without it the server runs alone.
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+
+    /// This node's name on the Redis bus: 1-64 of `A-Z a-z 0-9 _ . -`,
+    /// unique per running node (default: hostname and process id).
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
 }
 
 impl Default for Config {
@@ -200,6 +211,36 @@ impl Default for Config {
 }
 
 impl Config {
+    /// `--node-id`, or a unique default made of the hostname and the
+    /// process id (characters outside the allowed set become `-`).
+    pub fn node_id(&self) -> String {
+        if let Some(id) = &self.node_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_default();
+        let host: String = host
+            .trim()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(40)
+            .collect();
+        let host = if host.is_empty() {
+            "fanout".to_owned()
+        } else {
+            host
+        };
+        format!("{host}-{}", std::process::id())
+    }
+
     /// Parses the command line, merging in `--config FILE` if given.
     pub fn from_args<I, T>(args: I) -> Result<Config, ConfigError>
     where
@@ -250,6 +291,18 @@ impl Config {
         for interval in &self.kline_intervals {
             crate::app::market::kline::Interval::parse(interval.trim())
                 .map_err(|e| format!("--kline-intervals: {e}"))?;
+        }
+        if let Some(url) = &self.redis {
+            if !url.starts_with("redis://") {
+                return Err(format!("--redis {url:?}: expected redis://HOST:PORT[/DB]"));
+            }
+        }
+        if let Some(id) = &self.node_id {
+            if !crate::cluster::protocol::valid_node_id(id) {
+                return Err(format!(
+                    "--node-id {id:?}: expected 1 to 64 of A-Z a-z 0-9 _ . -"
+                ));
+            }
         }
         for (name, value) in [
             ("--handshake-timeout", self.handshake_timeout),
@@ -437,6 +490,24 @@ mod tests {
         assert_eq!(c.max_connections, 7);
         assert_eq!(c.listen, vec!["127.0.0.1:3".parse().unwrap()]);
         assert_eq!(c.handshake_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn redis_and_node_id_come_from_flags_or_the_file() {
+        let c = Config::default();
+        assert_eq!(c.redis, None);
+        let id = c.node_id();
+        assert!(crate::cluster::protocol::valid_node_id(&id), "{id}");
+        assert!(id.ends_with(&format!("-{}", std::process::id())), "{id}");
+        let file = "redis = \"redis://127.0.0.1:6379/2\"\nnode-id = \"edge-1\"\n";
+        let c = with_file(file, &[]).unwrap();
+        assert_eq!(c.redis.as_deref(), Some("redis://127.0.0.1:6379/2"));
+        assert_eq!(c.node_id(), "edge-1");
+        assert!(c.validate().is_ok());
+        let c = with_file(file, &["--node-id", "no spaces"]).unwrap();
+        assert!(c.validate().unwrap_err().contains("--node-id"));
+        let c = with_file("redis = \"localhost:6379\"\n", &[]).unwrap();
+        assert!(c.validate().unwrap_err().contains("--redis"));
     }
 
     #[test]

@@ -44,6 +44,9 @@ struct Channel {
     next_offset: u64,
     backlog: VecDeque<Stored>,
     subscribers: HashSet<ConnId>,
+    /// Scale-out: subscribers resumed from Redis history up to this offset,
+    /// who must not get those offsets again from the bus.
+    floors: HashMap<ConnId, u64>,
 }
 
 impl Channel {
@@ -88,9 +91,34 @@ struct MessageOut<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     channel: &'a str,
-    offset: u64,
+    /// None: delivered by this node alone while its Redis link was down.
+    offset: Option<u64>,
     ts: u64,
     data: &'a Value,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    local: bool,
+}
+
+/// What [`Channels::apply`] does with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Apply {
+    /// Store it in the backlog (when it has an offset) and fan it out.
+    Deliver,
+    /// Only store it: it was delivered already (locally, during an outage).
+    RecordOnly,
+}
+
+/// The encoded `message` frame for a channel message.
+pub fn message_frame(name: &str, offset: Option<u64>, ts: u64, data: &Value) -> SharedFrame {
+    let message = MessageOut {
+        kind: "message",
+        channel: name,
+        offset,
+        ts,
+        data,
+        local: offset.is_none(),
+    };
+    SharedFrame::text(&serde_json::to_string(&message).expect("JSON values serialize"))
 }
 
 #[derive(Debug)]
@@ -161,6 +189,7 @@ impl Channels {
             next_offset: 1,
             backlog: VecDeque::new(),
             subscribers: HashSet::new(),
+            floors: HashMap::new(),
         };
         let mut channel = channel;
         // Exact subscriptions made before the channel existed start now.
@@ -186,6 +215,22 @@ impl Channels {
         now: Instant,
         out: &mut impl Outbox,
     ) -> Result<Published, ProtocolError> {
+        self.authorize(name, trusted)?;
+        let offset = self.channels[name].next_offset;
+        self.apply(
+            name,
+            Some(offset),
+            unix_millis(),
+            data,
+            now,
+            Apply::Deliver,
+            out,
+        )
+    }
+
+    /// Checks that this publisher may publish to `name`, creating the
+    /// channel for a trusted one.
+    pub fn authorize(&mut self, name: &str, trusted: bool) -> Result<(), ProtocolError> {
         validate_name("channel", name)?;
         if !self.channels.contains_key(name) {
             if !trusted {
@@ -206,32 +251,57 @@ impl Channels {
                 ),
             ));
         }
-        let offset = channel.next_offset;
-        channel.next_offset += 1;
-        let message = MessageOut {
-            kind: "message",
-            channel: name,
-            offset,
-            ts: unix_millis(),
-            data,
-        };
-        let frame =
-            SharedFrame::text(&serde_json::to_string(&message).expect("JSON values serialize"));
-        channel.expire(now);
-        if channel.backlog_limit > 0 {
-            if channel.backlog.len() >= channel.backlog_limit {
-                channel.backlog.pop_front();
+        Ok(())
+    }
+
+    /// Stores and fans out a message whose offset was decided already (by
+    /// this channel, or by Redis for every node), creating the channel if
+    /// needed. `offset` None: delivered by this node alone (`"local": true`),
+    /// not stored.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(
+        &mut self,
+        name: &str,
+        offset: Option<u64>,
+        ts: u64,
+        data: &Value,
+        now: Instant,
+        mode: Apply,
+        out: &mut impl Outbox,
+    ) -> Result<Published, ProtocolError> {
+        if !self.channels.contains_key(name) {
+            self.create(name, &ChannelSettings::default())?;
+        }
+        let channel = self.channels.get_mut(name).expect("created above");
+        let frame = message_frame(name, offset, ts, data);
+        if let Some(offset) = offset {
+            channel.next_offset = channel.next_offset.max(offset + 1);
+            channel.expire(now);
+            if channel.backlog_limit > 0 {
+                if channel.backlog.len() >= channel.backlog_limit {
+                    channel.backlog.pop_front();
+                }
+                channel.backlog.push_back(Stored {
+                    offset,
+                    at: now,
+                    frame: frame.clone(),
+                });
             }
-            channel.backlog.push_back(Stored {
-                offset,
-                at: now,
-                frame: frame.clone(),
-            });
         }
         let mut published = Published {
-            offset,
+            offset: offset.unwrap_or(0),
             delivered: 0,
             dropped: 0,
+        };
+        if mode == Apply::RecordOnly {
+            return Ok(published);
+        }
+        // Subscribers resumed from Redis history past this offset already
+        // have it (scale-out only; empty otherwise).
+        let floors = std::mem::take(&mut channel.floors);
+        let skip = |conn: &ConnId| match (floors.get(conn), offset) {
+            (Some(floor), Some(offset)) => offset <= *floor,
+            _ => false,
         };
         // Straight from the subscriber set to the outbox: no list of
         // recipients is built per publish.
@@ -240,11 +310,15 @@ impl Channels {
                 published.delivered += 1;
             } else {
                 published.dropped += 1;
-                record_drop(&mut self.gaps, conn, name, offset);
+                if let Some(offset) = offset {
+                    record_drop(&mut self.gaps, conn, name, offset);
+                }
             }
         };
         for &conn in &channel.subscribers {
-            fan_out(conn);
+            if floors.is_empty() || !skip(&conn) {
+                fan_out(conn);
+            }
         }
         if !self.patterns.is_empty() {
             // A connection whose patterns match more than once gets one copy.
@@ -262,8 +336,109 @@ impl Channels {
                 fan_out(conn);
             }
         }
+        if !floors.is_empty() {
+            let current = offset.unwrap_or(0);
+            channel.floors = floors.into_iter().filter(|(_, f)| *f > current).collect();
+        }
         self.dropped_total += published.dropped as u64;
         Ok(published)
+    }
+
+    /// Scale-out: Redis lost its data, so offsets start again from 1.
+    /// Backlogs (whose offsets no longer mean anything) are emptied.
+    pub fn reset_offsets(&mut self) {
+        for channel in self.channels.values_mut() {
+            channel.next_offset = 1;
+            channel.backlog.clear();
+            channel.floors.clear();
+        }
+    }
+
+    /// Scale-out: whether `subscribe` can serve `since` from this node's
+    /// backlog; when not, Redis's channel stream is asked.
+    pub fn can_replay_locally(&mut self, target: &str, since: u64, now: Instant) -> bool {
+        let Some(channel) = self.channels.get_mut(target) else {
+            return false;
+        };
+        channel.expire(now);
+        let first = channel.backlog.front().map(|m| m.offset);
+        since <= channel.last_offset()
+            && first.map_or(since == channel.last_offset(), |f| since + 1 >= f)
+    }
+
+    /// The checks `subscribe` makes before replaying: answers whether this
+    /// is a resumption of an existing subscription.
+    pub fn check_subscribe(
+        &mut self,
+        conn: ConnId,
+        target: &str,
+        since: Option<u64>,
+    ) -> Result<bool, ProtocolError> {
+        validate_pattern("channel", target)?;
+        if is_pattern(target) && since.is_some() {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                "field `since` needs an exact channel name, not a pattern",
+            ));
+        }
+        let subscriptions = self.by_conn.entry(conn).or_default();
+        let resuming = subscriptions.iter().any(|s| s == target);
+        if resuming && since.is_none() {
+            return Err(ProtocolError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "already subscribed to `{target}` (add \"since\" to replay from the backlog)"
+                ),
+            ));
+        }
+        if !resuming && subscriptions.len() >= self.limits.max_subscriptions {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitReached,
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.limits.max_subscriptions
+                ),
+            ));
+        }
+        Ok(resuming)
+    }
+
+    /// Scale-out: completes a `since` subscription from Redis history.
+    /// `replay` holds the history entries as frames, up to `last_offset`;
+    /// whatever this node already applied after that is added, and later
+    /// bus messages up to `last_offset` are not delivered again.
+    pub fn subscribe_resumed(
+        &mut self,
+        conn: ConnId,
+        target: &str,
+        last_offset: u64,
+        mut replay: Vec<SharedFrame>,
+    ) -> Result<(Value, Vec<SharedFrame>), ProtocolError> {
+        let resuming = self.check_subscribe(conn, target, Some(last_offset))?;
+        if !self.channels.contains_key(target) {
+            self.create(target, &ChannelSettings::default())?;
+        }
+        let channel = self.channels.get_mut(target).expect("created above");
+        replay.extend(
+            channel
+                .backlog
+                .iter()
+                .filter(|m| m.offset > last_offset)
+                .map(|m| m.frame.clone()),
+        );
+        if channel.last_offset() < last_offset {
+            channel.floors.insert(conn, last_offset);
+        }
+        let offset = channel.last_offset().max(last_offset);
+        if !resuming {
+            channel.subscribers.insert(conn);
+            self.by_conn
+                .entry(conn)
+                .or_default()
+                .push(target.to_owned());
+        }
+        let ack = json!({ "channel": target, "offset": offset, "replayed": replay.len(), "resumed": resuming });
+        Ok((ack, replay))
     }
 
     /// Subscribes to a name or pattern. With `since`, first replays the
@@ -397,6 +572,7 @@ impl Channels {
             for target in subscriptions {
                 if let Some(channel) = self.channels.get_mut(&target) {
                     channel.subscribers.remove(&conn);
+                    channel.floors.remove(&conn);
                 }
             }
         }
@@ -421,7 +597,7 @@ fn record_drop(gaps: &mut HashMap<(ConnId, String), Gap>, conn: ConnId, name: &s
     gap.last_offset = offset;
 }
 
-fn not_recoverable(channel: &str, since: u64, first: Option<u64>, last: u64) -> ProtocolError {
+pub fn not_recoverable(channel: &str, since: u64, first: Option<u64>, last: u64) -> ProtocolError {
     let reach = match first {
         Some(first) => format!("the backlog holds offsets {first} to {last}"),
         None if last == 0 => "the channel has no messages yet".to_owned(),

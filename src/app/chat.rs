@@ -37,7 +37,18 @@ pub enum LineKind {
 }
 
 impl LineKind {
-    fn as_str(self) -> &'static str {
+    pub fn parse(s: &str) -> Option<LineKind> {
+        Some(match s {
+            "say" => Self::Say,
+            "me" => Self::Me,
+            "join" => Self::Joined,
+            "leave" => Self::Left,
+            "nick" => Self::Renamed,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Say => "say",
             Self::Me => "me",
@@ -91,6 +102,16 @@ impl Line {
     }
 }
 
+/// A line said in a room, as it travels between nodes (scale-out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatLine {
+    pub room: String,
+    pub nick: String,
+    pub text: String,
+    pub kind: LineKind,
+    pub ts: u64,
+}
+
 #[derive(Debug, Default)]
 struct Room {
     members: Vec<ConnId>,
@@ -116,6 +137,13 @@ pub struct Chat {
     nicks: HashMap<String, ConnId>,
     next_guest: u64,
     pub dropped_total: u64,
+    /// Scale-out: lines are collected here for the Redis bus instead of
+    /// being delivered; the bus hands them back through [`Chat::deliver`].
+    pub relay: Option<Vec<ChatLine>>,
+    /// Scale-out: the history of rooms said in on other nodes that have no
+    /// member here (at most `max_rooms` of them), so that whoever joins
+    /// one here replays it.
+    unjoined: HashMap<String, VecDeque<Arc<Line>>>,
 }
 
 impl Chat {
@@ -129,6 +157,8 @@ impl Chat {
             nicks: HashMap::new(),
             next_guest: 0,
             dropped_total: 0,
+            relay: None,
+            unjoined: HashMap::new(),
         }
     }
 
@@ -335,7 +365,11 @@ impl Chat {
         }
         member.rooms.push(room.to_owned());
         let nick = member.nick.clone();
+        let unjoined = self.unjoined.remove(room);
         let entry = self.rooms.entry(room.to_owned()).or_default();
+        if let Some(history) = unjoined {
+            entry.history = history;
+        }
         entry.members.push(conn);
         let history: Vec<Arc<Line>> = entry.history.iter().cloned().collect();
         let info = json!({ "room": room, "nick": nick, "members": self.who(room), "replayed": history.len() });
@@ -370,7 +404,12 @@ impl Chat {
         }
         self.broadcast(room, &nick, "", LineKind::Left, out);
         if room != DEFAULT_ROOM && self.rooms.get(room).is_some_and(|r| r.members.is_empty()) {
-            self.rooms.remove(room);
+            let removed = self.rooms.remove(room);
+            if let (Some(removed), Some(_)) = (removed, &self.relay) {
+                if !removed.history.is_empty() {
+                    self.unjoined.insert(room.to_owned(), removed.history);
+                }
+            }
         }
         true
     }
@@ -499,19 +538,61 @@ impl Chat {
         kind: LineKind,
         out: &mut impl Outbox,
     ) {
-        let Some(entry) = self.rooms.get_mut(room) else {
-            return;
-        };
-        let line = Arc::new(Line {
+        let line = ChatLine {
             room: room.to_owned(),
             nick: nick.to_owned(),
             text: text.to_owned(),
             kind,
             ts: unix_millis(),
+        };
+        match self.relay.as_mut() {
+            Some(relay) => relay.push(line),
+            None => self.deliver(line, out),
+        }
+    }
+
+    /// Adds a line to its room's history and sends it to the room's
+    /// members on this node (nothing when the room has none here).
+    pub fn deliver(&mut self, line: ChatLine, out: &mut impl Outbox) {
+        let ChatLine {
+            room,
+            nick,
+            text,
+            kind,
+            ts,
+        } = line;
+        let keep = matches!(kind, LineKind::Say | LineKind::Me) && self.history_len > 0;
+        if !self.rooms.contains_key(&room) {
+            // Said on another node, in a room with no member here.
+            let known = self.unjoined.contains_key(&room);
+            if keep && self.relay.is_some() && (known || self.unjoined.len() < self.max_rooms) {
+                let history = self.unjoined.entry(room.clone()).or_default();
+                if history.len() >= self.history_len {
+                    history.pop_front();
+                }
+                history.push_back(Arc::new(Line {
+                    room,
+                    nick,
+                    text,
+                    kind,
+                    ts,
+                    plain: OnceLock::new(),
+                    json: OnceLock::new(),
+                }));
+            }
+            return;
+        }
+        let entry = self.rooms.get_mut(&room).expect("checked above");
+        let line = Arc::new(Line {
+            room,
+            nick,
+            text,
+            kind,
+            ts,
             plain: OnceLock::new(),
             json: OnceLock::new(),
         });
-        if matches!(kind, LineKind::Say | LineKind::Me) && self.history_len > 0 {
+        if keep {
             if entry.history.len() >= self.history_len {
                 entry.history.pop_front();
             }

@@ -8,6 +8,7 @@ pub mod channel_name;
 pub mod channels;
 pub mod chat;
 pub mod chat_command;
+pub mod cluster;
 mod echo;
 pub mod event_filter;
 pub mod event_stream;
@@ -23,13 +24,14 @@ use log::{debug, warn};
 use serde_json::{json, Map, Value};
 
 use self::auth::KeyRing;
-use self::channels::Published;
-use self::channels::{ChannelLimits, Channels};
+use self::channels::{Apply, ChannelLimits, Channels, Published};
 use self::chat::{Chat, LineKind};
+use self::cluster::{Cluster, Reply, Resume, CHAT_PREFIX};
 use self::event_stream::{Event, EventStreams};
 use self::market::legacy::{self, LegacyCommand};
 use self::market::Market;
 use self::protocol::{ack, error, parse_request, Command, ErrorCode, ProtocolError, Request};
+use crate::cluster::{Inbound, RedisLink, MAX_HISTORY};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ws::CloseCode;
@@ -101,6 +103,8 @@ pub fn unix_millis() -> u64 {
 #[derive(Debug)]
 struct Client {
     info: ConnInfo,
+    /// Tells this connection from a later one with the same id.
+    serial: u64,
     /// Internal listener, or a publisher key was presented.
     trusted: bool,
     auth_failures: u32,
@@ -126,6 +130,8 @@ pub struct App {
     chat: Chat,
     streams: EventStreams,
     market: Market,
+    /// Scale-out over Redis (`--redis`), when on.
+    cluster: Option<Cluster>,
     pub stats: AppStats,
 }
 
@@ -151,6 +157,7 @@ impl App {
             ),
             streams: EventStreams::new(config.max_queue_size, config.registration_timeout),
             market: Market::new(config, now)?,
+            cluster: None,
             stats: AppStats::default(),
         })
     }
@@ -175,6 +182,7 @@ impl App {
             conn,
             Client {
                 info,
+                serial: self.next_serial,
                 trusted,
                 auth_failures: 0,
             },
@@ -184,6 +192,7 @@ impl App {
             Endpoint::Chat => self.chat.on_plain_open(conn, out),
             Endpoint::Ws => self.streams.on_open(conn, self.next_serial, now, out),
         }
+        self.flush_chat(out);
     }
 
     pub fn on_message(
@@ -200,6 +209,7 @@ impl App {
             Endpoint::Ws => self.on_ws_message(conn, message, now, out),
             Endpoint::Kline => self.on_kline_message(conn, message, out),
         }
+        self.flush_chat(out);
     }
 
     fn on_ws_message(
@@ -294,6 +304,44 @@ impl App {
                 self.require_trusted(conn, "create channels")?;
                 let extra = self.channels.create(&channel, &settings)?;
                 acknowledge(out, "create", extra);
+            }
+            Command::Publish { channel, data } if self.cluster.is_some() => {
+                let trusted = self.clients.get(&conn).is_some_and(|c| c.trusted);
+                if channel == EVENTS_CHANNEL {
+                    event_fields(&data)?;
+                    if !trusted {
+                        return Err(untrusted_event_publisher());
+                    }
+                }
+                self.channels.authorize(&channel, trusted)?;
+                self.stats.published += 1;
+                let reply = self.reply_to(conn, id);
+                self.relay(&channel, data, reply, now, out);
+            }
+            Command::Subscribe {
+                channel,
+                since: Some(since),
+            } if self.cluster.is_some()
+                && !self.channels.can_replay_locally(&channel, since, now) =>
+            {
+                self.channels.check_subscribe(conn, &channel, Some(since))?;
+                let cluster = self.cluster.as_mut().expect("checked above");
+                let request = cluster
+                    .link
+                    .history(&channel, since, MAX_HISTORY)
+                    .map_err(|e| unavailable(format!("cannot read the channel's history: {e}")))?;
+                let Some(reply) = self.reply_to(conn, id) else {
+                    return Ok(());
+                };
+                let cluster = self.cluster.as_mut().expect("checked above");
+                cluster.resumes.insert(
+                    request,
+                    Resume {
+                        reply,
+                        channel,
+                        since,
+                    },
+                );
             }
             Command::Publish { channel, data } => {
                 let trusted = self.clients.get(&conn).is_some_and(|c| c.trusted);
@@ -465,6 +513,7 @@ impl App {
         self.chat.remove_conn(conn, out);
         self.streams.remove_conn(conn);
         self.market.remove_conn(conn);
+        self.flush_chat(out);
     }
 
     /// The app's counters for `GET /metrics`.
@@ -534,6 +583,7 @@ impl App {
             "Alerts fired.",
             market.alerts_fired,
         );
+        self.write_cluster_metrics(m);
     }
 
     /// The next moment the app needs [`App::on_timer`].
@@ -559,35 +609,397 @@ impl App {
     /// The one path every event takes, whoever published it: the `events`
     /// channel (offsets, backlog, subscribers), the registration streams,
     /// and the market (candles, filters, alerts, whose firings go to their
-    /// owners and to the `alerts` channel).
+    /// owners and to the `alerts` channel). With a cluster, through Redis
+    /// first (see [`cluster`]).
     fn publish_event(
         &mut self,
         fields: Map<String, Value>,
         now: Instant,
         out: &mut impl Outbox,
     ) -> Result<Published, ProtocolError> {
+        if self.cluster.is_some() {
+            self.channels.authorize(EVENTS_CHANNEL, true)?;
+            self.relay(EVENTS_CHANNEL, Value::Object(fields), None, now, out);
+            return Ok(Published {
+                offset: 0,
+                delivered: 0,
+                dropped: 0,
+            });
+        }
         let data = Value::Object(fields);
         let published = self
             .channels
             .publish(EVENTS_CHANNEL, &data, true, now, out)?;
+        self.event_effects(data, unix_millis(), now, out);
+        Ok(published)
+    }
+
+    /// What an event does besides being a channel message.
+    fn event_effects(&mut self, data: Value, ts: u64, now: Instant, out: &mut impl Outbox) {
         let Value::Object(fields) = data else {
-            unreachable!("built as an object above")
+            return;
         };
         let event = Event::new(fields);
         self.streams.publish(&event, out);
         let json =
             std::str::from_utf8(event.frame.payload()).expect("events are encoded from JSON text");
-        for fired in self.market.on_event(&event.fields, json, now, out) {
+        for fired in self
+            .market
+            .on_event_at(&event.fields, json, now, ts as i64, out)
+        {
             out.reply(fired.conn, Message::Text(&fired.message.to_string()));
-            if let Err(e) = self
-                .channels
-                .publish(ALERTS_CHANNEL, &fired.message, true, now, out)
-            {
+            let published = if self.cluster.is_some() {
+                self.channels.authorize(ALERTS_CHANNEL, true).map(|()| {
+                    self.relay(ALERTS_CHANNEL, fired.message, None, now, out);
+                })
+            } else {
+                self.channels
+                    .publish(ALERTS_CHANNEL, &fired.message, true, now, out)
+                    .map(|_| ())
+            };
+            if let Err(e) = published {
                 debug!("alert not published on `{ALERTS_CHANNEL}`: {}", e.message);
             }
         }
+    }
+
+    /// Applies a channel message (any channel, `events` included) with an
+    /// offset decided already, or none (local delivery).
+    #[allow(clippy::too_many_arguments)]
+    fn apply_message(
+        &mut self,
+        channel: &str,
+        offset: Option<u64>,
+        ts: u64,
+        data: Value,
+        mode: Apply,
+        now: Instant,
+        out: &mut impl Outbox,
+    ) -> Result<Published, ProtocolError> {
+        let published = self
+            .channels
+            .apply(channel, offset, ts, &data, now, mode, out)?;
+        if channel == EVENTS_CHANNEL && mode == Apply::Deliver {
+            self.event_effects(data, ts, now, out);
+        }
         Ok(published)
     }
+
+    /// Scale-out: the link was attached; from now on publishes, events and
+    /// chat lines go through Redis.
+    pub fn attach_cluster(&mut self, link: RedisLink) {
+        self.chat.relay = Some(Vec::new());
+        self.cluster = Some(Cluster::new(link));
+    }
+
+    /// None without a cluster; else whether its link is up (`/readyz`).
+    pub fn cluster_ready(&self) -> Option<bool> {
+        self.cluster.as_ref().map(Cluster::is_up)
+    }
+
+    fn reply_to(&self, conn: ConnId, id: Option<Value>) -> Option<Reply> {
+        self.clients.get(&conn).map(|c| Reply {
+            conn,
+            serial: c.serial,
+            id,
+        })
+    }
+
+    fn still_open(&self, reply: &Reply) -> bool {
+        self.clients
+            .get(&reply.conn)
+            .is_some_and(|c| c.serial == reply.serial)
+    }
+
+    /// Sends a channel message through Redis; when the link cannot take it
+    /// now it is delivered on this node at once (`"local": true`).
+    fn relay(
+        &mut self,
+        channel: &str,
+        data: Value,
+        reply: Option<Reply>,
+        now: Instant,
+        out: &mut impl Outbox,
+    ) {
+        let ts = unix_millis();
+        let cluster = self.cluster.as_mut().expect("relay needs a cluster");
+        let payload = cluster::message_payload(&cluster.run, ts, &data);
+        if !cluster.publish(channel, payload, reply.clone()) {
+            return;
+        }
+        match self.apply_message(channel, None, ts, data, Apply::Deliver, now, out) {
+            Ok(published) => {
+                if let Some(reply) = reply {
+                    let extra = json!({ "channel": channel, "offset": null, "delivered": published.delivered, "local": true });
+                    out.reply(reply.conn, Message::Text(&ack(&reply.id, "publish", extra)));
+                }
+            }
+            Err(e) => {
+                if let Some(reply) = reply {
+                    self.send_error(reply.conn, &reply.id, &e, out);
+                }
+            }
+        }
+    }
+
+    /// Sends the chat lines said since the last call through Redis.
+    fn flush_chat(&mut self, out: &mut impl Outbox) {
+        let Some(lines) = self.chat.relay.as_mut().map(std::mem::take) else {
+            return;
+        };
+        for line in lines {
+            let cluster = self
+                .cluster
+                .as_mut()
+                .expect("chat relays only with a cluster");
+            let channel = format!("{CHAT_PREFIX}{}", line.room);
+            let payload = cluster::chat_payload(&cluster.run, &line);
+            if cluster.publish(&channel, payload, None) {
+                self.chat.deliver(line, out);
+            }
+        }
+    }
+
+    /// Everything the Redis link handed over: call on each wake.
+    pub fn on_cluster(&mut self, now: Instant, out: &mut impl Outbox) {
+        let Some(cluster) = self.cluster.as_ref() else {
+            return;
+        };
+        let inbound: Vec<Inbound> = cluster.link.drain().collect();
+        for item in inbound {
+            self.on_inbound(item, now, out);
+        }
+        self.flush_chat(out);
+    }
+
+    fn on_inbound(&mut self, item: Inbound, now: Instant, out: &mut impl Outbox) {
+        let cluster = self.cluster.as_mut().expect("called with a cluster");
+        match item {
+            Inbound::Message {
+                channel,
+                offset,
+                origin,
+                origin_seq,
+                payload,
+            } => {
+                log::trace!("bus: {channel} #{offset} from {origin}/{origin_seq}");
+                if cluster.is_duplicate(&origin, &cluster::payload_run(&payload), origin_seq) {
+                    debug!("bus: skipped a second copy of {origin}'s message {origin_seq} on `{channel}`");
+                    return;
+                }
+                let pending = if origin == cluster.node_id {
+                    cluster.pending.remove(&origin_seq)
+                } else {
+                    None
+                };
+                let local = pending.as_ref().is_some_and(|p| p.local);
+                if let Some(room) = channel.strip_prefix(CHAT_PREFIX) {
+                    match cluster::parse_chat_payload(room, &payload) {
+                        Some(line) if !local => self.chat.deliver(line, out),
+                        Some(_) => {}
+                        None => cluster.malformed(&channel, "not a chat line"),
+                    }
+                    return;
+                }
+                let Some((ts, data)) = cluster::parse_message_payload(&payload) else {
+                    return cluster.malformed(&channel, "not a channel message");
+                };
+                let mode = if local {
+                    Apply::RecordOnly
+                } else {
+                    Apply::Deliver
+                };
+                let result = self.apply_message(&channel, Some(offset), ts, data, mode, now, out);
+                let reply = pending.and_then(|p| p.reply).filter(|r| self.still_open(r));
+                match (result, reply) {
+                    (Ok(published), Some(reply)) => {
+                        let extra = json!({ "channel": channel, "offset": offset, "delivered": published.delivered });
+                        out.reply(reply.conn, Message::Text(&ack(&reply.id, "publish", extra)));
+                    }
+                    (Err(e), Some(reply)) => self.send_error(reply.conn, &reply.id, &e, out),
+                    (Err(e), None) => {
+                        debug!("bus message on `{channel}` not applied: {}", e.message)
+                    }
+                    (Ok(_), None) => {}
+                }
+            }
+            Inbound::History {
+                request,
+                channel,
+                result,
+            } => {
+                let Some(resume) = cluster.resumes.remove(&request) else {
+                    return;
+                };
+                if !self.still_open(&resume.reply) {
+                    return;
+                }
+                let Reply { conn, id, .. } = resume.reply;
+                let outcome = match result {
+                    Err(e) => Err(unavailable(format!(
+                        "the channel's history is unavailable: {e}"
+                    ))),
+                    Ok(h) if h.missed > 0 || h.more || resume.since > h.last_offset => {
+                        let first = h.entries.first().map(|e| e.offset);
+                        Err(channels::not_recoverable(
+                            &channel,
+                            resume.since,
+                            first,
+                            h.last_offset,
+                        ))
+                    }
+                    Ok(h) => {
+                        let frames = h
+                            .entries
+                            .iter()
+                            .filter_map(|e| {
+                                let (ts, data) = cluster::parse_message_payload(&e.payload)?;
+                                Some(channels::message_frame(&channel, Some(e.offset), ts, &data))
+                            })
+                            .collect();
+                        self.channels.subscribe_resumed(
+                            conn,
+                            &resume.channel,
+                            h.last_offset,
+                            frames,
+                        )
+                    }
+                };
+                match outcome {
+                    Ok((extra, replay)) => {
+                        out.reply(conn, Message::Text(&ack(&id, "subscribe", extra)));
+                        for frame in &replay {
+                            out.reply_shared(conn, frame);
+                        }
+                    }
+                    Err(e) => self.send_error(conn, &id, &e, out),
+                }
+            }
+            Inbound::Up => cluster.on_up(),
+            Inbound::Down { .. } => cluster.on_down(),
+            Inbound::Reset => {
+                cluster.stats.resets += 1;
+                warn!("redis lost its data: channel offsets start again from 1; backlogs emptied");
+                self.channels.reset_offsets();
+            }
+            Inbound::Lost { count, kind } => {
+                if let Some(reply) = cluster.on_lost(count, kind) {
+                    if self.still_open(&reply) {
+                        let e = unavailable("the message was lost: redis refused it".into());
+                        self.send_error(reply.conn, &reply.id, &e, out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The scale-out part of `GET /metrics`.
+    fn write_cluster_metrics(&self, m: &mut Metrics) {
+        let Some(cluster) = self.cluster.as_ref() else {
+            return;
+        };
+        let link = cluster.link.stats();
+        let c = &cluster.stats;
+        let up = link.state == crate::cluster::LinkState::Up;
+        m.gauge(
+            "fanout_redis_up",
+            "1 when the Redis link is up, 0 during an outage or while connecting.",
+            if up { 1.0 } else { 0.0 },
+        );
+        for (name, help, value) in [
+            (
+                "fanout_redis_outages_total",
+                "Redis outages (the link went down).",
+                link.outages,
+            ),
+            (
+                "fanout_redis_reconnects_total",
+                "Redis connections re-established.",
+                link.reconnects,
+            ),
+            (
+                "fanout_redis_connect_failures_total",
+                "Failed Redis connection attempts.",
+                link.connect_failures,
+            ),
+            (
+                "fanout_redis_published_total",
+                "Publishes Redis applied.",
+                link.published,
+            ),
+            (
+                "fanout_redis_received_total",
+                "Bus messages received.",
+                link.received,
+            ),
+            (
+                "fanout_redis_resets_total",
+                "Times Redis lost its data (offsets restarted).",
+                link.resets,
+            ),
+            (
+                "fanout_redis_local_deliveries_total",
+                "Messages delivered by this node alone (offset null) because the link was not up.",
+                c.local_deliveries,
+            ),
+            (
+                "fanout_redis_malformed_total",
+                "Bus messages not understood, skipped.",
+                c.malformed + link.malformed,
+            ),
+            (
+                "fanout_redis_duplicates_total",
+                "Second copies of a bus message (resent across a Redis data loss), skipped.",
+                c.duplicates,
+            ),
+        ] {
+            m.counter(name, help, value);
+        }
+        for (name, help, value) in [
+            (
+                "fanout_redis_down_seconds",
+                "Length of the current Redis outage (0 when up).",
+                link.down_ms as f64 / 1000.0,
+            ),
+            (
+                "fanout_redis_down_seconds_total",
+                "Total time the Redis link spent down.",
+                link.down_total_ms as f64 / 1000.0,
+            ),
+            (
+                "fanout_redis_lag_seconds",
+                "Age of the newest bus entry read (0 when caught up).",
+                link.lag_ms as f64 / 1000.0,
+            ),
+            (
+                "fanout_redis_outbound_queued",
+                "Publishes and history requests waiting for Redis.",
+                link.outbound_queued as f64,
+            ),
+            (
+                "fanout_redis_inbound_queued",
+                "Bus messages waiting for the event loop.",
+                link.inbound_queued as f64,
+            ),
+        ] {
+            m.gauge(name, help, value);
+        }
+        m.family(
+            "fanout_redis_lost_total",
+            "Messages that will never go through Redis, by reason.",
+            "counter",
+            &[
+                (&[("reason", "queue_full")], link.lost_queue_full as f64),
+                (&[("reason", "rejected")], link.lost_rejected as f64),
+                (&[("reason", "bus_gap")], link.lost_bus_gap as f64),
+                (&[("reason", "shutdown")], link.lost_at_shutdown as f64),
+            ],
+        );
+    }
+}
+
+fn unavailable(message: String) -> ProtocolError {
+    ProtocolError::new(ErrorCode::Unavailable, message)
 }
 
 fn untrusted_event_publisher() -> ProtocolError {

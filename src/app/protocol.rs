@@ -22,6 +22,8 @@ pub enum ErrorCode {
     NotRecoverable,
     LimitReached,
     Conflict,
+    /// Scale-out: Redis could not serve the request (history while down).
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -37,6 +39,7 @@ impl ErrorCode {
             Self::NotRecoverable => "not_recoverable",
             Self::LimitReached => "limit_reached",
             Self::Conflict => "conflict",
+            Self::Unavailable => "unavailable",
         }
     }
 }

@@ -21,6 +21,7 @@ use super::timers::{next_serial, Clock, Tick, Timer, TimerKey, Timers};
 use crate::app::{
     resolve, App, ConnId, ConnInfo, Endpoint, Message, Outbox, Role, SharedFrame, Target,
 };
+use crate::cluster::{LinkConfig, RedisLink};
 use crate::config::Config;
 use crate::metrics::{Labels, Metrics};
 use crate::ws::decoder::MESSAGE_HEADROOM;
@@ -134,10 +135,12 @@ impl Server {
             )?;
             listeners.push(listener);
         }
+        // One waker per poll (a mio rule): shutdown requests and the Redis
+        // link share it; each wake checks both.
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let shutdown = ShutdownHandle {
             requested: Arc::new(AtomicBool::new(false)),
-            waker,
+            waker: waker.clone(),
         };
         let start = Instant::now();
         let clock = Clock::new(start);
@@ -166,6 +169,13 @@ impl Server {
             clock,
             config,
         };
+        let mut core = core;
+        if let Some(url) = &core.config.redis {
+            let node_id = core.config.node_id();
+            let link = RedisLink::start(LinkConfig::new(url.as_str(), node_id.as_str()), waker)?;
+            info!("scale-out: node {node_id} on redis {url}");
+            core.app.attach_cluster(link);
+        }
         Ok(Server {
             read_buf: vec![0; core.config.read_buffer_size],
             poll,
@@ -215,6 +225,9 @@ impl Server {
                 match event.token() {
                     SIGNAL => self.on_signal(),
                     WAKER => {
+                        let now = self.core.now;
+                        let (app, mut out) = self.core.app_and_outbox();
+                        app.on_cluster(now, &mut out);
                         if self.shutdown.requested.load(Ordering::SeqCst) {
                             self.begin_shutdown();
                         }
@@ -644,9 +657,12 @@ impl Core {
             Target::Ready if self.stopping_at.is_some() => {
                 self.reject(token, Rejection::new(503, "shutting down"));
             }
+            Target::Ready if self.app.cluster_ready() == Some(false) => {
+                self.reject(token, Rejection::new(503, "redis link not up"));
+            }
             Target::Ready => {
                 // Listeners are bound before the loop runs; a node with a
-                // cluster link will also require it to be up.
+                // cluster link also requires it to be up.
                 let response =
                     handshake::http_response(200, &[], "text/plain; charset=utf-8", b"ready\n");
                 self.respond(token, &response, "readiness check");

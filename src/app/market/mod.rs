@@ -405,7 +405,20 @@ impl Market {
         now: Instant,
         out: &mut impl Outbox,
     ) -> Vec<AlertMessage> {
-        let now_ms = unix_millis() as i64;
+        self.on_event_at(event, event_json, now, unix_millis() as i64, out)
+    }
+
+    /// Like `on_event`, with the time an event without `ts` is taken to
+    /// have happened (scale-out: the publish time, the same on every node,
+    /// so that candles match).
+    pub fn on_event_at(
+        &mut self,
+        event: &Map<String, Value>,
+        event_json: &str,
+        now: Instant,
+        now_ms: i64,
+        out: &mut impl Outbox,
+    ) -> Vec<AlertMessage> {
         // Alerts run in event time, like candles: cooldowns then mean the
         // same thing for a live feed and for a replay at any speed.
         let event_ms = event.get("ts").and_then(Value::as_i64).unwrap_or(now_ms);

@@ -1,0 +1,303 @@
+//! Scale-out: the app's side of the Redis link ([`crate::cluster`]).
+//!
+//! With `--redis`, everything that several nodes must see alike travels
+//! through the Redis bus and is applied by every node, the publishing one
+//! included, in bus order:
+//!
+//! * channel publishes (the `events` and `alerts` channels included): the
+//!   bus payload is `{"ts": <publish time>, "data": <data>}` on the channel's
+//!   own name; Redis assigns the offset, the same on every node. The
+//!   publisher's ack is sent when its message comes back from the bus
+//!   (matched by origin and `origin_seq`), with that offset.
+//! * `events`: when applied from the bus they also feed the registration
+//!   streams and the market (candles, filters, alerts), so candles are the
+//!   same on every node for the same trades. An event without `ts` is
+//!   dated by its publish time, carried in the bus payload.
+//! * chat lines: bus channel `#chat/<room>` (a name no client channel can
+//!   have), payload `{"kind","nick","text","ts"}`; each node delivers them
+//!   to its own members of the room and keeps the room's history.
+//!
+//! # While the link is not up
+//!
+//! Local service continues: a publish is delivered to this node's
+//! subscribers at once with `"offset": null, "local": true` (its ack says
+//! the same) and is also queued for Redis. When it comes back on the bus
+//! (after reconnection) this node does not deliver it again, but stores it
+//! in the channel backlog under its offset; the other nodes deliver it
+//! then, normally. Messages the link reports lost (outbound queue full,
+//! rejected by Redis, trimmed from the bus before this node read them) are
+//! counted in `/metrics` (`fanout_redis_lost_total`) and logged once per
+//! kind; a publisher waiting for the ack of a rejected message gets an
+//! `unavailable` error.
+//!
+//! # Exactly once
+//!
+//! Every payload carries `"i"`, a random id of the publishing process; a
+//! node's messages come in `origin_seq` order, so a message whose
+//! (origin, `"i"`, `origin_seq`) is not above the highest seen is a second
+//! copy (the link resends a publish whose outcome it could not tell, and a
+//! Redis that lost its data in between cannot recognise the resend) and is
+//! skipped. The ack's `delivered` counts this node's subscribers.
+
+use std::collections::HashMap;
+
+use log::{info, warn};
+use serde_json::{json, Value};
+
+use super::chat::{ChatLine, LineKind};
+use super::ConnId;
+use crate::cluster::{LinkState, LostKind, RedisLink};
+
+/// Prefix of the bus channels that carry chat rooms.
+pub const CHAT_PREFIX: &str = "#chat/";
+
+/// Who is waiting for an ack.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub conn: ConnId,
+    pub serial: u64,
+    pub id: Option<Value>,
+}
+
+/// One of this node's publishes on its way through Redis.
+#[derive(Debug)]
+pub struct Pending {
+    /// Delivered locally already (the link was not up).
+    pub local: bool,
+    pub reply: Option<Reply>,
+}
+
+/// A `subscribe` with `since` waiting for Redis history.
+#[derive(Debug)]
+pub struct Resume {
+    pub reply: Reply,
+    pub channel: String,
+    pub since: u64,
+}
+
+/// App-level counters of the scale-out.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ClusterStats {
+    /// Messages delivered by this node alone while the link was not up.
+    pub local_deliveries: u64,
+    pub lost_queue_full: u64,
+    pub lost_rejected: u64,
+    pub lost_bus_gap: u64,
+    pub resets: u64,
+    /// Bus payloads this node could not understand.
+    pub malformed: u64,
+    /// Second copies of a message, skipped.
+    pub duplicates: u64,
+}
+
+#[derive(Debug, Default)]
+struct Warned {
+    queue_full: bool,
+    rejected: bool,
+    bus_gap: bool,
+    malformed: bool,
+}
+
+pub struct Cluster {
+    pub link: RedisLink,
+    pub node_id: String,
+    pub pending: HashMap<u64, Pending>,
+    pub resumes: HashMap<u64, Resume>,
+    pub stats: ClusterStats,
+    /// This process's run, in every bus payload it sends (`"i"`), so that
+    /// duplicates can be told by (origin, run, origin_seq).
+    pub run: String,
+    /// The highest `origin_seq` applied per (origin, run).
+    seen: HashMap<(String, String), u64>,
+    warned: Warned,
+    /// A `Down` was seen and no `Up` since.
+    was_down: bool,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node_id", &self.node_id)
+            .field("pending", &self.pending.len())
+            .field("resumes", &self.resumes.len())
+            .finish()
+    }
+}
+
+impl Cluster {
+    pub fn new(link: RedisLink) -> Cluster {
+        Cluster {
+            node_id: link.node_id().to_owned(),
+            link,
+            pending: HashMap::new(),
+            resumes: HashMap::new(),
+            stats: ClusterStats::default(),
+            run: format!("{:016x}", crate::cluster::protocol::random_u64()),
+            seen: HashMap::new(),
+            warned: Warned::default(),
+            was_down: false,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.link.state() == LinkState::Up
+    }
+
+    /// Queues a publish. Answers whether the caller must deliver it locally
+    /// now (the link is not up, or its queue is full).
+    pub fn publish(&mut self, channel: &str, payload: String, reply: Option<Reply>) -> bool {
+        let up = self.is_up();
+        match self.link.publish(channel, payload) {
+            Ok(seq) => {
+                let local = !up;
+                self.pending.insert(
+                    seq,
+                    Pending {
+                        local,
+                        reply: if local { None } else { reply },
+                    },
+                );
+                if local {
+                    self.stats.local_deliveries += 1;
+                }
+                local
+            }
+            Err(_) => {
+                self.stats.local_deliveries += 1;
+                true
+            }
+        }
+    }
+
+    pub fn on_up(&mut self) {
+        if std::mem::take(&mut self.was_down) {
+            info!(
+                "redis link up again: resuming cluster delivery ({} publish(es) in flight)",
+                self.pending.len()
+            );
+        }
+    }
+
+    pub fn on_down(&mut self) {
+        self.was_down = true;
+    }
+
+    /// Counts and logs (once per kind) messages that will never arrive.
+    pub fn on_lost(&mut self, count: u64, kind: LostKind) -> Option<Reply> {
+        let (counter, warned, what) = match kind {
+            LostKind::QueueFull => (
+                &mut self.stats.lost_queue_full,
+                &mut self.warned.queue_full,
+                "the redis link's outbound queue was full (delivered on this node only)",
+            ),
+            LostKind::Rejected { .. } => (
+                &mut self.stats.lost_rejected,
+                &mut self.warned.rejected,
+                "redis refused the publish",
+            ),
+            LostKind::BusGap => (
+                &mut self.stats.lost_bus_gap,
+                &mut self.warned.bus_gap,
+                "the redis bus was trimmed before this node read them",
+            ),
+        };
+        *counter += count;
+        if !std::mem::replace(warned, true) {
+            warn!("{count} cluster message(s) lost: {what}; counted in fanout_redis_lost_total (logged once)");
+        }
+        match kind {
+            LostKind::Rejected { origin_seq } => {
+                self.pending.remove(&origin_seq).and_then(|p| p.reply)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether a bus message was applied already. A node's messages come
+    /// in `origin_seq` order; the link resends a publish whose outcome it
+    /// could not tell, and if Redis lost its data meanwhile that resend is
+    /// a second copy, which this skips.
+    pub fn is_duplicate(&mut self, origin: &str, run: &str, origin_seq: u64) -> bool {
+        let key = (origin.to_owned(), run.to_owned());
+        let seen = self.seen.entry(key).or_insert(0);
+        if origin_seq <= *seen {
+            self.stats.duplicates += 1;
+            return true;
+        }
+        *seen = origin_seq;
+        false
+    }
+
+    pub fn malformed(&mut self, channel: &str, why: &str) {
+        self.stats.malformed += 1;
+        if !std::mem::replace(&mut self.warned.malformed, true) {
+            warn!("bus message on `{channel}` not understood ({why}); skipped and counted (logged once)");
+        }
+    }
+}
+
+/// The bus payload of a channel message (`run`: [`Cluster::run`]).
+pub fn message_payload(run: &str, ts: u64, data: &Value) -> String {
+    json!({ "i": run, "ts": ts, "data": data }).to_string()
+}
+
+/// The `"i"` of a bus payload.
+pub fn payload_run(payload: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct Run {
+        #[serde(default)]
+        i: String,
+    }
+    serde_json::from_str::<Run>(payload)
+        .map(|r| r.i)
+        .unwrap_or_default()
+}
+
+/// Decodes [`message_payload`].
+pub fn parse_message_payload(payload: &str) -> Option<(u64, Value)> {
+    let mut v: Value = serde_json::from_str(payload).ok()?;
+    let ts = v.get("ts")?.as_u64()?;
+    let data = v.get_mut("data")?.take();
+    Some((ts, data))
+}
+
+pub fn chat_payload(run: &str, line: &ChatLine) -> String {
+    json!({ "i": run, "kind": line.kind.as_str(), "nick": line.nick, "text": line.text, "ts": line.ts })
+        .to_string()
+}
+
+pub fn parse_chat_payload(room: &str, payload: &str) -> Option<ChatLine> {
+    let v: Value = serde_json::from_str(payload).ok()?;
+    Some(ChatLine {
+        room: room.to_owned(),
+        nick: v.get("nick")?.as_str()?.to_owned(),
+        text: v.get("text")?.as_str()?.to_owned(),
+        kind: LineKind::parse(v.get("kind")?.as_str()?)?,
+        ts: v.get("ts")?.as_u64()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip() {
+        let data = json!({"type": "trade", "price": "1.5"});
+        let p = message_payload("r1", 42, &data);
+        assert_eq!(parse_message_payload(&p), Some((42, data)));
+        assert_eq!(payload_run(&p), "r1");
+        let line = ChatLine {
+            room: "lobby".into(),
+            nick: "ann".into(),
+            text: "hi".into(),
+            kind: LineKind::Me,
+            ts: 7,
+        };
+        assert_eq!(
+            parse_chat_payload("lobby", &chat_payload("r2", &line)),
+            Some(line)
+        );
+        assert_eq!(parse_message_payload("nope"), None);
+    }
+}

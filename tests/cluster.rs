@@ -1,0 +1,630 @@
+//! Scale-out end to end: two or three in-process fanout nodes with
+//! `--redis` against one real `redis-server` on loopback (started by
+//! `tests/redis/start-redis.sh`, installed with apt when missing, killed and
+//! reaped at the end). Every wait is bounded.
+
+mod common;
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use tungstenite::{Message, WebSocket};
+
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+const WAIT: Duration = Duration::from_secs(20);
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/redis/start-redis.sh")
+}
+
+/// Runs a command to completion within `limit`, killing it past that.
+fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<String, String> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn {cmd:?}: {e}"))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{cmd:?} did not finish within {limit:?}"));
+            }
+            Err(e) => return Err(format!("wait {cmd:?}: {e}")),
+        }
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Makes sure redis-server is installed (once per test binary).
+fn ensure_installed() {
+    static INSTALLED: OnceLock<Result<String, String>> = OnceLock::new();
+    let result = INSTALLED.get_or_init(|| {
+        run_bounded(
+            Command::new("sh").arg(script()).arg("install"),
+            Duration::from_secs(600),
+        )
+    });
+    if let Err(e) = result {
+        panic!("redis-server is not available and could not be installed with apt: {e}");
+    }
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+/// A redis-server child on 127.0.0.1:port, killed and reaped on drop.
+struct RedisServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        ensure_installed();
+        let mut server = RedisServer {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none());
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("redis.log"))
+            .expect("log file");
+        let child = Command::new("sh")
+            .arg(script())
+            .arg("run")
+            .arg(self.port.to_string())
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn start-redis.sh run");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                panic!("redis-server exited ({status}):\n{}", self.log());
+            }
+            if self.ping() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} not answering PING within 10 s:\n{}",
+                self.port,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url().as_str()) else {
+            return false;
+        };
+        let Ok(mut con) = client.get_connection_with_timeout(Duration::from_millis(300)) else {
+            return false;
+        };
+        redis::cmd("PING").query::<String>(&mut con).is_ok()
+    }
+
+    /// SIGKILL, reaped.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port and directory (loading `dump.rdb` if
+    /// one was saved).
+    fn restart(&mut self) {
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A fanout node on loopback with a public and an internal listener,
+/// joined to `redis`; waits until its link is up (`/readyz` 200).
+struct Node {
+    server: TestServer,
+}
+
+impl Node {
+    fn start(redis: &RedisServer, id: &str, extra: &[&str]) -> Node {
+        let _ = env_logger::builder().is_test(true).try_init();
+        let url = redis.url();
+        let mut flags = vec![
+            "--internal-listen",
+            "127.0.0.1:0",
+            "--redis",
+            url.as_str(),
+            "--node-id",
+            id,
+        ];
+        flags.extend_from_slice(extra);
+        let server = TestServer::start(&flags);
+        let node = Node { server };
+        node.wait_ready(true);
+        node
+    }
+
+    fn public(&self) -> SocketAddr {
+        self.server.addrs[0]
+    }
+
+    fn internal(&self) -> SocketAddr {
+        self.server.addrs[1]
+    }
+
+    fn get(&self, path: &str) -> String {
+        http_exchange(
+            self.public(),
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes(),
+        )
+    }
+
+    fn ready(&self) -> bool {
+        self.get("/readyz").starts_with("HTTP/1.1 200")
+    }
+
+    fn wait_ready(&self, want: bool) {
+        let deadline = Instant::now() + WAIT;
+        while self.ready() != want {
+            assert!(
+                Instant::now() < deadline,
+                "/readyz did not become {} within {WAIT:?}",
+                if want { "200" } else { "503" }
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A sample from `/metrics`, by its full name with labels.
+    fn metric(&self, name: &str) -> f64 {
+        let text = self.get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    }
+}
+
+struct Client {
+    ws: WebSocket<TcpStream>,
+}
+
+impl Client {
+    /// A `/ws` client that has consumed its welcome.
+    fn connect(addr: SocketAddr) -> Client {
+        let stream = connect_tcp(addr);
+        let (ws, _) = tungstenite::client(format!("ws://{addr}/ws"), stream).expect("handshake");
+        let mut client = Client { ws };
+        let welcome = client.recv();
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        client
+    }
+
+    fn send(&mut self, request: &Value) {
+        self.ws
+            .send(Message::Text(request.to_string()))
+            .expect("send");
+    }
+
+    fn next(&mut self, within: Duration) -> Option<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.ws.get_mut().set_read_timeout(Some(left)).unwrap();
+            match self.ws.read() {
+                Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).unwrap()),
+                Ok(Message::Close(frame)) => panic!("closed: {frame:?}"),
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    fn recv(&mut self) -> Value {
+        self.next(READ_TIMEOUT)
+            .unwrap_or_else(|| panic!("nothing within {READ_TIMEOUT:?}"))
+    }
+
+    fn ok(&mut self, request: Value) -> Value {
+        self.send(&request);
+        let reply = self.recv();
+        assert_eq!(reply["type"], "ack", "for {request}: {reply}");
+        assert_eq!(reply["request"], request["type"], "{reply}");
+        reply
+    }
+
+    fn publish(&mut self, channel: &str, data: Value) -> Value {
+        self.ok(json!({"type": "publish", "channel": channel, "data": data}))
+    }
+
+    fn expect_nothing(&mut self, within: Duration) {
+        if let Some(v) = self.next(within) {
+            panic!("expected nothing, got {v}");
+        }
+    }
+
+    /// Reads channel messages until `n` arrived; anything else fails.
+    fn messages(&mut self, channel: &str, n: usize) -> Vec<(Value, Value)> {
+        (0..n)
+            .map(|_| {
+                let m = self.recv();
+                assert_eq!(m["type"], "message", "{m}");
+                assert_eq!(m["channel"], channel, "{m}");
+                (m["offset"].clone(), m["data"].clone())
+            })
+            .collect()
+    }
+}
+
+fn numbered(range: std::ops::RangeInclusive<u64>) -> Vec<(Value, Value)> {
+    range.map(|i| (json!(i), json!({ "n": i }))).collect()
+}
+
+#[test]
+fn a_publish_on_one_node_reaches_every_node_in_order_exactly_once_with_the_same_offsets() {
+    let redis = RedisServer::start();
+    let a = Node::start(&redis, "node-a", &[]);
+    let b = Node::start(&redis, "node-b", &[]);
+    let c = Node::start(&redis, "node-c", &[]);
+    let mut on_a = Client::connect(a.public());
+    let mut on_c = Client::connect(c.public());
+    on_a.ok(json!({"type": "subscribe", "channel": "news"}));
+    on_c.ok(json!({"type": "subscribe", "channel": "news.>"}));
+    on_c.ok(json!({"type": "subscribe", "channel": "news"}));
+    let mut publisher = Client::connect(b.internal());
+    for n in 1..=40u64 {
+        let ack = publisher.publish("news", json!({ "n": n }));
+        assert_eq!(
+            ack["offset"], n,
+            "the ack carries the cluster offset: {ack}"
+        );
+        assert!(ack.get("local").is_none(), "{ack}");
+    }
+    // A second publisher on another node continues the same sequence.
+    let mut other = Client::connect(a.internal());
+    assert_eq!(other.publish("news", json!({ "n": 41 }))["offset"], 41);
+    let want = numbered(1..=41);
+    assert_eq!(on_a.messages("news", 41), want);
+    assert_eq!(on_c.messages("news", 41), want);
+    on_a.expect_nothing(Duration::from_millis(300));
+    on_c.expect_nothing(Duration::from_millis(300));
+    // Every node agrees on the channel's offset (once it has read the bus).
+    for node in [&a, &b, &c] {
+        let mut lister = Client::connect(node.public());
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let list = lister.ok(json!({"type": "list"}));
+            let news = list["channels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|ch| ch["channel"] == "news")
+                .cloned();
+            if news.as_ref().is_some_and(|n| n["offset"] == 41) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{list}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert!(a.metric("fanout_redis_up") == 1.0);
+    assert!(b.metric("fanout_redis_published_total") >= 40.0);
+}
+
+#[test]
+fn a_client_that_reconnects_to_another_node_resumes_from_its_offset() {
+    let redis = RedisServer::start();
+    let a = Node::start(&redis, "node-a", &[]);
+    // No local backlog on B: `since` is served from Redis.
+    let b = Node::start(&redis, "node-b", &["--channel-backlog", "0"]);
+    let mut publisher = Client::connect(a.internal());
+    let mut first = Client::connect(a.public());
+    first.ok(json!({"type": "subscribe", "channel": "feed"}));
+    for n in 1..=5 {
+        publisher.publish("feed", json!({ "n": n }));
+    }
+    assert_eq!(first.messages("feed", 5), numbered(1..=5));
+    drop(first);
+    for n in 6..=10 {
+        publisher.publish("feed", json!({ "n": n }));
+    }
+    let mut again = Client::connect(b.public());
+    let ack = again.ok(json!({"type": "subscribe", "channel": "feed", "since": 5, "id": "r"}));
+    assert_eq!(ack["id"], "r", "{ack}");
+    assert_eq!(ack["replayed"], 5, "{ack}");
+    assert_eq!(ack["offset"], 10, "{ack}");
+    assert_eq!(again.messages("feed", 5), numbered(6..=10));
+    publisher.publish("feed", json!({ "n": 11 }));
+    assert_eq!(again.messages("feed", 1), numbered(11..=11));
+    again.expect_nothing(Duration::from_millis(300));
+    // A node with a local backlog serves it from there, identically.
+    let mut on_a = Client::connect(a.public());
+    let ack = on_a.ok(json!({"type": "subscribe", "channel": "feed", "since": 8}));
+    assert_eq!(ack["replayed"], 3, "{ack}");
+    assert_eq!(on_a.messages("feed", 3), numbered(9..=11));
+    // Ahead of the channel: not recoverable, on either path.
+    let mut ahead = Client::connect(b.public());
+    ahead.send(&json!({"type": "subscribe", "channel": "feed", "since": 99}));
+    let reply = ahead.recv();
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], "not_recoverable", "{reply}");
+}
+
+#[test]
+fn registration_streams_and_chat_span_nodes() {
+    let redis = RedisServer::start();
+    let a = Node::start(&redis, "node-a", &[]);
+    let b = Node::start(&redis, "node-b", &[]);
+    let mut consumer = Client::connect(a.public());
+    let filters =
+        json!({"types": ["payment"], "account_ids": [], "asset_codes": [], "min_amount": ""});
+    consumer.send(&json!({"type": "register", "filters": filters}));
+    assert_eq!(consumer.recv()["type"], "registered");
+    let mut publisher = Client::connect(b.internal());
+    publisher.publish("events", json!({"type": "trade", "n": 1}));
+    let ack = publisher.publish("events", json!({"type": "payment", "n": 2}));
+    assert_eq!(ack["offset"], 2, "{ack}");
+    assert_eq!(consumer.recv(), json!({"type": "payment", "n": 2}));
+    consumer.expect_nothing(Duration::from_millis(300));
+
+    let mut ann = Client::connect(a.public());
+    let mut bob = Client::connect(b.public());
+    ann.ok(json!({"type": "chat.nick", "nick": "ann"}));
+    bob.ok(json!({"type": "chat.nick", "nick": "bob"}));
+    ann.ok(json!({"type": "chat.join", "room": "ops"}));
+    bob.ok(json!({"type": "chat.join", "room": "ops"}));
+    ann.send(&json!({"type": "chat.say", "room": "ops", "text": "hello from a"}));
+    bob.send(&json!({"type": "chat.say", "room": "ops", "text": "hello from b"}));
+    let said = |client: &mut Client| {
+        let mut lines = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while lines.len() < 2 && Instant::now() < deadline {
+            let m = client.recv();
+            if m["type"] == "chat" && m["kind"] == "say" {
+                lines.push(format!(
+                    "{}: {}",
+                    m["nick"].as_str().unwrap(),
+                    m["text"].as_str().unwrap()
+                ));
+            }
+        }
+        lines
+    };
+    let seen_by_ann = said(&mut ann);
+    let seen_by_bob = said(&mut bob);
+    assert_eq!(seen_by_ann.len(), 2, "{seen_by_ann:?}");
+    assert_eq!(seen_by_ann, seen_by_bob, "one room, one order");
+    // Someone joining later on A replays lines said on both nodes.
+    let mut cat = Client::connect(a.public());
+    let ack = cat.ok(json!({"type": "chat.join", "room": "ops"}));
+    assert_eq!(ack["replayed"], 2, "{ack}");
+    // A room talked in on B only: joining it on A replays its lines too.
+    let mut eve = Client::connect(b.public());
+    eve.ok(json!({"type": "chat.nick", "nick": "eve"}));
+    eve.ok(json!({"type": "chat.join", "room": "backroom"}));
+    eve.send(&json!({"type": "chat.say", "room": "backroom", "text": "psst"}));
+    loop {
+        let m = eve.recv();
+        if m["kind"] == "say" {
+            break;
+        }
+    }
+    // (A reads the bus on its own schedule: retry until it has the line.)
+    let deadline = Instant::now() + WAIT;
+    let mut dan = loop {
+        let mut dan = Client::connect(a.public());
+        let ack = dan.ok(json!({"type": "chat.join", "room": "backroom"}));
+        if ack["replayed"] == 1 {
+            break dan;
+        }
+        assert_eq!(ack["replayed"], 0, "{ack}");
+        assert!(Instant::now() < deadline, "A never got the backroom line");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let line = dan.recv();
+    assert_eq!(
+        (line["nick"].as_str(), line["text"].as_str()),
+        (Some("eve"), Some("psst")),
+        "{line}"
+    );
+}
+
+#[test]
+fn candles_match_across_nodes_for_the_same_trades() {
+    let redis = RedisServer::start();
+    let a = Node::start(&redis, "node-a", &[]);
+    let b = Node::start(&redis, "node-b", &[]);
+    let mut watchers: Vec<Client> = [&a, &b]
+        .iter()
+        .map(|n| {
+            let mut w = Client::connect(n.public());
+            w.ok(json!({"type": "subscribe", "channel": "events"}));
+            w
+        })
+        .collect();
+    let mut publisher = Client::connect(a.internal());
+    let t0: i64 = 1_700_000_040_000;
+    let prices = [
+        "100", "101.5", "99", "102", "98.25", "100.75", "103", "97", "101", "100.5",
+    ];
+    let n = 30;
+    for i in 0..n {
+        let price = prices[i % prices.len()];
+        publisher.publish(
+            "events",
+            json!({"type": "trade", "symbol": "ABC-USD", "price": price, "qty": "1.5", "ts": t0 + i as i64 * 17_000}),
+        );
+    }
+    // One trade without `ts`: dated by its publish time, the same everywhere.
+    publisher.publish(
+        "events",
+        json!({"type": "trade", "symbol": "ABC-USD", "price": "100", "qty": "1"}),
+    );
+    for w in &mut watchers {
+        assert_eq!(w.messages("events", n + 1).len(), n + 1);
+    }
+    let candles = |node: &Node| {
+        let mut c = Client::connect(node.public());
+        let ack = c.ok(json!({"type": "kline.subscribe", "symbol": "ABC-USD", "interval": "1m", "history": 100}));
+        let count = ack["history"].as_u64().unwrap() as usize + 1;
+        let frames: Vec<Value> = (0..count).map(|_| c.recv()).collect();
+        (ack, frames)
+    };
+    let (ack_a, on_a) = candles(&a);
+    let (ack_b, on_b) = candles(&b);
+    assert!(ack_a["history"].as_u64().unwrap() >= 8, "{ack_a}");
+    assert_eq!(ack_a, ack_b);
+    assert_eq!(on_a, on_b);
+}
+
+#[test]
+fn nodes_keep_serving_through_a_redis_outage_and_recover() {
+    let mut redis = RedisServer::start();
+    let a = Node::start(&redis, "node-a", &[]);
+    let b = Node::start(&redis, "node-b", &[]);
+    let mut sub_a = Client::connect(a.public());
+    let mut sub_b = Client::connect(b.public());
+    sub_a.ok(json!({"type": "subscribe", "channel": "ch"}));
+    sub_b.ok(json!({"type": "subscribe", "channel": "ch"}));
+    let mut publisher = Client::connect(a.internal());
+    assert_eq!(publisher.publish("ch", json!("before"))["offset"], 1);
+    assert_eq!(sub_a.messages("ch", 1), vec![(json!(1), json!("before"))]);
+    assert_eq!(sub_b.messages("ch", 1), vec![(json!(1), json!("before"))]);
+
+    redis.kill();
+    a.wait_ready(false);
+    b.wait_ready(false);
+    // Local service goes on: delivered at once on A, without an offset.
+    let ack = publisher.publish("ch", json!("during"));
+    assert_eq!(ack["offset"], Value::Null, "{ack}");
+    assert_eq!(ack["local"], true, "{ack}");
+    let m = sub_a.recv();
+    assert_eq!(
+        (m["offset"].clone(), m["local"].clone(), m["data"].clone()),
+        (Value::Null, json!(true), json!("during")),
+        "{m}"
+    );
+    assert_eq!(a.metric("fanout_redis_up"), 0.0);
+    assert!(a.metric("fanout_redis_outages_total") >= 1.0);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        a.metric("fanout_redis_down_seconds") > 0.0,
+        "{}",
+        a.get("/metrics")
+    );
+    assert_eq!(a.metric("fanout_redis_local_deliveries_total"), 1.0);
+    // Chat too keeps working locally.
+    let mut ann = Client::connect(a.public());
+    ann.ok(json!({"type": "chat.join", "room": "lobby"}));
+
+    redis.restart();
+    a.wait_ready(true);
+    b.wait_ready(true);
+    // The message published during the outage reaches B after reconnection
+    // (Redis restarted empty: offsets start again from 1) ...
+    let m = sub_b.recv();
+    assert_eq!(m["data"], "during", "{m}");
+    assert!(m["offset"].is_u64(), "{m}");
+    // ... and is not delivered on A a second time.
+    let ack = publisher.publish("ch", json!("after"));
+    let offset = ack["offset"].clone();
+    assert!(offset.is_u64(), "{ack}");
+    assert_eq!(
+        sub_a.messages("ch", 1),
+        vec![(offset.clone(), json!("after"))]
+    );
+    assert_eq!(sub_b.messages("ch", 1), vec![(offset, json!("after"))]);
+    sub_a.expect_nothing(Duration::from_millis(300));
+    sub_b.expect_nothing(Duration::from_millis(300));
+    assert_eq!(a.metric("fanout_redis_up"), 1.0);
+    assert!(a.metric("fanout_redis_reconnects_total") >= 1.0);
+    let lost: f64 = ["queue_full", "rejected", "bus_gap", "shutdown"]
+        .iter()
+        .map(|r| a.metric(&format!("fanout_redis_lost_total{{reason=\"{r}\"}}")))
+        .sum();
+    assert_eq!(lost, 0.0, "nothing was lost");
+}
+
+#[test]
+fn without_redis_nothing_changes_and_bad_flags_are_refused() {
+    let server = TestServer::start(&[]);
+    assert!(
+        http_exchange(server.addr, b"GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n")
+            .starts_with("HTTP/1.1 200")
+    );
+    let metrics = http_exchange(server.addr, b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(!metrics.contains("fanout_redis_"), "{metrics}");
+    for bad in [
+        &["--redis", "http://x"][..],
+        &["--redis", "redis://127.0.0.1:1", "--node-id", "bad id"][..],
+        &["--redis", "redis://127.0.0.1:1", "--node-id", ""][..],
+    ] {
+        let mut args = vec!["fanout"];
+        args.extend_from_slice(bad);
+        let refused = match fanout::config::Config::from_args(args) {
+            Ok(config) => config.validate().is_err(),
+            Err(_) => true,
+        };
+        assert!(refused, "{bad:?}");
+    }
+}
