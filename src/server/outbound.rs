@@ -7,11 +7,17 @@
 //! over whole (an echo) is queued without a copy. A flush gathers every
 //! chunk into one vectored write when there are several.
 //!
+//! A drained queue goes back to a small per-thread pool with its memory
+//! (the chunk list and one buffer), so a connection that queues something
+//! every turn (an echo client, a broadcast subscriber) does not allocate
+//! and free each time.
+//!
 //! A frame can also be streamed: its header first, then its payload as it
 //! becomes available, written through to the socket when nothing is queued
 //! before it. Frames pushed meanwhile (a ping, a close) are held back and
 //! follow the streamed frame.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 
@@ -26,8 +32,22 @@ const PACK_LIMIT: usize = 64 << 10;
 /// dropped, and the kernel then gets one buffer instead of many.
 const COPY_SHARED_LIMIT: usize = 512;
 
-/// The first owned chunk's capacity: room for a burst of small replies.
-const FIRST_CHUNK: usize = 1024;
+/// The first owned chunk's capacity: room for a burst of small replies
+/// (16 broadcast frames of 100 bytes) without growing.
+const FIRST_CHUNK: usize = 2048;
+
+/// Drained queues kept for reuse, per thread (one event loop)...
+const SPARES_MAX: usize = 1024;
+/// ...each with one buffer of at most this capacity, and a chunk list of at
+/// most `SPARE_CHUNKS` slots: at most ~5 MiB in all.
+const SPARE_BUFFER_MAX: usize = 4096;
+const SPARE_CHUNKS: usize = 16;
+
+thread_local! {
+    // Boxed: a queue moves between a connection and the pool as a pointer.
+    #[allow(clippy::vec_box)]
+    static SPARES: RefCell<Vec<Box<Queue>>> = const { RefCell::new(Vec::new()) };
+}
 
 /// At most this many chunks go into one `writev` (Linux allows 1024).
 const MAX_IOVECS: usize = 64;
@@ -61,15 +81,19 @@ struct Lane {
 
 impl Lane {
     /// The last chunk, if it is an owned one with room for `extra` more
-    /// bytes, else a new one.
-    fn owned_tail(&mut self, extra: usize) -> &mut Vec<u8> {
+    /// bytes, else a new one (`spare`, if it is large enough).
+    fn owned_tail(&mut self, spare: &mut Vec<u8>, extra: usize) -> &mut Vec<u8> {
         self.bytes += extra;
         let reuse = matches!(
             self.chunks.back(),
             Some(Chunk::Owned { buf, start: 0 }) if buf.len() + extra <= PACK_LIMIT
         );
         if !reuse {
-            let buf = Vec::with_capacity(extra.max(FIRST_CHUNK));
+            let buf = if spare.capacity() >= extra {
+                std::mem::take(spare)
+            } else {
+                Vec::with_capacity(extra.max(FIRST_CHUNK))
+            };
             self.chunks.push_back(Chunk::Owned { buf, start: 0 });
         }
         match self.chunks.back_mut() {
@@ -93,15 +117,46 @@ struct Queue {
     front_written: usize,
     /// `Some` while a streamed frame is open: frames pushed meanwhile.
     held: Option<Lane>,
+    /// An emptied packing buffer, kept for the next one.
+    spare: Vec<u8>,
 }
 
 impl Queue {
-    /// Where a new frame goes: behind an open stream, if there is one.
-    fn lane(&mut self) -> &mut Lane {
-        match &mut self.held {
+    /// Where a new frame goes (behind an open stream, if there is one), and
+    /// the spare buffer.
+    fn lane(&mut self) -> (&mut Lane, &mut Vec<u8>) {
+        let lane = match &mut self.held {
             Some(held) => held,
             None => &mut self.out,
+        };
+        (lane, &mut self.spare)
+    }
+
+    /// An empty queue, from the pool if it has one.
+    fn take() -> Box<Queue> {
+        SPARES
+            .with(|spares| spares.borrow_mut().pop())
+            .unwrap_or_default()
+    }
+
+    /// Gives a drained queue back to the pool, keeping its memory if that
+    /// is small.
+    fn recycle(mut self: Box<Queue>) {
+        debug_assert!(self.out.chunks.is_empty() && self.held.is_none());
+        self.out.bytes = 0;
+        self.front_written = 0;
+        if self.out.chunks.capacity() > SPARE_CHUNKS {
+            self.out.chunks = VecDeque::new();
         }
+        if self.spare.capacity() > SPARE_BUFFER_MAX {
+            self.spare = Vec::new();
+        }
+        SPARES.with(|spares| {
+            let mut spares = spares.borrow_mut();
+            if spares.len() < SPARES_MAX {
+                spares.push(self);
+            }
+        });
     }
 
     /// Drops what was written; returns whether `out` is now empty.
@@ -115,7 +170,12 @@ impl Queue {
             }
             written -= front_left;
             self.front_written = 0;
-            self.out.chunks.pop_front();
+            if let Some(Chunk::Owned { mut buf, start: 0 }) = self.out.chunks.pop_front() {
+                if self.spare.capacity() == 0 && buf.capacity() <= SPARE_BUFFER_MAX {
+                    buf.clear();
+                    self.spare = buf;
+                }
+            }
         }
         self.out.chunks.is_empty()
     }
@@ -191,33 +251,34 @@ impl Outbound {
     }
 
     fn queue(&mut self) -> &mut Queue {
-        self.queue.get_or_insert_with(Box::default)
+        self.queue.get_or_insert_with(Queue::take)
     }
 
-    /// Releases the queue's memory once nothing is left in it.
+    /// Gives the queue back once nothing is left in it.
     fn release_if_idle(&mut self) {
         if self
             .queue
             .as_ref()
             .is_some_and(|q| q.out.chunks.is_empty() && q.held.is_none())
         {
-            self.queue = None;
+            if let Some(queue) = self.queue.take() {
+                queue.recycle();
+            }
         }
     }
 
     /// Appends raw bytes (an HTTP response).
     pub fn push_bytes(&mut self, bytes: &[u8]) {
-        self.queue()
-            .lane()
-            .owned_tail(bytes.len())
-            .extend_from_slice(bytes);
+        let (lane, spare) = self.queue().lane();
+        lane.owned_tail(spare, bytes.len()).extend_from_slice(bytes);
     }
 
     /// Encodes and appends one unmasked frame.
     pub fn push_frame(&mut self, opcode: OpCode, payload: &[u8]) {
         let mut head = [0u8; MAX_HEADER_LEN];
         let head_len = header(opcode, payload.len() as u64).encode(&mut head);
-        let tail = self.queue().lane().owned_tail(head_len + payload.len());
+        let (lane, spare) = self.queue().lane();
+        let tail = lane.owned_tail(spare, head_len + payload.len());
         tail.extend_from_slice(&head[..head_len]);
         tail.extend_from_slice(payload);
     }
@@ -225,9 +286,9 @@ impl Outbound {
     /// Queues an already-encoded frame shared with other recipients.
     pub fn push_shared(&mut self, frame: &SharedFrame) {
         let bytes = frame.bytes();
-        let lane = self.queue().lane();
+        let (lane, spare) = self.queue().lane();
         if bytes.len() <= COPY_SHARED_LIMIT {
-            lane.owned_tail(bytes.len()).extend_from_slice(bytes);
+            lane.owned_tail(spare, bytes.len()).extend_from_slice(bytes);
         } else {
             lane.push(Chunk::Shared(frame.clone()));
         }
@@ -249,7 +310,7 @@ impl Outbound {
         unsafe {
             std::ptr::copy_nonoverlapping(head.as_ptr(), buf.as_mut_ptr().add(start), head_len);
         }
-        self.queue().lane().push(Chunk::Owned { buf, start });
+        self.queue().lane().0.push(Chunk::Owned { buf, start });
     }
 
     /// Opens a streamed frame of `len` payload bytes: queues its header;
@@ -262,7 +323,7 @@ impl Outbound {
         assert!(queue.held.is_none(), "one stream at a time");
         queue
             .out
-            .owned_tail(head_len)
+            .owned_tail(&mut queue.spare, head_len)
             .extend_from_slice(&head[..head_len]);
         queue.held = Some(Lane::default());
     }
@@ -280,7 +341,7 @@ impl Outbound {
         if done < bytes.len() {
             queue
                 .out
-                .owned_tail(bytes.len() - done)
+                .owned_tail(&mut queue.spare, bytes.len() - done)
                 .extend_from_slice(&bytes[done..]);
         }
         if last {
