@@ -224,6 +224,18 @@ impl Decoder {
         stream_min: Option<u64>,
     ) -> Result<(usize, Option<Step<'a>>), Violation> {
         self.release_delivered();
+        if let Some((head, len, is_text, mask)) = self.whole_data_frame(input, stream_min) {
+            // The common case in one step: a whole single-frame message.
+            let end = head + len;
+            apply_mask(&mut input[head..end], mask, 0);
+            let payload = &input[head..end];
+            let event = if is_text {
+                Event::Text(validate(payload).map_err(|_| invalid_utf8())?)
+            } else {
+                Event::Binary(payload)
+            };
+            return Ok((end, Some(Step::Event(event))));
+        }
         let mut pos = 0;
         loop {
             if self.frame.is_none() {
@@ -317,6 +329,49 @@ impl Decoder {
                 return Ok((pos, None));
             }
         }
+    }
+
+    /// When `input` starts with a whole, unfragmented text or binary frame
+    /// that breaks no rule (masked, no RSV bits, within the limits, no
+    /// message in progress) and is not to be streamed: its header length,
+    /// payload length, whether it is text, and its mask. Anything else
+    /// takes the general path, which applies every rule.
+    #[inline]
+    fn whole_data_frame(
+        &self,
+        input: &[u8],
+        stream_min: Option<u64>,
+    ) -> Option<(usize, usize, bool, [u8; 4])> {
+        if self.frame.is_some() || self.header_spill_len != 0 || self.message.is_some() {
+            return None;
+        }
+        let (&b0, &b1) = (input.first()?, input.get(1)?);
+        // FIN, no RSV bits, text or binary; masked.
+        let is_text = match b0 {
+            0x81 => true,
+            0x82 => false,
+            _ => return None,
+        };
+        let (len, head) = match b1 {
+            0x80..=0xFD => (usize::from(b1 & 0x7F), 6),
+            0xFE => (
+                usize::from(u16::from_be_bytes([*input.get(2)?, *input.get(3)?])),
+                8,
+            ),
+            _ => return None,
+        };
+        let fits = len as u64 <= self.limits.max_frame_size.min(self.limits.max_message_size);
+        let streamed = !is_text && stream_min.is_some_and(|min| len as u64 >= min);
+        if input.len() < head + len || !fits || streamed {
+            return None;
+        }
+        let mask = [
+            input[head - 4],
+            input[head - 3],
+            input[head - 2],
+            input[head - 1],
+        ];
+        Some((head, len, is_text, mask))
     }
 
     /// While a data frame's payload is arriving and at least `min` of its
