@@ -5,11 +5,7 @@
 
 mod common;
 
-use std::fs::File;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -19,155 +15,10 @@ use tungstenite::{Message, WebSocket};
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const WAIT: Duration = Duration::from_secs(20);
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/redis/start-redis.sh")
-}
+#[path = "support/redis_server.rs"]
+mod redis_server;
 
-/// Runs a command to completion within `limit`, killing it past that.
-fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<String, String> {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("spawn {cmd:?}: {e}"))?;
-    let deadline = Instant::now() + limit;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{cmd:?} did not finish within {limit:?}"));
-            }
-            Err(e) => return Err(format!("wait {cmd:?}: {e}")),
-        }
-    }
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(format!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-/// Makes sure redis-server is installed (once per test binary).
-fn ensure_installed() {
-    static INSTALLED: OnceLock<Result<String, String>> = OnceLock::new();
-    let result = INSTALLED.get_or_init(|| {
-        run_bounded(
-            Command::new("sh").arg(script()).arg("install"),
-            Duration::from_secs(600),
-        )
-    });
-    if let Err(e) = result {
-        panic!("redis-server is not available and could not be installed with apt: {e}");
-    }
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().unwrap().port()
-}
-
-/// A redis-server child on 127.0.0.1:port, killed and reaped on drop.
-struct RedisServer {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        ensure_installed();
-        let mut server = RedisServer {
-            port: free_port(),
-            dir: tempfile::tempdir().expect("temp dir"),
-            child: None,
-        };
-        server.spawn();
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
-    }
-
-    fn spawn(&mut self) {
-        assert!(self.child.is_none());
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("redis.log"))
-            .expect("log file");
-        let child = Command::new("sh")
-            .arg(script())
-            .arg("run")
-            .arg(self.port.to_string())
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn start-redis.sh run");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                self.child = None;
-                panic!("redis-server exited ({status}):\n{}", self.log());
-            }
-            if self.ping() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {} not answering PING within 10 s:\n{}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn ping(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.url().as_str()) else {
-            return false;
-        };
-        let Ok(mut con) = client.get_connection_with_timeout(Duration::from_millis(300)) else {
-            return false;
-        };
-        redis::cmd("PING").query::<String>(&mut con).is_ok()
-    }
-
-    /// SIGKILL, reaped.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts again on the same port and directory (loading `dump.rdb` if
-    /// one was saved).
-    fn restart(&mut self) {
-        self.spawn();
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use redis_server::*;
 
 /// A fanout node on loopback with a public and an internal listener,
 /// joined to `redis`; waits until its link is up (`/readyz` 200).
