@@ -39,7 +39,9 @@ pub struct Event {
 
 impl Event {
     pub fn new(fields: Map<String, Value>) -> Arc<Event> {
-        let frame = SharedFrame::text(&Value::Object(fields.clone()).to_string());
+        // A map of JSON values always serializes; no copy of it is needed.
+        let json = serde_json::to_string(&fields).expect("JSON maps serialize");
+        let frame = SharedFrame::text(&json);
         Arc::new(Event { fields, frame })
     }
 }
