@@ -90,8 +90,9 @@ pub struct Config {
     #[arg(long = "subprotocol", value_name = "NAME")]
     pub subprotocols: Vec<String>,
 
-    /// Size of the one read buffer the event loop reads every socket into.
-    #[arg(long, value_name = "SIZE", default_value = "64KiB", value_parser = parse_size)]
+    /// Size of the one read buffer the event loop reads every socket into
+    /// (one per process, not per connection).
+    #[arg(long, value_name = "SIZE", default_value = "256KiB", value_parser = parse_size)]
     pub read_buffer_size: usize,
 
     /// SHA-256 (hex) of a key that lets a client on a public listener

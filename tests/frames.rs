@@ -242,7 +242,7 @@ fn echo_text_and_binary_at_every_length_encoding() {
 fn multibyte_text_straddling_read_boundaries_echoes_intact() {
     let server = TestServer::start(&[]);
     let mut ws = server.client("/echo");
-    // ~300 KiB of 1-4 byte characters: the server's 64 KiB reads cut
+    // ~300 KiB of 1-4 byte characters: the server's 256 KiB reads cut
     // through code points.
     let text: String = "aé€😀".repeat(30_000);
     ws.send(Message::Text(text.clone())).unwrap();

@@ -188,7 +188,7 @@ fn help_lists_every_flag_and_defaults() {
         "8KiB",
         "10s",
         "1MiB",
-        "64KiB",
+        "256KiB",
         "0.0.0.0:8080",
         "100000",
     ] {

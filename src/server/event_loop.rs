@@ -38,6 +38,11 @@ const FIRST_LISTENER: usize = usize::MAX - 2;
 /// others; it is resumed on the next iteration.
 const READS_PER_TURN: usize = 16;
 
+/// A connection's reads in one loop iteration also stop once they have
+/// brought in this many bytes: with a large read buffer the count alone
+/// would let one bulk sender take megabytes per turn while others wait.
+const READ_BYTES_PER_TURN: usize = 1 << 20;
+
 /// When a read loop may stop before the socket says `WouldBlock`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Drain {
@@ -380,7 +385,11 @@ impl Server {
     /// Reads until the socket is drained, the per-turn budget is used, or
     /// backpressure.
     fn read(&mut self, token: usize, drain: Drain) {
+        let mut taken = 0;
         for _ in 0..READS_PER_TURN {
+            if taken >= READ_BYTES_PER_TURN {
+                break;
+            }
             let Some(conn) = self.core.conns.get_mut(token) else {
                 return;
             };
@@ -414,6 +423,7 @@ impl Server {
                     Ok(n) => {
                         conn.last_heard = self.core.tick;
                         self.core.stats.bytes_in += n as u64;
+                        taken += n;
                         self.core.direct_input(token, n);
                         if n < wanted && drain == Drain::UntilShortRead {
                             return;
@@ -437,6 +447,7 @@ impl Server {
                 Ok(n) => {
                     conn.last_heard = self.core.tick;
                     self.core.stats.bytes_in += n as u64;
+                    taken += n;
                     self.core.on_input(token, &mut self.read_buf[..n]);
                     if n < self.read_buf.len() && drain == Drain::UntilShortRead {
                         return;
