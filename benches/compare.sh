@@ -7,9 +7,11 @@
 # Builds fanout, benches/loadgen and benches/peer-tokio (release), then runs
 # every workload R times (default 5) against each server, alternating which
 # goes first, with a fresh server per run pinned to CPU 0 and the load
-# generator pinned to CPU 1. Prints the medians and the ratio fanout/peer as
-# a markdown table (also written, with every raw summary line, under
-# target/compare/). A default run takes about 7 minutes on 2 cores (50 runs).
+# generator pinned to CPU 1. The echo workloads also run against the floor:
+# loadgen's own TCP echo without WebSocket, showing how much of the cost is
+# the kernel's. Prints the medians and the ratios fanout/peer and floor/peer
+# as a markdown table (also written, with every raw summary line, under
+# target/compare/). A default run takes about 10 minutes on 2 cores (75 runs).
 # --quick: 1 round, 2 s per run, small counts: a smoke test, not figures.
 set -euo pipefail
 
@@ -105,14 +107,19 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# start_server fanout|peer: sets SERVER_PID, PORT and IPORT.
+# start_server fanout|peer|floor: sets SERVER_PID, PORT and IPORT.
 start_server() {
     : >"$WORK/server.out"
     local want
     if [ "$1" = fanout ]; then
+        # --no-sim: the peer has no market simulator either.
         RUST_LOG=warn "${PIN_SERVER[@]}" "$WORK/fanout" --listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 \
-            --max-outbound-buffer 64MiB >"$WORK/server.out" 2>>"$OUTDIR/server-stderr-$STAMP.log" &
+            --no-sim --max-outbound-buffer 64MiB >"$WORK/server.out" 2>>"$OUTDIR/server-stderr-$STAMP.log" &
         want=2
+    elif [ "$1" = floor ]; then
+        "${PIN_SERVER[@]}" "$WORK/loadgen" tcp-echo-server --listen 127.0.0.1:0 \
+            >"$WORK/server.out" 2>>"$OUTDIR/server-stderr-$STAMP.log" &
+        want=1
     else
         "${PIN_SERVER[@]}" "$WORK/peer" --listen 127.0.0.1:0 \
             >"$WORK/server.out" 2>>"$OUTDIR/server-stderr-$STAMP.log" &
@@ -120,7 +127,7 @@ start_server() {
     fi
     SERVER_PID=$!
     for _ in $(seq 100); do
-        [ "$(grep -c 'listening on ws://' "$WORK/server.out" || true)" -ge "$want" ] && break
+        [ "$(grep -c 'listening on \(ws\|tcp\)://' "$WORK/server.out" || true)" -ge "$want" ] && break
         kill -0 "$SERVER_PID" 2>/dev/null || { log "$1 exited at start"; return 1; }
         sleep 0.1
     done
@@ -149,6 +156,9 @@ TARGET[idle]="≤ 0.3 KiB"
 loadgen_args() { # workload server
     local timing=(--duration "$DURATION" --warmup "$WARMUP")
     local echo_url="ws://127.0.0.1:$PORT/echo"
+    # The floor: the same echo over plain TCP, no WebSocket (loadgen's
+    # tcp-echo-server, a loop built like fanout's).
+    if [ "$2" = floor ]; then echo_url="tcp://127.0.0.1:$PORT"; fi
     case "$1" in
         echo-32B) echo echo --url "$echo_url" --conns "$ECHO_CONNS" --size 32 --inflight 16 "${timing[@]}" ;;
         echo-16KiB) echo echo --url "$echo_url" --conns 10 --size 16KiB --inflight 1 --binary "${timing[@]}" ;;
@@ -192,11 +202,12 @@ run_one() { # workload server round
     log "round $3 $1 $2: ${line#loadgen }"
 }
 
-runs=$((${#WORKLOADS[@]} * 2 * ROUNDS))
+runs=$(((${#WORKLOADS[@]} * 2 + 3) * ROUNDS))
 log "$runs runs: $ROUNDS round(s), ${DURATION}s per run; raw lines in $RESULTS"
 for round in $(seq "$ROUNDS"); do
     for w in "${WORKLOADS[@]}"; do
         if [ $((round % 2)) = 1 ]; then order="fanout peer"; else order="peer fanout"; fi
+        if [ "${w#echo}" != "$w" ]; then order="$order floor"; fi
         for s in $order; do
             run_one "$w" "$s" "$round"
         done
@@ -225,8 +236,8 @@ fmt() { awk -v v="$1" 'BEGIN { if (v == "n/a") print v; else if (v >= 100) print
     echo "server on CPU 0, load generator on CPU 1; $(date -u +%Y-%m-%d), $(uname -r), $(nproc) CPUs."
     if [ "$QUICK" = 1 ]; then echo "QUICK SMOKE RUN: the figures below are not measurements."; fi
     echo
-    echo "| workload | metric | fanout | tokio-tungstenite | fanout/peer | target |"
-    echo "|---|---|---|---|---|---|"
+    echo "| workload | metric | fanout | tokio-tungstenite | fanout/peer | target | raw TCP echo (floor) | floor/peer |"
+    echo "|---|---|---|---|---|---|---|---|"
     for w in "${WORKLOADS[@]}"; do
         if [ "$w" = idle ]; then
             metrics=("kib_per_conn|KiB RSS per connection" "server_ns_per_msg|server CPU ns per connection"
@@ -247,7 +258,13 @@ fmt() { awk -v v="$1" 'BEGIN { if (v == "n/a") print v; else if (v >= 100) print
             t=""
             name=""
             if [ "$first" = 1 ]; then t=${TARGET[$w]}; name=${NAME[$w]}; first=0; fi
-            echo "| $name | $label | $(fmt "$f") | $(fmt "$p") | $(ratio "$f" "$p") | $t |"
+            floor="—" floor_ratio="—"
+            if [ "${w#echo}" != "$w" ]; then
+                floor=$(median "$key" "$w" floor)
+                floor_ratio=$(ratio "$floor" "$p")
+                floor=$(fmt "$floor")
+            fi
+            echo "| $name | $label | $(fmt "$f") | $(fmt "$p") | $(ratio "$f" "$p") | $t | $floor | $floor_ratio |"
         done
     done
     echo

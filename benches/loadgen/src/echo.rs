@@ -80,7 +80,11 @@ fn worker(args: &Args, url: &Url, conns: usize, first: bool, barrier: &Barrier, 
         (ws::OP_TEXT, text_payload(args.size))
     };
     let mut frame = Vec::new();
-    ws::push_frame(&mut frame, opcode, &payload);
+    if url.raw_tcp {
+        ws::push_unmasked_frame(&mut frame, opcode, &payload);
+    } else {
+        ws::push_frame(&mut frame, opcode, &payload);
+    }
     let framelen = frame.len();
     let k = args.inflight;
     let block = frame.repeat(k);

@@ -7,6 +7,7 @@ mod connections;
 mod echo;
 mod net;
 mod stats;
+mod tcp_echo;
 mod ws;
 
 use std::process::ExitCode;
@@ -23,6 +24,9 @@ usage:
                [--subs N] [--size BYTES] [--inflight K] [--duration SECS]
                [--peer-protocol fanout|raw]
   loadgen connections --url ws://127.0.0.1:PORT/echo --conns N [--hold SECS]
+  loadgen tcp-echo-server --listen 127.0.0.1:PORT
+               (the floor: a TCP echo without WebSocket; runs until killed;
+                drive it with `loadgen echo --url tcp://127.0.0.1:PORT`)
 common: [--pid SERVER_PID] [--warmup SECS] [--drain SECS] [--connect-timeout SECS]
         [--concurrency N (connections being opened at once)]
 Sizes accept a KiB/MiB suffix. Prints one summary line (key=value) on stdout.";
@@ -30,6 +34,7 @@ Sizes accept a KiB/MiB suffix. Prints one summary line (key=value) on stdout.";
 pub struct Args {
     pub mode: String,
     url: Option<String>,
+    listen: Option<String>,
     publish_url: Option<String>,
     pub conns: usize,
     pub subs: usize,
@@ -59,12 +64,13 @@ impl Args {
     fn parse(argv: Vec<String>) -> Result<Args, String> {
         let mut it = argv.into_iter();
         let mode = it.next().ok_or("no mode given")?;
-        if !["echo", "broadcast", "connections"].contains(&mode.as_str()) {
+        if !["echo", "broadcast", "connections", "tcp-echo-server"].contains(&mode.as_str()) {
             return Err(format!("unknown mode `{mode}`"));
         }
         let mut a = Args {
             mode,
             url: None,
+            listen: None,
             publish_url: None,
             conns: 100,
             subs: 1000,
@@ -113,6 +119,7 @@ impl Args {
             let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
             match flag.as_str() {
                 "--url" => a.url = Some(v),
+                "--listen" => a.listen = Some(v),
                 "--publish-url" => a.publish_url = Some(v),
                 "--conns" => a.conns = count(&v)?,
                 "--subs" => a.subs = count(&v)?,
@@ -138,7 +145,12 @@ impl Args {
         }
         // Refuse anything but loopback before any socket is opened.
         for url in [&a.url, &a.publish_url].into_iter().flatten() {
-            Url::parse(url)?;
+            if Url::parse(url)?.raw_tcp && a.mode != "echo" {
+                return Err(format!("{url}: tcp:// URLs are for the echo mode only"));
+            }
+        }
+        if a.mode == "tcp-echo-server" && a.listen.is_none() {
+            return Err("tcp-echo-server needs --listen 127.0.0.1:PORT".into());
         }
         if let Some(pid) = a.pid {
             if stats::proc_cpu_ns(pid).is_none() {
@@ -267,6 +279,7 @@ fn main() -> ExitCode {
     let result = match args.mode.as_str() {
         "echo" => echo::run(&args),
         "broadcast" => broadcast::run(&args),
+        "tcp-echo-server" => tcp_echo::run(args.listen.as_deref().unwrap_or_default()),
         _ => connections::run(&args),
     };
     match result {

@@ -13,21 +13,26 @@ use mio::{Events, Interest, Poll, Token};
 use crate::stats::{Clock, Hist};
 use crate::ws::{self, Event, Rx};
 
-/// A `ws://` URL on loopback.
+/// A `ws://` (or, for the no-WebSocket floor, `tcp://`) URL on loopback.
 #[derive(Clone, Debug)]
 pub struct Url {
     pub addr: SocketAddr,
     pub host: String,
     pub path: String,
+    /// `tcp://`: no upgrade, and frames go unmasked, since a raw TCP echo
+    /// returns them unchanged and they must parse as server frames.
+    pub raw_tcp: bool,
 }
 
 impl Url {
-    /// Parses `ws://HOST:PORT/PATH`; refuses anything but 127.0.0.0/8
-    /// (`localhost` is taken as 127.0.0.1).
+    /// Parses `ws://HOST:PORT/PATH` or `tcp://HOST:PORT`; refuses anything
+    /// but 127.0.0.0/8 (`localhost` is taken as 127.0.0.1).
     pub fn parse(url: &str) -> Result<Url, String> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
+        let (rest, raw_tcp) = match (url.strip_prefix("ws://"), url.strip_prefix("tcp://")) {
+            (Some(rest), _) => (rest, false),
+            (None, Some(rest)) => (rest, true),
+            (None, None) => return Err(format!("{url}: only ws:// (and tcp:// for the floor) URLs are supported")),
+        };
         let (host, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -45,7 +50,7 @@ impl Url {
             IpAddr::V4(ip) if ip.octets()[0] == 127 => {}
             ip => return Err(format!("{url}: refusing {ip}: loopback (127.0.0.0/8) only")),
         }
-        Ok(Url { addr, host: host.to_owned(), path: path.to_owned() })
+        Ok(Url { addr, host: host.to_owned(), path: path.to_owned(), raw_tcp })
     }
 }
 
@@ -285,7 +290,8 @@ impl Net {
         deadline: Instant,
         setup: impl Fn() -> Setup,
     ) -> Opened {
-        let request = ws::upgrade_request(&url.host, &url.path);
+        let request = if url.raw_tcp { Vec::new() } else { ws::upgrade_request(&url.host, &url.path) };
+        let raw_tcp = url.raw_tcp;
         let first = self.conns.len();
         let mut report = Opened { first_start: self.clock.ns(), ..Default::default() };
         let mut started = 0;
@@ -358,7 +364,7 @@ impl Net {
                 if conn.state == State::Closed {
                     continue;
                 }
-                match self.advance(idx) {
+                match self.advance(idx, raw_tcp) {
                     Ok(()) => {
                         let conn = &self.conns[idx];
                         if idx >= first && !was_ready && conn.state == State::Open && matches!(conn.setup, Setup::Ready) {
@@ -387,7 +393,7 @@ impl Net {
 
     /// Moves one connection along: connect, upgrade, setup; for a ready
     /// one, answers pings and discards the rest.
-    fn advance(&mut self, idx: usize) -> Result<(), String> {
+    fn advance(&mut self, idx: usize, raw_tcp: bool) -> Result<(), String> {
         let clock = self.clock;
         let conn = &mut self.conns[idx];
         if conn.state == State::Connecting {
@@ -400,8 +406,13 @@ impl Net {
                 Err(e) => return Err(format!("connect: {e}")),
             }
             let _ = conn.stream.set_nodelay(true);
-            conn.state = State::Handshake;
             conn.writable = true;
+            if raw_tcp {
+                conn.state = State::Open;
+                conn.t_open = clock.ns();
+                return Ok(());
+            }
+            conn.state = State::Handshake;
         }
         if conn.writable && conn.out_off < conn.out.len() {
             conn.flush_out().map_err(|e| format!("write: {e}"))?;

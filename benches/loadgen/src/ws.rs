@@ -55,6 +55,23 @@ pub fn push_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     mask(&mut out[start..]);
 }
 
+/// Appends a complete frame as a server would send it (no mask): a raw
+/// TCP echo sends it back byte for byte, and it parses as a server frame.
+pub fn push_unmasked_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    out.push(0x80 | opcode);
+    let len = payload.len();
+    if len < 126 {
+        out.push(len as u8);
+    } else if len <= 0xffff {
+        out.push(126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+}
+
 /// Offset of the payload in a frame built by `push_header`.
 pub fn header_len(len: usize) -> usize {
     4 + if len < 126 {
