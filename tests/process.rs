@@ -379,6 +379,49 @@ fn sigint_closes_every_websocket_with_1001_and_exits_0() {
     graceful_shutdown_on(libc::SIGINT);
 }
 
+/// /echo streams a large message back while it arrives, so a shutdown can
+/// come while the echo frame is half written: the 1001 close must wait for
+/// the frame's end (a close inside a frame's payload would corrupt it), and
+/// the client still gets its whole message back first.
+#[test]
+fn shutdown_during_a_streamed_echo_finishes_the_frame_before_the_close() {
+    let mut server = ServerProcess::start(&["--shutdown-grace", "10s"]);
+    let mut client = raw_upgrade(server.addr);
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Well over one read buffer (256 KiB), so it is streamed.
+    let payload: Vec<u8> = (0..2u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let frame = client_frame(0x82, &payload);
+    let mut reader = client.try_clone().unwrap();
+    let frames = std::thread::spawn(move || {
+        let echo = read_frame(&mut reader).expect("the echo");
+        let close = read_until_close(&mut reader);
+        (echo, close)
+    });
+    let half = frame.len() / 2;
+    client.write_all(&frame[..half]).unwrap();
+    // Let the server take in and start echoing the first half.
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(200));
+    client.write_all(&frame[half..]).unwrap();
+
+    let (echo, close) = frames.join().unwrap();
+    assert_eq!(echo.b0, 0x82, "one final binary frame");
+    assert!(echo.payload == payload, "the echo differs from the message");
+    assert_eq!(
+        (close.close_code(), close.close_reason().as_str()),
+        (Some(1001), "server shutting down")
+    );
+    client
+        .write_all(&client_frame(0x88, &1001u16.to_be_bytes()))
+        .unwrap();
+    // Signal 0 sends nothing: this only waits (at most 10 s) for the exit.
+    assert_eq!(server.signal_and_wait(0).code(), Some(0));
+}
+
 #[test]
 fn shutdown_exits_0_after_the_grace_period_when_a_client_never_answers() {
     let mut server = ServerProcess::start(&["--shutdown-grace", "500ms"]);
