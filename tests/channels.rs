@@ -5,6 +5,8 @@
 //! measured) while another one receives every message.
 
 mod common;
+#[path = "support/json_client.rs"]
+mod json_client;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
@@ -17,138 +19,15 @@ use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
+use json_client::*;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::CloseFrame;
-use tungstenite::{Message, WebSocket};
-
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+use tungstenite::Message;
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// What a read gave instead of a JSON text message.
-#[derive(Debug)]
-enum Ended {
-    TimedOut,
-    Closed(Option<CloseFrame<'static>>),
-    Error(String),
-}
-
-/// A tungstenite `/ws` client that has already consumed its `welcome`.
-struct Client {
-    ws: WebSocket<TcpStream>,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr) -> Client {
-        let stream = connect_tcp(addr);
-        let (ws, _) = tungstenite::client(format!("ws://{addr}/ws"), stream).expect("handshake");
-        let mut client = Client { ws };
-        let welcome = client.recv();
-        assert_eq!(welcome["type"], "welcome", "first message: {welcome}");
-        client
-    }
-
-    fn send_text(&mut self, text: &str) {
-        self.ws
-            .send(Message::Text(text.to_owned()))
-            .expect("send a request");
-    }
-
-    fn send(&mut self, request: &Value) {
-        self.send_text(&request.to_string());
-    }
-
-    /// The next JSON text message within `within`, skipping control frames.
-    fn next(&mut self, within: Duration) -> Result<Value, Ended> {
-        let deadline = Instant::now() + within;
-        for _ in 0..10_000 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Ended::TimedOut);
-            }
-            self.ws.get_mut().set_read_timeout(Some(left)).unwrap();
-            match self.ws.read() {
-                Ok(Message::Text(text)) => {
-                    return Ok(serde_json::from_str(&text)
-                        .unwrap_or_else(|e| panic!("server sent invalid JSON ({e}): {text}")))
-                }
-                Ok(Message::Close(frame)) => {
-                    return Err(Ended::Closed(frame.map(|f| f.into_owned())))
-                }
-                Ok(Message::Binary(bytes)) => panic!("unexpected binary message {bytes:?}"),
-                Ok(_) => continue,
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => return Err(Ended::Error(e.to_string())),
-            }
-        }
-        panic!("more than 10000 control frames in a row");
-    }
-
-    fn recv(&mut self) -> Value {
-        match self.next(READ_TIMEOUT) {
-            Ok(value) => value,
-            Err(Ended::Error(e)) => panic!("expected a message, the connection failed: {e}"),
-            Err(e) => panic!("expected a message within {READ_TIMEOUT:?}: {e:?}"),
-        }
-    }
-
-    /// Sends a request and returns the next message (the reply, on a
-    /// connection that receives nothing else meanwhile).
-    fn request(&mut self, request: Value) -> Value {
-        self.send(&request);
-        self.recv()
-    }
-
-    /// Sends a request and checks it was acknowledged.
-    fn ok(&mut self, request: Value) -> Value {
-        let kind = request["type"].as_str().unwrap().to_owned();
-        let reply = self.request(request);
-        assert_ack(&reply, &kind);
-        reply
-    }
-
-    /// Sends a request and returns the error message after checking the code.
-    fn fails(&mut self, request: Value, code: &str) -> String {
-        let reply = self.request(request.clone());
-        error_message(&reply, code, &format!("for {request}"))
-    }
-
-    fn expect_nothing(&mut self, within: Duration) {
-        match self.next(within) {
-            Err(Ended::TimedOut) => {}
-            other => panic!("expected nothing, got {other:?}"),
-        }
-    }
-}
-
-fn assert_ack(reply: &Value, request: &str) {
-    assert_eq!(reply["type"], "ack", "expected an ack: {reply}");
-    assert_eq!(reply["request"], request, "{reply}");
-}
-
-fn error_message(reply: &Value, code: &str, context: &str) -> String {
-    assert_eq!(
-        reply["type"], "error",
-        "expected an error {context}: {reply}"
-    );
-    assert_eq!(reply["code"], code, "{context}: {reply}");
-    let message = reply["message"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no message: {reply}"));
-    assert!(!message.is_empty());
-    message.to_owned()
-}
 
 fn now_millis() -> u64 {
     SystemTime::now()
@@ -182,25 +61,6 @@ fn assert_message(message: &Value, channel: &str, offset: u64, data: &Value) {
     );
 }
 
-/// An in-process server with a public and an internal listener.
-struct Servers {
-    _server: TestServer,
-    public: SocketAddr,
-    internal: SocketAddr,
-}
-
-fn start(flags: &[&str]) -> Servers {
-    let mut all = vec!["--internal-listen", "127.0.0.1:0"];
-    all.extend_from_slice(flags);
-    let server = TestServer::start(&all);
-    assert_eq!(server.addrs.len(), 2, "{:?}", server.addrs);
-    Servers {
-        public: server.addrs[0],
-        internal: server.addrs[1],
-        _server: server,
-    }
-}
-
 fn sha256_hex(key: &str) -> String {
     Sha256::digest(key.as_bytes())
         .iter()
@@ -214,9 +74,9 @@ fn sha256_hex(key: &str) -> String {
 
 #[test]
 fn create_publish_subscribe_unsubscribe_and_list() {
-    let s = start(&[]);
-    let mut publisher = Client::connect(s.internal);
-    let mut subscriber = Client::connect(s.public);
+    let s = Servers::start(&[]);
+    let mut publisher = JsonClient::ws(s.internal);
+    let mut subscriber = JsonClient::ws(s.public);
 
     let created = publisher.ok(json!({"type":"create","channel":"news","backlog":50,"id":1}));
     assert_eq!(created["id"], 1);
@@ -284,8 +144,8 @@ fn create_publish_subscribe_unsubscribe_and_list() {
 
 #[test]
 fn every_reply_echoes_the_id_verbatim() {
-    let s = start(&[]);
-    let mut publisher = Client::connect(s.internal);
+    let s = Servers::start(&[]);
+    let mut publisher = JsonClient::ws(s.internal);
     for id in [
         json!(0),
         json!(-17),
@@ -314,10 +174,10 @@ fn every_reply_echoes_the_id_verbatim() {
 
 #[test]
 fn publishing_creates_the_channel_and_offsets_count_from_one() {
-    let s = start(&[]);
-    let mut publisher = Client::connect(s.internal);
-    let mut a = Client::connect(s.public);
-    let mut b = Client::connect(s.public);
+    let s = Servers::start(&[]);
+    let mut publisher = JsonClient::ws(s.internal);
+    let mut a = JsonClient::ws(s.public);
+    let mut b = JsonClient::ws(s.public);
     a.ok(json!({"type":"subscribe","channel":"t.one"}));
     b.ok(json!({"type":"subscribe","channel":"t.one"}));
     for n in 1..=20u64 {
@@ -341,7 +201,7 @@ fn publishing_creates_the_channel_and_offsets_count_from_one() {
 // Resumption
 // ---------------------------------------------------------------------------
 
-fn publish_n(publisher: &mut Client, channel: &str, range: std::ops::RangeInclusive<u64>) {
+fn publish_n(publisher: &mut JsonClient, channel: &str, range: std::ops::RangeInclusive<u64>) {
     for n in range {
         let ack = publisher.ok(json!({"type":"publish","channel":channel,"data":{"n":n}}));
         assert_eq!(ack["offset"], n, "{ack}");
@@ -350,11 +210,11 @@ fn publish_n(publisher: &mut Client, channel: &str, range: std::ops::RangeInclus
 
 #[test]
 fn since_replays_exactly_the_later_offsets_then_continues_live() {
-    let s = start(&[]);
-    let mut publisher = Client::connect(s.internal);
+    let s = Servers::start(&[]);
+    let mut publisher = JsonClient::ws(s.internal);
     publish_n(&mut publisher, "r", 1..=10);
 
-    let mut sub = Client::connect(s.public);
+    let mut sub = JsonClient::ws(s.public);
     let ack = sub.ok(json!({"type":"subscribe","channel":"r","since":4,"id":"x"}));
     assert_eq!(ack["id"], "x");
     assert_eq!(ack["offset"], 10);
@@ -369,7 +229,7 @@ fn since_replays_exactly_the_later_offsets_then_continues_live() {
     sub.expect_nothing(Duration::from_millis(300));
 
     // since = the last offset: nothing replayed, live from the next one.
-    let mut caught_up = Client::connect(s.public);
+    let mut caught_up = JsonClient::ws(s.public);
     let ack = caught_up.ok(json!({"type":"subscribe","channel":"r","since":13}));
     assert_eq!(ack["replayed"], 0);
     publish_n(&mut publisher, "r", 14..=14);
@@ -377,7 +237,7 @@ fn since_replays_exactly_the_later_offsets_then_continues_live() {
     caught_up.expect_nothing(Duration::from_millis(200));
 
     // since 0 replays everything.
-    let mut everything = Client::connect(s.public);
+    let mut everything = JsonClient::ws(s.public);
     let ack = everything.ok(json!({"type":"subscribe","channel":"r","since":0}));
     assert_eq!(ack["replayed"], 14);
     for n in 1..=14u64 {
@@ -388,10 +248,10 @@ fn since_replays_exactly_the_later_offsets_then_continues_live() {
 
 #[test]
 fn since_beyond_the_backlog_is_not_recoverable_and_says_what_remains() {
-    let s = start(&["--channel-backlog", "5"]);
-    let mut publisher = Client::connect(s.internal);
+    let s = Servers::start(&["--channel-backlog", "5"]);
+    let mut publisher = JsonClient::ws(s.internal);
     publish_n(&mut publisher, "b", 1..=12);
-    let mut sub = Client::connect(s.public);
+    let mut sub = JsonClient::ws(s.public);
     let message = sub.fails(
         json!({"type":"subscribe","channel":"b","since":3,"id":3}),
         "not_recoverable",
@@ -410,7 +270,7 @@ fn since_beyond_the_backlog_is_not_recoverable_and_says_what_remains() {
     for n in 9..=13u64 {
         assert_message(&sub.recv(), "b", n, &json!({"n": n}));
     }
-    let message = Client::connect(s.public).fails(
+    let message = JsonClient::ws(s.public).fails(
         json!({"type":"subscribe","channel":"b","since":7}),
         "not_recoverable",
     );
@@ -419,14 +279,14 @@ fn since_beyond_the_backlog_is_not_recoverable_and_says_what_remains() {
 
 #[test]
 fn since_after_the_backlog_expired_by_age_is_not_recoverable() {
-    let s = start(&["--channel-backlog-age", "300ms"]);
-    let mut publisher = Client::connect(s.internal);
+    let s = Servers::start(&["--channel-backlog-age", "300ms"]);
+    let mut publisher = JsonClient::ws(s.internal);
     publish_n(&mut publisher, "aged", 1..=3);
-    let mut fresh = Client::connect(s.public);
+    let mut fresh = JsonClient::ws(s.public);
     let ack = fresh.ok(json!({"type":"subscribe","channel":"aged","since":1}));
     assert_eq!(ack["replayed"], 2);
     sleep(Duration::from_millis(600));
-    let mut late = Client::connect(s.public);
+    let mut late = JsonClient::ws(s.public);
     let message = late.fails(
         json!({"type":"subscribe","channel":"aged","since":1}),
         "not_recoverable",
@@ -449,10 +309,10 @@ fn since_after_the_backlog_expired_by_age_is_not_recoverable() {
 
 #[test]
 fn since_ahead_of_the_channel_is_not_recoverable() {
-    let s = start(&[]);
-    let mut publisher = Client::connect(s.internal);
+    let s = Servers::start(&[]);
+    let mut publisher = JsonClient::ws(s.internal);
     publish_n(&mut publisher, "ahead", 1..=3);
-    let mut sub = Client::connect(s.public);
+    let mut sub = JsonClient::ws(s.public);
     let message = sub.fails(
         json!({"type":"subscribe","channel":"ahead","since":4}),
         "not_recoverable",
@@ -473,15 +333,15 @@ fn since_ahead_of_the_channel_is_not_recoverable() {
 
 #[test]
 fn create_sets_a_per_channel_backlog() {
-    let s = start(&["--channel-backlog", "100"]);
-    let mut publisher = Client::connect(s.internal);
+    let s = Servers::start(&["--channel-backlog", "100"]);
+    let mut publisher = JsonClient::ws(s.internal);
     let created =
         publisher.ok(json!({"type":"create","channel":"small","backlog":2,"backlog_age":60}));
     assert_eq!(created["backlog_limit"], 2);
     assert_eq!(created["backlog_age"], 60);
     publish_n(&mut publisher, "small", 1..=5);
     publish_n(&mut publisher, "default", 1..=5);
-    let mut sub = Client::connect(s.public);
+    let mut sub = JsonClient::ws(s.public);
     let message = sub.fails(
         json!({"type":"subscribe","channel":"small","since":2}),
         "not_recoverable",
@@ -531,7 +391,7 @@ fn create_sets_a_per_channel_backlog() {
 // ---------------------------------------------------------------------------
 
 /// Messages received before the `end` sentinel, as (channel, offset).
-fn until_end(client: &mut Client) -> Vec<(String, u64)> {
+fn until_end(client: &mut JsonClient) -> Vec<(String, u64)> {
     let mut got = Vec::new();
     for _ in 0..100 {
         let message = client.recv();
@@ -548,12 +408,12 @@ fn until_end(client: &mut Client) -> Vec<(String, u64)> {
 
 #[test]
 fn wildcards_match_segments_and_deliver_each_message_once() {
-    let s = start(&[]);
-    let mut publisher = Client::connect(s.internal);
-    let mut star = Client::connect(s.public);
-    let mut tail = Client::connect(s.public);
-    let mut both = Client::connect(s.public);
-    let mut prefix = Client::connect(s.public);
+    let s = Servers::start(&[]);
+    let mut publisher = JsonClient::ws(s.internal);
+    let mut star = JsonClient::ws(s.public);
+    let mut tail = JsonClient::ws(s.public);
+    let mut both = JsonClient::ws(s.public);
+    let mut prefix = JsonClient::ws(s.public);
     star.ok(json!({"type":"subscribe","channel":"trades.*"}));
     tail.ok(json!({"type":"subscribe","channel":"trades.>"}));
     for target in ["trades.btc", "trades.*", "trades.>"] {
@@ -606,16 +466,16 @@ fn wildcards_match_segments_and_deliver_each_message_once() {
 
 #[test]
 fn subscribing_before_the_channel_exists() {
-    let s = start(&[]);
-    let mut exact = Client::connect(s.public);
-    let mut pattern = Client::connect(s.public);
+    let s = Servers::start(&[]);
+    let mut exact = JsonClient::ws(s.public);
+    let mut pattern = JsonClient::ws(s.public);
     let ack = exact.ok(json!({"type":"subscribe","channel":"later.x"}));
     assert_eq!(ack["offset"], Value::Null, "no such channel yet: {ack}");
     pattern.ok(json!({"type":"subscribe","channel":"later.>"}));
     let list = exact.ok(json!({"type":"list"}));
     assert_eq!(list["channels"], json!([]));
 
-    let mut publisher = Client::connect(s.internal);
+    let mut publisher = JsonClient::ws(s.internal);
     let ack = publisher.ok(json!({"type":"publish","channel":"later.x","data":{"hello":1}}));
     assert_eq!(ack["offset"], 1);
     assert_eq!(ack["delivered"], 2);
@@ -644,14 +504,14 @@ fn subscribing_before_the_channel_exists() {
 
 #[test]
 fn public_clients_cannot_publish_or_create_without_a_key() {
-    let s = start(&[]);
-    let mut public = Client::connect(s.public);
+    let s = Servers::start(&[]);
+    let mut public = JsonClient::ws(s.public);
     let message = public.fails(
         json!({"type":"publish","channel":"p","data":1,"id":1}),
         "not_found",
     );
     assert!(message.contains("`p`"), "{message}");
-    let mut internal = Client::connect(s.internal);
+    let mut internal = JsonClient::ws(s.internal);
     internal.ok(json!({"type":"create","channel":"p"}));
     let message = public.fails(
         json!({"type":"publish","channel":"p","data":1}),
@@ -678,11 +538,11 @@ fn public_clients_cannot_publish_or_create_without_a_key() {
 fn a_publisher_key_makes_a_public_client_trusted() {
     let key = "correct horse battery staple";
     let hash = sha256_hex(key);
-    let s = start(&["--publisher-key-sha256", &hash]);
-    let mut subscriber = Client::connect(s.public);
+    let s = Servers::start(&["--publisher-key-sha256", &hash]);
+    let mut subscriber = JsonClient::ws(s.public);
     subscriber.ok(json!({"type":"subscribe","channel":"keyed"}));
 
-    let mut public = Client::connect(s.public);
+    let mut public = JsonClient::ws(s.public);
     public.fails(
         json!({"type":"publish","channel":"keyed","data":0}),
         "not_found",
@@ -703,7 +563,7 @@ fn a_publisher_key_makes_a_public_client_trusted() {
     assert_eq!(created["created"], true);
 
     // Trust is per connection.
-    let mut other = Client::connect(s.public);
+    let mut other = JsonClient::ws(s.public);
     other.fails(
         json!({"type":"publish","channel":"keyed","data":0}),
         "forbidden",
@@ -722,8 +582,8 @@ fn a_publisher_key_makes_a_public_client_trusted() {
 #[test]
 fn too_many_auth_failures_close_the_connection_with_1008() {
     let hash = sha256_hex("the-key");
-    let s = start(&["--publisher-key-sha256", &hash, "--max-auth-failures", "2"]);
-    let mut public = Client::connect(s.public);
+    let s = Servers::start(&["--publisher-key-sha256", &hash, "--max-auth-failures", "2"]);
+    let mut public = JsonClient::ws(s.public);
     let message = public.fails(json!({"type":"auth","key":"nope","id":1}), "auth_failed");
     assert!(message.contains("1 attempt(s) left"), "{message}");
     let reply = public.request(json!({"type":"auth","key":"nope again","id":2}));
@@ -738,19 +598,19 @@ fn too_many_auth_failures_close_the_connection_with_1008() {
         other => panic!("expected a 1008 close, got {other:?}"),
     }
     // Other clients are unaffected and the key still works.
-    let mut fresh = Client::connect(s.public);
+    let mut fresh = JsonClient::ws(s.public);
     fresh.ok(json!({"type":"auth","key":"the-key"}));
 }
 
 #[test]
 fn channels_created_with_publish_anyone_accept_public_publishes() {
-    let s = start(&[]);
-    let mut internal = Client::connect(s.internal);
+    let s = Servers::start(&[]);
+    let mut internal = JsonClient::ws(s.internal);
     let created = internal.ok(json!({"type":"create","channel":"open.chat","publish":"anyone"}));
     assert_eq!(created["publish"], "anyone");
-    let mut subscriber = Client::connect(s.public);
+    let mut subscriber = JsonClient::ws(s.public);
     subscriber.ok(json!({"type":"subscribe","channel":"open.*"}));
-    let mut public = Client::connect(s.public);
+    let mut public = JsonClient::ws(s.public);
     let ack = public.ok(json!({"type":"publish","channel":"open.chat","data":"hi","id":5}));
     assert_eq!(ack["id"], 5);
     assert_eq!(ack["offset"], 1);
@@ -773,9 +633,9 @@ fn channels_created_with_publish_anyone_accept_public_publishes() {
 
 #[test]
 fn every_malformed_request_gets_a_code_and_a_message_naming_the_field() {
-    let s = start(&[]);
-    let mut c = Client::connect(s.internal);
-    let raw = |c: &mut Client, text: &str, code: &str, needle: &str| {
+    let s = Servers::start(&[]);
+    let mut c = JsonClient::ws(s.internal);
+    let raw = |c: &mut JsonClient, text: &str, code: &str, needle: &str| {
         c.send_text(text);
         let reply = c.recv();
         let message = error_message(&reply, code, text);
@@ -928,8 +788,8 @@ fn every_malformed_request_gets_a_code_and_a_message_naming_the_field() {
 
 #[test]
 fn binary_messages_on_ws_are_bad_requests() {
-    let s = start(&[]);
-    let mut c = Client::connect(s.public);
+    let s = Servers::start(&[]);
+    let mut c = JsonClient::ws(s.public);
     c.ws.send(Message::Binary(br#"{"type":"list"}"#.to_vec()))
         .unwrap();
     let reply = c.recv();
@@ -940,8 +800,8 @@ fn binary_messages_on_ws_are_bad_requests() {
 
 #[test]
 fn channel_and_subscription_limits() {
-    let s = start(&["--max-channels", "2", "--max-subscriptions", "2"]);
-    let mut publisher = Client::connect(s.internal);
+    let s = Servers::start(&["--max-channels", "2", "--max-subscriptions", "2"]);
+    let mut publisher = JsonClient::ws(s.internal);
     publisher.ok(json!({"type":"create","channel":"one"}));
     publisher.ok(json!({"type":"publish","channel":"two","data":1}));
     let message = publisher.fails(
@@ -959,13 +819,13 @@ fn channel_and_subscription_limits() {
     assert_eq!(again["created"], false);
     publisher.ok(json!({"type":"publish","channel":"one","data":1}));
 
-    let mut sub = Client::connect(s.public);
+    let mut sub = JsonClient::ws(s.public);
     sub.ok(json!({"type":"subscribe","channel":"one"}));
     sub.ok(json!({"type":"subscribe","channel":"x.*"}));
     let message = sub.fails(json!({"type":"subscribe","channel":"two"}), "limit_reached");
     assert!(message.contains("2 subscriptions"), "{message}");
     // The limit is per connection, and unsubscribing frees a place.
-    Client::connect(s.public).ok(json!({"type":"subscribe","channel":"two"}));
+    JsonClient::ws(s.public).ok(json!({"type":"subscribe","channel":"two"}));
     sub.ok(json!({"type":"unsubscribe","channel":"x.*"}));
     sub.ok(json!({"type":"subscribe","channel":"two"}));
 }
@@ -1132,7 +992,7 @@ fn a_subscriber_that_never_reads_loses_messages_not_others_and_recovers_them() {
         "--channel-backlog",
         "100000",
     ]);
-    let mut publisher = Client::connect(server.internal);
+    let mut publisher = JsonClient::ws(server.internal);
     publisher.ok(json!({"type":"create","channel":"bulk"}));
 
     // The slow subscriber: its own upgrade and subscribe, then no reads.
@@ -1153,7 +1013,7 @@ fn a_subscriber_that_never_reads_loses_messages_not_others_and_recovers_them() {
     assert_ack(&ack, "subscribe");
 
     // The reading subscriber, on its own thread.
-    let mut reader = Client::connect(server.public);
+    let mut reader = JsonClient::ws(server.public);
     reader.ok(json!({"type":"subscribe","channel":"bulk"}));
     let received = Arc::new(AtomicU64::new(0));
     let reader_thread = {

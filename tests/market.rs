@@ -7,18 +7,20 @@
 //! in advance; the simulator is off except in the test that is about it.
 
 mod common;
+#[path = "support/json_client.rs"]
+mod json_client;
 
 use std::collections::BTreeSet;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use common::*;
+use json_client::*;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use tungstenite::{Message, WebSocket};
+use tungstenite::Message;
 
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long "nothing arrives" is watched for, where a fence is impossible.
 const QUIET: Duration = Duration::from_millis(300);
 
@@ -31,121 +33,10 @@ const MIN: i64 = 60_000;
 // Helpers
 // ---------------------------------------------------------------------------
 
-#[derive(Debug)]
-enum Ended {
-    TimedOut,
-    Closed,
-    Error(String),
-}
-
-/// A tungstenite client on `/ws` (its `welcome` consumed) or `/kline`.
-struct Client {
-    ws: WebSocket<TcpStream>,
-}
-
-impl Client {
-    fn connect_path(addr: SocketAddr, path: &str) -> Client {
-        let stream = connect_tcp(addr);
-        let (ws, _) = tungstenite::client(format!("ws://{addr}{path}"), stream).expect("handshake");
-        Client { ws }
-    }
-
-    /// A `/ws` client, after its `welcome`.
-    fn ws(addr: SocketAddr) -> Client {
-        let mut client = Client::connect_path(addr, "/ws");
-        let welcome = client.recv();
-        assert_eq!(welcome["type"], "welcome", "first message: {welcome}");
-        client
-    }
-
+impl JsonClient {
     /// A `/kline` client (no welcome there).
-    fn kline(addr: SocketAddr) -> Client {
-        Client::connect_path(addr, "/kline")
-    }
-
-    fn send_text(&mut self, text: &str) {
-        self.ws
-            .send(Message::Text(text.to_owned()))
-            .expect("send a message");
-    }
-
-    fn send(&mut self, request: &Value) {
-        self.send_text(&request.to_string());
-    }
-
-    /// The next text message within `within`, skipping control frames.
-    fn next_text(&mut self, within: Duration) -> Result<String, Ended> {
-        let deadline = Instant::now() + within;
-        for _ in 0..10_000 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Ended::TimedOut);
-            }
-            self.ws.get_mut().set_read_timeout(Some(left)).unwrap();
-            match self.ws.read() {
-                Ok(Message::Text(text)) => return Ok(text),
-                Ok(Message::Close(_)) => return Err(Ended::Closed),
-                Ok(Message::Binary(bytes)) => panic!("unexpected binary message {bytes:?}"),
-                Ok(_) => continue,
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => return Err(Ended::Error(e.to_string())),
-            }
-        }
-        panic!("more than 10000 control frames in a row");
-    }
-
-    fn next(&mut self, within: Duration) -> Result<Value, Ended> {
-        self.next_text(within).map(|text| {
-            serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("server sent invalid JSON ({e}): {text}"))
-        })
-    }
-
-    fn recv_text(&mut self) -> String {
-        match self.next_text(READ_TIMEOUT) {
-            Ok(text) => text,
-            Err(Ended::Error(e)) => panic!("expected a message, the connection failed: {e}"),
-            Err(e) => panic!("expected a message within {READ_TIMEOUT:?}: {e:?}"),
-        }
-    }
-
-    fn recv(&mut self) -> Value {
-        match self.next(READ_TIMEOUT) {
-            Ok(value) => value,
-            Err(Ended::Error(e)) => panic!("expected a message, the connection failed: {e}"),
-            Err(e) => panic!("expected a message within {READ_TIMEOUT:?}: {e:?}"),
-        }
-    }
-
-    fn request(&mut self, request: Value) -> Value {
-        self.send(&request);
-        self.recv()
-    }
-
-    fn ok(&mut self, request: Value) -> Value {
-        let kind = request["type"].as_str().unwrap().to_owned();
-        let reply = self.request(request);
-        assert_ack(&reply, &kind);
-        reply
-    }
-
-    fn fails(&mut self, request: Value, code: &str) -> String {
-        let reply = self.request(request.clone());
-        error_message(&reply, code, &format!("for {request}"))
-    }
-
-    fn expect_nothing(&mut self, within: Duration) {
-        match self.next_text(within) {
-            Err(Ended::TimedOut) => {}
-            other => panic!("expected nothing, got {other:?}"),
-        }
+    fn kline(addr: SocketAddr) -> JsonClient {
+        JsonClient::connect_path(addr, "/kline")
     }
 
     /// A fence on `/ws`: everything the server queued for this client
@@ -172,49 +63,13 @@ impl Client {
     }
 }
 
-fn assert_ack(reply: &Value, request: &str) {
-    assert_eq!(reply["type"], "ack", "expected an ack: {reply}");
-    assert_eq!(reply["request"], request, "{reply}");
-}
-
-fn error_message(reply: &Value, code: &str, context: &str) -> String {
-    assert_eq!(
-        reply["type"], "error",
-        "expected an error {context}: {reply}"
-    );
-    assert_eq!(reply["code"], code, "{context}: {reply}");
-    reply["message"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no message: {reply}"))
-        .to_owned()
-}
-
-/// An in-process server with a public and an internal listener.
-struct Servers {
-    _server: TestServer,
-    public: SocketAddr,
-    internal: SocketAddr,
-}
-
-fn start(flags: &[&str]) -> Servers {
-    let mut all = vec!["--internal-listen", "127.0.0.1:0"];
-    all.extend_from_slice(flags);
-    let server = TestServer::start(&all);
-    assert_eq!(server.addrs.len(), 2, "{:?}", server.addrs);
-    Servers {
-        public: server.addrs[0],
-        internal: server.addrs[1],
-        _server: server,
-    }
-}
-
 impl Servers {
-    fn publisher(&self) -> Client {
-        Client::ws(self.internal)
+    fn publisher(&self) -> JsonClient {
+        JsonClient::ws(self.internal)
     }
 
-    fn client(&self) -> Client {
-        Client::ws(self.public)
+    fn client(&self) -> JsonClient {
+        JsonClient::ws(self.public)
     }
 }
 
@@ -286,7 +141,7 @@ fn dec(value: &Value) -> Decimal {
 
 #[test]
 fn subscribe_sends_ack_history_open_candle_then_updates() {
-    let s = start(&["--kline-intervals", "1m,5m"]);
+    let s = Servers::start(&["--kline-intervals", "1m,5m"]);
     let mut publisher = s.publisher();
     // Five closed 1m candles (with a gap: 03:00 has no trades) and an open one.
     let trades = [
@@ -451,7 +306,7 @@ fn subscribe_sends_ack_history_open_candle_then_updates() {
 
 #[test]
 fn later_bucket_closes_out_of_order_applies_late_changes_nothing() {
-    let s = start(&["--kline-intervals", "1m"]);
+    let s = Servers::start(&["--kline-intervals", "1m"]);
     let mut publisher = s.publisher();
     let mut sub = s.client();
     sub.ok(json!({"type":"kline.subscribe","symbol":"ETH-USD","interval":"1m"}));
@@ -543,7 +398,7 @@ fn later_bucket_closes_out_of_order_applies_late_changes_nothing() {
 
 #[test]
 fn decimals_are_exact_in_every_field() {
-    let s = start(&["--kline-intervals", "1h"]);
+    let s = Servers::start(&["--kline-intervals", "1h"]);
     let mut publisher = s.publisher();
     let mut sub = s.client();
     sub.ok(json!({"type":"kline.subscribe","symbol":"X","interval":"1h"}));
@@ -650,7 +505,7 @@ fn decimals_are_exact_in_every_field() {
 
 #[test]
 fn throttle_limits_open_candle_updates_but_not_closes() {
-    let s = start(&["--kline-intervals", "1m"]);
+    let s = Servers::start(&["--kline-intervals", "1m"]);
     let mut publisher = s.publisher();
     let mut throttled = s.client();
     let ack = throttled
@@ -755,7 +610,7 @@ fn throttle_limits_open_candle_updates_but_not_closes() {
 
 #[test]
 fn unsubscribe_stops_updates() {
-    let s = start(&["--kline-intervals", "1m,5m"]);
+    let s = Servers::start(&["--kline-intervals", "1m,5m"]);
     let mut publisher = s.publisher();
     let mut sub = s.client();
     sub.ok(json!({"type":"kline.subscribe","symbol":"A","interval":"1m"}));
@@ -785,7 +640,7 @@ fn unsubscribe_stops_updates() {
 
 #[test]
 fn kline_errors() {
-    let s = start(&["--kline-intervals", "1s,1m,5m"]);
+    let s = Servers::start(&["--kline-intervals", "1s,1m,5m"]);
     let mut c = s.client();
     let message = c.fails(
         json!({"type":"kline.subscribe","symbol":"BTC-USD","interval":"7m","id":1}),
@@ -842,7 +697,7 @@ fn kline_errors() {
 
 #[test]
 fn market_symbols_lists_symbols_intervals_and_default() {
-    let s = start(&[
+    let s = Servers::start(&[
         "--kline-intervals",
         "1m,1s,1h",
         "--kline-default-symbol",
@@ -893,7 +748,7 @@ fn legacy(open: &str, high: &str, low: &str, close: &str, start_ms: i64, window:
 
 #[test]
 fn legacy_commands_on_the_kline_endpoint() {
-    let s = start(&[
+    let s = Servers::start(&[
         "--kline-intervals",
         "1s,1m,5m,1h",
         "--kline-default-symbol",
@@ -902,7 +757,7 @@ fn legacy_commands_on_the_kline_endpoint() {
     let mut publisher = s.publisher();
     // An open candle exists before the subscription: sent right away.
     publisher.publish(trade("PUMP-TEST", "0.001", "10", T0 + 5 * SEC));
-    let mut k = Client::kline(s.public);
+    let mut k = JsonClient::kline(s.public);
     k.send_text("sub-1m");
     assert_eq!(
         k.recv_text(),
@@ -981,7 +836,7 @@ fn legacy_commands_on_the_kline_endpoint() {
     error_message(&error, "bad_request", "for a binary message");
 
     // Another client, other intervals.
-    let mut k2 = Client::kline(s.public);
+    let mut k2 = JsonClient::kline(s.public);
     k2.send_text("sub-1h");
     assert_eq!(
         k2.recv_text(),
@@ -1001,7 +856,7 @@ fn legacy_commands_on_the_kline_endpoint() {
 
 #[test]
 fn legacy_commands_on_ws() {
-    let s = start(&["--kline-intervals", "1m,5m"]);
+    let s = Servers::start(&["--kline-intervals", "1m,5m"]);
     let mut publisher = s.publisher();
     let mut c = s.client();
     c.send_text("sub-1m");
@@ -1045,7 +900,7 @@ fn legacy_commands_on_ws() {
 
 #[test]
 fn filter_delivers_exactly_the_matching_events() {
-    let s = start(&[]);
+    let s = Servers::start(&[]);
     let mut publisher = s.publisher();
     let mut c = s.client();
     let filter = json!({"all":[
@@ -1165,7 +1020,7 @@ fn filter_delivers_exactly_the_matching_events() {
 
 #[test]
 fn filter_ops_on_numbers_and_strings() {
-    let s = start(&[]);
+    let s = Servers::start(&[]);
     let mut publisher = s.publisher();
     let mut c = s.client();
     let filters = [
@@ -1210,7 +1065,7 @@ fn filter_ops_on_numbers_and_strings() {
 
 #[test]
 fn invalid_filters_are_refused_with_the_path_and_limits_hold() {
-    let s = start(&["--max-filters", "2"]);
+    let s = Servers::start(&["--max-filters", "2"]);
     let mut c = s.client();
     let cases = [
         (
@@ -1290,7 +1145,7 @@ fn invalid_filters_are_refused_with_the_path_and_limits_hold() {
 
 #[test]
 fn crosses_above_fires_once_per_crossing_with_cooldown_and_on_the_alerts_channel() {
-    let s = start(&["--kline-intervals", "1m"]);
+    let s = Servers::start(&["--kline-intervals", "1m"]);
     let mut publisher = s.publisher();
     let mut watcher = s.client();
     let ack = watcher.ok(json!({"type":"subscribe","channel":"alerts"}));
@@ -1392,7 +1247,7 @@ fn crosses_above_fires_once_per_crossing_with_cooldown_and_on_the_alerts_channel
 
 #[test]
 fn once_alerts_delete_themselves_and_alerts_can_be_listed_and_deleted() {
-    let s = start(&["--kline-intervals", "1m", "--max-alerts", "3"]);
+    let s = Servers::start(&["--kline-intervals", "1m", "--max-alerts", "3"]);
     let mut publisher = s.publisher();
     let mut c = s.client();
     let ack = c.ok(json!({"type":"alert.create","symbol":"X","interval":"1m","condition":"above","value":10,"once":true,"cooldown":0}));
@@ -1469,7 +1324,7 @@ fn once_alerts_delete_themselves_and_alerts_can_be_listed_and_deleted() {
 
 #[test]
 fn alert_requests_are_validated() {
-    let s = start(&["--kline-intervals", "1m"]);
+    let s = Servers::start(&["--kline-intervals", "1m"]);
     let mut c = s.client();
     let cases = [
         (
@@ -1523,7 +1378,7 @@ fn alert_requests_are_validated() {
 
 #[test]
 fn event_filter_alerts_fire_on_matching_events() {
-    let s = start(&[]);
+    let s = Servers::start(&[]);
     let mut publisher = s.publisher();
     let mut watcher = s.client();
     watcher.ok(json!({"type":"subscribe","channel":"alerts"}));
@@ -1574,7 +1429,7 @@ fn event_filter_alerts_fire_on_matching_events() {
 /// both outside a 60 s cooldown.
 #[test]
 fn event_alert_cooldown_runs_in_event_time() {
-    let s = start(&[]);
+    let s = Servers::start(&[]);
     let mut publisher = s.publisher();
     let mut c = s.client();
     c.ok(json!({"type":"alert.create","alert":"p","filter":{"field":"type","op":"eq","value":"payment"},"cooldown":60}));
@@ -1608,13 +1463,13 @@ fn simulator_feeds_candles_and_registration_streams() {
     ]);
     let addr = server.addr;
 
-    let mut k = Client::ws(addr);
+    let mut k = JsonClient::ws(addr);
     let ack =
         k.ok(json!({"type":"kline.subscribe","symbol":"PUMP-SOL","interval":"1s","history":0}));
     assert_eq!(ack["symbol"], "PUMP-SOL");
 
     let register = |filters: Value| {
-        let mut r = Client::ws(addr);
+        let mut r = JsonClient::ws(addr);
         let reply = r.request(json!({"type":"register","filters":filters}));
         assert_eq!(reply["type"], "registered", "{reply}");
         r
@@ -1624,7 +1479,7 @@ fn simulator_feeds_candles_and_registration_streams() {
     );
     let mut btc =
         register(json!({"types":["trade"],"account_ids":[],"asset_codes":["BTC"],"min_amount":""}));
-    let mut legacy_client = Client::kline(addr);
+    let mut legacy_client = JsonClient::kline(addr);
     legacy_client.send_text("sub-1s");
 
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -1733,7 +1588,7 @@ fn simulator_feeds_candles_and_registration_streams() {
     );
 
     // The symbols the simulator trades.
-    let reply = Client::ws(addr).ok(json!({"type":"market.symbols"}));
+    let reply = JsonClient::ws(addr).ok(json!({"type":"market.symbols"}));
     for symbol in ["PUMP-SOL", "BTC-USD", "ETH-USD", "SOL-USD"] {
         assert!(
             reply["symbols"]

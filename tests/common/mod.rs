@@ -77,6 +77,28 @@ impl Drop for TestServer {
     }
 }
 
+/// An in-process server with a public and an internal listener.
+pub struct Servers {
+    pub server: TestServer,
+    pub public: SocketAddr,
+    pub internal: SocketAddr,
+}
+
+impl Servers {
+    /// Starts a server with `--internal-listen 127.0.0.1:0` and `flags`.
+    pub fn start(flags: &[&str]) -> Servers {
+        let mut all = vec!["--internal-listen", "127.0.0.1:0"];
+        all.extend_from_slice(flags);
+        let server = TestServer::start(&all);
+        assert_eq!(server.addrs.len(), 2, "{:?}", server.addrs);
+        Servers {
+            public: server.addrs[0],
+            internal: server.addrs[1],
+            server,
+        }
+    }
+}
+
 /// A TCP connection with 5 s read/write timeouts so no test can hang.
 pub fn connect_tcp(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect(addr).expect("connect");
