@@ -3,6 +3,7 @@
 #
 #   bash benches/compare.sh [--quick] [--rounds R] [--duration SECS]
 #                           [--idle-conns N] [--idle-hold SECS]
+#                           [--baseline FANOUT_BINARY] [-- FANOUT_FLAGS...]
 #
 # Builds fanout, benches/loadgen and benches/peer-tokio (release), then runs
 # every workload R times (default 5) against each server, alternating which
@@ -13,6 +14,9 @@
 # as a markdown table (also written, with every raw summary line, under
 # target/compare/). A default run takes about 10 minutes on 2 cores (75 runs).
 # --quick: 1 round, 2 s per run, small counts: a smoke test, not figures.
+# --baseline BIN: the peer is another fanout binary (e.g. an earlier build)
+# instead of tokio-tungstenite, to show a change costs nothing; flags after
+# `--` go to the fanout under test only (e.g. `-- --compression shared`).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,6 +29,8 @@ ECHO_CONNS=100
 SUBS=1000
 BIG_SUBS=10000
 QUICK=0
+BASELINE=""
+FANOUT_FLAGS=()
 
 usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
@@ -34,6 +40,8 @@ while [ $# -gt 0 ]; do
         --duration) DURATION=$2; shift ;;
         --idle-conns) IDLE_CONNS=$2; shift ;;
         --idle-hold) IDLE_HOLD=$2; shift ;;
+        --baseline) BASELINE=$(realpath "$2"); shift ;;
+        --) shift; FANOUT_FLAGS=("$@"); break ;;
         -h|--help) usage ;;
         *) echo "compare.sh: unknown option $1" >&2; usage ;;
     esac
@@ -75,7 +83,14 @@ WORK=$(mktemp -d /tmp/fanout-compare.XXXXXX)
 # Private copies: a rebuild elsewhere during the run changes nothing here.
 cp "$ROOT/target/release/fanout" "$WORK/fanout"
 cp "$ROOT/benches/loadgen/target/release/loadgen" "$WORK/loadgen"
-cp "$ROOT/benches/peer-tokio/target/release/peer-tokio" "$WORK/peer"
+if [ -n "$BASELINE" ]; then
+    [ -x "$BASELINE" ] || { log "--baseline $BASELINE is not an executable"; exit 2; }
+    cp "$BASELINE" "$WORK/peer"
+    PEER_NAME="baseline fanout ($(basename "$BASELINE"))"
+else
+    cp "$ROOT/benches/peer-tokio/target/release/peer-tokio" "$WORK/peer"
+    PEER_NAME="tokio-tungstenite"
+fi
 OUTDIR="$ROOT/target/compare"
 mkdir -p "$OUTDIR"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
@@ -111,10 +126,12 @@ trap 'exit 130' INT TERM
 start_server() {
     : >"$WORK/server.out"
     local want
-    if [ "$1" = fanout ]; then
+    if [ "$1" = fanout ] || { [ "$1" = peer ] && [ -n "$BASELINE" ]; }; then
+        local bin=$WORK/fanout extra=("${FANOUT_FLAGS[@]}")
+        if [ "$1" = peer ]; then bin=$WORK/peer extra=(); fi
         # --no-sim: the peer has no market simulator either.
-        RUST_LOG=warn "${PIN_SERVER[@]}" "$WORK/fanout" --listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 \
-            --no-sim --max-outbound-buffer 64MiB >"$WORK/server.out" 2>>"$OUTDIR/server-stderr-$STAMP.log" &
+        RUST_LOG=warn "${PIN_SERVER[@]}" "$bin" --listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 \
+            --no-sim --max-outbound-buffer 64MiB "${extra[@]}" >"$WORK/server.out" 2>>"$OUTDIR/server-stderr-$STAMP.log" &
         want=2
     elif [ "$1" = floor ]; then
         "${PIN_SERVER[@]}" "$WORK/loadgen" tcp-echo-server --listen 127.0.0.1:0 \
@@ -164,7 +181,7 @@ loadgen_args() { # workload server
         echo-16KiB) echo echo --url "$echo_url" --conns 10 --size 16KiB --inflight 1 --binary "${timing[@]}" ;;
         echo-1MiB) echo echo --url "$echo_url" --conns 1 --size 1MiB --inflight 1 --binary "${timing[@]}" ;;
         broadcast-64B)
-            if [ "$2" = fanout ]; then
+            if [ "$2" = fanout ] || [ -n "$BASELINE" ]; then
                 echo broadcast --url "ws://127.0.0.1:$PORT/ws" --publish-url "ws://127.0.0.1:$IPORT/ws" \
                     --subs "$SUBS" --size 64 --inflight 16 "${timing[@]}"
             else
@@ -172,7 +189,7 @@ loadgen_args() { # workload server
                     --peer-protocol raw --subs "$SUBS" --size 64 --inflight 16 "${timing[@]}"
             fi ;;
         broadcast-10k)
-            if [ "$2" = fanout ]; then
+            if [ "$2" = fanout ] || [ -n "$BASELINE" ]; then
                 echo broadcast --url "ws://127.0.0.1:$PORT/ws" --publish-url "ws://127.0.0.1:$IPORT/ws" \
                     --subs "$BIG_SUBS" --size 64 --inflight 4 "${timing[@]}"
             else
@@ -232,11 +249,11 @@ ratio() {
 fmt() { awk -v v="$1" 'BEGIN { if (v == "n/a") print v; else if (v >= 100) printf "%.0f", v; else printf "%.3g", v }'; }
 
 {
-    echo "fanout vs tokio-tungstenite (current_thread): medians of $ROUNDS run(s) each, ${DURATION}s measured per run;"
+    echo "fanout ${FANOUT_FLAGS[*]} vs $PEER_NAME: medians of $ROUNDS run(s) each, ${DURATION}s measured per run;"
     echo "server on CPU 0, load generator on CPU 1; $(date -u +%Y-%m-%d), $(uname -r), $(nproc) CPUs."
     if [ "$QUICK" = 1 ]; then echo "QUICK SMOKE RUN: the figures below are not measurements."; fi
     echo
-    echo "| workload | metric | fanout | tokio-tungstenite | fanout/peer | target | raw TCP echo (floor) | floor/peer |"
+    echo "| workload | metric | fanout | $PEER_NAME | fanout/peer | target | raw TCP echo (floor) | floor/peer |"
     echo "|---|---|---|---|---|---|---|---|"
     for w in "${WORKLOADS[@]}"; do
         if [ "$w" = idle ]; then
