@@ -62,6 +62,14 @@ pub struct Config {
     #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
     pub max_outbound_buffer: usize,
 
+    /// SO_SNDBUF of every client socket. By default the kernel sizes it
+    /// (autotuning, up to `net.ipv4.tcp_wmem`'s maximum: 4 MiB on most
+    /// systems), and whatever it holds is on top of the queue above; set it
+    /// to bound how far a slow client can fall behind, at some cost to
+    /// large-message throughput. Linux doubles the value for bookkeeping.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub socket_send_buffer: Option<usize>,
+
     /// How often the server pings each WebSocket client.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,
@@ -273,6 +281,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.listen.is_empty() && self.internal_listen.is_empty() {
             return Err("at least one --listen or --internal-listen address is needed".into());
+        }
+        if self
+            .socket_send_buffer
+            .is_some_and(|n| !(4096..=1 << 30).contains(&n))
+        {
+            return Err("--socket-send-buffer must be between 4KiB and 1GiB".into());
         }
         if self.read_buffer_size < 4096 {
             return Err("--read-buffer-size must be at least 4KiB".into());

@@ -1236,3 +1236,54 @@ fn a_subscriber_that_never_reads_loses_messages_not_others_and_recovers_them() {
         assert!(frame.opcode() == 9, "nothing more expected, got {frame:?}");
     }
 }
+
+/// Publishes 1 KiB messages (one at a time, each acknowledged) to a channel
+/// whose only subscriber never reads, until the first one that could not be
+/// delivered to it; answers how many were. Bounded by `limit` messages.
+fn absorbed_before_the_first_drop(flags: &[&str], limit: u64) -> u64 {
+    let server = Servers::start(flags);
+    let mut publisher = JsonClient::ws(server.internal);
+    publisher.ok(json!({"type":"create","channel":"slow"}));
+    let mut slow = connect_small_rcvbuf(server.public, 4096);
+    slow.write_all(UPGRADE_HEAD.replace("/echo", "/ws").as_bytes())
+        .unwrap();
+    let head = read_http_head(&mut slow);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(raw_next_json(&mut slow)["type"], "welcome");
+    raw_send_json(&mut slow, &json!({"type":"subscribe","channel":"slow"}));
+    assert_ack(&raw_next_json(&mut slow), "subscribe");
+    let data = "x".repeat(1024);
+    for n in 1..=limit {
+        let ack = publisher.ok(json!({"type":"publish","channel":"slow","data":data}));
+        match ack["delivered"].as_u64() {
+            Some(1) => {}
+            Some(0) => return n - 1,
+            _ => panic!("unexpected ack {ack}"),
+        }
+    }
+    panic!("{limit} messages of 1 KiB went to a subscriber that never reads, none dropped");
+}
+
+/// The kernel's send buffer holds data on top of the server's queue (on
+/// loopback this test saw ~2 600 messages of 1 KiB absorbed without the
+/// flag); `--socket-send-buffer` bounds it, so a slow client falls at most
+/// about queue + 2 × that send buffer + its own receive buffer behind.
+#[test]
+fn socket_send_buffer_bounds_what_a_slow_subscriber_absorbs() {
+    let absorbed = absorbed_before_the_first_drop(
+        &[
+            "--max-outbound-buffer",
+            "64KiB",
+            "--socket-send-buffer",
+            "8KiB",
+        ],
+        5_000,
+    );
+    eprintln!("with an 8 KiB send buffer: {absorbed} messages of 1 KiB before the first drop");
+    // Queue 64 KiB + SO_SNDBUF 2 × 8 KiB + the client's small receive
+    // buffer (and TCP's per-segment overhead): well under 150 messages.
+    assert!(
+        (40..150).contains(&absorbed),
+        "{absorbed} messages of 1 KiB absorbed before the first drop"
+    );
+}

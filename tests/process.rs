@@ -243,6 +243,7 @@ fn bad_values_name_the_flag() {
 fn values_that_parse_but_make_no_sense_are_refused_naming_the_flag() {
     for (flag, value) in [
         ("--read-buffer-size", "1KiB"),
+        ("--socket-send-buffer", "1KiB"),
         ("--idle-timeout", "0s"),
         ("--handshake-timeout", "0ms"),
     ] {

@@ -68,6 +68,27 @@ fn recv_into(socket: &mio::net::TcpStream, room: &mut [MaybeUninit<u8>]) -> io::
     Ok(n as usize)
 }
 
+/// Fixes the socket's SO_SNDBUF (which also turns off the kernel's
+/// autotuning of it for this socket).
+fn set_send_buffer(socket: &mio::net::TcpStream, size: usize) -> io::Result<()> {
+    let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt reads exactly `size_of::<c_int>()` bytes from a
+    // live local; the descriptor is the socket's own.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn listener_token(index: usize) -> Token {
     Token(FIRST_LISTENER - index)
 }
@@ -559,6 +580,9 @@ impl Core {
     ) -> io::Result<()> {
         // Frames are written whole, once per turn: Nagle would only add latency.
         socket.set_nodelay(true)?;
+        if let Some(size) = self.config.socket_send_buffer {
+            set_send_buffer(&socket, size)?;
+        }
         let entry = self.conns.vacant_entry();
         let token = entry.key();
         if token >= FIRST_LISTENER - 64 || u32::try_from(token).is_err() {
