@@ -94,6 +94,11 @@ pub struct Config {
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     pub allowed_origins: Vec<String>,
 
+    /// Serve `GET /metrics` on internal listeners only; public ones answer
+    /// 403. Needs an `--internal-listen`.
+    #[arg(long)]
+    pub metrics_internal_only: bool,
+
     /// Subprotocol the server accepts in Sec-WebSocket-Protocol (repeatable).
     #[arg(long = "subprotocol", value_name = "NAME")]
     pub subprotocols: Vec<String>,
@@ -281,6 +286,11 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.listen.is_empty() && self.internal_listen.is_empty() {
             return Err("at least one --listen or --internal-listen address is needed".into());
+        }
+        if self.metrics_internal_only && self.internal_listen.is_empty() {
+            return Err(
+                "--metrics-internal-only needs an --internal-listen to serve metrics on".into(),
+            );
         }
         if self
             .socket_send_buffer

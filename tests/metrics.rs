@@ -114,3 +114,26 @@ fn readyz_answers_ready() {
     assert!(response.ends_with("ready\n"), "{response}");
     server.stop().unwrap();
 }
+
+#[test]
+fn metrics_internal_only_refuses_public_listeners_with_403() {
+    let server = TestServer::start(&[
+        "--internal-listen",
+        "127.0.0.1:0",
+        "--metrics-internal-only",
+    ]);
+    let (public, internal) = (server.addrs[0], server.addrs[1]);
+    let request = b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n";
+    let refused = http_exchange(public, request);
+    assert!(refused.starts_with("HTTP/1.1 403 Forbidden"), "{refused}");
+    assert!(
+        refused.contains("metrics are served on internal listeners only"),
+        "{refused}"
+    );
+    let served = http_exchange(internal, request);
+    assert!(served.starts_with("HTTP/1.1 200 OK"), "{served}");
+    assert!(served.contains("fanout_connections"), "{served}");
+    // The other plain-HTTP endpoints stay public.
+    let health = http_exchange(public, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
+}

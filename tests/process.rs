@@ -244,10 +244,14 @@ fn values_that_parse_but_make_no_sense_are_refused_naming_the_flag() {
     for (flag, value) in [
         ("--read-buffer-size", "1KiB"),
         ("--socket-send-buffer", "1KiB"),
+        // A switch: no value.
+        ("--metrics-internal-only", ""),
         ("--idle-timeout", "0s"),
         ("--handshake-timeout", "0ms"),
     ] {
-        let (status, out, err) = run_to_exit(&["--listen", "127.0.0.1:0", flag, value]);
+        let mut args = vec!["--listen", "127.0.0.1:0", flag, value];
+        args.retain(|a| !a.is_empty());
+        let (status, out, err) = run_to_exit(&args);
         assert_eq!(
             status.code(),
             Some(2),

@@ -702,6 +702,14 @@ impl Core {
                     handshake::http_response(200, &[], "text/plain; charset=utf-8", b"ready\n");
                 self.respond(token, &response, "readiness check");
             }
+            Target::Metrics
+                if self.config.metrics_internal_only && handshake.info.role != Role::Internal =>
+            {
+                self.reject(
+                    token,
+                    Rejection::new(403, "metrics are served on internal listeners only"),
+                );
+            }
             Target::Metrics => {
                 let text = self.metrics();
                 let response = handshake::http_response(
