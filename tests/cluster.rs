@@ -479,3 +479,239 @@ fn without_redis_nothing_changes_and_bad_flags_are_refused() {
         assert!(refused, "{bad:?}");
     }
 }
+
+/// `list`'s entry for `channel` on `node`, if it has the channel.
+fn listed(node: &Node, channel: &str) -> Option<Value> {
+    let mut lister = Client::connect(node.public());
+    let list = lister.ok(json!({"type": "list"}));
+    list["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|ch| ch["channel"] == channel)
+        .cloned()
+}
+
+/// The settings part of a `list` entry or `create` ack.
+fn settings(entry: &Value) -> Value {
+    json!({
+        "publish": entry["publish"],
+        "backlog_limit": entry["backlog_limit"],
+        "backlog_age": entry["backlog_age"],
+    })
+}
+
+/// Waits until `node` lists `channel` with `want` settings.
+fn wait_settings(node: &Node, channel: &str, want: &Value) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let entry = listed(node, channel);
+        if entry.as_ref().map(settings).as_ref() == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`{channel}` never got {want}; last seen {entry:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a public (untrusted) connection to `node` gets for a publish.
+fn public_publish(node: &Node, channel: &str) -> Value {
+    let mut client = Client::connect(node.public());
+    client.send(&json!({"type": "publish", "channel": channel, "data": "hi"}));
+    client.recv()
+}
+
+#[test]
+fn channel_settings_made_on_one_node_apply_on_every_node_and_on_nodes_started_later() {
+    let redis = RedisServer::start();
+    let a = Node::start(&redis, "node-a", &[]);
+    let b = Node::start(&redis, "node-b", &[]);
+    // B has `late` already, with its defaults, from a trusted publish.
+    let mut trusted_b = Client::connect(b.internal());
+    trusted_b.publish("late", json!(1));
+    wait_settings(
+        &a,
+        "late",
+        &json!({"publish": "trusted", "backlog_limit": 1000, "backlog_age": 600}),
+    );
+
+    let mut admin = Client::connect(a.internal());
+    let open = admin.ok(json!({"type": "create", "channel": "open", "publish": "anyone", "backlog": 5, "backlog_age": 120}));
+    assert_eq!(open["created"], true, "{open}");
+    assert!(open.get("local").is_none(), "{open}");
+    let open_settings = json!({"publish": "anyone", "backlog_limit": 5, "backlog_age": 120});
+    assert_eq!(settings(&open), open_settings);
+    let closed = admin.ok(json!({"type": "create", "channel": "closed", "backlog": 2}));
+    assert_eq!(closed["created"], true, "{closed}");
+    let late = admin.ok(json!({"type": "create", "channel": "late", "publish": "anyone"}));
+    assert_eq!(
+        late["created"], true,
+        "a channel with defaults takes a create: {late}"
+    );
+    assert_eq!(late["offset"], 1, "{late}");
+
+    wait_settings(&b, "open", &open_settings);
+    wait_settings(
+        &b,
+        "closed",
+        &json!({"publish": "trusted", "backlog_limit": 2, "backlog_age": 600}),
+    );
+    wait_settings(
+        &b,
+        "late",
+        &json!({"publish": "anyone", "backlog_limit": 1000, "backlog_age": 600}),
+    );
+    // B enforces them: anyone may publish to `open` and `late`, not to `closed`.
+    let mut watcher = Client::connect(a.public());
+    watcher.ok(json!({"type": "subscribe", "channel": "open"}));
+    let ack = public_publish(&b, "open");
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["offset"], 1, "{ack}");
+    assert_eq!(watcher.messages("open", 1), vec![(json!(1), json!("hi"))]);
+    assert_eq!(public_publish(&b, "late")["type"], "ack");
+    let refused = public_publish(&b, "closed");
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+
+    // Creating it again elsewhere changes nothing and says what is in force.
+    let mut admin_b = Client::connect(b.internal());
+    let again = admin_b
+        .ok(json!({"type": "create", "channel": "open", "publish": "trusted", "backlog": 50}));
+    assert_eq!(again["created"], false, "{again}");
+    assert_eq!(settings(&again), open_settings);
+
+    // A node started later has them as soon as it is ready.
+    let c = Node::start(&redis, "node-c", &["--channel-backlog", "7"]);
+    assert_eq!(
+        listed(&c, "open").map(|e| settings(&e)),
+        Some(open_settings)
+    );
+    assert_eq!(
+        listed(&c, "closed").map(|e| settings(&e)),
+        Some(json!({"publish": "trusted", "backlog_limit": 2, "backlog_age": 600}))
+    );
+    assert_eq!(public_publish(&c, "open")["type"], "ack");
+    assert_eq!(public_publish(&c, "closed")["code"], "forbidden");
+    // Its own default backlog (7) is not applied to a defined channel.
+    assert_eq!(listed(&c, "late").unwrap()["backlog_limit"], 1000);
+}
+
+#[test]
+fn concurrent_creates_with_different_settings_converge_on_one_winner() {
+    let redis = RedisServer::start();
+    let a = Node::start(&redis, "node-a", &[]);
+    let b = Node::start(&redis, "node-b", &[]);
+    let mut on_a = Client::connect(a.internal());
+    let mut on_b = Client::connect(b.internal());
+    for round in 0..5 {
+        let channel = format!("race-{round}");
+        on_a.send(&json!({"type": "create", "channel": channel, "publish": "anyone", "backlog": 7, "id": "a"}));
+        on_b.send(&json!({"type": "create", "channel": channel, "backlog": 9, "backlog_age": 30, "id": "b"}));
+        let ack_a = on_a.recv();
+        let ack_b = on_b.recv();
+        for ack in [&ack_a, &ack_b] {
+            assert_eq!(ack["type"], "ack", "{ack}");
+            assert!(ack.get("local").is_none(), "{ack}");
+        }
+        let created = [&ack_a, &ack_b]
+            .iter()
+            .filter(|ack| ack["created"] == true)
+            .count();
+        assert_eq!(created, 1, "one winner: {ack_a} {ack_b}");
+        let winner = settings(&ack_a);
+        assert_eq!(
+            winner,
+            settings(&ack_b),
+            "both report the settings in force"
+        );
+        let expected = if ack_a["created"] == true {
+            json!({"publish": "anyone", "backlog_limit": 7, "backlog_age": 600})
+        } else {
+            json!({"publish": "trusted", "backlog_limit": 9, "backlog_age": 30})
+        };
+        assert_eq!(winner, expected);
+        wait_settings(&a, &channel, &winner);
+        wait_settings(&b, &channel, &winner);
+    }
+}
+
+#[test]
+fn creates_during_a_redis_outage_are_local_then_reconciled_on_every_node() {
+    let mut redis = RedisServer::start();
+    let a = Node::start(&redis, "node-a", &[]);
+    let b = Node::start(&redis, "node-b", &[]);
+    let mut on_a = Client::connect(a.internal());
+    let mut on_b = Client::connect(b.internal());
+    // Defined before the outage; Redis will come back without it.
+    on_a.ok(json!({"type": "create", "channel": "before", "publish": "anyone", "backlog": 3}));
+    let before = json!({"publish": "anyone", "backlog_limit": 3, "backlog_age": 600});
+    wait_settings(&b, "before", &before);
+
+    redis.kill();
+    a.wait_ready(false);
+    b.wait_ready(false);
+    let ack =
+        on_a.ok(json!({"type": "create", "channel": "both", "publish": "anyone", "backlog": 4}));
+    assert_eq!(
+        (ack["created"].clone(), ack["local"].clone()),
+        (json!(true), json!(true)),
+        "{ack}"
+    );
+    let ack = on_b.ok(json!({"type": "create", "channel": "both", "backlog": 6}));
+    assert_eq!(
+        (ack["created"].clone(), ack["local"].clone()),
+        (json!(true), json!(true)),
+        "{ack}"
+    );
+    let again = on_b.ok(json!({"type": "create", "channel": "both", "publish": "anyone"}));
+    assert_eq!(
+        (again["created"].clone(), again["local"].clone()),
+        (json!(false), json!(true)),
+        "{again}"
+    );
+    assert_eq!(again["backlog_limit"], 6, "{again}");
+    let ack =
+        on_a.ok(json!({"type": "create", "channel": "only-a", "publish": "anyone", "backlog": 2}));
+    assert_eq!(ack["local"], true, "{ack}");
+    // In force locally at once.
+    assert_eq!(public_publish(&a, "only-a")["type"], "ack");
+
+    redis.restart();
+    a.wait_ready(true);
+    b.wait_ready(true);
+    // One definition of `both` wins on both nodes, whichever reached Redis first.
+    let deadline = Instant::now() + WAIT;
+    let winner = loop {
+        let (on_a, on_b) = (listed(&a, "both").unwrap(), listed(&b, "both").unwrap());
+        if settings(&on_a) == settings(&on_b) {
+            break settings(&on_a);
+        }
+        assert!(Instant::now() < deadline, "never converged: {on_a} {on_b}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let from_a = json!({"publish": "anyone", "backlog_limit": 4, "backlog_age": 600});
+    let from_b = json!({"publish": "trusted", "backlog_limit": 6, "backlog_age": 600});
+    assert!(winner == from_a || winner == from_b, "{winner}");
+    let overridden = |node: &Node| node.metric("fanout_redis_local_definitions_overridden_total");
+    let deadline = Instant::now() + WAIT;
+    while overridden(&a) + overridden(&b) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the losing node never counted it"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(overridden(&a) + overridden(&b), 1.0);
+    let only_a = json!({"publish": "anyone", "backlog_limit": 2, "backlog_age": 600});
+    wait_settings(&b, "only-a", &only_a);
+    assert_eq!(public_publish(&b, "only-a")["type"], "ack");
+    // Redis came back empty: the nodes offered `before` again, so a node
+    // started now gets it too.
+    let c = Node::start(&redis, "node-c", &[]);
+    wait_settings(&c, "before", &before);
+    wait_settings(&c, "both", &winner);
+    wait_settings(&c, "only-a", &only_a);
+    assert_eq!(a.metric("fanout_redis_resets_total"), 1.0);
+}

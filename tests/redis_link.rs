@@ -783,3 +783,136 @@ fn refusals_and_foreign_entries_are_counted_and_the_rest_goes_on() {
     b.expect("3 messages", n_messages(3));
     assert_eq!(b.channel("ok").last().map(|m| m.offset), Some(3));
 }
+
+/// The `Inbound::Definition`s a node saw: (channel, definition, created,
+/// origin, origin_seq).
+fn definitions(node: &Node) -> Vec<(String, String, bool, String, u64)> {
+    node.seen
+        .iter()
+        .filter_map(|i| match i {
+            Inbound::Definition {
+                channel,
+                definition,
+                created,
+                origin,
+                origin_seq,
+            } => Some((
+                channel.clone(),
+                definition.clone(),
+                *created,
+                origin.clone(),
+                *origin_seq,
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+fn n_definitions(n: usize) -> impl Fn(&[Inbound]) -> bool {
+    move |seen| {
+        seen.iter()
+            .filter(|i| matches!(i, Inbound::Definition { .. }))
+            .count()
+            >= n
+    }
+}
+
+/// The snapshots (`Inbound::Definitions`) a node saw, sorted.
+fn snapshots(node: &Node) -> Vec<Vec<(String, String)>> {
+    node.seen
+        .iter()
+        .filter_map(|i| match i {
+            Inbound::Definitions { definitions } => {
+                let mut d = definitions.clone();
+                d.sort();
+                Some(d)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_first_definition_of_a_channel_wins_on_every_node_and_later_links_load_it() {
+    let redis = RedisServer::start();
+    let mut a = Node::with(&redis.url(), "a");
+    let mut b = Node::with(&redis.url(), "b");
+    both_up(&mut a, &mut b);
+    // An empty Redis: each link loaded an empty set before its Up.
+    assert_eq!(snapshots(&a), vec![vec![]]);
+    let up_at = a.seen.iter().position(is_up).unwrap();
+    let snapshot_at = a
+        .seen
+        .iter()
+        .position(|i| matches!(i, Inbound::Definitions { .. }))
+        .unwrap();
+    assert!(snapshot_at < up_at, "{:?}", a.seen);
+
+    // Both define `news` at once; in between A publishes: one sequence.
+    let seq_a = a.link.define("news", "first-a".into()).unwrap();
+    let published = a.link.publish("news", "m".into()).unwrap();
+    let seq_b = b.link.define("news", "first-b".into()).unwrap();
+    let other = b.link.define("sport", "s".into()).unwrap();
+    assert_eq!((seq_a, published), (1, 2));
+    assert_eq!((seq_b, other), (1, 2));
+    a.expect("3 definitions", n_definitions(3));
+    b.expect("3 definitions", n_definitions(3));
+    a.expect("the message", n_messages(1));
+    a.settle(Duration::from_millis(300));
+    b.settle(Duration::from_millis(300));
+    let seen_a = definitions(&a);
+    assert_eq!(seen_a, definitions(&b), "one bus, one order");
+    assert_eq!(seen_a.len(), 3, "{seen_a:?}");
+    let news: Vec<_> = seen_a.iter().filter(|d| d.0 == "news").collect();
+    let winner = &news[0].1;
+    assert!(winner == "first-a" || winner == "first-b", "{news:?}");
+    // Every announcement of `news` carries the winner; only the winner's
+    // own announcement says created.
+    for d in &news {
+        assert_eq!(&d.1, winner, "{news:?}");
+        assert_eq!(d.2, d.1 == format!("first-{}", d.3), "{news:?}");
+    }
+    assert_eq!(news.iter().filter(|d| d.2).count(), 1, "{news:?}");
+    assert!(seen_a.contains(&("sport".into(), "s".into(), true, "b".into(), 2)));
+
+    // Defining again changes nothing: created false, the winner again.
+    let again = a.link.define("news", "later".into()).unwrap();
+    a.expect("4 definitions", n_definitions(4));
+    assert_eq!(
+        definitions(&a)[3],
+        ("news".into(), winner.clone(), false, "a".into(), again)
+    );
+    // (The writer counts after its reply, which may come after the reader
+    // handed the announcement over.)
+    let deadline = Instant::now() + WAIT;
+    while a.link.stats().defined < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(a.link.stats().defined, 2);
+
+    // A link started later loads them all before its Up.
+    let mut c = Node::with(&redis.url(), "c");
+    c.expect("Up", has_up);
+    assert_eq!(
+        snapshots(&c),
+        vec![vec![
+            ("news".into(), winner.clone()),
+            ("sport".into(), "s".into())
+        ]]
+    );
+    assert!(definitions(&c).is_empty());
+
+    // A reconnect loads them again (Redis restarted with its data).
+    let mut con = redis.admin();
+    let _: () = redis::cmd("SAVE").query(&mut con).unwrap();
+    drop(con);
+    let mut redis = redis;
+    redis.kill();
+    c.expect("Down", |seen| seen.iter().any(is_down));
+    redis.restart();
+    c.expect("Up again", |seen| {
+        seen.iter().filter(|i| is_up(i)).count() == 2
+    });
+    assert_eq!(snapshots(&c).len(), 2);
+    assert_eq!(snapshots(&c)[0], snapshots(&c)[1]);
+}

@@ -14,6 +14,7 @@ use log::debug;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::channel_definition::{ChannelDefinition, MAX_BACKLOG, MAX_BACKLOG_AGE_SECS};
 use super::channel_name::{is_pattern, pattern_matches, validate_name, validate_pattern};
 use super::protocol::{ChannelSettings, ErrorCode, ProtocolError, PublishPolicy};
 use super::{unix_millis, ConnId, Outbox};
@@ -35,11 +36,21 @@ struct Stored {
     frame: SharedFrame,
 }
 
+/// Where a channel's settings come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettingsSource {
+    /// Created by a publish or a message, with this node's defaults.
+    Defaults,
+    /// A `create` on this node (scale-out: not confirmed by Redis yet).
+    Local,
+    /// Scale-out: the definition Redis holds for every node.
+    Cluster,
+}
+
 #[derive(Debug)]
 struct Channel {
-    publish: PublishPolicy,
-    backlog_limit: usize,
-    backlog_age: Duration,
+    definition: ChannelDefinition,
+    source: SettingsSource,
     /// Offset the next message gets; offsets start at 1.
     next_offset: u64,
     backlog: VecDeque<Stored>,
@@ -58,7 +69,7 @@ impl Channel {
         while self
             .backlog
             .front()
-            .is_some_and(|m| now.duration_since(m.at) > self.backlog_age)
+            .is_some_and(|m| now.duration_since(m.at) > self.definition.backlog_age)
         {
             self.backlog.pop_front();
         }
@@ -70,11 +81,20 @@ impl Channel {
             "offset": self.last_offset(),
             "first_offset": self.backlog.front().map(|m| m.offset),
             "backlog": self.backlog.len(),
-            "backlog_limit": self.backlog_limit,
-            "backlog_age": self.backlog_age.as_secs(),
+            "backlog_limit": self.definition.backlog,
+            "backlog_age": self.definition.backlog_age.as_secs(),
             "subscribers": self.subscribers.len(),
-            "publish": match self.publish { PublishPolicy::Trusted => "trusted", PublishPolicy::Anyone => "anyone" },
+            "publish": self.definition.publish.as_str(),
         })
+    }
+
+    /// Takes new settings; a smaller backlog limit drops the oldest.
+    fn redefine(&mut self, definition: ChannelDefinition, source: SettingsSource) {
+        self.definition = definition;
+        self.source = source;
+        while self.backlog.len() > definition.backlog {
+            self.backlog.pop_front();
+        }
     }
 }
 
@@ -165,33 +185,104 @@ impl Channels {
             description["created"] = json!(false);
             return Ok(description);
         }
-        if self.channels.len() >= self.limits.max_channels {
-            return Err(ProtocolError::new(
-                ErrorCode::LimitReached,
-                format!(
-                    "the server already has its maximum of {} channels",
-                    self.limits.max_channels
-                ),
-            ));
-        }
-        if settings.backlog.is_some_and(|n| n > 1_000_000) {
+        let definition = self.resolve(settings)?;
+        let channel = self.insert(name, definition, SettingsSource::Local)?;
+        let mut description = channel.describe(name);
+        description["created"] = json!(true);
+        Ok(description)
+    }
+
+    /// A `create`'s settings with this node's defaults filled in.
+    pub fn resolve(&self, settings: &ChannelSettings) -> Result<ChannelDefinition, ProtocolError> {
+        if settings.backlog.is_some_and(|n| n > MAX_BACKLOG) {
             return Err(ProtocolError::new(
                 ErrorCode::InvalidField,
-                "field `backlog` must be at most 1000000",
+                format!("field `backlog` must be at most {MAX_BACKLOG}"),
             ));
         }
-        let channel = Channel {
-            publish: settings.publish.unwrap_or(PublishPolicy::Trusted),
-            backlog_limit: settings.backlog.unwrap_or(self.limits.backlog),
+        if settings
+            .backlog_age_secs
+            .is_some_and(|s| s > MAX_BACKLOG_AGE_SECS)
+        {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                format!("field `backlog_age` must be at most {MAX_BACKLOG_AGE_SECS} seconds (ten years)"),
+            ));
+        }
+        Ok(ChannelDefinition {
+            backlog: settings.backlog.unwrap_or(self.limits.backlog),
             backlog_age: settings
                 .backlog_age_secs
                 .map_or(self.limits.backlog_age, Duration::from_secs),
+            publish: settings.publish.unwrap_or(PublishPolicy::Trusted),
+        })
+    }
+
+    /// Checks that a channel `name` exists or may be created here.
+    pub fn check_room_for(&self, name: &str) -> Result<(), ProtocolError> {
+        validate_name("channel", name)?;
+        if self.channels.contains_key(name) || self.channels.len() < self.limits.max_channels {
+            return Ok(());
+        }
+        Err(too_many_channels(self.limits.max_channels))
+    }
+
+    /// Where the settings of channel `name` come from (None: no channel).
+    pub fn settings_source(&self, name: &str) -> Option<SettingsSource> {
+        self.channels.get(name).map(|c| c.source)
+    }
+
+    /// `list`'s description of one channel.
+    pub fn describe(&self, name: &str) -> Option<Value> {
+        self.channels.get(name).map(|c| c.describe(name))
+    }
+
+    /// Scale-out: gives channel `name` these settings, creating it when
+    /// missing. Answers whether its settings changed (a new channel counts
+    /// as changed).
+    pub fn define(
+        &mut self,
+        name: &str,
+        definition: ChannelDefinition,
+        source: SettingsSource,
+    ) -> Result<bool, ProtocolError> {
+        validate_name("channel", name)?;
+        if let Some(channel) = self.channels.get_mut(name) {
+            let changed = channel.definition != definition;
+            channel.redefine(definition, source);
+            return Ok(changed);
+        }
+        self.insert(name, definition, source)?;
+        Ok(true)
+    }
+
+    /// Scale-out: the channels whose settings Redis confirmed.
+    pub fn cluster_definitions(&self) -> Vec<(String, ChannelDefinition)> {
+        self.channels
+            .iter()
+            .filter(|(_, c)| c.source == SettingsSource::Cluster)
+            .map(|(name, c)| (name.clone(), c.definition))
+            .collect()
+    }
+
+    /// Adds a channel that does not exist yet.
+    fn insert(
+        &mut self,
+        name: &str,
+        definition: ChannelDefinition,
+        source: SettingsSource,
+    ) -> Result<&mut Channel, ProtocolError> {
+        if self.channels.len() >= self.limits.max_channels {
+            return Err(too_many_channels(self.limits.max_channels));
+        }
+        let mut channel = Channel {
+            definition,
+            source,
             next_offset: 1,
             backlog: VecDeque::new(),
             subscribers: HashSet::new(),
             floors: HashMap::new(),
         };
-        let mut channel = channel;
         // Exact subscriptions made before the channel existed start now.
         channel.subscribers.extend(
             self.by_conn
@@ -199,10 +290,15 @@ impl Channels {
                 .filter(|(_, targets)| targets.iter().any(|t| t == name))
                 .map(|(conn, _)| *conn),
         );
-        let mut description = channel.describe(name);
-        description["created"] = json!(true);
-        self.channels.insert(name.to_owned(), channel);
-        Ok(description)
+        Ok(self.channels.entry(name.to_owned()).or_insert(channel))
+    }
+
+    /// A channel a publish or message needs, with this node's defaults.
+    fn create_with_defaults(&mut self, name: &str) -> Result<(), ProtocolError> {
+        validate_name("channel", name)?;
+        let definition = self.resolve(&ChannelSettings::default())?;
+        self.insert(name, definition, SettingsSource::Defaults)?;
+        Ok(())
     }
 
     /// Publishes `data`. A trusted publisher creates a missing channel with
@@ -239,10 +335,10 @@ impl Channels {
                     format!("no channel named `{name}`"),
                 ));
             }
-            self.create(name, &ChannelSettings::default())?;
+            self.create_with_defaults(name)?;
         }
         let channel = self.channels.get_mut(name).expect("created above");
-        if channel.publish == PublishPolicy::Trusted && !trusted {
+        if channel.definition.publish == PublishPolicy::Trusted && !trusted {
             return Err(ProtocolError::new(
                 ErrorCode::Forbidden,
                 format!(
@@ -270,15 +366,15 @@ impl Channels {
         out: &mut impl Outbox,
     ) -> Result<Published, ProtocolError> {
         if !self.channels.contains_key(name) {
-            self.create(name, &ChannelSettings::default())?;
+            self.create_with_defaults(name)?;
         }
         let channel = self.channels.get_mut(name).expect("created above");
         let frame = message_frame(name, offset, ts, data);
         if let Some(offset) = offset {
             channel.next_offset = channel.next_offset.max(offset + 1);
             channel.expire(now);
-            if channel.backlog_limit > 0 {
-                if channel.backlog.len() >= channel.backlog_limit {
+            if channel.definition.backlog > 0 {
+                if channel.backlog.len() >= channel.definition.backlog {
                     channel.backlog.pop_front();
                 }
                 channel.backlog.push_back(Stored {
@@ -416,7 +512,7 @@ impl Channels {
     ) -> Result<(Value, Vec<SharedFrame>), ProtocolError> {
         let resuming = self.check_subscribe(conn, target, Some(last_offset))?;
         if !self.channels.contains_key(target) {
-            self.create(target, &ChannelSettings::default())?;
+            self.create_with_defaults(target)?;
         }
         let channel = self.channels.get_mut(target).expect("created above");
         replay.extend(
@@ -579,6 +675,13 @@ impl Channels {
         self.patterns.retain(|(_, c)| *c != conn);
         self.gaps.retain(|(c, _), _| *c != conn);
     }
+}
+
+fn too_many_channels(max: usize) -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::LimitReached,
+        format!("the server already has its maximum of {max} channels"),
+    )
 }
 
 /// A slow subscriber missed message `offset` of channel `name`.
@@ -798,5 +901,100 @@ mod tests {
         );
         channels.on_drained(5, &mut out);
         assert_eq!(out.replies.len(), 1, "a gap is reported once");
+    }
+
+    #[test]
+    fn definitions_create_or_replace_settings() {
+        let mut channels = Channels::new(limits());
+        let mut out = RecordingOutbox::default();
+        let now = Instant::now();
+        for i in 1..=3 {
+            channels
+                .publish("a", &json!(i), true, now, &mut out)
+                .unwrap();
+        }
+        assert_eq!(
+            channels.settings_source("a"),
+            Some(SettingsSource::Defaults)
+        );
+        let defaults = channels.resolve(&ChannelSettings::default()).unwrap();
+        assert_eq!(
+            defaults,
+            ChannelDefinition {
+                backlog: 3,
+                backlog_age: Duration::from_secs(60),
+                publish: PublishPolicy::Trusted
+            }
+        );
+        let open = ChannelDefinition {
+            backlog: 1,
+            backlog_age: Duration::from_secs(5),
+            publish: PublishPolicy::Anyone,
+        };
+        assert_eq!(
+            channels.define("a", open, SettingsSource::Cluster),
+            Ok(true)
+        );
+        assert_eq!(
+            channels.define("a", open, SettingsSource::Cluster),
+            Ok(false)
+        );
+        let a = channels.describe("a").unwrap();
+        assert_eq!(
+            (
+                &a["publish"],
+                &a["backlog_limit"],
+                &a["backlog"],
+                &a["offset"]
+            ),
+            (&json!("anyone"), &json!(1), &json!(1), &json!(3)),
+            "a smaller limit keeps the newest: {a}"
+        );
+        assert!(channels
+            .publish("a", &json!(4), false, now, &mut out)
+            .is_ok());
+        assert_eq!(channels.cluster_definitions(), vec![("a".to_owned(), open)]);
+        // A new channel, then the limit (2).
+        assert_eq!(channels.define("b", open, SettingsSource::Local), Ok(true));
+        assert_eq!(channels.settings_source("b"), Some(SettingsSource::Local));
+        assert_eq!(
+            channels
+                .define("c", open, SettingsSource::Cluster)
+                .unwrap_err()
+                .code,
+            ErrorCode::LimitReached
+        );
+        assert_eq!(
+            channels.check_room_for("c").unwrap_err().code,
+            ErrorCode::LimitReached
+        );
+        assert!(channels.check_room_for("b").is_ok());
+        assert_eq!(
+            channels
+                .define("bad name", open, SettingsSource::Cluster)
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidField
+        );
+        for (settings, field) in [
+            (
+                ChannelSettings {
+                    backlog: Some(1_000_001),
+                    ..Default::default()
+                },
+                "`backlog`",
+            ),
+            (
+                ChannelSettings {
+                    backlog_age_secs: Some(u64::MAX),
+                    ..Default::default()
+                },
+                "`backlog_age`",
+            ),
+        ] {
+            let e = channels.resolve(&settings).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidField);
+            assert!(e.message.contains(field), "{}", e.message);
+        }
     }
 }

@@ -16,6 +16,16 @@
 //! * chat lines: bus channel `#chat/<room>` (a name no client channel can
 //!   have), payload `{"kind","nick","text","ts"}`; each node delivers them
 //!   to its own members of the room and keeps the room's history.
+//! * channel settings (`create`): resolved with the creating node's
+//!   defaults into a [`ChannelDefinition`] and sent as a link definition;
+//!   the first definition of a channel Redis records is the one every node
+//!   applies (creating the channel, or replacing the defaults of one that a
+//!   message created), and the `create` ack waits for it and reports it,
+//!   with `"created"` true only for the definition that won. A channel that
+//!   has the cluster's definition already is answered at once
+//!   (`"created": false`). Nodes load every definition when their link
+//!   comes up, and `/readyz` says ready only once they are applied. A
+//!   channel never `create`d has each node's defaults.
 //!
 //! # While the link is not up
 //!
@@ -29,6 +39,17 @@
 //! counted in `/metrics` (`fanout_redis_lost_total`) and logged once per
 //! kind; a publisher waiting for the ack of a rejected message gets an
 //! `unavailable` error.
+//!
+//! A `create` while the link is not up makes the channel here at once
+//! (`"local": true`; a second `create` of it: `"created": false, "local":
+//! true`) and queues its definition; when the link is back the first
+//! definition Redis records wins on every node, possibly another node's,
+//! which then replaces the local settings (logged, and counted in
+//! `fanout_redis_local_definitions_overridden_total`). When the link's
+//! queue is full a `create` is refused (`unavailable`) rather than made on
+//! this node alone. If Redis loses its data, each node offers the
+//! definitions it holds again; they are the same on every node, so the
+//! same ones win.
 //!
 //! # Exactly once
 //!
@@ -44,9 +65,10 @@ use std::collections::HashMap;
 use log::{info, warn};
 use serde_json::{json, Value};
 
+use super::channel_definition::ChannelDefinition;
 use super::chat::{ChatLine, LineKind};
 use super::ConnId;
-use crate::cluster::{LinkState, LostKind, RedisLink};
+use crate::cluster::{Full, LinkState, LostKind, RedisLink};
 
 /// Prefix of the bus channels that carry chat rooms.
 pub const CHAT_PREFIX: &str = "#chat/";
@@ -59,10 +81,11 @@ pub struct Reply {
     pub id: Option<Value>,
 }
 
-/// One of this node's publishes on its way through Redis.
+/// One of this node's publishes or channel definitions on its way
+/// through Redis.
 #[derive(Debug)]
 pub struct Pending {
-    /// Delivered locally already (the link was not up).
+    /// Delivered (or created) locally already (the link was not up).
     pub local: bool,
     pub reply: Option<Reply>,
 }
@@ -88,6 +111,12 @@ pub struct ClusterStats {
     pub malformed: u64,
     /// Second copies of a message, skipped.
     pub duplicates: u64,
+    /// Channel definitions from Redis this node could not apply (channel
+    /// limit reached, a name this version refuses).
+    pub definitions_not_applied: u64,
+    /// Channels whose settings a `create` made here during an outage and
+    /// the cluster's definition then changed.
+    pub local_definitions_overridden: u64,
 }
 
 #[derive(Debug, Default)]
@@ -96,12 +125,16 @@ struct Warned {
     rejected: bool,
     bus_gap: bool,
     malformed: bool,
+    definition_not_applied: bool,
 }
 
 pub struct Cluster {
     pub link: RedisLink,
     pub node_id: String,
     pub pending: HashMap<u64, Pending>,
+    /// This node's channel definitions on their way through Redis, by
+    /// `origin_seq`.
+    pub definitions: HashMap<u64, Pending>,
     pub resumes: HashMap<u64, Resume>,
     pub stats: ClusterStats,
     /// This process's run, in every bus payload it sends (`"i"`), so that
@@ -112,6 +145,9 @@ pub struct Cluster {
     warned: Warned,
     /// A `Down` was seen and no `Up` since.
     was_down: bool,
+    /// The `Up` was applied, so the channel definitions loaded with it
+    /// are in force here (`/readyz`).
+    synced: bool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -130,17 +166,47 @@ impl Cluster {
             node_id: link.node_id().to_owned(),
             link,
             pending: HashMap::new(),
+            definitions: HashMap::new(),
             resumes: HashMap::new(),
             stats: ClusterStats::default(),
             run: format!("{:016x}", crate::cluster::protocol::random_u64()),
             seen: HashMap::new(),
             warned: Warned::default(),
             was_down: false,
+            synced: false,
         }
     }
 
     pub fn is_up(&self) -> bool {
         self.link.state() == LinkState::Up
+    }
+
+    /// Up, and what came with the `Up` (channel definitions) applied.
+    pub fn is_ready(&self) -> bool {
+        self.synced && self.is_up()
+    }
+
+    /// Queues a channel definition for Redis. `reply` waits for the
+    /// definition in force (None: answered already, `local` says whether
+    /// it was applied here already).
+    pub fn define(
+        &mut self,
+        channel: &str,
+        definition: &ChannelDefinition,
+        local: bool,
+        reply: Option<Reply>,
+    ) -> Result<(), Full> {
+        let seq = self.link.define(channel, definition.encode())?;
+        self.definitions.insert(seq, Pending { local, reply });
+        Ok(())
+    }
+
+    /// A definition from Redis could not be applied here.
+    pub fn definition_not_applied(&mut self, channel: &str, why: &str) {
+        self.stats.definitions_not_applied += 1;
+        if !std::mem::replace(&mut self.warned.definition_not_applied, true) {
+            warn!("the cluster's definition of channel `{channel}` is not applied on this node: {why}; counted in fanout_redis_definitions_not_applied_total (logged once)");
+        }
     }
 
     /// Queues a publish. Answers whether the caller must deliver it locally
@@ -170,6 +236,7 @@ impl Cluster {
     }
 
     pub fn on_up(&mut self) {
+        self.synced = true;
         if std::mem::take(&mut self.was_down) {
             info!(
                 "redis link up again: resuming cluster delivery ({} publish(es) in flight)",
@@ -180,10 +247,13 @@ impl Cluster {
 
     pub fn on_down(&mut self) {
         self.was_down = true;
+        self.synced = false;
     }
 
     /// Counts and logs (once per kind) messages that will never arrive.
-    pub fn on_lost(&mut self, count: u64, kind: LostKind) -> Option<Reply> {
+    /// Answers who waits for a refused publish or definition, and which of
+    /// the two it was.
+    pub fn on_lost(&mut self, count: u64, kind: LostKind) -> Option<(Reply, &'static str)> {
         let (counter, warned, what) = match kind {
             LostKind::QueueFull => (
                 &mut self.stats.lost_queue_full,
@@ -206,9 +276,14 @@ impl Cluster {
             warn!("{count} cluster message(s) lost: {what}; counted in fanout_redis_lost_total (logged once)");
         }
         match kind {
-            LostKind::Rejected { origin_seq } => {
-                self.pending.remove(&origin_seq).and_then(|p| p.reply)
-            }
+            LostKind::Rejected { origin_seq } => match self.pending.remove(&origin_seq) {
+                Some(p) => p.reply.map(|r| (r, "message")),
+                None => self
+                    .definitions
+                    .remove(&origin_seq)
+                    .and_then(|p| p.reply)
+                    .map(|r| (r, "channel definition")),
+            },
             _ => None,
         }
     }

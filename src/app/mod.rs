@@ -4,6 +4,7 @@
 //! many recipients is encoded once as a [`SharedFrame`] and handed to each.
 
 mod auth;
+pub mod channel_definition;
 pub mod channel_name;
 pub mod channels;
 pub mod chat;
@@ -20,17 +21,20 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use serde_json::{json, Map, Value};
 
 use self::auth::KeyRing;
-use self::channels::{Apply, ChannelLimits, Channels, Published};
+use self::channel_definition::ChannelDefinition;
+use self::channels::{Apply, ChannelLimits, Channels, Published, SettingsSource};
 use self::chat::{Chat, LineKind};
 use self::cluster::{Cluster, Reply, Resume, CHAT_PREFIX};
 use self::event_stream::{Event, EventStreams};
 use self::market::legacy::{self, LegacyCommand};
 use self::market::Market;
-use self::protocol::{ack, error, parse_request, Command, ErrorCode, ProtocolError, Request};
+use self::protocol::{
+    ack, error, parse_request, ChannelSettings, Command, ErrorCode, ProtocolError, Request,
+};
 use crate::cluster::{Inbound, RedisLink, MAX_HISTORY};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -300,6 +304,13 @@ impl App {
                 self.streams.register(conn, filters, out);
             }
             Command::Auth { key } => self.authenticate(conn, &key, &id, out)?,
+            Command::Create { channel, settings } if self.cluster.is_some() => {
+                self.require_trusted(conn, "create channels")?;
+                let reply = self.reply_to(conn, id.clone());
+                if let Some(extra) = self.create_in_cluster(&channel, &settings, reply)? {
+                    acknowledge(out, "create", extra);
+                }
+            }
             Command::Create { channel, settings } => {
                 self.require_trusted(conn, "create channels")?;
                 let extra = self.channels.create(&channel, &settings)?;
@@ -692,9 +703,10 @@ impl App {
         self.cluster = Some(Cluster::new(link));
     }
 
-    /// None without a cluster; else whether its link is up (`/readyz`).
+    /// None without a cluster; else whether its link is up and what came
+    /// with it is applied (`/readyz`).
     pub fn cluster_ready(&self) -> Option<bool> {
-        self.cluster.as_ref().map(Cluster::is_up)
+        self.cluster.as_ref().map(Cluster::is_ready)
     }
 
     fn reply_to(&self, conn: ConnId, id: Option<Value>) -> Option<Reply> {
@@ -709,6 +721,106 @@ impl App {
         self.clients
             .get(&reply.conn)
             .is_some_and(|c| c.serial == reply.serial)
+    }
+
+    /// Scale-out `create`: the definition goes through Redis, where the
+    /// first one of a channel wins, and its ack waits for the definition in
+    /// force (answers None). A channel with the cluster's definition
+    /// already, or the link not up: answered at once (the latter with
+    /// `"local": true`, and the definition queued for Redis).
+    fn create_in_cluster(
+        &mut self,
+        channel: &str,
+        settings: &ChannelSettings,
+        reply: Option<Reply>,
+    ) -> Result<Option<Value>, ProtocolError> {
+        let definition = self.channels.resolve(settings)?;
+        self.channels.check_room_for(channel)?;
+        let cluster = self.cluster.as_mut().expect("called with a cluster");
+        let up = cluster.is_up();
+        let answer = |channels: &Channels, created: bool, local: bool| {
+            let mut extra = channels.describe(channel).unwrap_or_else(|| json!({}));
+            extra["created"] = json!(created);
+            if local {
+                extra["local"] = json!(true);
+            }
+            extra
+        };
+        match self.channels.settings_source(channel) {
+            // Redis's definitions never change (until it loses its data).
+            Some(SettingsSource::Cluster) => return Ok(Some(answer(&self.channels, false, false))),
+            // Made here during this outage; its definition is queued.
+            Some(SettingsSource::Local) if !up => {
+                return Ok(Some(answer(&self.channels, false, true)))
+            }
+            _ => {}
+        }
+        let waiting = if up { reply } else { None };
+        cluster
+            .define(channel, &definition, !up, waiting)
+            .map_err(|e| {
+                unavailable(format!(
+                    "cannot create the channel on every node now ({e}); try again"
+                ))
+            })?;
+        if up {
+            return Ok(None);
+        }
+        self.channels
+            .define(channel, definition, SettingsSource::Local)?;
+        Ok(Some(answer(&self.channels, true, true)))
+    }
+
+    /// Applies a channel definition from Redis (the cluster's, for every
+    /// node); what cannot be applied is counted.
+    fn apply_definition(&mut self, channel: &str, text: &str) -> Result<(), ProtocolError> {
+        let cluster = self.cluster.as_mut().expect("called with a cluster");
+        let definition = match ChannelDefinition::decode(text) {
+            Ok(definition) => definition,
+            Err(why) => {
+                cluster.malformed(channel, &format!("channel definition: {why}"));
+                return Err(unavailable(format!(
+                    "the channel's definition in redis is unreadable: {why}"
+                )));
+            }
+        };
+        let before = self.channels.settings_source(channel);
+        match self
+            .channels
+            .define(channel, definition, SettingsSource::Cluster)
+        {
+            Ok(true) if before == Some(SettingsSource::Local) => {
+                cluster.stats.local_definitions_overridden += 1;
+                info!(
+                    "channel `{channel}`: another node's create came first; its settings apply here too ({})",
+                    definition.encode()
+                );
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                cluster.definition_not_applied(channel, &e.message);
+                Err(e)
+            }
+        }
+    }
+
+    /// Redis lost its data, channel definitions included: this node offers
+    /// again the ones it holds. Every node holds the same, so the first
+    /// one Redis records again is the same too.
+    fn redefine_after_reset(&mut self) {
+        let cluster = self.cluster.as_mut().expect("called with a cluster");
+        let definitions = self.channels.cluster_definitions();
+        let total = definitions.len();
+        for (sent, (channel, definition)) in definitions.into_iter().enumerate() {
+            if cluster.define(&channel, &definition, false, None).is_err() {
+                warn!(
+                    "redis lost its data: only {sent} of {total} channel definitions could be offered again \
+                     (the link's queue is full); the rest stay in force on the nodes that have them"
+                );
+                break;
+            }
+        }
     }
 
     /// Sends a channel message through Redis; when the link cannot take it
@@ -875,17 +987,53 @@ impl App {
                     Err(e) => self.send_error(conn, &id, &e, out),
                 }
             }
+            Inbound::Definition {
+                channel,
+                definition,
+                created,
+                origin,
+                origin_seq,
+            } => {
+                let pending = if origin == cluster.node_id {
+                    cluster.definitions.remove(&origin_seq)
+                } else {
+                    None
+                };
+                let result = self.apply_definition(&channel, &definition);
+                let Some(reply) = pending.and_then(|p| p.reply).filter(|r| self.still_open(r))
+                else {
+                    return;
+                };
+                match result {
+                    Ok(()) => {
+                        let mut extra = self
+                            .channels
+                            .describe(&channel)
+                            .unwrap_or_else(|| json!({}));
+                        extra["created"] = json!(created);
+                        out.reply(reply.conn, Message::Text(&ack(&reply.id, "create", extra)));
+                    }
+                    Err(e) => self.send_error(reply.conn, &reply.id, &e, out),
+                }
+            }
+            Inbound::Definitions { definitions } => {
+                for (channel, definition) in definitions {
+                    // Failures are counted and logged by apply_definition.
+                    let _ = self.apply_definition(&channel, &definition);
+                }
+            }
             Inbound::Up => cluster.on_up(),
             Inbound::Down { .. } => cluster.on_down(),
             Inbound::Reset => {
                 cluster.stats.resets += 1;
                 warn!("redis lost its data: channel offsets start again from 1; backlogs emptied");
                 self.channels.reset_offsets();
+                self.redefine_after_reset();
             }
             Inbound::Lost { count, kind } => {
-                if let Some(reply) = cluster.on_lost(count, kind) {
+                if let Some((reply, what)) = cluster.on_lost(count, kind) {
                     if self.still_open(&reply) {
-                        let e = unavailable("the message was lost: redis refused it".into());
+                        let e = unavailable(format!("the {what} was lost: redis refused it"));
                         self.send_error(reply.conn, &reply.id, &e, out);
                     }
                 }
@@ -951,6 +1099,21 @@ impl App {
                 "fanout_redis_duplicates_total",
                 "Second copies of a bus message (resent across a Redis data loss), skipped.",
                 c.duplicates,
+            ),
+            (
+                "fanout_redis_defined_total",
+                "Channel definitions (create) this node sent that Redis applied.",
+                link.defined,
+            ),
+            (
+                "fanout_redis_definitions_not_applied_total",
+                "Channel definitions from Redis this node could not apply (channel limit, invalid name).",
+                c.definitions_not_applied,
+            ),
+            (
+                "fanout_redis_local_definitions_overridden_total",
+                "Channels created here during an outage whose settings the cluster's definition replaced.",
+                c.local_definitions_overridden,
             ),
         ] {
             m.counter(name, help, value);

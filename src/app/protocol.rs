@@ -68,6 +68,23 @@ pub enum PublishPolicy {
     Anyone,
 }
 
+impl PublishPolicy {
+    pub fn parse(text: &str) -> Option<PublishPolicy> {
+        match text {
+            "trusted" => Some(PublishPolicy::Trusted),
+            "anyone" => Some(PublishPolicy::Anyone),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublishPolicy::Trusted => "trusted",
+            PublishPolicy::Anyone => "anyone",
+        }
+    }
+}
+
 /// Per-channel settings a `create` may set; `None` takes the server default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChannelSettings {
@@ -281,8 +298,7 @@ impl<'a> Fields<'a> {
         let backlog_age_secs = self.opt_u64("backlog_age")?;
         let publish = match self.0.get("publish") {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) if s == "trusted" => Some(PublishPolicy::Trusted),
-            Some(Value::String(s)) if s == "anyone" => Some(PublishPolicy::Anyone),
+            Some(Value::String(s)) if PublishPolicy::parse(s).is_some() => PublishPolicy::parse(s),
             Some(_) => return Err(invalid("publish", "\"trusted\" or \"anyone\"")),
         };
         Ok(ChannelSettings {

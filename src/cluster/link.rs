@@ -14,8 +14,8 @@ use redis::{Client, Connection, ErrorKind, RedisError, Script, Value};
 
 use super::backoff::Backoff;
 use super::protocol::{
-    self, channel_key, dedup_key, offset_key, History, PublishReply, StreamId, BUS_KEY,
-    BUS_SEQ_KEY, DEDUP_TTL_SECS, EPOCH_KEY, PUBLISH_LUA,
+    self, channel_key, dedup_key, offset_key, BusItem, History, PublishReply, StreamId, BUS_KEY,
+    BUS_SEQ_KEY, DEDUP_TTL_SECS, DEFINE_LUA, DEFINITIONS_KEY, EPOCH_KEY, PUBLISH_LUA,
 };
 use super::queues::{Command, Inbox, Outbox};
 
@@ -139,6 +139,24 @@ pub enum Inbound {
         origin_seq: u64,
         payload: String,
     },
+    /// A channel definition announced on the bus (by [`RedisLink::define`]
+    /// on any node, this one included): `definition` is the one in force,
+    /// the first Redis recorded for the channel, the same in every
+    /// announcement of the channel (until Redis loses its data).
+    Definition {
+        channel: String,
+        definition: String,
+        /// This announcement's own definition is the one recorded.
+        created: bool,
+        origin: String,
+        /// What `define` returned on the origin node.
+        origin_seq: u64,
+    },
+    /// Every channel definition in Redis when the reader took its place on
+    /// the bus (each connection of the reader: start, reconnect, after a
+    /// data reset); later ones come as [`Inbound::Definition`]. Sent before
+    /// the [`Inbound::Up`] it precedes.
+    Definitions { definitions: Vec<(String, String)> },
     /// The answer to [`RedisLink::history`].
     History {
         request: u64,
@@ -164,8 +182,8 @@ pub enum LostKind {
     /// `publish` found the outbound queue full (it also answered [`Full`]).
     /// Reported in batches, as counted since the last report.
     QueueFull,
-    /// Redis refused this node's publish `origin_seq` (out of memory, a key
-    /// of the wrong type, ...): count is 1.
+    /// Redis refused this node's publish or definition `origin_seq` (out of
+    /// memory, a key of the wrong type, ...): count is 1.
     Rejected { origin_seq: u64 },
     /// The bus was trimmed past this node's reader (it was disconnected or
     /// slow for longer than `bus_maxlen` messages): messages from any node.
@@ -191,12 +209,14 @@ pub struct LinkStats {
     pub state: LinkState,
     /// Publishes Redis applied (each once, resends included).
     pub published: u64,
+    /// Channel definitions Redis applied (recorded or found there already).
+    pub defined: u64,
     /// Bus messages handed to the loop.
     pub received: u64,
     pub lost_queue_full: u64,
     pub lost_rejected: u64,
     pub lost_bus_gap: u64,
-    /// Publishes still queued when `shutdown` gave up.
+    /// Publishes and definitions still queued when `shutdown` gave up.
     pub lost_at_shutdown: u64,
     /// Bus entries that were not fanout messages (skipped).
     pub malformed: u64,
@@ -240,6 +260,7 @@ impl std::error::Error for Full {}
 #[derive(Default)]
 struct Counters {
     published: AtomicU64,
+    defined: AtomicU64,
     lost_queue_full: AtomicU64,
     lost_rejected: AtomicU64,
     lost_bus_gap: AtomicU64,
@@ -410,6 +431,7 @@ impl Shared {
         LinkStats {
             state: s.state,
             published: load(&self.c.published),
+            defined: load(&self.c.defined),
             received: self.inbox.messages_in(),
             lost_queue_full: load(&self.c.lost_queue_full),
             lost_rejected: load(&self.c.lost_rejected),
@@ -572,6 +594,7 @@ impl RedisLink {
             client: client.clone(),
             conn: None,
             script: Script::new(PUBLISH_LUA),
+            define_script: Script::new(DEFINE_LUA),
             backoff: Backoff::new(sh.cfg.reconnect_min, sh.cfg.reconnect_max, seed),
             down: false,
             connected_before: false,
@@ -648,6 +671,23 @@ impl RedisLink {
                 Err(Full)
             }
         }
+    }
+
+    /// Queues a definition of `channel` (the app's encoding of its
+    /// settings); never blocks. Redis records it unless the channel has one
+    /// already, and announces the one in force on the bus: it comes back as
+    /// [`Inbound::Definition`] with the `origin_seq` answered here (from
+    /// the same sequence as `publish`, in order with publishes). On [`Full`]
+    /// nothing is queued (and nothing counted: the caller refuses the
+    /// request).
+    pub fn define(&self, channel: &str, definition: String) -> Result<u64, Full> {
+        let seq = self.sh.next_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let cmd = Command::Define {
+            id: seq,
+            channel: channel.to_string(),
+            definition,
+        };
+        self.sh.outbox.push(cmd).map(|()| seq).map_err(|_| Full)
     }
 
     /// Asks for the messages of `channel` after `after_offset` (at most
@@ -737,13 +777,15 @@ impl fmt::Debug for RedisLink {
     }
 }
 
-/// The writer thread: publishes (pipelined, through the publish script)
+/// The writer thread: publishes and definitions (pipelined, through their
+/// scripts)
 /// and history requests, on its own connection.
 struct Writer {
     sh: Arc<Shared>,
     client: Client,
     conn: Option<Connection>,
     script: Script,
+    define_script: Script,
     backoff: Backoff,
     /// Reported down; the next connect waits for the backoff first.
     down: bool,
@@ -825,10 +867,12 @@ impl Writer {
         let result = (|| {
             let mut con = open(&self.sh, &self.client, "writer", self.sh.cfg.io_timeout)
                 .map_err(|e| e.to_string())?;
-            self.script
-                .prepare_invoke()
-                .load(&mut con)
-                .map_err(|e| format!("SCRIPT LOAD: {e}"))?;
+            for script in [&self.script, &self.define_script] {
+                script
+                    .prepare_invoke()
+                    .load(&mut con)
+                    .map_err(|e| format!("SCRIPT LOAD: {e}"))?;
+            }
             sync_epoch(&self.sh, &mut con)?;
             Ok(con)
         })();
@@ -946,6 +990,7 @@ impl Writer {
         };
         let cfg = &self.sh.cfg;
         let hash = self.script.get_hash();
+        let define_hash = self.define_script.get_hash();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         // Loading the script first in the same pipeline means no EVALSHA of
@@ -953,19 +998,42 @@ impl Writer {
         // another client's SCRIPT FLUSH) -- except by a flush racing the
         // pipeline, which is handled below.
         pipe.cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA);
+        pipe.cmd("SCRIPT").arg("LOAD").arg(DEFINE_LUA);
         for (cmd, dseq) in self.batch.iter().zip(self.dseqs.iter_mut()) {
-            let Command::Publish {
-                id,
-                channel,
-                payload,
-            } = cmd
-            else {
-                continue;
-            };
             if *dseq == 0 {
                 self.next_dseq += 1;
                 *dseq = self.next_dseq;
             }
+            let (id, channel, payload) = match cmd {
+                Command::Publish {
+                    id,
+                    channel,
+                    payload,
+                } => (id, channel, payload),
+                Command::Define {
+                    id,
+                    channel,
+                    definition,
+                } => {
+                    pipe.cmd("EVALSHA")
+                        .arg(define_hash)
+                        .arg(4)
+                        .arg(DEFINITIONS_KEY)
+                        .arg(BUS_KEY)
+                        .arg(BUS_SEQ_KEY)
+                        .arg(&self.dedup_key)
+                        .arg(channel)
+                        .arg(definition.as_str())
+                        .arg(&cfg.node_id)
+                        .arg(*id)
+                        .arg(cfg.bus_maxlen)
+                        .arg(DEDUP_TTL_SECS)
+                        .arg(*dseq);
+                    continue;
+                }
+                // Never in a write batch (`take_batch` runs it alone).
+                Command::History { .. } => continue,
+            };
             pipe.cmd("EVALSHA")
                 .arg(hash)
                 .arg(5)
@@ -986,7 +1054,8 @@ impl Writer {
         let reply = pipe.query::<Value>(con);
         self.last_io = Instant::now();
         let replies = match reply {
-            Ok(Value::Array(replies)) if replies.len() == self.batch.len() + 1 => replies,
+            // Two `SCRIPT LOAD`s, then one reply per command.
+            Ok(Value::Array(replies)) if replies.len() == self.batch.len() + 2 => replies,
             Ok(other) => {
                 // Cannot tell what was applied: resend after a reconnect
                 // (the dedup sequence keeps that exactly-once).
@@ -1011,7 +1080,7 @@ impl Writer {
         };
         let outcomes: Vec<PublishReply> = replies
             .into_iter()
-            .skip(1)
+            .skip(2)
             .map(protocol::publish_reply)
             .collect();
         // A publish that certainly did not apply is resent only if no later
@@ -1025,14 +1094,15 @@ impl Writer {
         let mut noscript = false;
         for (i, outcome) in outcomes.into_iter().enumerate() {
             let resendable = last_applied.is_none_or(|j| j < i);
-            let id = match &self.batch[i] {
-                Command::Publish { id, .. } => *id,
-                Command::History { .. } => 0,
+            let (id, applied) = match &self.batch[i] {
+                Command::Publish { id, .. } => (*id, &self.sh.c.published),
+                Command::Define { id, .. } => (*id, &self.sh.c.defined),
+                Command::History { .. } => (0, &self.sh.c.published),
             };
             match outcome {
-                PublishReply::Offset(_) => add(&self.sh.c.published, 1),
+                PublishReply::Offset(_) => add(applied, 1),
                 PublishReply::Duplicate => {
-                    add(&self.sh.c.published, 1);
+                    add(applied, 1);
                     add(&self.sh.c.duplicates, 1);
                 }
                 PublishReply::NoScript if resendable => {
@@ -1054,7 +1124,7 @@ impl Writer {
                 for (i, r) in retry.iter_mut().enumerate() {
                     if std::mem::take(r) {
                         let id = match &self.batch[i] {
-                            Command::Publish { id, .. } => *id,
+                            Command::Publish { id, .. } | Command::Define { id, .. } => *id,
                             Command::History { .. } => 0,
                         };
                         self.reject(id, "NOSCRIPT after reloading the script");
@@ -1091,7 +1161,7 @@ impl Writer {
     fn reject(&mut self, origin_seq: u64, why: &str) {
         add(&self.sh.c.lost_rejected, 1);
         self.rejected_warn.warn(format_args!(
-            "redis link: publish {origin_seq} of node {} was refused by redis ({why}); it is lost",
+            "redis link: publish or definition {origin_seq} of node {} was refused by redis ({why}); it is lost",
             self.sh.cfg.node_id
         ));
         self.sh.lost(1, LostKind::Rejected { origin_seq });
@@ -1121,11 +1191,13 @@ impl Writer {
             .batch
             .drain(..)
             .chain(self.sh.outbox.take_all())
-            .filter(|c| matches!(c, Command::Publish { .. }))
+            .filter(|c| matches!(c, Command::Publish { .. } | Command::Define { .. }))
             .count() as u64;
         if left > 0 {
             add(&self.sh.c.lost_at_shutdown, left);
-            log::warn!("redis link: {left} queued publish(es) were not sent before shutdown");
+            log::warn!(
+                "redis link: {left} queued publish(es) and definition(s) were not sent before shutdown"
+            );
         }
     }
 }
@@ -1196,13 +1268,27 @@ impl Reader {
                 .arg(1)
                 .cmd("GET")
                 .arg(BUS_SEQ_KEY)
+                .cmd("HGETALL")
+                .arg(DEFINITIONS_KEY)
                 .query::<Value>(&mut con)
                 .map_err(|e| e.to_string())?;
-            let (top, counter) = protocol::parse_bus_position(position)?;
-            Ok((con, generation, top, counter))
+            let position = protocol::parse_bus_position(position)?;
+            Ok((con, generation, position))
         })();
         match result {
-            Ok((con, generation, top, counter)) => {
+            Ok((con, generation, position)) => {
+                let protocol::BusPosition {
+                    top,
+                    bseq: counter,
+                    definitions,
+                    unreadable,
+                } = position;
+                if unreadable > 0 {
+                    add(&self.sh.c.malformed, unreadable);
+                    self.malformed_warn.warn(format_args!(
+                        "redis reader: {unreadable} channel definition(s) in {DEFINITIONS_KEY} are not UTF-8; skipped"
+                    ));
+                }
                 match self.last_id {
                     // First connection: only messages from now on.
                     None => {
@@ -1219,6 +1305,11 @@ impl Reader {
                     Some(_) => {}
                 }
                 self.epoch_gen = generation;
+                // Read in the same transaction as the position: every
+                // definition is either in here or on the bus after it.
+                self.sh
+                    .inbox
+                    .push_control(Inbound::Definitions { definitions });
                 self.conn = Some(con);
                 self.sh.reader_ready.store(true, Ordering::Release);
                 if self.connected_before {
@@ -1309,25 +1400,35 @@ impl Reader {
                 self.conn = None;
                 break;
             };
-            match protocol::bus_entry(raw) {
-                Ok(e) => {
-                    if e.bseq > self.last_bseq.saturating_add(1) {
-                        let gap = e.bseq - self.last_bseq - 1;
+            match protocol::bus_item(raw) {
+                Ok(item) => {
+                    let bseq = item.bseq();
+                    if bseq > self.last_bseq.saturating_add(1) {
+                        let gap = bseq - self.last_bseq - 1;
                         add(&self.sh.c.lost_bus_gap, gap);
                         self.staged.push_back(Inbound::Lost {
                             count: gap,
                             kind: LostKind::BusGap,
                         });
-                    } else if e.bseq <= self.last_bseq {
+                    } else if bseq <= self.last_bseq {
                         restarted = true;
                     }
-                    self.last_bseq = e.bseq;
-                    self.staged.push_back(Inbound::Message {
-                        channel: e.channel,
-                        offset: e.offset,
-                        origin: e.origin,
-                        origin_seq: e.origin_seq,
-                        payload: e.payload,
+                    self.last_bseq = bseq;
+                    self.staged.push_back(match item {
+                        BusItem::Message(e) => Inbound::Message {
+                            channel: e.channel,
+                            offset: e.offset,
+                            origin: e.origin,
+                            origin_seq: e.origin_seq,
+                            payload: e.payload,
+                        },
+                        BusItem::Definition(d) => Inbound::Definition {
+                            channel: d.channel,
+                            definition: d.definition,
+                            created: d.created,
+                            origin: d.origin,
+                            origin_seq: d.origin_seq,
+                        },
                     });
                 }
                 Err(why) => {

@@ -8,15 +8,15 @@
 //! connection, using the `redis` crate's synchronous API (no async runtime,
 //! no hand-written RESP):
 //!
-//! * the **writer** takes publishes and history requests from a bounded
-//!   outbox and runs them: publishes pipelined in batches of up to
-//!   [`LinkConfig::batch`], history requests one at a time, in the order
-//!   they were queued;
+//! * the **writer** takes publishes, channel definitions and history
+//!   requests from a bounded outbox and runs them: publishes and
+//!   definitions pipelined in batches of up to [`LinkConfig::batch`],
+//!   history requests one at a time, in the order they were queued;
 //! * the **reader** loops on `XREAD COUNT batch BLOCK read_block STREAMS
 //!   fanout:bus <last-id>` and forwards every entry.
 //!
-//! The loop's side is sans-socket: [`RedisLink::publish`] and
-//! [`RedisLink::history`] only queue (never block; `Full` when the bound is
+//! The loop's side is sans-socket: [`RedisLink::publish`],
+//! [`RedisLink::define`] and [`RedisLink::history`] only queue (never block; `Full` when the bound is
 //! reached), and whatever the threads produce goes into a bounded inbox;
 //! the threads wake the loop through a `mio::Waker` (registered by the loop
 //! with its own token) when the inbox goes from empty to non-empty, and the
@@ -31,8 +31,9 @@
 //! |---|---|---|
 //! | `fanout:offset:{channel}` | string | the channel's last offset |
 //! | `fanout:ch:{channel}` | stream | ID `0-<offset>`, fields `origin`, `seq`, `payload`; `MAXLEN ~ stream_maxlen` |
-//! | `fanout:bus` | stream | auto ID, fields `ch`, `off`, `origin`, `seq`, `bseq`, `payload`; `MAXLEN ~ bus_maxlen` |
+//! | `fanout:bus` | stream | auto ID; a message: fields `ch`, `off`, `origin`, `seq`, `bseq`, `payload`; a definition announcement: `ch`, `origin`, `seq`, `bseq`, `def`, `created` (`1`/`0`); `MAXLEN ~ bus_maxlen` |
 //! | `fanout:bus:seq` | string | the bus's last `bseq` |
+//! | `fanout:channels` | hash | field: channel name, value: its definition (the app's encoding of its `create` settings); first one wins (`HSETNX`), never changed |
 //! | `fanout:epoch` | string | random, set once (`SET NX`); a change means Redis lost its data |
 //! | `fanout:node:{node}:{instance}` | string | a node run's last applied dedup sequence (expires after a day) |
 //!
@@ -53,6 +54,22 @@
 //! comes back in the [`Inbound::Message`] with the assigned offset: that is
 //! how the app learns the offset of its own publish.
 //!
+//! # Channel definitions
+//!
+//! A definition is ONE script call too ([`protocol::DEFINE_LUA`], pipelined
+//! with publishes and sharing their `origin_seq` and dedup sequence): it
+//! `HSETNX`es the definition into `fanout:channels` and announces the
+//! definition now in force (the first one recorded, maybe another node's)
+//! on the bus, with `created` telling whether it was this one. Every node
+//! gets the announcement as [`Inbound::Definition`] in bus order, so all
+//! nodes end with the same definition, and the defining node learns which
+//! one won. Each time the reader takes its place on the bus (start,
+//! reconnect, after a data reset) it reads the whole hash in the same
+//! `MULTI` as its position and hands it over as [`Inbound::Definitions`]
+//! before the [`Inbound::Up`]: every definition is in that snapshot or on
+//! the bus after it. Applying a definition twice is harmless, so a
+//! snapshot newer than the bus entries still to read does no harm.
+//!
 //! # Outages
 //!
 //! When a connection breaks the thread first reconnects once at once (a
@@ -61,7 +78,8 @@
 //! exponential backoff (`reconnect_min`..`reconnect_max`, a little
 //! jitter). When both connections are back: [`Inbound::Up`].
 //!
-//! * Publishes keep queuing during the outage, up to `outbound_queue`
+//! * Publishes and definitions keep queuing during the outage, up to
+//!   `outbound_queue`
 //!   (the batch in flight included); beyond it `publish` answers
 //!   [`Full`], counts `lost_queue_full`, and the writer reports
 //!   [`Inbound::Lost`] `{ kind: QueueFull }` (summed counts) — never
@@ -74,7 +92,8 @@
 //!   past it, the `bseq` gap is reported as `Lost { kind: BusGap }` with
 //!   the exact count.
 //! * If Redis lost its data (restart without persistence), the epoch
-//!   changes: [`Inbound::Reset`] (offsets start again from 1) and the
+//!   changes: [`Inbound::Reset`] (offsets start again from 1; the channel
+//!   definitions are gone too, the app offers its own again) and the
 //!   reader reads the new bus from its start.
 //! * History requests are answered with an error at once while down.
 //!

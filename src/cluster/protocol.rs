@@ -18,6 +18,10 @@ pub const BUS_SEQ_KEY: &str = "fanout:bus:seq";
 /// persistence, FLUSHALL, another server behind the same address).
 pub const EPOCH_KEY: &str = "fanout:epoch";
 
+/// Channel definitions (`create` settings), one field per channel; the
+/// first definition of a channel stays (`HSETNX`).
+pub const DEFINITIONS_KEY: &str = "fanout:channels";
+
 /// Seconds a node instance's publish-dedup key lives after its last publish.
 pub const DEDUP_TTL_SECS: u64 = 86_400;
 
@@ -81,6 +85,32 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*',
   'bseq', string.format('%d', bseq), 'payload', ARGV[4])
 redis.call('SET', KEYS[5], ARGV[3], 'EX', ARGV[7])
 return off
+"#;
+
+/// The define script: records a channel's definition unless the channel
+/// has one (first definition wins) and announces the definition now in
+/// force on the bus, in one atomic step, so every node applies definitions
+/// in bus order and all of them the same one. It shares the publish
+/// script's dedup sequence: a resend after an ambiguous failure is skipped.
+///
+/// KEYS: definitions hash, bus stream, bus counter, dedup key.
+/// ARGV: channel, definition, origin, origin seq, bus MAXLEN, dedup TTL.
+/// Returns the bus sequence number of the announcement, or 0 when this
+/// origin seq was already applied.
+pub const DEFINE_LUA: &str = r#"
+local seq = tonumber(ARGV[4])
+local seen = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
+if seq <= seen then
+  return 0
+end
+local created = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+local winner = redis.call('HGET', KEYS[1], ARGV[1])
+local bseq = redis.call('INCR', KEYS[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+  'ch', ARGV[1], 'origin', ARGV[3], 'seq', ARGV[4], 'bseq', string.format('%d', bseq),
+  'def', winner, 'created', string.format('%d', created))
+redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[6])
+return bseq
 "#;
 
 /// A node id is part of key names and `CLIENT SETNAME`: 1 to 64 ASCII
@@ -162,6 +192,36 @@ pub struct BusEntry {
     pub origin_seq: u64,
     pub bseq: u64,
     pub payload: String,
+}
+
+/// A bus entry announcing a channel definition (written by [`DEFINE_LUA`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefinitionEntry {
+    pub id: StreamId,
+    pub channel: String,
+    /// The definition in force (the first one Redis recorded).
+    pub definition: String,
+    /// Whether this announcement's own definition was the one recorded.
+    pub created: bool,
+    pub origin: String,
+    pub origin_seq: u64,
+    pub bseq: u64,
+}
+
+/// What a bus entry carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusItem {
+    Message(BusEntry),
+    Definition(DefinitionEntry),
+}
+
+impl BusItem {
+    pub fn bseq(&self) -> u64 {
+        match self {
+            BusItem::Message(e) => e.bseq,
+            BusItem::Definition(d) => d.bseq,
+        }
+    }
 }
 
 /// An entry of a channel stream, checked (the answer to a history request).
@@ -310,6 +370,84 @@ pub fn bus_entry(mut raw: RawEntry) -> Result<BusEntry, String> {
     })
 }
 
+/// Checks any bus entry: a definition announcement has a `def` field,
+/// anything else must be a message.
+pub fn bus_item(raw: RawEntry) -> Result<BusItem, String> {
+    if raw.field("def").is_none() {
+        return bus_entry(raw).map(BusItem::Message);
+    }
+    definition_entry(raw).map(BusItem::Definition)
+}
+
+fn definition_entry(mut raw: RawEntry) -> Result<DefinitionEntry, String> {
+    let id = StreamId::parse(&raw.id).ok_or_else(|| format!("bus entry {}: bad ID", raw.id))?;
+    let num = |raw: &RawEntry, name: &str| {
+        raw.field(name)
+            .and_then(u64_of_bytes)
+            .ok_or_else(|| format!("definition entry {}: missing or bad field {name}", raw.id))
+    };
+    let origin_seq = num(&raw, "seq")?;
+    let bseq = num(&raw, "bseq")?;
+    let created = match num(&raw, "created")? {
+        0 => false,
+        1 => true,
+        other => {
+            return Err(format!(
+                "definition entry {}: field created is {other}, expected 0 or 1",
+                raw.id
+            ))
+        }
+    };
+    let channel = text_field(&mut raw, "ch")?;
+    let origin = text_field(&mut raw, "origin")?;
+    let definition = text_field(&mut raw, "def")?;
+    Ok(DefinitionEntry {
+        id,
+        channel,
+        definition,
+        created,
+        origin,
+        origin_seq,
+        bseq,
+    })
+}
+
+/// The reply to `HGETALL` of the definitions hash: (channel, definition)
+/// pairs. A pair that is not UTF-8 is left out and counted in the answer's
+/// second part.
+pub fn parse_definitions(v: Value) -> Result<(Vec<(String, String)>, u64), String> {
+    let pairs: Vec<(Value, Value)> = match v {
+        Value::Nil => return Ok((Vec::new(), 0)),
+        Value::Map(pairs) => pairs,
+        Value::Array(flat) => {
+            if flat.len() % 2 != 0 {
+                return Err("definitions: odd number of hash items".into());
+            }
+            let mut pairs = Vec::with_capacity(flat.len() / 2);
+            let mut it = flat.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                pairs.push((k, v));
+            }
+            pairs
+        }
+        other => {
+            return Err(format!(
+                "definitions: expected a hash, got {}",
+                kind(&other)
+            ))
+        }
+    };
+    let mut out = Vec::with_capacity(pairs.len());
+    let mut unreadable = 0;
+    for (k, v) in pairs {
+        match (string_of(k), string_of(v)) {
+            (Some(channel), Some(definition)) => out.push((channel, definition)),
+            _ => unreadable += 1,
+        }
+    }
+    Ok((out, unreadable))
+}
+
 fn text_field(raw: &mut RawEntry, name: &str) -> Result<String, String> {
     raw.take_field(name)
         .and_then(|b| String::from_utf8(b).ok())
@@ -454,12 +592,26 @@ pub fn parse_history_reply(v: Value, after_offset: u64, limit: usize) -> Result<
     Ok(history(after_offset, limit, entries, last_offset))
 }
 
-/// The reply to `MULTI; XREVRANGE bus + - COUNT 1; GET bus-seq; EXEC`: where
-/// a reader that wants only new messages starts (the bus's last ID, `0-0`
-/// when it is empty) and the bus sequence number there.
-pub fn parse_bus_position(v: Value) -> Result<(StreamId, u64), String> {
-    let mut items = exec_results(v, 2, "bus position")?.into_iter();
-    let (Some(top), Some(counter)) = (items.next(), items.next()) else {
+/// Where a reader that wants only new messages starts, and the channel
+/// definitions recorded up to there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusPosition {
+    /// The bus's last ID, `0-0` when it is empty.
+    pub top: StreamId,
+    /// The bus sequence number there.
+    pub bseq: u64,
+    /// (channel, definition) pairs.
+    pub definitions: Vec<(String, String)>,
+    /// Definitions left out because they were not UTF-8.
+    pub unreadable: u64,
+}
+
+/// The reply to `MULTI; XREVRANGE bus + - COUNT 1; GET bus-seq; HGETALL
+/// definitions; EXEC`.
+pub fn parse_bus_position(v: Value) -> Result<BusPosition, String> {
+    let mut items = exec_results(v, 3, "bus position")?.into_iter();
+    let (Some(top), Some(counter), Some(definitions)) = (items.next(), items.next(), items.next())
+    else {
         return Err("bus position: missing results".into());
     };
     let bseq = parse_count(counter)?;
@@ -469,7 +621,13 @@ pub fn parse_bus_position(v: Value) -> Result<(StreamId, u64), String> {
         }
         None => StreamId { ms: 0, seq: 0 },
     };
-    Ok((id, bseq))
+    let (definitions, unreadable) = parse_definitions(definitions)?;
+    Ok(BusPosition {
+        top: id,
+        bseq,
+        definitions,
+        unreadable,
+    })
 }
 
 /// The reply to `MULTI; SET epoch candidate NX; GET epoch; EXEC` (the `SET`
@@ -844,20 +1002,104 @@ mod tests {
         let v = Value::Array(vec![
             Value::Array(vec![bus("9-2", "c", "1", "4", "p")]),
             bulk("4"),
+            Value::Array(vec![bulk("news"), bulk("{}"), bulk("bad"), Value::Int(1)]),
         ]);
+        let position = parse_bus_position(v).unwrap();
         assert_eq!(
-            parse_bus_position(v).unwrap(),
+            (position.top, position.bseq),
             (StreamId { ms: 9, seq: 2 }, 4)
         );
-        let v = Value::Array(vec![Value::Array(vec![]), Value::Nil]);
+        assert_eq!(
+            position.definitions,
+            vec![("news".into(), "{}".into()), ("bad".into(), "1".into())]
+        );
+        let v = Value::Array(vec![Value::Array(vec![]), Value::Nil, Value::Array(vec![])]);
         assert_eq!(
             parse_bus_position(v).unwrap(),
-            (StreamId { ms: 0, seq: 0 }, 0)
+            BusPosition {
+                top: StreamId { ms: 0, seq: 0 },
+                bseq: 0,
+                definitions: vec![],
+                unreadable: 0
+            }
         );
+        // The reply of a reader from before definitions (two results).
+        let v = Value::Array(vec![Value::Array(vec![]), Value::Nil]);
+        assert!(parse_bus_position(v).is_err());
         assert!(parse_bus_position(Value::Okay).is_err());
 
         assert_eq!(parse_epoch(Value::Array(vec![bulk("ab")])).unwrap(), "ab");
         assert!(parse_epoch(Value::Array(vec![Value::Nil])).is_err());
         assert!(parse_epoch(Value::Array(vec![])).is_err());
+    }
+
+    #[test]
+    fn definition_entries_and_hashes() {
+        let fields = [
+            ("ch", "news"),
+            ("origin", "b"),
+            ("seq", "4"),
+            ("bseq", "12"),
+            ("def", "{\"publish\":\"anyone\"}"),
+            ("created", "1"),
+        ];
+        let raw = parse_entries(Value::Array(vec![entry("3-1", &fields)])).unwrap();
+        assert_eq!(
+            bus_item(raw[0].clone()).unwrap(),
+            BusItem::Definition(DefinitionEntry {
+                id: StreamId { ms: 3, seq: 1 },
+                channel: "news".into(),
+                definition: "{\"publish\":\"anyone\"}".into(),
+                created: true,
+                origin: "b".into(),
+                origin_seq: 4,
+                bseq: 12,
+            })
+        );
+        assert_eq!(bus_item(raw[0].clone()).unwrap().bseq(), 12);
+        // A message is still a message.
+        let raw = parse_entries(Value::Array(vec![bus("1-0", "c", "1", "1", "p")])).unwrap();
+        assert!(matches!(
+            bus_item(raw[0].clone()),
+            Ok(BusItem::Message(BusEntry { offset: 1, .. }))
+        ));
+        for (name, bad) in [
+            ("created", "2"),
+            ("created", "x"),
+            ("seq", "-1"),
+            ("bseq", ""),
+        ] {
+            let broken: Vec<(&str, &str)> = fields
+                .iter()
+                .map(|&(k, v)| if k == name { (k, bad) } else { (k, v) })
+                .collect();
+            let raw = parse_entries(Value::Array(vec![entry("3-1", &broken)])).unwrap();
+            let e = bus_item(raw[0].clone()).unwrap_err();
+            assert!(e.contains(name), "{name}={bad}: {e}");
+        }
+        let without_channel: Vec<(&str, &str)> =
+            fields.iter().copied().filter(|(k, _)| *k != "ch").collect();
+        let raw = parse_entries(Value::Array(vec![entry("3-1", &without_channel)])).unwrap();
+        assert!(bus_item(raw[0].clone()).unwrap_err().contains("ch"));
+
+        // RESP3 map, RESP2 flat array, nil, and the shapes that are errors.
+        let map = Value::Map(vec![(bulk("a"), bulk("1")), (bulk("b"), bulk("2"))]);
+        assert_eq!(
+            parse_definitions(map).unwrap(),
+            (vec![("a".into(), "1".into()), ("b".into(), "2".into())], 0)
+        );
+        let non_utf8 = Value::Array(vec![
+            bulk("a"),
+            Value::BulkString(vec![0xff]),
+            bulk("b"),
+            bulk("2"),
+        ]);
+        assert_eq!(
+            parse_definitions(non_utf8).unwrap(),
+            (vec![("b".into(), "2".into())], 1)
+        );
+        assert_eq!(parse_definitions(Value::Nil).unwrap(), (vec![], 0));
+        assert!(parse_definitions(Value::Array(vec![bulk("odd")])).is_err());
+        assert!(parse_definitions(Value::Int(3)).is_err());
     }
 }

@@ -26,6 +26,13 @@ pub(crate) enum Command {
         channel: String,
         payload: String,
     },
+    /// A channel definition (see `protocol::DEFINE_LUA`): pipelined with
+    /// publishes, in the same per-link sequence.
+    Define {
+        id: u64,
+        channel: String,
+        definition: String,
+    },
     History {
         request: u64,
         channel: String,
@@ -78,7 +85,8 @@ impl Outbox {
     }
 
     /// Waits up to `wait` for work, then moves into `out` either one
-    /// history request or a run of up to `max` publishes from the front.
+    /// history request or a run of up to `max` publishes and definitions
+    /// from the front.
     /// They stay counted against the capacity until [`Outbox::done`].
     pub fn take_batch(
         &self,
@@ -111,7 +119,7 @@ impl Outbox {
                     n += 1;
                     break;
                 }
-                Some(Command::Publish { .. }) => {
+                Some(Command::Publish { .. } | Command::Define { .. }) => {
                     out.extend(s.queue.pop_front());
                     n += 1;
                 }
@@ -128,7 +136,7 @@ impl Outbox {
     }
 
     /// Takes every queued history request (to answer them with an error
-    /// while Redis is unreachable); publishes stay queued.
+    /// while Redis is unreachable); publishes and definitions stay queued.
     pub fn take_history(&self) -> Vec<Command> {
         let mut s = lock(&self.state);
         if !s.queue.iter().any(|c| matches!(c, Command::History { .. })) {
@@ -231,7 +239,8 @@ impl Inbox {
         loop {
             let was_empty = s.items.is_empty();
             while let Some(item) = items.front() {
-                let is_message = matches!(item, Inbound::Message { .. });
+                let is_message =
+                    matches!(item, Inbound::Message { .. } | Inbound::Definition { .. });
                 if is_message && s.messages >= self.capacity {
                     break;
                 }
@@ -367,6 +376,30 @@ mod tests {
         b.clear();
         o.take_batch(10, Duration::ZERO, &stop, &mut b);
         assert!(matches!(b[..], [Command::Publish { id: 3, .. }]));
+    }
+
+    #[test]
+    fn outbox_batches_definitions_with_publishes_in_order() {
+        let stop = AtomicBool::new(false);
+        let o = Outbox::new(10);
+        let define = Command::Define {
+            id: 2,
+            channel: "c".into(),
+            definition: "{}".into(),
+        };
+        for c in [publish(1), define, publish(3), history(4)] {
+            o.push(c).unwrap();
+        }
+        let mut b = Vec::new();
+        o.take_batch(10, Duration::ZERO, &stop, &mut b);
+        assert!(matches!(
+            b[..],
+            [
+                Command::Publish { id: 1, .. },
+                Command::Define { id: 2, .. },
+                Command::Publish { id: 3, .. }
+            ]
+        ));
     }
 
     #[test]
