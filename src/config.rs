@@ -216,6 +216,12 @@ pub struct Config {
     /// unique per running node (default: hostname and process id).
     #[arg(long, value_name = "ID")]
     pub node_id: Option<String>,
+
+    /// Scale-out chat presence: how long a node that died without shutting
+    /// down keeps being listed by `chat.who` on the other nodes (whole
+    /// seconds, 1s to 1h).
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub presence_ttl: Duration,
 }
 
 impl Default for Config {
@@ -321,6 +327,15 @@ impl Config {
             if !url.starts_with("redis://") {
                 return Err(format!("--redis {url:?}: expected redis://HOST:PORT[/DB]"));
             }
+        }
+        if self.presence_ttl < Duration::from_secs(1)
+            || self.presence_ttl > Duration::from_secs(3600)
+            || self.presence_ttl.subsec_nanos() != 0
+        {
+            return Err(format!(
+                "--presence-ttl {}: expected whole seconds from 1s to 1h",
+                humantime::format_duration(self.presence_ttl)
+            ));
         }
         if let Some(id) = &self.node_id {
             if !crate::cluster::protocol::valid_node_id(id) {

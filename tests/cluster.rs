@@ -426,7 +426,11 @@ fn nodes_keep_serving_through_a_redis_outage_and_recover() {
     assert_eq!(a.metric("fanout_redis_local_deliveries_total"), 1.0);
     // Chat too keeps working locally.
     let mut ann = Client::connect(a.public());
-    ann.ok(json!({"type": "chat.join", "room": "lobby"}));
+    let joined = ann.ok(json!({"type": "chat.join", "room": "lobby"}));
+    // `who` cannot ask Redis: this node's members, and it says so.
+    let members = chat_ok(&mut ann, json!({"type": "chat.who", "room": "lobby"}));
+    assert_eq!(members["local"], true, "{members}");
+    assert_eq!(members["members"], json!([joined["nick"]]), "{members}");
 
     redis.restart();
     a.wait_ready(true);
@@ -469,6 +473,10 @@ fn without_redis_nothing_changes_and_bad_flags_are_refused() {
         &["--redis", "http://x"][..],
         &["--redis", "redis://127.0.0.1:1", "--node-id", "bad id"][..],
         &["--redis", "redis://127.0.0.1:1", "--node-id", ""][..],
+        &["--presence-ttl", "0s"][..],
+        &["--presence-ttl", "1500ms"][..],
+        &["--presence-ttl", "2h"][..],
+        &["--presence-ttl", "soon"][..],
     ] {
         let mut args = vec!["fanout"];
         args.extend_from_slice(bad);
@@ -714,4 +722,157 @@ fn creates_during_a_redis_outage_are_local_then_reconciled_on_every_node() {
     wait_settings(&c, "both", &winner);
     wait_settings(&c, "only-a", &only_a);
     assert_eq!(a.metric("fanout_redis_resets_total"), 1.0);
+}
+
+/// Like `ok`, for a chat member: the room's notices and lines that
+/// arrive before the ack are skipped.
+fn chat_ok(client: &mut Client, request: Value) -> Value {
+    client.send(&request);
+    for _ in 0..100 {
+        let reply = client.recv();
+        if reply["type"] == "chat" {
+            continue;
+        }
+        assert_eq!(reply["type"], "ack", "for {request}: {reply}");
+        assert_eq!(reply["request"], request["type"], "{reply}");
+        return reply;
+    }
+    panic!("no ack for {request} within 100 messages");
+}
+
+/// `chat.who` of `room` asked on `node`: the members, or the error code.
+fn who(node: &Node, room: &str) -> Result<Vec<String>, String> {
+    let mut client = Client::connect(node.public());
+    client.send(&json!({"type": "chat.who", "room": room}));
+    let reply = client.recv();
+    if reply["type"] == "error" {
+        return Err(reply["code"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(reply["request"], "chat.who", "{reply}");
+    assert!(reply.get("local").is_none(), "{reply}");
+    Ok(reply["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_owned())
+        .collect())
+}
+
+/// Waits until `chat.who` of `room` on `node` answers `want`.
+fn wait_who(node: &Node, room: &str, want: &[&str]) {
+    let want: Result<Vec<String>, String> = Ok(want.iter().map(|s| s.to_string()).collect());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = who(node, room);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "who [{room}] never became {want:?}; last {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A plain-text `/chat` client (greeted, in the lobby).
+fn plain_chat(addr: SocketAddr) -> WebSocket<TcpStream> {
+    let stream = connect_tcp(addr);
+    let (mut ws, _) = tungstenite::client(format!("ws://{addr}/chat"), stream).expect("handshake");
+    ws.get_mut().set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    match ws.read().expect("greeting") {
+        Message::Text(t) => assert!(t.starts_with("* welcome"), "{t}"),
+        other => panic!("{other:?}"),
+    }
+    ws
+}
+
+/// Sends `/who` and reads lines until its answer.
+fn plain_who(ws: &mut WebSocket<TcpStream>) -> String {
+    ws.send(Message::Text("/who".into())).unwrap();
+    for _ in 0..100 {
+        if let Message::Text(t) = ws.read().expect("read") {
+            if t.starts_with("* in [") {
+                return t.to_string();
+            }
+        }
+    }
+    panic!("no /who answer within 100 lines");
+}
+
+#[test]
+fn chat_who_lists_the_members_on_every_node() {
+    let redis = RedisServer::start();
+    let a = Node::start(&redis, "node-a", &[]);
+    let b = Node::start(&redis, "node-b", &["--presence-ttl", "1s"]);
+    let mut ann = Client::connect(a.public());
+    let mut bob = Client::connect(b.public());
+    chat_ok(&mut ann, json!({"type": "chat.nick", "nick": "ann"}));
+    chat_ok(&mut bob, json!({"type": "chat.nick", "nick": "bob"}));
+    chat_ok(&mut ann, json!({"type": "chat.join", "room": "ops"}));
+    chat_ok(&mut bob, json!({"type": "chat.join", "room": "ops"}));
+    wait_who(&a, "ops", &["ann", "bob"]);
+    wait_who(&b, "ops", &["ann", "bob"]);
+    chat_ok(&mut bob, json!({"type": "chat.nick", "nick": "rob"}));
+    wait_who(&a, "ops", &["ann", "rob"]);
+    // A node without members of the room knows them too, also one started
+    // later; a room nobody is in is not found.
+    let c = Node::start(&redis, "node-c", &[]);
+    wait_who(&c, "ops", &["ann", "rob"]);
+    assert_eq!(who(&c, "nowhere"), Err("not_found".to_owned()));
+    // Plain-text clients: `/who` of the lobby lists both nodes' members.
+    let mut plain_a = plain_chat(a.public());
+    let mut plain_b = plain_chat(b.public());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let line = plain_who(&mut plain_a);
+        if line.matches("guest-").count() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{line}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(plain_who(&mut plain_b).matches("guest-").count(), 2);
+    // Leaving, and closing the connection, remove the member everywhere.
+    chat_ok(&mut bob, json!({"type": "chat.leave", "room": "ops"}));
+    wait_who(&c, "ops", &["ann"]);
+    chat_ok(&mut bob, json!({"type": "chat.join", "room": "ops"}));
+    wait_who(&a, "ops", &["ann", "rob"]);
+    drop(bob);
+    wait_who(&a, "ops", &["ann"]);
+    // A node that stops takes its members with it at once ...
+    let mut dan = Client::connect(b.public());
+    chat_ok(&mut dan, json!({"type": "chat.nick", "nick": "dan"}));
+    chat_ok(&mut dan, json!({"type": "chat.join", "room": "ops"}));
+    wait_who(&a, "ops", &["ann", "dan"]);
+    drop(dan);
+    drop(plain_b);
+    b.server.stop().unwrap();
+    wait_who(&a, "ops", &["ann"]);
+    // ... and the members of a node that died without a word (its alive key
+    // gone, as after its presence TTL) are dropped by the next `who`.
+    let mut admin = redis.admin();
+    let _: () = redis::cmd("HSET")
+        .arg("fanout:room:ops")
+        .arg("node-x:0123456789abcdef/7")
+        .arg("ghost")
+        .query(&mut admin)
+        .unwrap();
+    wait_who(&a, "ops", &["ann"]);
+    let left: i64 = redis::cmd("HEXISTS")
+        .arg("fanout:room:ops")
+        .arg("node-x:0123456789abcdef/7")
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(left, 0, "the dead run's member was removed");
+    // Every live node keeps its alive key with a TTL.
+    let alive: Vec<String> = redis::cmd("KEYS")
+        .arg("fanout:alive:*")
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(alive.len(), 2, "{alive:?}");
+    for key in alive {
+        let ttl: i64 = redis::cmd("TTL").arg(&key).query(&mut admin).unwrap();
+        assert!((1..=15).contains(&ttl), "{key}: {ttl}");
+    }
 }

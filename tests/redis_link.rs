@@ -916,3 +916,35 @@ fn the_first_definition_of_a_channel_wins_on_every_node_and_later_links_load_it(
     assert_eq!(snapshots(&c).len(), 2);
     assert_eq!(snapshots(&c)[0], snapshots(&c)[1]);
 }
+
+#[test]
+fn a_redis_out_of_memory_refuses_writes_but_the_link_stays_up() {
+    let redis = RedisServer::start();
+    let mut a = Node::with(&redis.url(), "a");
+    a.expect("Up", has_up);
+    let mut admin = redis.admin();
+    let set = |con: &mut redis::Connection, name: &str, value: &str| {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query(con)
+            .unwrap();
+    };
+    set(&mut admin, "maxmemory-policy", "noeviction");
+    set(&mut admin, "maxmemory", "1");
+    let refused = a.link.publish("c", "never".into()).unwrap();
+    a.expect("refusal", move |s| {
+        s.iter().any(|i| {
+            matches!(i, Inbound::Lost { kind: LostKind::Rejected { origin_seq }, .. } if *origin_seq == refused)
+        })
+    });
+    // Heartbeats are refused too meanwhile: that is not an outage.
+    a.settle(Duration::from_millis(2500));
+    assert!(!a.seen.iter().any(is_down), "{:?}", a.seen);
+    assert_eq!(a.link.state(), LinkState::Up);
+    set(&mut admin, "maxmemory", "0");
+    a.link.publish("c", "fine".into()).unwrap();
+    a.expect("the message", n_messages(1));
+    assert_eq!(a.channel("c")[0].payload, "fine");
+}

@@ -13,6 +13,7 @@ use log::debug;
 use serde_json::{json, Value};
 
 use super::chat_command::{parse_line, valid_nick, valid_room, ChatInput, HELP};
+use super::chat_presence::{who_line, PresenceChange, PresenceRelay, WhoRequest};
 use super::protocol::{ErrorCode, ProtocolError};
 use super::{unix_millis, ConnId, Message, Outbox};
 use crate::ws::SharedFrame;
@@ -144,6 +145,8 @@ pub struct Chat {
     /// member here (at most `max_rooms` of them), so that whoever joins
     /// one here replays it.
     unjoined: HashMap<String, VecDeque<Arc<Line>>>,
+    /// Scale-out: presence changes and plain `/who` requests for Redis.
+    pub presence: Option<PresenceRelay>,
 }
 
 impl Chat {
@@ -159,6 +162,7 @@ impl Chat {
             dropped_total: 0,
             relay: None,
             unjoined: HashMap::new(),
+            presence: None,
         }
     }
 
@@ -291,8 +295,10 @@ impl Chat {
             }
             ChatInput::Who => match current_room {
                 Some(room) => {
-                    let nicks = self.who(&room);
-                    tell(out, conn, &format!("* in [{room}]: {}", nicks.join(", ")));
+                    match self.presence.as_mut() {
+                        Some(presence) => presence.who.push(WhoRequest { conn, room }),
+                        None => tell(out, conn, &who_line(&room, &self.who(&room), false)),
+                    }
                     Ok(())
                 }
                 None => Err(not_in_a_room()),
@@ -372,6 +378,7 @@ impl Chat {
         }
         entry.members.push(conn);
         let history: Vec<Arc<Line>> = entry.history.iter().cloned().collect();
+        self.note_presence(room, conn, Some(&nick));
         let info = json!({ "room": room, "nick": nick, "members": self.who(room), "replayed": history.len() });
         // What the joiner is told first: before the history it replays.
         let intro = match format {
@@ -402,6 +409,7 @@ impl Chat {
         if let Some(entry) = self.rooms.get_mut(room) {
             entry.members.retain(|c| *c != conn);
         }
+        self.note_presence(room, conn, None);
         self.broadcast(room, &nick, "", LineKind::Left, out);
         if room != DEFAULT_ROOM && self.rooms.get(room).is_some_and(|r| r.members.is_empty()) {
             let removed = self.rooms.remove(room);
@@ -492,6 +500,7 @@ impl Chat {
         member.nick = nick.to_owned();
         let rooms = member.rooms.clone();
         for room in &rooms {
+            self.note_presence(room, conn, Some(nick));
             self.broadcast(room, &old, nick, LineKind::Renamed, out);
         }
         if rooms.is_empty() && format == ChatFormat::Plain {
@@ -518,6 +527,32 @@ impl Chat {
             .unwrap_or_default();
         nicks.sort();
         nicks
+    }
+
+    /// Scale-out: every member's presence in every room here (written
+    /// again when Redis may have lost or expired it).
+    pub fn presence_snapshot(&self) -> Vec<PresenceChange> {
+        let mut all = Vec::new();
+        for (conn, member) in &self.members {
+            for room in &member.rooms {
+                all.push(PresenceChange {
+                    room: room.clone(),
+                    conn: *conn,
+                    nick: Some(member.nick.clone()),
+                });
+            }
+        }
+        all
+    }
+
+    fn note_presence(&mut self, room: &str, conn: ConnId, nick: Option<&str>) {
+        if let Some(presence) = self.presence.as_mut() {
+            presence.changes.push(PresenceChange {
+                room: room.to_owned(),
+                conn,
+                nick: nick.map(str::to_owned),
+            });
+        }
     }
 
     pub fn rooms(&self) -> Value {

@@ -26,6 +26,13 @@
 //!   (`"created": false`). Nodes load every definition when their link
 //!   comes up, and `/readyz` says ready only once they are applied. A
 //!   channel never `create`d has each node's defaults.
+//! * chat presence ([`super::chat_presence`]): each node writes its room
+//!   members to Redis as they join, leave and change nick, and again after
+//!   every reconnect and data reset (another node may have removed them
+//!   while this node's alive key had expired); `chat.who` and `/who` ask
+//!   Redis and list the members on every live node (while the link is
+//!   down: this node's, with `"local": true`). `chat.rooms`, the member
+//!   list in a `chat.join` ack and nick uniqueness stay per node.
 //!
 //! # While the link is not up
 //!
@@ -67,6 +74,7 @@ use serde_json::{json, Value};
 
 use super::channel_definition::ChannelDefinition;
 use super::chat::{ChatLine, LineKind};
+use super::chat_presence::PresenceChange;
 use super::ConnId;
 use crate::cluster::{Full, LinkState, LostKind, RedisLink};
 
@@ -98,6 +106,15 @@ pub struct Resume {
     pub since: u64,
 }
 
+/// A `who` waiting for Redis's answer.
+#[derive(Debug)]
+pub struct WhoWaiting {
+    pub reply: Reply,
+    pub room: String,
+    /// A plain-text `/who` (else a JSON `chat.who`).
+    pub plain: bool,
+}
+
 /// App-level counters of the scale-out.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ClusterStats {
@@ -126,6 +143,7 @@ struct Warned {
     bus_gap: bool,
     malformed: bool,
     definition_not_applied: bool,
+    presence_lost: bool,
 }
 
 pub struct Cluster {
@@ -136,6 +154,7 @@ pub struct Cluster {
     /// `origin_seq`.
     pub definitions: HashMap<u64, Pending>,
     pub resumes: HashMap<u64, Resume>,
+    pub whos: HashMap<u64, WhoWaiting>,
     pub stats: ClusterStats,
     /// This process's run, in every bus payload it sends (`"i"`), so that
     /// duplicates can be told by (origin, run, origin_seq).
@@ -168,6 +187,7 @@ impl Cluster {
             pending: HashMap::new(),
             definitions: HashMap::new(),
             resumes: HashMap::new(),
+            whos: HashMap::new(),
             stats: ClusterStats::default(),
             run: format!("{:016x}", crate::cluster::protocol::random_u64()),
             seen: HashMap::new(),
@@ -199,6 +219,20 @@ impl Cluster {
         let seq = self.link.define(channel, definition.encode())?;
         self.definitions.insert(seq, Pending { local, reply });
         Ok(())
+    }
+
+    /// Sends a chat presence change to Redis; one that does not fit the
+    /// link's queue is counted by the link and logged here once.
+    pub fn presence(&mut self, change: &PresenceChange) {
+        let member = change.conn as u64;
+        if self
+            .link
+            .presence(&change.room, member, change.nick.as_deref())
+            .is_err()
+            && !std::mem::replace(&mut self.warned.presence_lost, true)
+        {
+            warn!("chat presence change not sent: the redis link's queue is full; `who` on other nodes may be wrong until this node reconnects (counted in fanout_redis_presence_lost_total, logged once)");
+        }
     }
 
     /// A definition from Redis could not be applied here.

@@ -9,6 +9,7 @@ pub mod channel_name;
 pub mod channels;
 pub mod chat;
 pub mod chat_command;
+pub mod chat_presence;
 pub mod cluster;
 mod echo;
 pub mod event_filter;
@@ -28,7 +29,8 @@ use self::auth::KeyRing;
 use self::channel_definition::ChannelDefinition;
 use self::channels::{Apply, ChannelLimits, Channels, Published, SettingsSource};
 use self::chat::{Chat, LineKind};
-use self::cluster::{Cluster, Reply, Resume, CHAT_PREFIX};
+use self::chat_presence::{who_line, PresenceRelay};
+use self::cluster::{Cluster, Reply, Resume, WhoWaiting, CHAT_PREFIX};
 use self::event_stream::{Event, EventStreams};
 use self::market::legacy::{self, LegacyCommand};
 use self::market::Market;
@@ -402,6 +404,24 @@ impl App {
                 let extra = self.chat.rename(conn, &nick, out)?;
                 acknowledge(out, "chat.nick", extra);
             }
+            Command::ChatWho { room } if self.cluster.is_some() => {
+                let reply = self.reply_to(conn, id.clone());
+                let cluster = self.cluster.as_mut().expect("checked above");
+                match (cluster.link.who(&room), reply) {
+                    (Ok(request), Some(reply)) => {
+                        let plain = false;
+                        cluster
+                            .whos
+                            .insert(request, WhoWaiting { reply, room, plain });
+                    }
+                    (Ok(_), None) => {}
+                    (Err(_), _) => {
+                        let members = self.chat.who(&room);
+                        let extra = self.who_answer(&room, members, true)?;
+                        acknowledge(out, "chat.who", extra);
+                    }
+                }
+            }
             Command::ChatWho { room } => {
                 if !self.chat.room_exists(&room) {
                     return Err(ProtocolError::new(
@@ -700,6 +720,7 @@ impl App {
     /// chat lines go through Redis.
     pub fn attach_cluster(&mut self, link: RedisLink) {
         self.chat.relay = Some(Vec::new());
+        self.chat.presence = Some(PresenceRelay::default());
         self.cluster = Some(Cluster::new(link));
     }
 
@@ -721,6 +742,70 @@ impl App {
         self.clients
             .get(&reply.conn)
             .is_some_and(|c| c.serial == reply.serial)
+    }
+
+    /// Scale-out `chat.who`: the members on every node (`local`: this
+    /// node's only, Redis could not answer).
+    fn who_answer(
+        &self,
+        room: &str,
+        members: Vec<String>,
+        local: bool,
+    ) -> Result<Value, ProtocolError> {
+        if members.is_empty() && !self.chat.room_exists(room) {
+            return Err(ProtocolError::new(
+                ErrorCode::NotFound,
+                format!("no room named `{room}`"),
+            ));
+        }
+        let mut extra = json!({ "room": room, "members": members });
+        if local {
+            extra["local"] = json!(true);
+        }
+        Ok(extra)
+    }
+
+    /// Answers a `who` that waited for Redis.
+    fn answer_who(
+        &mut self,
+        waiting: WhoWaiting,
+        result: Result<Vec<String>, String>,
+        out: &mut impl Outbox,
+    ) {
+        if !self.still_open(&waiting.reply) {
+            return;
+        }
+        let (members, local) = match result {
+            Ok(nicks) => (nicks, false),
+            Err(e) => {
+                debug!("who [{}] answered from this node only: {e}", waiting.room);
+                (self.chat.who(&waiting.room), true)
+            }
+        };
+        let Reply { conn, id, .. } = waiting.reply;
+        if waiting.plain {
+            out.reply(
+                conn,
+                Message::Text(&who_line(&waiting.room, &members, local)),
+            );
+            return;
+        }
+        match self.who_answer(&waiting.room, members, local) {
+            Ok(extra) => out.reply(conn, Message::Text(&ack(&id, "chat.who", extra))),
+            Err(e) => self.send_error(conn, &id, &e, out),
+        }
+    }
+
+    /// Writes every member's presence here to Redis again: after a
+    /// reconnect (another node may have cleared it while this node's alive
+    /// key had expired) or a data reset.
+    fn rewrite_presence(&mut self) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        for change in self.chat.presence_snapshot() {
+            cluster.presence(&change);
+        }
     }
 
     /// Scale-out `create`: the definition goes through Redis, where the
@@ -868,6 +953,49 @@ impl App {
             let payload = cluster::chat_payload(&cluster.run, &line);
             if cluster.publish(&channel, payload, None) {
                 self.chat.deliver(line, out);
+            }
+        }
+        self.flush_presence(out);
+    }
+
+    /// Sends the presence changes since the last call to Redis, then the
+    /// plain `/who` requests (answered after those changes).
+    fn flush_presence(&mut self, out: &mut impl Outbox) {
+        let Some(presence) = self.chat.presence.as_mut().map(std::mem::take) else {
+            return;
+        };
+        let cluster = self
+            .cluster
+            .as_mut()
+            .expect("chat presence only with a cluster");
+        for change in &presence.changes {
+            cluster.presence(change);
+        }
+        for request in presence.who {
+            let Some(reply) = self.reply_to(request.conn, None) else {
+                continue;
+            };
+            let cluster = self.cluster.as_mut().expect("checked above");
+            match cluster.link.who(&request.room) {
+                Ok(id) => {
+                    let room = request.room;
+                    cluster.whos.insert(
+                        id,
+                        WhoWaiting {
+                            reply,
+                            room,
+                            plain: true,
+                        },
+                    );
+                }
+                Err(e) => {
+                    let waiting = WhoWaiting {
+                        reply,
+                        room: request.room,
+                        plain: true,
+                    };
+                    self.answer_who(waiting, Err(e.to_string()), out);
+                }
             }
         }
     }
@@ -1022,13 +1150,26 @@ impl App {
                     let _ = self.apply_definition(&channel, &definition);
                 }
             }
-            Inbound::Up => cluster.on_up(),
+            Inbound::Who {
+                request,
+                room: _,
+                result,
+            } => {
+                if let Some(waiting) = cluster.whos.remove(&request) {
+                    self.answer_who(waiting, result, out);
+                }
+            }
+            Inbound::Up => {
+                cluster.on_up();
+                self.rewrite_presence();
+            }
             Inbound::Down { .. } => cluster.on_down(),
             Inbound::Reset => {
                 cluster.stats.resets += 1;
                 warn!("redis lost its data: channel offsets start again from 1; backlogs emptied");
                 self.channels.reset_offsets();
                 self.redefine_after_reset();
+                self.rewrite_presence();
             }
             Inbound::Lost { count, kind } => {
                 if let Some((reply, what)) = cluster.on_lost(count, kind) {
@@ -1099,6 +1240,11 @@ impl App {
                 "fanout_redis_duplicates_total",
                 "Second copies of a bus message (resent across a Redis data loss), skipped.",
                 c.duplicates,
+            ),
+            (
+                "fanout_redis_presence_lost_total",
+                "Chat presence changes that did not reach Redis (queue full or refused).",
+                link.presence_lost,
             ),
             (
                 "fanout_redis_defined_total",

@@ -14,15 +14,17 @@ use redis::{Client, Connection, ErrorKind, RedisError, Script, Value};
 
 use super::backoff::Backoff;
 use super::protocol::{
-    self, channel_key, dedup_key, offset_key, BusItem, History, PublishReply, StreamId, BUS_KEY,
-    BUS_SEQ_KEY, DEDUP_TTL_SECS, DEFINE_LUA, DEFINITIONS_KEY, EPOCH_KEY, PUBLISH_LUA,
+    self, alive_key, channel_key, dedup_key, offset_key, presence_field, room_key, BusItem,
+    History, PublishReply, StreamId, ALIVE_PREFIX, BUS_KEY, BUS_SEQ_KEY, DEDUP_TTL_SECS,
+    DEFINE_LUA, DEFINITIONS_KEY, EPOCH_KEY, PUBLISH_LUA, WHO_LUA,
 };
 use super::queues::{Command, Inbox, Outbox};
 
 /// The most entries one history request answers.
 pub const MAX_HISTORY: usize = 10_000;
 
-/// How often an idle writer checks its connection with `PING`.
+/// How often the writer refreshes its node run's alive key (which also
+/// checks its connection when idle).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest a link thread sleeps before looking at the stop flag.
 const TICK: Duration = Duration::from_millis(100);
@@ -66,6 +68,10 @@ pub struct LinkConfig {
     /// How long `shutdown` waits for the threads (the writer spends up to
     /// half of it flushing queued publishes).
     pub shutdown_timeout: Duration,
+    /// Chat presence: how long this node's room members stay listed by
+    /// `who` on other nodes after this node stopped refreshing its alive
+    /// key (it died). Whole seconds, at least 1.
+    pub presence_ttl: Duration,
 }
 
 impl LinkConfig {
@@ -83,6 +89,7 @@ impl LinkConfig {
             read_block: Duration::from_millis(500),
             io_timeout: Duration::from_secs(2),
             shutdown_timeout: Duration::from_secs(3),
+            presence_ttl: Duration::from_secs(15),
         }
     }
 
@@ -111,6 +118,7 @@ impl LinkConfig {
             ("reconnect_min", self.reconnect_min),
             ("reconnect_max", self.reconnect_max),
             ("shutdown_timeout", self.shutdown_timeout),
+            ("presence_ttl", self.presence_ttl),
         ] {
             if v > hour {
                 return Err(format!("{name} must be at most an hour"));
@@ -119,6 +127,9 @@ impl LinkConfig {
         if self.read_block < Duration::from_millis(1) || self.io_timeout < Duration::from_millis(1)
         {
             return Err("read_block and io_timeout must be at least 1 ms".into());
+        }
+        if self.presence_ttl < Duration::from_secs(1) {
+            return Err("presence_ttl must be at least 1 s".into());
         }
         Ok(())
     }
@@ -162,6 +173,13 @@ pub enum Inbound {
         request: u64,
         channel: String,
         result: Result<History, String>,
+    },
+    /// The answer to [`RedisLink::who`]: the nicks of the room's members
+    /// on every live node, sorted.
+    Who {
+        request: u64,
+        room: String,
+        result: Result<Vec<String>, String>,
     },
     /// Both connections are up (first connect, or after a `Down`).
     Up,
@@ -225,6 +243,9 @@ pub struct LinkStats {
     pub duplicates: u64,
     /// History requests answered (with entries or an error).
     pub history_answered: u64,
+    /// Chat presence changes that did not reach Redis (queue full, or
+    /// refused): `who` on other nodes may miss or keep those members.
+    pub presence_lost: u64,
     /// Publishes and history requests waiting or in flight.
     pub outbound_queued: usize,
     /// Bus messages waiting for `drain`.
@@ -268,6 +289,7 @@ struct Counters {
     malformed: AtomicU64,
     duplicates: AtomicU64,
     history_answered: AtomicU64,
+    presence_lost: AtomicU64,
     lag_ms: AtomicU64,
     reconnects: AtomicU64,
     connect_failures: AtomicU64,
@@ -410,6 +432,18 @@ impl Shared {
         self.lost(n, LostKind::QueueFull);
     }
 
+    /// Answers a read (history, who) with an error.
+    fn fail_read(&self, cmd: Command, why: &str) {
+        match cmd {
+            Command::Who { request, room } => self.inbox.push_control(Inbound::Who {
+                request,
+                room,
+                result: Err(why.to_string()),
+            }),
+            history => self.answer_history(history, Err(why.to_string())),
+        }
+    }
+
     fn answer_history(&self, cmd: Command, result: Result<History, String>) {
         if let Command::History {
             request, channel, ..
@@ -440,6 +474,7 @@ impl Shared {
             malformed: load(&self.c.malformed),
             duplicates: load(&self.c.duplicates),
             history_answered: load(&self.c.history_answered),
+            presence_lost: load(&self.c.presence_lost),
             outbound_queued: self.outbox.len(),
             inbound_queued: self.inbox.len(),
             lag_ms: load(&self.c.lag_ms),
@@ -461,6 +496,17 @@ fn millis(d: Duration) -> u64 {
 /// timeout, a reply the client could not parse) does not.
 fn is_connection_error(e: &RedisError) -> bool {
     !matches!(e.kind(), ErrorKind::Server(_) | ErrorKind::Extension)
+}
+
+/// Redis is there but cannot take writes now (loading its data, a
+/// replica, ...): the link waits, as for a broken connection.
+fn is_unavailable(e: &RedisError) -> bool {
+    e.code().is_some_and(|code| {
+        matches!(
+            code,
+            "LOADING" | "READONLY" | "MASTERDOWN" | "TRYAGAIN" | "BUSY" | "CLUSTERDOWN"
+        )
+    })
 }
 
 /// Logs a repeated warning at most once per [`WARN_INTERVAL`].
@@ -534,6 +580,16 @@ fn sync_epoch(sh: &Shared, con: &mut Connection) -> Result<u64, String> {
     Ok(sh.note_epoch(protocol::parse_epoch(reply)?))
 }
 
+/// Sets a node run's alive key for `ttl` (whole seconds, at least 1).
+fn set_alive(con: &mut Connection, key: &str, ttl: Duration) -> redis::RedisResult<Value> {
+    redis::cmd("SET")
+        .arg(key)
+        .arg(1)
+        .arg("EX")
+        .arg(ttl.as_secs().max(1))
+        .query::<Value>(con)
+}
+
 /// Sleeps `d` in short steps, returning early when the link stops.
 fn nap(sh: &Shared, d: Duration) {
     let deadline = Instant::now() + d;
@@ -595,6 +651,8 @@ impl RedisLink {
             conn: None,
             script: Script::new(PUBLISH_LUA),
             define_script: Script::new(DEFINE_LUA),
+            who_script: Script::new(WHO_LUA),
+            alive_key: alive_key(&sh.cfg.node_id, &sh.instance),
             backoff: Backoff::new(sh.cfg.reconnect_min, sh.cfg.reconnect_max, seed),
             down: false,
             connected_before: false,
@@ -603,7 +661,7 @@ impl RedisLink {
             next_dseq: 0,
             noscript_rounds: 0,
             dedup_key: dedup_key(&sh.cfg.node_id, &sh.instance),
-            last_io: Instant::now(),
+            last_heartbeat: Instant::now(),
             rejected_warn: RateLimited::new(),
         };
         let reader = Reader {
@@ -688,6 +746,34 @@ impl RedisLink {
             definition,
         };
         self.sh.outbox.push(cmd).map(|()| seq).map_err(|_| Full)
+    }
+
+    /// Chat presence: member `member` (unique on this node while it is a
+    /// member) of `room` has `nick` now, or left it (None). Never blocks;
+    /// applied in order. On [`Full`] it is counted in `presence_lost`.
+    pub fn presence(&self, room: &str, member: u64, nick: Option<&str>) -> Result<(), Full> {
+        let cmd = Command::Presence {
+            room: room.to_string(),
+            member,
+            nick: nick.map(str::to_string),
+        };
+        self.sh.outbox.push(cmd).map_err(|_| {
+            add(&self.sh.c.presence_lost, 1);
+            Full
+        })
+    }
+
+    /// Asks for the nicks of `room`'s members on every live node; never
+    /// blocks. The answer comes back as [`Inbound::Who`], after this link's
+    /// earlier presence changes were applied. While Redis is unreachable
+    /// the answer is an error, at once.
+    pub fn who(&self, room: &str) -> Result<u64, Full> {
+        let request = self.sh.next_request.fetch_add(1, Ordering::Relaxed) + 1;
+        let cmd = Command::Who {
+            request,
+            room: room.to_string(),
+        };
+        self.sh.outbox.push(cmd).map(|()| request).map_err(|_| Full)
     }
 
     /// Asks for the messages of `channel` after `after_offset` (at most
@@ -786,6 +872,9 @@ struct Writer {
     conn: Option<Connection>,
     script: Script,
     define_script: Script,
+    who_script: Script,
+    /// This node run's alive key (chat presence).
+    alive_key: String,
     backoff: Backoff,
     /// Reported down; the next connect waits for the backoff first.
     down: bool,
@@ -798,7 +887,8 @@ struct Writer {
     next_dseq: u64,
     noscript_rounds: u32,
     dedup_key: String,
-    last_io: Instant,
+    /// When the alive key was last refreshed.
+    last_heartbeat: Instant,
     rejected_warn: RateLimited,
 }
 
@@ -807,6 +897,10 @@ impl Writer {
         while !self.sh.stopping() {
             self.sh.report_overflow();
             if self.conn.is_none() && !self.connect() {
+                continue;
+            }
+            self.heartbeat();
+            if self.conn.is_none() {
                 continue;
             }
             if !self.sh.reader_ready.load(Ordering::Acquire) {
@@ -822,7 +916,6 @@ impl Writer {
                 self.dseqs.clear();
                 self.dseqs.resize(self.batch.len(), 0);
                 if self.batch.is_empty() {
-                    self.health_check();
                     continue;
                 }
             }
@@ -832,10 +925,11 @@ impl Writer {
     }
 
     fn process(&mut self) {
-        if matches!(self.batch.first(), Some(Command::History { .. })) {
-            self.run_history();
-        } else {
-            self.run_publishes();
+        match self.batch.first() {
+            Some(Command::History { .. }) => self.run_history(),
+            Some(Command::Who { .. }) => self.run_who(),
+            Some(Command::Presence { .. }) => self.run_presence(),
+            _ => self.run_publishes(),
         }
     }
 
@@ -845,7 +939,7 @@ impl Writer {
         if self.down {
             let deadline = Instant::now() + self.backoff.next_delay();
             while !self.sh.stopping() && Instant::now() < deadline {
-                self.fail_history("redis link is down");
+                self.fail_reads("redis link is down");
                 self.sh.report_overflow();
                 self.sh.outbox.sleep_until(deadline, &self.sh.stop);
             }
@@ -874,12 +968,20 @@ impl Writer {
                     .map_err(|e| format!("SCRIPT LOAD: {e}"))?;
             }
             sync_epoch(&self.sh, &mut con)?;
+            // Alive before any presence of this run is (re)written; a
+            // refusal (out of memory) is the heartbeat's to report.
+            match set_alive(&mut con, &self.alive_key, self.sh.cfg.presence_ttl) {
+                Err(e) if is_connection_error(&e) || is_unavailable(&e) => {
+                    return Err(format!("SET alive: {e}"))
+                }
+                _ => {}
+            }
             Ok(con)
         })();
         match result {
             Ok(con) => {
                 self.conn = Some(con);
-                self.last_io = Instant::now();
+                self.last_heartbeat = Instant::now();
                 if self.connected_before {
                     add(&self.sh.c.reconnects, 1);
                 }
@@ -910,36 +1012,48 @@ impl Writer {
         }
     }
 
-    /// Answers queued history requests with an error (Redis unreachable).
-    fn fail_history(&mut self, why: &str) {
-        if matches!(self.batch.first(), Some(Command::History { .. })) {
+    /// Answers queued reads with an error (Redis unreachable).
+    fn fail_reads(&mut self, why: &str) {
+        if matches!(
+            self.batch.first(),
+            Some(Command::History { .. } | Command::Who { .. })
+        ) {
             let cmd = self.batch.remove(0);
             self.dseqs.clear();
             self.sh.outbox.done(1);
-            self.sh.answer_history(cmd, Err(why.to_string()));
+            self.sh.fail_read(cmd, why);
         }
-        for cmd in self.sh.outbox.take_history() {
-            self.sh.answer_history(cmd, Err(why.to_string()));
+        for cmd in self.sh.outbox.take_reads() {
+            self.sh.fail_read(cmd, why);
         }
     }
 
-    fn health_check(&mut self) {
-        if self.last_io.elapsed() < HEALTH_INTERVAL {
+    /// Refreshes the alive key every [`HEALTH_INTERVAL`], busy or idle;
+    /// when idle this is also what notices a dead connection.
+    fn heartbeat(&mut self) {
+        if self.last_heartbeat.elapsed() < HEALTH_INTERVAL {
             return;
         }
         let Some(con) = self.conn.as_mut() else {
             return;
         };
-        self.last_io = Instant::now();
-        match redis::cmd("PING").query::<Value>(con) {
+        self.last_heartbeat = Instant::now();
+        match set_alive(con, &self.alive_key, self.sh.cfg.presence_ttl) {
             Ok(_) => {}
             Err(e) if is_connection_error(&e) => self.connection_failed(&e),
             // LOADING and the like: Redis is there but cannot serve yet.
-            Err(e) => {
+            Err(e) if is_unavailable(&e) => {
                 self.conn = None;
                 self.down = true;
                 self.sh.conn_down(Side::Writer, &e.to_string());
             }
+            // Out of memory and the like refuse this write, not the link:
+            // publishes are judged one by one.
+            Err(e) => self.rejected_warn.warn(format_args!(
+                "redis link: node {} could not refresh its chat presence ({e}); other nodes \
+                 stop listing its members after {:?}",
+                self.sh.cfg.node_id, self.sh.cfg.presence_ttl
+            )),
         }
     }
 
@@ -968,7 +1082,6 @@ impl Writer {
             .cmd("GET")
             .arg(offset_key(channel))
             .query::<Value>(con);
-        self.last_io = Instant::now();
         let result = match reply {
             Ok(v) => protocol::parse_history_reply(v, after_offset, limit),
             Err(e) if is_connection_error(&e) => {
@@ -982,6 +1095,101 @@ impl Writer {
         self.dseqs.clear();
         self.sh.outbox.done(1);
         self.sh.answer_history(cmd, result);
+    }
+
+    fn run_who(&mut self) {
+        let Some(Command::Who { room, .. }) = self.batch.first() else {
+            return;
+        };
+        let Some(con) = self.conn.as_mut() else {
+            return;
+        };
+        // `invoke` loads the script when Redis's cache lacks it.
+        let reply = self
+            .who_script
+            .key(room_key(room))
+            .arg(ALIVE_PREFIX)
+            .invoke::<Value>(con);
+        let result = match reply {
+            Ok(v) => protocol::parse_who(v),
+            Err(e) if is_connection_error(&e) => {
+                let why = format!("redis link: {e}");
+                self.connection_failed(&e);
+                Err(why)
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let Command::Who { request, room } = self.batch.remove(0) else {
+            return;
+        };
+        self.dseqs.clear();
+        self.sh.outbox.done(1);
+        self.sh.inbox.push_control(Inbound::Who {
+            request,
+            room,
+            result,
+        });
+    }
+
+    /// A run of presence changes, pipelined. Each is idempotent, so after
+    /// a broken connection the whole run is sent again.
+    fn run_presence(&mut self) {
+        let Some(con) = self.conn.as_mut() else {
+            return;
+        };
+        let cfg = &self.sh.cfg;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for cmd in &self.batch {
+            let Command::Presence { room, member, nick } = cmd else {
+                continue;
+            };
+            let field = presence_field(&cfg.node_id, &self.sh.instance, *member);
+            match nick {
+                Some(nick) => pipe.cmd("HSET").arg(room_key(room)).arg(field).arg(nick),
+                None => pipe.cmd("HDEL").arg(room_key(room)).arg(field),
+            };
+        }
+        let replies = match pipe.query::<Value>(con) {
+            Ok(Value::Array(replies)) => replies,
+            Ok(other) => {
+                let e = RedisError::from((
+                    ErrorKind::Client,
+                    "unexpected pipeline reply",
+                    protocol::kind(&other).to_string(),
+                ));
+                self.connection_failed(&e);
+                return;
+            }
+            Err(e) => {
+                if is_connection_error(&e) {
+                    self.connection_failed(&e);
+                } else {
+                    self.conn = None;
+                }
+                return;
+            }
+        };
+        let refused: Vec<String> = replies
+            .into_iter()
+            .filter_map(|r| match r {
+                Value::ServerError(e) => {
+                    Some(format!("{} {}", e.code(), e.details().unwrap_or("")))
+                }
+                _ => None,
+            })
+            .collect();
+        if let Some(why) = refused.first() {
+            add(&self.sh.c.presence_lost, refused.len() as u64);
+            self.rejected_warn.warn(format_args!(
+                "redis link: {} chat presence change(s) of node {} refused by redis ({why})",
+                refused.len(),
+                cfg.node_id
+            ));
+        }
+        self.sh.outbox.done(self.batch.len());
+        self.batch.clear();
+        self.dseqs.clear();
     }
 
     fn run_publishes(&mut self) {
@@ -1031,8 +1239,10 @@ impl Writer {
                         .arg(*dseq);
                     continue;
                 }
-                // Never in a write batch (`take_batch` runs it alone).
-                Command::History { .. } => continue,
+                // Never in a write batch (`take_batch` keeps them apart).
+                Command::History { .. } | Command::Who { .. } | Command::Presence { .. } => {
+                    continue
+                }
             };
             pipe.cmd("EVALSHA")
                 .arg(hash)
@@ -1052,7 +1262,6 @@ impl Writer {
                 .arg(*dseq);
         }
         let reply = pipe.query::<Value>(con);
-        self.last_io = Instant::now();
         let replies = match reply {
             // Two `SCRIPT LOAD`s, then one reply per command.
             Ok(Value::Array(replies)) if replies.len() == self.batch.len() + 2 => replies,
@@ -1097,7 +1306,9 @@ impl Writer {
             let (id, applied) = match &self.batch[i] {
                 Command::Publish { id, .. } => (*id, &self.sh.c.published),
                 Command::Define { id, .. } => (*id, &self.sh.c.defined),
-                Command::History { .. } => (0, &self.sh.c.published),
+                Command::History { .. } | Command::Who { .. } | Command::Presence { .. } => {
+                    (0, &self.sh.c.published)
+                }
             };
             match outcome {
                 PublishReply::Offset(_) => add(applied, 1),
@@ -1125,7 +1336,7 @@ impl Writer {
                     if std::mem::take(r) {
                         let id = match &self.batch[i] {
                             Command::Publish { id, .. } | Command::Define { id, .. } => *id,
-                            Command::History { .. } => 0,
+                            _ => 0,
                         };
                         self.reject(id, "NOSCRIPT after reloading the script");
                     }
@@ -1193,6 +1404,13 @@ impl Writer {
             .chain(self.sh.outbox.take_all())
             .filter(|c| matches!(c, Command::Publish { .. } | Command::Define { .. }))
             .count() as u64;
+        // This run's room members are gone with it, at once (not after
+        // presence_ttl).
+        if let Some(con) = self.conn.as_mut() {
+            if let Err(e) = redis::cmd("DEL").arg(&self.alive_key).query::<Value>(con) {
+                log::debug!("redis writer: could not clear the alive key at shutdown: {e}");
+            }
+        }
         if left > 0 {
             add(&self.sh.c.lost_at_shutdown, left);
             log::warn!(

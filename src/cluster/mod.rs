@@ -8,15 +8,19 @@
 //! connection, using the `redis` crate's synchronous API (no async runtime,
 //! no hand-written RESP):
 //!
-//! * the **writer** takes publishes, channel definitions and history
-//!   requests from a bounded outbox and runs them: publishes and
-//!   definitions pipelined in batches of up to [`LinkConfig::batch`],
-//!   history requests one at a time, in the order they were queued;
+//! * the **writer** takes publishes, channel definitions, chat presence
+//!   changes and reads (history, `who`) from a bounded outbox and runs
+//!   them in the order they were queued: publishes and definitions
+//!   pipelined in batches of up to [`LinkConfig::batch`], presence changes
+//!   pipelined likewise, reads one at a time; every second it also
+//!   refreshes its node run's alive key (which doubles as its health
+//!   check);
 //! * the **reader** loops on `XREAD COUNT batch BLOCK read_block STREAMS
 //!   fanout:bus <last-id>` and forwards every entry.
 //!
 //! The loop's side is sans-socket: [`RedisLink::publish`],
-//! [`RedisLink::define`] and [`RedisLink::history`] only queue (never block; `Full` when the bound is
+//! [`RedisLink::define`], [`RedisLink::presence`], [`RedisLink::who`] and
+//! [`RedisLink::history`] only queue (never block; `Full` when the bound is
 //! reached), and whatever the threads produce goes into a bounded inbox;
 //! the threads wake the loop through a `mio::Waker` (registered by the loop
 //! with its own token) when the inbox goes from empty to non-empty, and the
@@ -34,6 +38,8 @@
 //! | `fanout:bus` | stream | auto ID; a message: fields `ch`, `off`, `origin`, `seq`, `bseq`, `payload`; a definition announcement: `ch`, `origin`, `seq`, `bseq`, `def`, `created` (`1`/`0`); `MAXLEN ~ bus_maxlen` |
 //! | `fanout:bus:seq` | string | the bus's last `bseq` |
 //! | `fanout:channels` | hash | field: channel name, value: its definition (the app's encoding of its `create` settings); first one wins (`HSETNX`), never changed |
+//! | `fanout:room:{room}` | hash | chat presence: field `{node}:{instance}/{member}`, value the member's nick |
+//! | `fanout:alive:{node}:{instance}` | string | exists while that node run lives: set with `EX presence_ttl` every second, deleted at shutdown |
 //! | `fanout:epoch` | string | random, set once (`SET NX`); a change means Redis lost its data |
 //! | `fanout:node:{node}:{instance}` | string | a node run's last applied dedup sequence (expires after a day) |
 //!
@@ -70,6 +76,15 @@
 //! the bus after it. Applying a definition twice is harmless, so a
 //! snapshot newer than the bus entries still to read does no harm.
 //!
+//! # Chat presence
+//!
+//! Each node writes its members of each room (`HSET`/`HDEL` on
+//! `fanout:room:{room}`, as they join, leave and change nick) under its
+//! run's alive key. [`RedisLink::who`] runs [`protocol::WHO_LUA`]: the
+//! room's nicks whose run's alive key exists; fields of runs whose key is
+//! gone (the node died; `presence_ttl` after its last refresh) are removed
+//! on the way. A node's `who` runs after its own earlier presence changes.
+//!
 //! # Outages
 //!
 //! When a connection breaks the thread first reconnects once at once (a
@@ -95,7 +110,9 @@
 //!   changes: [`Inbound::Reset`] (offsets start again from 1; the channel
 //!   definitions are gone too, the app offers its own again) and the
 //!   reader reads the new bus from its start.
-//! * History requests are answered with an error at once while down.
+//! * History and `who` requests are answered with an error at once while
+//!   down; presence changes stay queued like publishes (beyond the bound
+//!   they are counted in `presence_lost`).
 //!
 //! [`LinkStats`] exposes the outage (state, outages, current and total
 //! down time, reconnects), queue depths, reader lag and every loss counter.

@@ -22,6 +22,9 @@ pub const EPOCH_KEY: &str = "fanout:epoch";
 /// first definition of a channel stays (`HSETNX`).
 pub const DEFINITIONS_KEY: &str = "fanout:channels";
 
+/// The prefix of the keys that say a node run is alive (see [`alive_key`]).
+pub const ALIVE_PREFIX: &str = "fanout:alive:";
+
 /// Seconds a node instance's publish-dedup key lives after its last publish.
 pub const DEDUP_TTL_SECS: u64 = 86_400;
 
@@ -33,6 +36,24 @@ pub fn offset_key(channel: &str) -> String {
 /// The per-channel stream: entry ID `0-<offset>`, bounded by `MAXLEN ~`.
 pub fn channel_key(channel: &str) -> String {
     format!("fanout:ch:{channel}")
+}
+
+/// Chat presence: the members of `room` on every node, field
+/// [`presence_field`], value the member's nick.
+pub fn room_key(room: &str) -> String {
+    format!("fanout:room:{room}")
+}
+
+/// Exists while the node run `{node}:{instance}` is alive: its writer sets
+/// it with a TTL and refreshes it every second; deleted at shutdown.
+pub fn alive_key(node_id: &str, instance: &str) -> String {
+    format!("{ALIVE_PREFIX}{node_id}:{instance}")
+}
+
+/// A room member's field: its node run, `/`, and the node's member id.
+/// Node ids and instances have no `/`, so [`WHO_LUA`] can split it.
+pub fn presence_field(node_id: &str, instance: &str, member: u64) -> String {
+    format!("{node_id}:{instance}/{member}")
 }
 
 /// The last publish sequence number of one node instance that Redis
@@ -112,6 +133,46 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
 redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[6])
 return bseq
 "#;
+
+/// The `who` script: the nicks of a room's members whose node run is
+/// alive; the fields of runs that are not (a node that died without
+/// cleaning up) are removed on the way.
+///
+/// KEYS: the room's presence hash. ARGV: [`ALIVE_PREFIX`].
+pub const WHO_LUA: &str = r#"
+local flat = redis.call('HGETALL', KEYS[1])
+local alive = {}
+local nicks = {}
+for i = 1, #flat, 2 do
+  local run = string.match(flat[i], '^(.*)/[^/]*$')
+  if run then
+    if alive[run] == nil then
+      alive[run] = redis.call('EXISTS', ARGV[1] .. run) == 1
+    end
+    if alive[run] then
+      nicks[#nicks + 1] = flat[i + 1]
+    else
+      redis.call('HDEL', KEYS[1], flat[i])
+    end
+  end
+end
+return nicks
+"#;
+
+/// The reply of [`WHO_LUA`]: the nicks, sorted.
+pub fn parse_who(v: Value) -> Result<Vec<String>, String> {
+    let items = match v {
+        Value::Array(items) | Value::Set(items) => items,
+        Value::Nil => return Ok(Vec::new()),
+        other => return Err(format!("who: expected an array, got {}", kind(&other))),
+    };
+    let mut nicks = items
+        .into_iter()
+        .map(|item| string_of(item).ok_or_else(|| "who: a nick is not a string".to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    nicks.sort();
+    Ok(nicks)
+}
 
 /// A node id is part of key names and `CLIENT SETNAME`: 1 to 64 ASCII
 /// letters, digits, `_`, `-`, `.`.
@@ -757,6 +818,20 @@ mod tests {
         assert!(!valid_node_id("a b"));
         assert!(!valid_node_id("a:b"));
         assert!(!valid_node_id(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn who_replies() {
+        assert_eq!(
+            parse_who(Value::Array(vec![bulk("bob"), bulk("ann")])).unwrap(),
+            vec!["ann".to_string(), "bob".to_string()]
+        );
+        assert_eq!(parse_who(Value::Nil).unwrap(), Vec::<String>::new());
+        assert!(parse_who(Value::Int(1)).is_err());
+        assert!(parse_who(Value::Array(vec![Value::Array(vec![])])).is_err());
+        assert_eq!(room_key("ops"), "fanout:room:ops");
+        assert_eq!(presence_field("a", "ff", 7), "a:ff/7");
+        assert_eq!(alive_key("a", "ff"), "fanout:alive:a:ff");
     }
 
     #[test]

@@ -39,6 +39,28 @@ pub(crate) enum Command {
         after_offset: u64,
         limit: usize,
     },
+    /// Chat presence: `member` of `room` has `nick` now, or (None) left.
+    Presence {
+        room: String,
+        member: u64,
+        nick: Option<String>,
+    },
+    /// The members of `room` on every node.
+    Who { request: u64, room: String },
+}
+
+impl Command {
+    /// A request answered with data, run on its own.
+    fn is_read(&self) -> bool {
+        matches!(self, Command::History { .. } | Command::Who { .. })
+    }
+
+    /// Commands of the same batch kind are pipelined together.
+    fn same_batch(&self, other: &Command) -> bool {
+        let writes = |c: &Command| matches!(c, Command::Publish { .. } | Command::Define { .. });
+        let presence = |c: &Command| matches!(c, Command::Presence { .. });
+        (writes(self) && writes(other)) || (presence(self) && presence(other))
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -84,9 +106,9 @@ impl Outbox {
         Ok(())
     }
 
-    /// Waits up to `wait` for work, then moves into `out` either one
-    /// history request or a run of up to `max` publishes and definitions
-    /// from the front.
+    /// Waits up to `wait` for work, then moves into `out` either one read
+    /// (history, who) or a run of up to `max` publishes and definitions,
+    /// or of presence changes, from the front.
     /// They stay counted against the capacity until [`Outbox::done`].
     pub fn take_batch(
         &self,
@@ -112,18 +134,17 @@ impl Outbox {
         }
         let mut n = 0;
         while n < max.max(1) {
-            match s.queue.front() {
-                Some(Command::History { .. }) if n > 0 => break,
-                Some(Command::History { .. }) => {
-                    out.extend(s.queue.pop_front());
-                    n += 1;
-                    break;
-                }
-                Some(Command::Publish { .. } | Command::Define { .. }) => {
-                    out.extend(s.queue.pop_front());
-                    n += 1;
-                }
-                None => break,
+            let Some(next) = s.queue.front() else {
+                break;
+            };
+            if n > 0 && (next.is_read() || !out[out.len() - 1].same_batch(next)) {
+                break;
+            }
+            let read = next.is_read();
+            out.extend(s.queue.pop_front());
+            n += 1;
+            if read {
+                break;
             }
         }
         s.in_flight += n;
@@ -135,19 +156,17 @@ impl Outbox {
         s.in_flight = s.in_flight.saturating_sub(n);
     }
 
-    /// Takes every queued history request (to answer them with an error
-    /// while Redis is unreachable); publishes and definitions stay queued.
-    pub fn take_history(&self) -> Vec<Command> {
+    /// Takes every queued read (to answer them with an error while Redis
+    /// is unreachable); writes stay queued.
+    pub fn take_reads(&self) -> Vec<Command> {
         let mut s = lock(&self.state);
-        if !s.queue.iter().any(|c| matches!(c, Command::History { .. })) {
+        if !s.queue.iter().any(Command::is_read) {
             return Vec::new();
         }
-        let (history, publishes): (VecDeque<Command>, VecDeque<Command>) = s
-            .queue
-            .drain(..)
-            .partition(|c| matches!(c, Command::History { .. }));
-        s.queue = publishes;
-        history.into()
+        let (reads, writes): (VecDeque<Command>, VecDeque<Command>) =
+            s.queue.drain(..).partition(Command::is_read);
+        s.queue = writes;
+        reads.into()
     }
 
     /// Takes everything still queued (at shutdown).
@@ -403,12 +422,50 @@ mod tests {
     }
 
     #[test]
+    fn outbox_batches_presence_apart_and_who_alone() {
+        let stop = AtomicBool::new(false);
+        let o = Outbox::new(10);
+        let presence = |member| Command::Presence {
+            room: "r".into(),
+            member,
+            nick: None,
+        };
+        let who = Command::Who {
+            request: 9,
+            room: "r".into(),
+        };
+        for c in [presence(1), presence(2), publish(3), who, presence(4)] {
+            o.push(c).unwrap();
+        }
+        let mut b = Vec::new();
+        let take = |b: &mut Vec<Command>| {
+            b.clear();
+            o.take_batch(10, Duration::ZERO, &stop, b);
+            o.done(b.len());
+        };
+        take(&mut b);
+        assert!(matches!(
+            b[..],
+            [
+                Command::Presence { member: 1, .. },
+                Command::Presence { member: 2, .. }
+            ]
+        ));
+        take(&mut b);
+        assert!(matches!(b[..], [Command::Publish { id: 3, .. }]));
+        take(&mut b);
+        assert!(matches!(b[..], [Command::Who { request: 9, .. }]));
+        take(&mut b);
+        assert!(matches!(b[..], [Command::Presence { member: 4, .. }]));
+    }
+
+    #[test]
     fn outbox_take_history_keeps_publishes_in_order() {
         let o = Outbox::new(10);
         for c in [publish(1), history(5), publish(2), history(6)] {
             o.push(c).unwrap();
         }
-        let h = o.take_history();
+        let h = o.take_reads();
         assert!(matches!(
             h[..],
             [
