@@ -820,6 +820,7 @@ fn chat_who_lists_the_members_on_every_node() {
     let c = Node::start(&redis, "node-c", &[]);
     wait_who(&c, "ops", &["ann", "rob"]);
     assert_eq!(who(&c, "nowhere"), Err("not_found".to_owned()));
+    assert_eq!(who(&c, "Not A Room!"), Err("not_found".to_owned()));
     // Plain-text clients: `/who` of the lobby lists both nodes' members.
     let mut plain_a = plain_chat(a.public());
     let mut plain_b = plain_chat(b.public());

@@ -405,6 +405,13 @@ impl App {
                 acknowledge(out, "chat.nick", extra);
             }
             Command::ChatWho { room } if self.cluster.is_some() => {
+                // No room can have such a name: not worth asking Redis.
+                if !chat_command::valid_room(&room) {
+                    return Err(ProtocolError::new(
+                        ErrorCode::NotFound,
+                        format!("no room named `{room}`"),
+                    ));
+                }
                 let reply = self.reply_to(conn, id.clone());
                 let cluster = self.cluster.as_mut().expect("checked above");
                 match (cluster.link.who(&room), reply) {
