@@ -170,6 +170,18 @@ TARGET[broadcast-64B]="≤ 0.50"
 TARGET[broadcast-10k]="sustained, no stalls"
 TARGET[idle]="≤ 0.3 KiB"
 
+broadcast_args() { # server subscribers in-flight timing...
+    local server=$1 subs=$2 inflight=$3
+    shift 3
+    if [ "$server" = fanout ] || [ -n "$BASELINE" ]; then
+        echo broadcast --url "ws://127.0.0.1:$PORT/ws" --publish-url "ws://127.0.0.1:$IPORT/ws" \
+            --subs "$subs" --size 64 --inflight "$inflight" "$@"
+    else
+        echo broadcast --url "ws://127.0.0.1:$PORT/sub" --publish-url "ws://127.0.0.1:$PORT/pub" \
+            --peer-protocol raw --subs "$subs" --size 64 --inflight "$inflight" "$@"
+    fi
+}
+
 loadgen_args() { # workload server
     local timing=(--duration "$DURATION" --warmup "$WARMUP")
     local echo_url="ws://127.0.0.1:$PORT/echo"
@@ -180,22 +192,8 @@ loadgen_args() { # workload server
         echo-32B) echo echo --url "$echo_url" --conns "$ECHO_CONNS" --size 32 --inflight 16 "${timing[@]}" ;;
         echo-16KiB) echo echo --url "$echo_url" --conns 10 --size 16KiB --inflight 1 --binary "${timing[@]}" ;;
         echo-1MiB) echo echo --url "$echo_url" --conns 1 --size 1MiB --inflight 1 --binary "${timing[@]}" ;;
-        broadcast-64B)
-            if [ "$2" = fanout ] || [ -n "$BASELINE" ]; then
-                echo broadcast --url "ws://127.0.0.1:$PORT/ws" --publish-url "ws://127.0.0.1:$IPORT/ws" \
-                    --subs "$SUBS" --size 64 --inflight 16 "${timing[@]}"
-            else
-                echo broadcast --url "ws://127.0.0.1:$PORT/sub" --publish-url "ws://127.0.0.1:$PORT/pub" \
-                    --peer-protocol raw --subs "$SUBS" --size 64 --inflight 16 "${timing[@]}"
-            fi ;;
-        broadcast-10k)
-            if [ "$2" = fanout ] || [ -n "$BASELINE" ]; then
-                echo broadcast --url "ws://127.0.0.1:$PORT/ws" --publish-url "ws://127.0.0.1:$IPORT/ws" \
-                    --subs "$BIG_SUBS" --size 64 --inflight 4 "${timing[@]}"
-            else
-                echo broadcast --url "ws://127.0.0.1:$PORT/sub" --publish-url "ws://127.0.0.1:$PORT/pub" \
-                    --peer-protocol raw --subs "$BIG_SUBS" --size 64 --inflight 4 "${timing[@]}"
-            fi ;;
+        broadcast-64B) broadcast_args "$2" "$SUBS" 16 "${timing[@]}" ;;
+        broadcast-10k) broadcast_args "$2" "$BIG_SUBS" 4 "${timing[@]}" ;;
         idle) echo connections --url "$echo_url" --conns "$IDLE_CONNS" --hold "$IDLE_HOLD" ;;
     esac
 }

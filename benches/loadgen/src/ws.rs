@@ -322,18 +322,11 @@ mod tests {
     use super::*;
 
     fn server_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
-        let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        let len = payload.len();
-        if len < 126 {
-            v.push(len as u8);
-        } else if len <= 0xffff {
-            v.push(126);
-            v.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            v.push(127);
-            v.extend_from_slice(&(len as u64).to_be_bytes());
+        let mut v = Vec::new();
+        push_unmasked_frame(&mut v, opcode, payload);
+        if !fin {
+            v[0] &= 0x7f;
         }
-        v.extend_from_slice(payload);
         v
     }
 
