@@ -39,22 +39,6 @@ impl JsonClient {
         JsonClient::connect_path(addr, "/kline")
     }
 
-    /// A fence on `/ws`: everything the server queued for this client
-    /// before it reads this request arrives before the reply, which is
-    /// returned with the messages that came first.
-    fn until_fence(&mut self) -> Vec<Value> {
-        self.send(&json!({"type":"market.symbols","id":"fence"}));
-        let mut before = Vec::new();
-        for _ in 0..100_000 {
-            let message = self.recv();
-            if message["type"] == "ack" && message["id"] == "fence" {
-                return before;
-            }
-            before.push(message);
-        }
-        panic!("no fence reply");
-    }
-
     /// Publishes one event to `events` and waits for the ack. Everything
     /// the event caused for other clients was queued before that ack.
     fn publish(&mut self, data: Value) {

@@ -10,18 +10,19 @@
 //! The server's log must name every bad line and end with the summary.
 
 mod common;
+#[path = "support/json_client.rs"]
+mod json_client;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::connect_tcp;
+use json_client::{Ended, JsonClient};
 use serde_json::{json, Value};
-use tungstenite::{Message, WebSocket};
 
 /// The first line's time; the first trade is [`LEAD_MS`] later.
 const T_START: i64 = 1_748_465_400_000 - 1_234;
@@ -364,83 +365,6 @@ impl Drop for Replayer {
     }
 }
 
-// ---------------------------------------------------------------------------
-// A client
-// ---------------------------------------------------------------------------
-
-struct Client {
-    ws: WebSocket<TcpStream>,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr) -> Client {
-        let stream = connect_tcp(addr);
-        let (ws, _) = tungstenite::client(format!("ws://{addr}/ws"), stream).expect("handshake");
-        let mut client = Client { ws };
-        let welcome = client.next(Duration::from_secs(5)).expect("welcome");
-        assert_eq!(welcome["type"], "welcome", "{welcome}");
-        client
-    }
-
-    /// The next JSON text message, `None` after `within` without one.
-    fn next(&mut self, within: Duration) -> Option<Value> {
-        let deadline = Instant::now() + within;
-        for _ in 0..10_000 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            self.ws.get_mut().set_read_timeout(Some(left)).unwrap();
-            match self.ws.read() {
-                Ok(Message::Text(text)) => {
-                    return Some(
-                        serde_json::from_str(&text)
-                            .unwrap_or_else(|e| panic!("invalid JSON ({e}): {text}")),
-                    )
-                }
-                Ok(Message::Close(frame)) => panic!("closed: {frame:?}"),
-                Ok(Message::Binary(_)) => panic!("unexpected binary message"),
-                Ok(_) => continue,
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => panic!("read: {e}"),
-            }
-        }
-        panic!("too many control frames");
-    }
-
-    fn recv(&mut self) -> Value {
-        self.next(Duration::from_secs(10))
-            .expect("a message within 10 s")
-    }
-
-    fn send(&mut self, request: &Value) {
-        self.ws
-            .send(Message::Text(request.to_string()))
-            .expect("send");
-    }
-
-    /// Everything queued before a fence request's reply.
-    fn until_fence(&mut self) -> Vec<Value> {
-        self.send(&json!({"type":"market.symbols","id":"fence"}));
-        let mut before = Vec::new();
-        for _ in 0..1_000_000 {
-            let message = self.recv();
-            if message["type"] == "ack" && message["id"] == "fence" {
-                return before;
-            }
-            before.push(message);
-        }
-        panic!("no fence reply");
-    }
-}
-
 /// The server's candle without the fields Python does not produce, after
 /// checking they are right.
 fn strip(message: &Value, symbol: &str, interval: &str) -> Value {
@@ -533,7 +457,7 @@ fn replayed_candles_match_an_independent_computation() {
     let started = Instant::now();
 
     // Live: subscribe before the first trade is due (LEAD_MS of replay time).
-    let mut live = Client::connect(server.addr);
+    let mut live = JsonClient::ws(server.addr);
     for (symbol, interval) in LIVE {
         live.send(&json!({"type":"kline.subscribe","symbol":symbol,"interval":interval}));
         let ack = live.recv();
@@ -567,8 +491,10 @@ fn replayed_candles_match_an_independent_computation() {
             "no summary line within 60 s; log:\n{}",
             server.log().join("\n")
         );
-        if let Some(message) = live.next(Duration::from_millis(50)) {
-            record(message);
+        match live.next(Duration::from_millis(50)) {
+            Ok(message) => record(message),
+            Err(Ended::TimedOut) => {}
+            Err(e) => panic!("the live subscriber's connection ended: {e:?}"),
         }
     }
     // The summary is logged as the last events are handed out; everything
@@ -640,7 +566,7 @@ fn replayed_candles_match_an_independent_computation() {
 
     // After the replay: history (every closed candle) and the open one, for
     // every symbol and interval.
-    let mut after = Client::connect(server.addr);
+    let mut after = JsonClient::ws(server.addr);
     let mut compared = 0;
     for symbol in SYMBOLS {
         for interval in INTERVALS {

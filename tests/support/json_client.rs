@@ -127,6 +127,22 @@ impl JsonClient {
         error_message(&reply, code, &format!("for {request}"))
     }
 
+    /// A fence on `/ws`: everything the server queued for this client
+    /// before it reads this request arrives before the reply, which is
+    /// returned with the messages that came first.
+    pub fn until_fence(&mut self) -> Vec<Value> {
+        self.send(&serde_json::json!({"type":"market.symbols","id":"fence"}));
+        let mut before = Vec::new();
+        for _ in 0..1_000_000 {
+            let message = self.recv();
+            if message["type"] == "ack" && message["id"] == "fence" {
+                return before;
+            }
+            before.push(message);
+        }
+        panic!("no fence reply within 1000000 messages");
+    }
+
     pub fn expect_nothing(&mut self, within: Duration) {
         match self.next_text(within) {
             Err(Ended::TimedOut) => {}
