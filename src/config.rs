@@ -29,6 +29,24 @@ pub struct Config {
     #[arg(long = "internal-listen", value_name = "ADDR")]
     pub internal_listen: Vec<SocketAddr>,
 
+    /// PEM certificate chain (leaf first) for the --listen addresses; with
+    /// --tls-key they accept TLS only (wss://, https://). Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) matching --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM certificate chain for the --internal-listen addresses; with
+    /// --internal-tls-key they accept TLS only. Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub internal_tls_cert: Option<PathBuf>,
+
+    /// PEM private key matching --internal-tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub internal_tls_key: Option<PathBuf>,
+
     /// Most open WebSocket connections; further handshakes get 503.
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -304,6 +322,21 @@ impl Config {
         {
             return Err("--socket-send-buffer must be between 4KiB and 1GiB".into());
         }
+        for (cert_flag, cert, key_flag, key) in [
+            ("--tls-cert", &self.tls_cert, "--tls-key", &self.tls_key),
+            (
+                "--internal-tls-cert",
+                &self.internal_tls_cert,
+                "--internal-tls-key",
+                &self.internal_tls_key,
+            ),
+        ] {
+            match (cert, key) {
+                (Some(_), None) => return Err(format!("{cert_flag} needs {key_flag} too")),
+                (None, Some(_)) => return Err(format!("{key_flag} needs {cert_flag} too")),
+                _ => {}
+            }
+        }
         if self.read_buffer_size < 4096 {
             return Err("--read-buffer-size must be at least 4KiB".into());
         }
@@ -548,6 +581,25 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("--node-id"));
         let c = with_file("redis = \"localhost:6379\"\n", &[]).unwrap();
         assert!(c.validate().unwrap_err().contains("--redis"));
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        let c = with_file("tls-cert = \"/etc/fanout/cert.pem\"\n", &[]).unwrap();
+        assert_eq!(c.tls_cert, Some(PathBuf::from("/etc/fanout/cert.pem")));
+        assert_eq!(c.validate().unwrap_err(), "--tls-cert needs --tls-key too");
+        let c = with_file(
+            "tls-cert = \"c.pem\"\ntls-key = \"k.pem\"\ninternal-tls-key = \"k.pem\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.validate().unwrap_err(),
+            "--internal-tls-key needs --internal-tls-cert too"
+        );
+        let c = with_file("tls-cert = \"c.pem\"\ntls-key = \"k.pem\"\n", &[]).unwrap();
+        assert_eq!(c.tls_key, Some(PathBuf::from("k.pem")));
+        c.validate().unwrap();
     }
 
     #[test]

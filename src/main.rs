@@ -34,10 +34,10 @@ fn main() -> ExitCode {
         eprintln!("fanout: cannot install signal handlers: {e}");
         return ExitCode::FAILURE;
     }
-    for addr in server.local_addrs() {
+    for url in server.local_urls() {
         // Scripts and tests wait for this line to learn the port.
         // Not println!: a closed stdout must not take the server down.
-        let _ = writeln!(std::io::stdout(), "fanout listening on ws://{addr}");
+        let _ = writeln!(std::io::stdout(), "fanout listening on {url}");
     }
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,12 +6,14 @@
 //! decoder are boxed and exist only while bytes are pending), times as
 //! 8-byte ticks, and the handshake's state boxed away once it is over.
 
+use std::io;
 use std::time::Duration;
 
 use mio::net::TcpStream;
 
 use super::outbound::Outbound;
 use super::timers::Tick;
+use super::tls_session::{TlsKey, TlsSessions};
 use crate::app::{ConnInfo, Endpoint, Role};
 use crate::ws::{close::close_payload, CloseCode, CloseState, Decoder, OpCode};
 
@@ -68,6 +70,9 @@ pub struct Connection {
     pub write_shut: bool,
     /// A fan-out delivery found the queue full: tell the app once it drains.
     pub drain_wanted: bool,
+    /// Set on a TLS listener's connections: everything read and written
+    /// passes through this session.
+    pub tls: Option<TlsKey>,
 }
 
 impl Connection {
@@ -77,6 +82,7 @@ impl Connection {
         serial: u32,
         now: Tick,
         handshake_deadline: Tick,
+        tls: Option<TlsKey>,
     ) -> Self {
         Self {
             socket,
@@ -93,7 +99,50 @@ impl Connection {
             dirty: false,
             write_shut: false,
             drain_wanted: false,
+            tls,
         }
+    }
+
+    /// Writes the queue as far as the socket takes it, through TLS if the
+    /// connection has it; `Ok(true)` once every byte is on the socket.
+    pub fn flush_out(&mut self, sessions: &mut TlsSessions) -> io::Result<bool> {
+        let Some(key) = self.tls else {
+            return self.out.flush_to(&mut self.socket);
+        };
+        let session = sessions.get_mut(key);
+        let queue_done = self.out.flush_to(&mut session.sink(&mut self.socket))?;
+        // The queue may be done while its last records still wait in the
+        // session (or, in the TLS handshake, with no queue at all).
+        match session.push_records(&mut self.socket) {
+            Ok(()) => Ok(queue_done),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The next piece of a streamed frame (see [`Outbound::stream`]).
+    pub fn stream_out(
+        &mut self,
+        sessions: &mut TlsSessions,
+        payload: &[u8],
+        last: bool,
+    ) -> io::Result<usize> {
+        match self.tls {
+            None => self.out.stream(&mut self.socket, payload, last),
+            Some(key) => {
+                let session = sessions.get_mut(key);
+                self.out
+                    .stream(&mut session.sink(&mut self.socket), payload, last)
+            }
+        }
+    }
+
+    /// Bytes wait for the socket: in the queue, or as TLS records.
+    pub fn has_unsent(&self, sessions: &TlsSessions) -> bool {
+        !self.out.is_empty()
+            || self
+                .tls
+                .is_some_and(|key| sessions.get(key).has_pending_records())
     }
 
     pub fn session_mut(&mut self) -> Option<&mut Session> {

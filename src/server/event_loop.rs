@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
@@ -18,6 +18,8 @@ use super::connection::{Connection, Handshake, Phase, Session};
 use super::listener::{is_resource_exhaustion, Listener, ACCEPT_RETRY};
 use super::stats::Stats;
 use super::timers::{next_serial, Clock, Tick, Timer, TimerKey, Timers};
+use super::tls_identity::TlsIdentity;
+use super::tls_session::{failure_reason, TlsReadError, TlsSession, TlsSessions};
 use crate::app::{
     resolve, App, ConnId, ConnInfo, Endpoint, Message, Outbox, Role, SharedFrame, Target,
 };
@@ -42,6 +44,11 @@ const READS_PER_TURN: usize = 16;
 /// brought in this many bytes: with a large read buffer the count alone
 /// would let one bulk sender take megabytes per turn while others wait.
 const READ_BYTES_PER_TURN: usize = 1 << 20;
+
+/// rustls reads a few KiB per call, so a TLS connection's turn is bounded
+/// by `READ_BYTES_PER_TURN` of ciphertext and by this many steps (each a
+/// ciphertext read or a plaintext hand-over).
+const TLS_STEPS_PER_TURN: usize = 256;
 
 /// When a read loop may stop before the socket says `WouldBlock`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +132,8 @@ struct Core {
     policy: UpgradePolicy,
     limits: Limits,
     conns: Slab<Connection>,
+    /// TLS state of the connections that have it (see `Connection::tls`).
+    tls: TlsSessions,
     app: App,
     timers: Timers,
     /// Connections with queued output, flushed once at the end of the turn.
@@ -153,7 +162,18 @@ impl Server {
         let public = config.listen.iter().map(|a| (*a, Role::Public));
         let internal = config.internal_listen.iter().map(|a| (*a, Role::Internal));
         for (index, (addr, role)) in public.chain(internal).enumerate() {
-            let mut listener = Listener::bind(addr, role)?;
+            let files = match role {
+                Role::Public => (&config.tls_cert, &config.tls_key),
+                Role::Internal => (&config.internal_tls_cert, &config.internal_tls_key),
+            };
+            let tls = match files {
+                (Some(cert), Some(key)) => Some(
+                    TlsIdentity::load(cert, key)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+                ),
+                _ => None,
+            };
+            let mut listener = Listener::bind(addr, role, tls)?;
             poll.registry().register(
                 &mut listener.socket,
                 listener_token(index),
@@ -180,6 +200,7 @@ impl Server {
                 max_message_size: config.max_message_size as u64,
             },
             conns: Slab::new(),
+            tls: TlsSessions::default(),
             app: App::new(&config, start)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
             timers: Timers::default(),
@@ -219,15 +240,22 @@ impl Server {
         self.listeners.iter().map(|l| l.addr).collect()
     }
 
+    /// The listeners as `ws://ADDR` or `wss://ADDR`, in `local_addrs` order.
+    pub fn local_urls(&self) -> Vec<String> {
+        self.listeners.iter().map(Listener::url).collect()
+    }
+
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.shutdown.clone()
     }
 
-    /// Makes SIGINT and SIGTERM start a graceful shutdown.
+    /// Makes SIGINT and SIGTERM start a graceful shutdown, and SIGHUP
+    /// reload the TLS listeners' certificates.
     pub fn handle_signals(&mut self) -> io::Result<()> {
         let mut signals = signal_hook_mio::v1_0::Signals::new([
             signal_hook::consts::SIGINT,
             signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGHUP,
         ])?;
         self.poll
             .registry()
@@ -329,9 +357,50 @@ impl Server {
             return;
         };
         let received: Vec<i32> = signals.pending().collect();
-        if !received.is_empty() {
-            info!("received signal {received:?}: shutting down");
+        if received.contains(&signal_hook::consts::SIGHUP) {
+            self.reload_tls();
+        }
+        let stopping: Vec<i32> = received
+            .into_iter()
+            .filter(|&s| s != signal_hook::consts::SIGHUP)
+            .collect();
+        if !stopping.is_empty() {
+            info!("received signal {stopping:?}: shutting down");
             self.begin_shutdown();
+        }
+    }
+
+    /// Re-reads every TLS listener's certificate and key. Connections
+    /// already open keep the identity they started with; a bad file keeps
+    /// the listener on its previous one.
+    fn reload_tls(&mut self) {
+        let stats = &mut self.core.stats;
+        let mut any = false;
+        for listener in &mut self.listeners {
+            let Some(identity) = listener.tls.as_mut() else {
+                continue;
+            };
+            any = true;
+            match identity.reload() {
+                Ok(()) => {
+                    stats.tls_reloads += 1;
+                    info!(
+                        "SIGHUP: {} now serves the certificate in {}",
+                        listener.addr,
+                        identity.cert_path().display()
+                    );
+                }
+                Err(e) => {
+                    stats.tls_reload_failures += 1;
+                    error!(
+                        "SIGHUP: {} keeps its previous certificate: {e}",
+                        listener.addr
+                    );
+                }
+            }
+        }
+        if !any {
+            info!("SIGHUP: no TLS listener, nothing to reload");
         }
     }
 
@@ -380,7 +449,8 @@ impl Server {
                         role: listener.role,
                         peer,
                     };
-                    if let Err(e) = core.add_connection(self.poll.registry(), socket, info) {
+                    let tls = listener.tls.as_ref().map(TlsIdentity::config);
+                    if let Err(e) = core.add_connection(self.poll.registry(), socket, info, tls) {
                         warn!("could not register connection from {peer}: {e}");
                     }
                 }
@@ -416,6 +486,9 @@ impl Server {
             let Some(conn) = self.core.conns.get_mut(token) else {
                 return;
             };
+            if conn.tls.is_some() {
+                return self.read_tls(token);
+            }
             if conn.read_paused {
                 return;
             }
@@ -482,6 +555,85 @@ impl Server {
                     debug!("conn {token}: read error: {e}");
                     self.core.drop_conn(token, "read error");
                     return;
+                }
+            }
+        }
+        self.core.resume.push(token);
+    }
+
+    /// `read` for a TLS connection: hands over the plaintext the session
+    /// holds, then pulls more ciphertext, until the socket says
+    /// `WouldBlock` or the turn's budget is used.
+    fn read_tls(&mut self, token: usize) {
+        let mut taken = 0;
+        for _ in 0..TLS_STEPS_PER_TURN {
+            let core = &mut self.core;
+            let Some(conn) = core.conns.get_mut(token) else {
+                return;
+            };
+            let Some(key) = conn.tls else {
+                // Left TLS (a plain HTTP client being answered).
+                return self.read(token, Drain::UntilWouldBlock);
+            };
+            if conn.read_paused {
+                return;
+            }
+            if conn.out.len() >= core.config.max_outbound_buffer
+                && matches!(conn.phase, Phase::Open(_))
+            {
+                conn.read_paused = true;
+                core.stats.read_pauses += 1;
+                return;
+            }
+            let session = core.tls.get_mut(key);
+            match session.read_plaintext(&mut self.read_buf) {
+                Ok(0) => return core.on_eof(token),
+                Ok(n) => {
+                    core.stats.bytes_in += n as u64;
+                    core.on_input(token, &mut self.read_buf[..n]);
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    debug!("conn {token}: TLS read: {e}");
+                    return core.on_eof(token);
+                }
+            }
+            if taken >= READ_BYTES_PER_TURN {
+                break;
+            }
+            let was_handshaking = session.is_handshaking();
+            match session.read_ciphertext(&mut conn.socket) {
+                Ok(0) => {
+                    if was_handshaking {
+                        *core.stats.tls_failures.entry("eof").or_default() += 1;
+                    }
+                    return core.on_eof(token);
+                }
+                Ok(n) => {
+                    taken += n;
+                    conn.last_heard = core.tick;
+                    if was_handshaking && !session.is_handshaking() {
+                        core.stats.tls_handshakes += 1;
+                    }
+                    if session.has_pending_records() {
+                        // Handshake messages or a key update to answer.
+                        core.mark_dirty(token);
+                    }
+                }
+                Err(TlsReadError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(TlsReadError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(TlsReadError::Io(e)) => {
+                    debug!("conn {token}: read error: {e}");
+                    return core.drop_conn(token, "read error");
+                }
+                Err(TlsReadError::PlainHttp) => return core.plain_http_on_tls(token),
+                Err(TlsReadError::Protocol(e)) => {
+                    let reason = failure_reason(&e);
+                    *core.stats.tls_failures.entry(reason).or_default() += 1;
+                    // The alert rustls queued about it gets one try.
+                    let _ = conn.flush_out(&mut core.tls);
+                    return core.drop_conn(token, &format!("TLS error: {e}"));
                 }
             }
         }
@@ -579,6 +731,7 @@ impl Core {
         registry: &mio::Registry,
         mut socket: mio::net::TcpStream,
         info: ConnInfo,
+        tls: Option<&Arc<rustls::ServerConfig>>,
     ) -> io::Result<()> {
         // Frames are written whole, once per turn: Nagle would only add latency.
         socket.set_nodelay(true)?;
@@ -590,12 +743,27 @@ impl Core {
         if token >= FIRST_LISTENER - 64 || u32::try_from(token).is_err() {
             return Err(io::Error::other("connection table full"));
         }
-        registry.register(
+        let tls = match tls {
+            None => None,
+            Some(config) => {
+                let session = TlsSession::new(Arc::clone(config))
+                    .map_err(|e| io::Error::other(format!("TLS session: {e}")))?;
+                let key = self.tls.insert(session);
+                Some(key.ok_or_else(|| io::Error::other("TLS session table full"))?)
+            }
+        };
+        if let Err(e) = registry.register(
             &mut socket,
             Token(token),
             Interest::READABLE | Interest::WRITABLE,
-        )?;
+        ) {
+            if let Some(key) = tls {
+                self.tls.remove(key);
+            }
+            return Err(e);
+        }
         self.next_serial = next_serial(self.next_serial);
+        // Covers the TLS handshake too: a client that stalls in it is cut off.
         let deadline = self.tick.after(self.config.handshake_timeout);
         entry.insert(Connection::new(
             socket,
@@ -603,6 +771,7 @@ impl Core {
             self.next_serial,
             self.tick,
             deadline,
+            tls,
         ));
         self.pending_handshakes += 1;
         self.schedule(token, deadline);
@@ -642,7 +811,7 @@ impl Core {
         // A peer that half-closed may still read: give queued bytes (our
         // close reply, an HTTP response) one last chance.
         let conn = &mut self.conns[token];
-        let _ = conn.out.flush_to(&mut conn.socket);
+        let _ = conn.flush_out(&mut self.tls);
         let reason = match &conn.phase {
             Phase::Open(session) if session.close.is_open() => {
                 "peer closed TCP without a close frame"
@@ -782,6 +951,18 @@ impl Core {
         if request.len() > consumed {
             self.websocket_input(token, &mut request[consumed..]);
         }
+    }
+
+    /// A client spoke plain HTTP to a TLS listener: it gets a plain HTTP
+    /// 400 saying so (it could read nothing else), then the close.
+    fn plain_http_on_tls(&mut self, token: usize) {
+        *self.stats.tls_failures.entry("plain_http").or_default() += 1;
+        let conn = &mut self.conns[token];
+        if let Some(key) = conn.tls.take() {
+            self.tls.remove(key);
+        }
+        let reason = "this port speaks TLS only: use https:// or wss://";
+        self.reject(token, Rejection::new(400, reason));
     }
 
     fn reject(&mut self, token: usize, rejection: Rejection) {
@@ -928,7 +1109,7 @@ impl Core {
         if !conn.out.is_streaming() {
             return;
         }
-        match conn.out.stream(&mut conn.socket, payload, last) {
+        match conn.stream_out(&mut self.tls, payload, last) {
             Ok(written) => self.stats.bytes_out += written as u64,
             // What was not written stays queued; the flush at the end of the
             // turn meets the error again and drops the connection.
@@ -1048,6 +1229,18 @@ impl Core {
         let conn = &mut self.conns[token];
         match &mut conn.phase {
             Phase::Handshake(handshake) if handshake.deadline <= now => {
+                let tls_handshaking = conn
+                    .tls
+                    .is_some_and(|key| self.tls.get(key).is_handshaking());
+                if tls_handshaking {
+                    // No HTTP answer can reach a client without a TLS session.
+                    *self.stats.tls_failures.entry("timeout").or_default() += 1;
+                    let reason = format!(
+                        "TLS handshake not completed within {:?}",
+                        self.config.handshake_timeout
+                    );
+                    return self.drop_conn(token, &reason);
+                }
                 let reason = format!(
                     "handshake not completed within {:?}",
                     self.config.handshake_timeout
@@ -1102,11 +1295,11 @@ impl Core {
             return;
         };
         conn.dirty = false;
-        if conn.out.is_empty() && !conn.finished_after_flush() {
+        if !conn.has_unsent(&self.tls) && !conn.finished_after_flush() {
             return;
         }
         let before = conn.out.len();
-        let result = conn.out.flush_to(&mut conn.socket);
+        let result = conn.flush_out(&mut self.tls);
         self.stats.bytes_out += (before - conn.out.len()) as u64;
         match result {
             Ok(true) if conn.finished_after_flush() => return self.drop_conn(token, "closed"),
@@ -1115,6 +1308,9 @@ impl Core {
                 if failing && !conn.write_shut {
                     // Our close frame is out; the FIN tells the peer nothing follows.
                     conn.write_shut = true;
+                    if let Some(key) = conn.tls {
+                        self.tls.get_mut(key).close(&mut conn.socket);
+                    }
                     let _ = conn.socket.shutdown(Shutdown::Write);
                 }
                 if std::mem::take(&mut conn.drain_wanted) {
@@ -1139,6 +1335,7 @@ impl Core {
         let Core {
             app,
             conns,
+            tls,
             dirty,
             timers,
             config,
@@ -1150,6 +1347,7 @@ impl Core {
             app,
             Delivery {
                 conns,
+                tls,
                 dirty,
                 timers,
                 config,
@@ -1161,10 +1359,14 @@ impl Core {
     }
 
     fn drop_conn(&mut self, token: usize, reason: &str) {
-        let Some(conn) = self.conns.try_remove(token) else {
+        let Some(mut conn) = self.conns.try_remove(token) else {
             return;
         };
         debug!("conn {token}: dropped: {reason}");
+        if let Some(key) = conn.tls {
+            // close_notify tells the peer the end is deliberate, not a cut.
+            self.tls.remove(key).close(&mut conn.socket);
+        }
         match conn.phase {
             Phase::Handshake(_) => self.pending_handshakes -= 1,
             Phase::Open(session) => {
@@ -1232,6 +1434,7 @@ fn endpoint_name(endpoint: Endpoint) -> &'static str {
 /// The app's view of the connection table.
 struct Delivery<'a> {
     conns: &'a mut Slab<Connection>,
+    tls: &'a mut TlsSessions,
     dirty: &'a mut Vec<usize>,
     timers: &'a mut Timers,
     config: &'a Config,
@@ -1270,14 +1473,24 @@ impl Delivery<'_> {
     }
 
     fn open_conn(&mut self, to: ConnId) -> Option<&mut Connection> {
-        let conn = self.conns.get_mut(to)?;
-        let open = matches!(&conn.phase, Phase::Open(s) if s.close.is_open());
-        if !conn.dirty && open {
-            conn.dirty = true;
-            self.dirty.push(to);
-        }
-        open.then_some(conn)
+        open_conn(self.conns, self.dirty, to)
     }
+}
+
+/// The connection `to` if it is open for messages, marked for this
+/// turn's flush.
+fn open_conn<'c>(
+    conns: &'c mut Slab<Connection>,
+    dirty: &mut Vec<usize>,
+    to: ConnId,
+) -> Option<&'c mut Connection> {
+    let conn = conns.get_mut(to)?;
+    let open = matches!(&conn.phase, Phase::Open(s) if s.close.is_open());
+    if !conn.dirty && open {
+        conn.dirty = true;
+        dirty.push(to);
+    }
+    open.then_some(conn)
 }
 
 impl Outbox for Delivery<'_> {
@@ -1291,7 +1504,7 @@ impl Outbox for Delivery<'_> {
         let limit = self.config.max_outbound_buffer;
         let lent_here = self.lent.as_ref().is_some_and(|lent| lent.conn == to);
         // A connection that is gone or closing is not slow: nothing to report.
-        let Some(conn) = self.open_conn(to) else {
+        let Some(conn) = open_conn(self.conns, self.dirty, to) else {
             return true;
         };
         let mut written = 0;
@@ -1299,7 +1512,7 @@ impl Outbox for Delivery<'_> {
             // The queue may be full only because this turn has not written
             // yet: give the socket what it takes before calling it slow.
             let before = conn.out.len();
-            let _ = conn.out.flush_to(&mut conn.socket);
+            let _ = conn.flush_out(self.tls);
             written = before - conn.out.len();
         }
         let fits = conn.out.len() + frame.bytes().len() <= limit;

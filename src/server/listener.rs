@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use mio::net::TcpListener;
 
+use super::tls_identity::TlsIdentity;
 use crate::app::Role;
 
 /// How long accepting pauses after EMFILE/ENFILE: the pending connections
@@ -21,10 +22,12 @@ pub struct Listener {
     pub role: Role,
     /// Accepting is paused until a retry timer fires.
     pub paused: bool,
+    /// Connections accepted here speak TLS with this identity.
+    pub tls: Option<TlsIdentity>,
 }
 
 impl Listener {
-    pub fn bind(addr: SocketAddr, role: Role) -> io::Result<Self> {
+    pub fn bind(addr: SocketAddr, role: Role, tls: Option<TlsIdentity>) -> io::Result<Self> {
         let socket = TcpListener::bind(addr)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         let addr = socket.local_addr()?;
@@ -33,7 +36,14 @@ impl Listener {
             addr,
             role,
             paused: false,
+            tls,
         })
+    }
+
+    /// How clients reach it: `ws://` or `wss://` and the bound address.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{}", self.addr)
     }
 }
 

@@ -7,6 +7,8 @@ mod listener;
 pub mod outbound;
 mod stats;
 mod timers;
+mod tls_identity;
+mod tls_session;
 
 pub use event_loop::{Server, ShutdownHandle};
 pub use listener::raise_fd_limit;

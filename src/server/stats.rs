@@ -27,6 +27,15 @@ pub struct Stats {
     /// the recipient's queue was full.
     pub deliveries: u64,
     pub delivery_drops: u64,
+    /// TLS handshakes completed.
+    pub tls_handshakes: u64,
+    /// TLS connections that failed, by reason (`timeout`, `plain_http`,
+    /// `eof` during the handshake, or the kind of TLS error).
+    pub tls_failures: BTreeMap<&'static str, u64>,
+    /// SIGHUP reloads of a listener's certificate, and those refused
+    /// because a file was bad (the previous certificate stays in use).
+    pub tls_reloads: u64,
+    pub tls_reload_failures: u64,
     /// Loop turns, and the time they spent working (not waiting in poll).
     pub loop_iterations: u64,
     pub loop_busy: std::time::Duration,
@@ -91,12 +100,12 @@ impl Stats {
         );
         m.counter(
             "fanout_bytes_in_total",
-            "Bytes read from sockets.",
+            "Bytes read from sockets (after TLS decryption on TLS listeners).",
             self.bytes_in,
         );
         m.counter(
             "fanout_bytes_out_total",
-            "Bytes written to sockets.",
+            "Bytes written to sockets (before TLS encryption on TLS listeners).",
             self.bytes_out,
         );
         m.counter(
@@ -108,6 +117,38 @@ impl Stats {
             "fanout_delivery_drops_total",
             "Fan-out frames not queued because the recipient's queue was full.",
             self.delivery_drops,
+        );
+        m.counter(
+            "fanout_tls_handshakes_total",
+            "TLS handshakes completed.",
+            self.tls_handshakes,
+        );
+        let labels: Vec<[(&str, &str); 1]> = self
+            .tls_failures
+            .keys()
+            .map(|reason| [("reason", *reason)])
+            .collect();
+        let samples: Vec<(Labels<'_>, f64)> = labels
+            .iter()
+            .zip(self.tls_failures.values())
+            .map(|(l, n)| (&l[..], *n as f64))
+            .collect();
+        m.family(
+            "fanout_tls_failures_total",
+            "TLS connections failed, by reason: timeout (handshake not done in time), plain_http, \
+             eof (closed during the handshake), or the TLS error's kind.",
+            "counter",
+            &samples,
+        );
+        m.counter(
+            "fanout_tls_reloads_total",
+            "Certificate reloads on SIGHUP that took effect.",
+            self.tls_reloads,
+        );
+        m.counter(
+            "fanout_tls_reload_failures_total",
+            "Certificate reloads on SIGHUP refused for a bad file (the old one stays).",
+            self.tls_reload_failures,
         );
         m.counter(
             "fanout_loop_iterations_total",

@@ -273,6 +273,7 @@ impl ServerProcess {
             .expect("read stdout");
         let addr = line
             .strip_prefix("fanout listening on ws://")
+            .or_else(|| line.strip_prefix("fanout listening on wss://"))
             .unwrap_or_else(|| panic!("unexpected first line: {line}"))
             .parse()
             .unwrap();
