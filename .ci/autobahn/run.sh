@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run the Autobahn fuzzingclient (cases 1-11) against a WebSocket echo server
-# that is already listening on ws://127.0.0.1:PORT/echo, then check the results.
-#   usage: .ci/autobahn/run.sh PORT
+# that is already listening on ws://127.0.0.1:PORT/echo (with --tls:
+# wss://127.0.0.1:PORT/echo; wstest does not verify the certificate, so a
+# self-signed one made for the test will do), then check the results.
+#   usage: .ci/autobahn/run.sh [--tls] PORT
 # Exit status is non-zero if wstest could not run, timed out, or any case did
 # not get its expected outcome (see check.py and expected.json).
 set -euo pipefail
@@ -9,39 +11,48 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 
+scheme=ws
+if [[ ${1:-} == --tls ]]; then
+  scheme=wss
+  shift
+fi
 port=${1:-}
-[[ $port =~ ^[0-9]+$ ]] || { echo "usage: $0 PORT" >&2; exit 2; }
+[[ $port =~ ^[0-9]+$ ]] || { echo "usage: $0 [--tls] PORT" >&2; exit 2; }
 
 wstest=$(bash "$here/install.sh")
 work=$repo/target/autobahn
-spec=$work/fuzzingclient.json
-reports=$work/reports/fuzzingclient
+# Each scheme has its own files, so a ws and a wss run can go at once.
+name=fuzzingclient-$scheme
+spec=$work/$name.json
+reports=$work/reports/$name
+log=$work/wstest-$scheme.log
 
 # Stale reports would let check.py pass on an old run: start clean.
 rm -rf "$reports"
 mkdir -p "$reports"
-python3 - "$here/fuzzingclient.json" "$spec" "$port" "$reports" <<'PY'
+python3 - "$here/fuzzingclient.json" "$spec" "$port" "$reports" "$scheme" <<'PY'
 import json, sys
-src, dst, port, outdir = sys.argv[1:]
+src, dst, port, outdir, scheme = sys.argv[1:]
 with open(src) as f:
     spec = json.load(f)
 for server in spec["servers"]:
-    server["url"] = server["url"].replace("PORT", port)
+    url = server["url"].replace("PORT", port)
+    server["url"] = scheme + url[url.index(":"):]
 spec["outdir"] = outdir
 with open(dst, "w") as f:
     json.dump(spec, f, indent=2)
 PY
 
-echo "autobahn: running wstest fuzzingclient against ws://127.0.0.1:$port/echo" >&2
+echo "autobahn: running wstest fuzzingclient against $scheme://127.0.0.1:$port/echo" >&2
 cd "$work"
 rc=0
-timeout -k 10 "${AUTOBAHN_TIMEOUT:-600}" "$wstest" -m fuzzingclient -s "$spec" >"$work/wstest.log" 2>&1 || rc=$?
+timeout -k 10 "${AUTOBAHN_TIMEOUT:-600}" "$wstest" -m fuzzingclient -s "$spec" >"$log" 2>&1 || rc=$?
 if [[ $rc -ne 0 ]]; then
-  tail -n 30 "$work/wstest.log" | cut -c1-300 >&2
+  tail -n 30 "$log" | cut -c1-300 >&2
   if [[ $rc -eq 124 || $rc -eq 137 ]]; then
-    echo "autobahn: wstest timed out after ${AUTOBAHN_TIMEOUT:-600} s (log: $work/wstest.log)" >&2
+    echo "autobahn: wstest timed out after ${AUTOBAHN_TIMEOUT:-600} s (log: $log)" >&2
   else
-    echo "autobahn: wstest exited with status $rc (log: $work/wstest.log)" >&2
+    echo "autobahn: wstest exited with status $rc (log: $log)" >&2
   fi
   exit 1
 fi
