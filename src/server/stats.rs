@@ -168,8 +168,9 @@ impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "upgrades={} rejections={:?} refused_on_accept={} accept_pauses={} protocol_errors={} idle_closes={} \\
-             closes_sent={} read_pauses={} messages_in={} bytes_in={} bytes_out={}",
+            "upgrades={} rejections={:?} refused_on_accept={} accept_pauses={} protocol_errors={} \
+             idle_closes={} closes_sent={} read_pauses={} messages_in={} bytes_in={} bytes_out={} \
+             tls_handshakes={} tls_failures={:?}",
             self.upgrades,
             self.rejections,
             self.refused_on_accept,
@@ -180,7 +181,31 @@ impl fmt::Display for Stats {
             self.read_pauses,
             self.messages_in,
             self.bytes_in,
-            self.bytes_out
+            self.bytes_out,
+            self.tls_handshakes,
+            self.tls_failures
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shutdown log line is one line.
+    #[test]
+    fn the_summary_is_one_line() {
+        let mut stats = Stats::default();
+        stats.tls_failures.insert("timeout", 2);
+        let summary = stats.to_string();
+        assert!(
+            !summary.contains('\n') && !summary.contains('\\'),
+            "{summary}"
+        );
+        assert!(summary.contains(" idle_closes=0 "), "{summary}");
+        assert!(
+            summary.ends_with("tls_failures={\"timeout\": 2}"),
+            "{summary}"
+        );
     }
 }
