@@ -1,7 +1,8 @@
 //! TLS listeners against real clients: a rustls client with a certificate
 //! made at test time, WebSockets (echo, chat, channels) over it, plain HTTP
 //! and garbage sent to a TLS port, a stalled handshake, bad certificate
-//! files at start-up, and a certificate reload on SIGHUP.
+//! files at start-up, a certificate reload on SIGHUP, and backpressure on
+//! a TLS client that stops reading.
 
 mod common;
 #[path = "support/tls.rs"]
@@ -13,6 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{connect_tcp, http_exchange, wait_for_eof, ServerProcess, TestServer, UPGRADE_HEAD};
+use rustls::StreamOwned;
 use serde_json::{json, Value};
 use tls::{TestCert, TlsStream};
 use tungstenite::Message;
@@ -475,5 +477,155 @@ fn tls_is_per_listener_kind() {
     assert!(response.starts_with("HTTP/1.1 400 "), "{response}");
     drop(plain);
     close(secure);
+    server.stop().unwrap();
+}
+
+/// Pumps a TLS client by hand over a non-blocking socket, so it can keep
+/// writing without reading (which a blocking stream cannot do).
+struct Pump {
+    tls: rustls::ClientConnection,
+    socket: std::net::TcpStream,
+    received: Vec<u8>,
+}
+
+impl Pump {
+    /// Moves records both ways as far as the socket allows; true if any
+    /// byte moved.
+    fn turn(&mut self, read: bool) -> bool {
+        let mut moved = false;
+        while self.tls.wants_write() {
+            match self.tls.write_tls(&mut self.socket) {
+                Ok(n) => moved |= n > 0,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("TLS write: {e}"),
+            }
+        }
+        if read {
+            match self.tls.read_tls(&mut self.socket) {
+                Ok(0) => panic!("server closed the connection"),
+                Ok(_) => {
+                    moved = true;
+                    self.tls.process_new_packets().expect("TLS from the server");
+                    let mut chunk = [0u8; 64 << 10];
+                    loop {
+                        match self.tls.reader().read(&mut chunk) {
+                            Ok(0) => panic!("close_notify from the server"),
+                            Ok(n) => self.received.extend_from_slice(&chunk[..n]),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(e) => panic!("TLS read: {e}"),
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("TLS read: {e}"),
+            }
+        }
+        moved
+    }
+}
+
+/// The frame a client sends as message `n` of the backpressure test, and
+/// the payload the server echoes.
+fn numbered_payload(n: u32) -> Vec<u8> {
+    let mut payload = vec![(n % 251) as u8; 16 << 10];
+    payload[..4].copy_from_slice(&n.to_be_bytes());
+    payload
+}
+
+#[test]
+fn a_tls_client_that_does_not_read_is_paused_then_gets_every_echo() {
+    // Far more than socket buffers and queues can hold: a server that kept
+    // reading would take it all without the client stalling.
+    const SEND_CAP: usize = 256 << 20;
+    const STALL: Duration = Duration::from_millis(750);
+    let dir = tempfile::tempdir().unwrap();
+    let cert = TestCert::generate(dir.path(), "server");
+    let server = TestServer::start(&tls_flags(
+        &cert,
+        &[
+            "--max-outbound-buffer",
+            "64KiB",
+            "--socket-send-buffer",
+            "16KiB",
+        ],
+    ));
+    let mut stream = cert.connect(server.addr).expect("TLS handshake");
+    stream.write_all(UPGRADE_HEAD.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert!(head.len() < 4096, "head too long");
+        stream.read_exact(&mut byte).expect("read the 101");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let StreamOwned { conn, sock } = stream;
+    sock.set_nonblocking(true).unwrap();
+    let mut pump = Pump {
+        tls: conn,
+        socket: sock,
+        received: Vec::new(),
+    };
+
+    // Write numbered frames, never reading, until nothing moves for STALL.
+    let started = Instant::now();
+    let (mut sent_frames, mut accepted) = (0u32, 0usize);
+    let mut frame = Vec::new();
+    let mut offset = 0;
+    let mut last_progress = Instant::now();
+    while last_progress.elapsed() < STALL {
+        assert!(
+            accepted < SEND_CAP && started.elapsed() < Duration::from_secs(60),
+            "the server took {accepted} bytes from a client that never reads"
+        );
+        if offset == frame.len() {
+            frame = common::client_frame(0x82, &numbered_payload(sent_frames));
+            sent_frames += 1;
+            offset = 0;
+        }
+        let mut moved = pump.turn(false);
+        if !pump.tls.wants_write() {
+            let n = pump.tls.writer().write(&frame[offset..]).unwrap();
+            offset += n;
+            accepted += n;
+            moved |= n > 0;
+        }
+        if moved {
+            last_progress = Instant::now();
+        } else {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    eprintln!("stalled after {accepted} bytes in {sent_frames} frames");
+    let metrics = https_get(&cert, server.addr, "/metrics");
+    assert!(
+        metric(&metrics, "fanout_read_pauses_total") >= 1.0,
+        "{metrics}"
+    );
+
+    // Now read: the rest of the last frame goes out, and every frame comes
+    // back, in order.
+    let echo_len = 4 + (16 << 10);
+    let expected = sent_frames as usize * echo_len;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pump.received.len() < expected {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {expected} echoed bytes in 30 s",
+            pump.received.len()
+        );
+        if offset < frame.len() && !pump.tls.wants_write() {
+            offset += pump.tls.writer().write(&frame[offset..]).unwrap();
+        }
+        if !pump.turn(true) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    assert_eq!(pump.received.len(), expected);
+    for (n, echo) in pump.received.chunks(echo_len).enumerate() {
+        assert_eq!(echo[..4], [0x82, 126, 0x40, 0x00], "frame {n}");
+        assert!(echo[4..] == numbered_payload(n as u32)[..], "frame {n}");
+    }
+    drop(pump);
     server.stop().unwrap();
 }
