@@ -1,11 +1,11 @@
 //! `echo`: N connections, each keeping K identical pre-masked messages in
 //! flight; every echo received sends the next. Latency is send to echo.
 
-use std::io::{self, ErrorKind, Write};
+use std::io::{self, ErrorKind};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use crate::net::{binary_payload, text_payload, Conn, Net, Setup, State, Url};
+use crate::net::{binary_payload, send, text_payload, Conn, Net, Setup, State, Url};
 use crate::stats::{Clock, CpuSnap, Hist};
 use crate::ws::{self, Event};
 use crate::{Args, Notes};
@@ -26,6 +26,7 @@ struct WorkerOut {
 /// `block` (K copies of the frame), until done or `WouldBlock`.
 #[inline]
 fn echo_write(c: &mut Conn, block: &[u8], framelen: usize) -> io::Result<()> {
+    c.push_records()?;
     while c.writable {
         if c.tx_off == 0 && c.out_off < c.out.len() && !c.flush_out()? {
             return Ok(());
@@ -34,7 +35,7 @@ fn echo_write(c: &mut Conn, block: &[u8], framelen: usize) -> io::Result<()> {
             return Ok(());
         }
         let end = c.tx_pending as usize * framelen;
-        match c.stream.write(&block[c.tx_off..end]) {
+        match send(&mut c.stream, &mut c.tls, &block[c.tx_off..end]) {
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
             Ok(n) => {
                 let t = c.tx_off + n;

@@ -8,6 +8,7 @@ mod echo;
 mod net;
 mod stats;
 mod tcp_echo;
+mod tls;
 mod ws;
 
 use std::process::ExitCode;
@@ -20,10 +21,11 @@ const USAGE: &str = "\
 usage:
   loadgen echo --url ws://127.0.0.1:PORT/echo [--conns N] [--size BYTES] [--inflight K]
                [--duration SECS] [--binary] [--threads T]
+               (wss://... with --tls-ca CERT.pem, the certificate the server uses)
   loadgen broadcast --url ws://127.0.0.1:PORT/ws --publish-url ws://127.0.0.1:IPORT/ws
                [--subs N] [--size BYTES] [--inflight K] [--duration SECS]
                [--peer-protocol fanout|raw]
-  loadgen connections --url ws://127.0.0.1:PORT/echo --conns N [--hold SECS]
+  loadgen connections --url ws[s]://127.0.0.1:PORT/echo --conns N [--hold SECS]
   loadgen tcp-echo-server --listen 127.0.0.1:PORT
                (the floor: a TCP echo without WebSocket; runs until killed;
                 drive it with `loadgen echo --url tcp://127.0.0.1:PORT`)
@@ -36,6 +38,7 @@ pub struct Args {
     url: Option<String>,
     listen: Option<String>,
     publish_url: Option<String>,
+    tls_ca: Option<String>,
     pub conns: usize,
     pub subs: usize,
     pub size: usize,
@@ -53,8 +56,14 @@ pub struct Args {
 }
 
 impl Args {
+    /// `--url`, with its TLS configuration when it is `wss://`.
     pub fn url(&self) -> Result<Url, String> {
-        Url::parse(self.url.as_deref().ok_or("--url is required")?)
+        let mut url = Url::parse(self.url.as_deref().ok_or("--url is required")?)?;
+        if url.wss {
+            let ca = self.tls_ca.as_deref().ok_or("wss:// needs --tls-ca CERT.pem")?;
+            url.tls = Some(tls::client_config(ca)?);
+        }
+        Ok(url)
     }
 
     pub fn publish_url(&self) -> Result<Url, String> {
@@ -72,6 +81,7 @@ impl Args {
             url: None,
             listen: None,
             publish_url: None,
+            tls_ca: None,
             conns: 100,
             subs: 1000,
             size: 32,
@@ -121,6 +131,7 @@ impl Args {
                 "--url" => a.url = Some(v),
                 "--listen" => a.listen = Some(v),
                 "--publish-url" => a.publish_url = Some(v),
+                "--tls-ca" => a.tls_ca = Some(v),
                 "--conns" => a.conns = count(&v)?,
                 "--subs" => a.subs = count(&v)?,
                 "--size" => a.size = size(&v)?,
@@ -145,8 +156,15 @@ impl Args {
         }
         // Refuse anything but loopback before any socket is opened.
         for url in [&a.url, &a.publish_url].into_iter().flatten() {
-            if Url::parse(url)?.raw_tcp && a.mode != "echo" {
+            let parsed = Url::parse(url)?;
+            if parsed.raw_tcp && a.mode != "echo" {
                 return Err(format!("{url}: tcp:// URLs are for the echo mode only"));
+            }
+            if parsed.wss && !["echo", "connections"].contains(&a.mode.as_str()) {
+                return Err(format!("{url}: wss:// URLs are for the echo and connections modes"));
+            }
+            if parsed.wss && a.tls_ca.is_none() {
+                return Err(format!("{url}: wss:// needs --tls-ca CERT.pem"));
             }
         }
         if a.mode == "tcp-echo-server" && a.listen.is_none() {

@@ -5,15 +5,18 @@
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::stats::{Clock, Hist};
+use crate::tls;
 use crate::ws::{self, Event, Rx};
 
-/// A `ws://` (or, for the no-WebSocket floor, `tcp://`) URL on loopback.
+/// A `ws://` or `wss://` (or, for the no-WebSocket floor, `tcp://`) URL
+/// on loopback.
 #[derive(Clone, Debug)]
 pub struct Url {
     pub addr: SocketAddr,
@@ -22,16 +25,25 @@ pub struct Url {
     /// `tcp://`: no upgrade, and frames go unmasked, since a raw TCP echo
     /// returns them unchanged and they must parse as server frames.
     pub raw_tcp: bool,
+    /// `wss://`: whether the URL asks for TLS...
+    pub wss: bool,
+    /// ...and the client configuration for it (from `--tls-ca`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Url {
-    /// Parses `ws://HOST:PORT/PATH` or `tcp://HOST:PORT`; refuses anything
-    /// but 127.0.0.0/8 (`localhost` is taken as 127.0.0.1).
+    /// Parses `ws://HOST:PORT/PATH`, `wss://HOST:PORT/PATH` or
+    /// `tcp://HOST:PORT`; refuses anything but 127.0.0.0/8 (`localhost` is
+    /// taken as 127.0.0.1).
     pub fn parse(url: &str) -> Result<Url, String> {
-        let (rest, raw_tcp) = match (url.strip_prefix("ws://"), url.strip_prefix("tcp://")) {
-            (Some(rest), _) => (rest, false),
-            (None, Some(rest)) => (rest, true),
-            (None, None) => return Err(format!("{url}: only ws:// (and tcp:// for the floor) URLs are supported")),
+        let (rest, raw_tcp, wss) = if let Some(rest) = url.strip_prefix("ws://") {
+            (rest, false, false)
+        } else if let Some(rest) = url.strip_prefix("wss://") {
+            (rest, false, true)
+        } else if let Some(rest) = url.strip_prefix("tcp://") {
+            (rest, true, false)
+        } else {
+            return Err(format!("{url}: only ws://, wss:// (and tcp:// for the floor) URLs are supported"));
         };
         let (host, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -50,7 +62,7 @@ impl Url {
             IpAddr::V4(ip) if ip.octets()[0] == 127 => {}
             ip => return Err(format!("{url}: refusing {ip}: loopback (127.0.0.0/8) only")),
         }
-        Ok(Url { addr, host: host.to_owned(), path: path.to_owned(), raw_tcp })
+        Ok(Url { addr, host: host.to_owned(), path: path.to_owned(), raw_tcp, wss, tls: None })
     }
 }
 
@@ -74,6 +86,8 @@ pub enum Setup {
 
 pub struct Conn {
     pub stream: TcpStream,
+    /// `wss://`: everything goes through this session.
+    pub tls: Option<Box<rustls::ClientConnection>>,
     pub state: State,
     pub setup: Setup,
     hs: Vec<u8>,
@@ -121,10 +135,35 @@ impl Conn {
         ws::push_frame(&mut self.out, ws::OP_PONG, self.rx.control());
     }
 
+
+    /// Reads plaintext from the socket, or through TLS.
+    #[inline]
+    pub fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.tls.as_mut() {
+            None => self.stream.read(buf),
+            Some(tls) => tls::recv(tls, &mut self.stream, buf),
+        }
+    }
+
+    /// On a writable event: TLS records left in the session go out (a
+    /// plain connection has none). Clears `writable` if the socket is full.
+    pub fn push_records(&mut self) -> io::Result<()> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(());
+        };
+        match tls::push_records(tls, &mut self.stream) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                self.writable = false;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
     /// Writes `out` until done or `WouldBlock`; true when all of it went.
     pub fn flush_out(&mut self) -> io::Result<bool> {
         while self.out_off < self.out.len() {
-            match self.stream.write(&self.out[self.out_off..]) {
+            match send(&mut self.stream, &mut self.tls, &self.out[self.out_off..]) {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(n) => self.out_off += n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -146,7 +185,7 @@ impl Conn {
     #[inline]
     pub fn read_events(&mut self, buf: &mut [u8], mut f: impl FnMut(&mut Conn, Event)) -> io::Result<bool> {
         loop {
-            match self.stream.read(buf) {
+            match self.recv(buf) {
                 Ok(0) => return Ok(false),
                 Ok(n) => {
                     let data = &buf[..n];
@@ -176,6 +215,16 @@ impl Conn {
             );
         }
         self.state = State::Closed;
+    }
+}
+
+/// Writes plaintext to the socket, or through its TLS session (fields of
+/// a `Conn`, taken apart so its buffers can be written from).
+#[inline]
+pub fn send(stream: &mut TcpStream, tls: &mut Option<Box<rustls::ClientConnection>>, bytes: &[u8]) -> io::Result<usize> {
+    match tls.as_mut() {
+        None => stream.write(bytes),
+        Some(tls) => tls::send(tls, stream, bytes),
     }
 }
 
@@ -324,8 +373,19 @@ impl Net {
                             report.fail(format!("register: {e}"));
                             continue;
                         }
+                        let tls = match &url.tls {
+                            None => None,
+                            Some(config) => match tls::session(config, &url.host) {
+                                Ok(session) => Some(session),
+                                Err(e) => {
+                                    report.fail(format!("TLS: {e}"));
+                                    continue;
+                                }
+                            },
+                        };
                         self.conns.push(Conn {
                             stream,
+                            tls,
                             state: State::Connecting,
                             setup: setup(),
                             hs: Vec::new(),
@@ -414,12 +474,15 @@ impl Net {
             }
             conn.state = State::Handshake;
         }
+        if conn.writable {
+            conn.push_records().map_err(|e| format!("write: {e}"))?;
+        }
         if conn.writable && conn.out_off < conn.out.len() {
             conn.flush_out().map_err(|e| format!("write: {e}"))?;
         }
         if conn.state == State::Handshake {
             loop {
-                match conn.stream.read(&mut self.buf) {
+                match conn.recv(&mut self.buf) {
                     Ok(0) => return Err("closed during the upgrade".into()),
                     Ok(n) => {
                         conn.hs.extend_from_slice(&self.buf[..n]);
