@@ -877,3 +877,208 @@ fn chat_who_lists_the_members_on_every_node() {
         assert!((1..=15).contains(&ttl), "{key}: {ttl}");
     }
 }
+
+/// `chat.nick` on `client`: the ack, or the error (code, message).
+fn nick(client: &mut Client, nick: &str) -> Result<Value, (String, String)> {
+    let request = json!({"type": "chat.nick", "nick": nick});
+    client.send(&request);
+    for _ in 0..100 {
+        let reply = client.recv();
+        match reply["type"].as_str() {
+            Some("chat") => continue,
+            Some("error") => {
+                let text = |f: &str| reply[f].as_str().unwrap_or_default().to_owned();
+                return Err((text("code"), text("message")));
+            }
+            _ => {
+                assert_eq!(reply["request"], "chat.nick", "{reply}");
+                return Ok(reply);
+            }
+        }
+    }
+    panic!("no answer to {request} within 100 messages");
+}
+
+/// Asks `nick` on `client` until it is granted (a nick is freed by a
+/// release that travels to Redis on its own).
+fn wait_nick(client: &mut Client, wanted: &str) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match nick(client, wanted) {
+            Ok(ack) => return ack,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "{wanted} never became free: {e:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_nick_is_held_by_one_member_across_nodes_until_it_is_released() {
+    let redis = RedisServer::start();
+    let a = Node::start(&redis, "node-a", &[]);
+    let b = Node::start(&redis, "node-b", &[]);
+    let mut ann = Client::connect(a.public());
+    let mut other = Client::connect(b.public());
+    let ack = nick(&mut ann, "ann").unwrap();
+    assert_eq!(ack["nick"], "ann", "{ack}");
+    assert!(ack.get("local").is_none(), "{ack}");
+    // The same answer as on one node, whatever the case.
+    let taken = ("conflict".to_owned(), "nick ann is taken".to_owned());
+    assert_eq!(nick(&mut other, "ann"), Err(taken));
+    assert_eq!(nick(&mut other, "ANN").unwrap_err().0, "conflict");
+    // A plain-text client on B is refused too.
+    let mut plain = plain_chat(b.public());
+    plain.send(Message::Text("/nick ann".into())).unwrap();
+    let refused = (0..100)
+        .find_map(|_| match plain.read().expect("read") {
+            Message::Text(t) if t.starts_with("! ") => Some(t.to_string()),
+            _ => None,
+        })
+        .expect("an answer to /nick");
+    assert_eq!(refused, "! nick ann is taken");
+    // Guests' nicks are reserved too, and differ between nodes.
+    let guest_a = chat_ok(&mut ann, json!({"type": "chat.join", "room": "lobby"}));
+    let guest_b = chat_ok(&mut other, json!({"type": "chat.join", "room": "lobby"}));
+    let guest_b = guest_b["nick"].as_str().unwrap().to_owned();
+    assert!(guest_b.starts_with("guest-"), "{guest_b}");
+    assert_ne!(guest_a["nick"], "guest-1");
+    let mut third = Client::connect(a.public());
+    assert_eq!(nick(&mut third, &guest_b).unwrap_err().0, "conflict");
+    // A nick changed away from is free on every node ...
+    nick(&mut ann, "amy").unwrap();
+    let ack = wait_nick(&mut other, "ann");
+    assert_eq!(ack["nick"], "ann", "{ack}");
+    assert_eq!(nick(&mut third, "amy").unwrap_err().0, "conflict");
+    // ... and so is the nick of a client that disconnected.
+    drop(ann);
+    wait_nick(&mut third, "amy");
+    // Two members of one node cannot share a nick either.
+    let mut fourth = Client::connect(a.public());
+    assert_eq!(nick(&mut fourth, "amy").unwrap_err().0, "conflict");
+    // A node that stops frees its members' nicks at once.
+    drop(other);
+    drop(plain);
+    let c = Node::start(&redis, "node-c", &[]);
+    let mut bea = Client::connect(c.public());
+    nick(&mut bea, "bea").unwrap();
+    drop(bea);
+    let mut cid = Client::connect(c.public());
+    nick(&mut cid, "cid").unwrap();
+    c.server.stop().unwrap();
+    wait_nick(&mut fourth, "cid");
+    assert_eq!(a.metric("fanout_redis_nick_conflicts_total"), 0.0);
+}
+
+#[test]
+fn a_dead_nodes_nicks_expire_with_its_presence() {
+    let redis = RedisServer::start();
+    let a = Node::start(&redis, "node-a", &[]);
+    let url = redis.url();
+    let mut doomed = ServerProcess::start(&[
+        "--no-sim",
+        "--redis",
+        &url,
+        "--node-id",
+        "node-doomed",
+        "--presence-ttl",
+        "1s",
+    ]);
+    let (mut zed, _) =
+        tungstenite::client(format!("ws://{}/ws", doomed.addr), connect_tcp(doomed.addr))
+            .expect("handshake");
+    zed.get_mut().set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    let _welcome = zed.read().expect("welcome");
+    // Connected to Redis, so that its answer is Redis's.
+    let deadline = Instant::now() + WAIT;
+    while !http_exchange(doomed.addr, b"GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .starts_with("HTTP/1.1 200")
+    {
+        assert!(Instant::now() < deadline, "node-doomed never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    zed.send(Message::Text(
+        json!({"type": "chat.nick", "nick": "zed"}).to_string(),
+    ))
+    .unwrap();
+    let reply: Value = match zed.read().expect("nick answer") {
+        Message::Text(t) => serde_json::from_str(&t).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(reply["type"], "ack", "{reply}");
+    assert!(reply.get("local").is_none(), "{reply}");
+    let mut other = Client::connect(a.public());
+    assert_eq!(nick(&mut other, "zed").unwrap_err().0, "conflict");
+    // Killed without a word: its alive key expires after 1 s, and with it
+    // the reservation.
+    doomed.signal_and_wait(libc::SIGKILL);
+    let started = Instant::now();
+    let ack = wait_nick(&mut other, "zed");
+    assert_eq!(ack["nick"], "zed", "{ack}");
+    assert!(started.elapsed() < WAIT);
+}
+
+#[test]
+fn nicks_taken_during_a_redis_outage_are_local_then_reconciled() {
+    let mut redis = RedisServer::start();
+    let a = Node::start(&redis, "node-a", &[]);
+    let b = Node::start(&redis, "node-b", &[]);
+    let mut on_a = Client::connect(a.public());
+    let mut on_b = Client::connect(b.public());
+    nick(&mut on_a, "ann").unwrap();
+    redis.kill();
+    a.wait_ready(false);
+    b.wait_ready(false);
+    // Each node decides alone, and says so.
+    let ack = nick(&mut on_b, "ann").unwrap();
+    assert_eq!(
+        (ack["nick"].clone(), ack["local"].clone()),
+        (json!("ann"), json!(true)),
+        "{ack}"
+    );
+    let ack = nick(&mut on_b, "ann");
+    assert_eq!(ack.unwrap_err().1, "you are already ann");
+    let mut carl = Client::connect(b.public());
+    assert_eq!(nick(&mut carl, "carl").unwrap()["local"], true);
+    let mut plain = plain_chat(b.public());
+    plain.send(Message::Text("/nick dora".into())).unwrap();
+    let line = (0..100).find_map(|_| match plain.read().expect("read") {
+        Message::Text(t) if t.starts_with("* you are dora on this node only") => {
+            Some(t.to_string())
+        }
+        _ => None,
+    });
+    assert!(line.is_some(), "no local-only notice for /nick");
+    // Redis comes back empty: every node claims its nicks again; the first
+    // claim of `ann` Redis hears keeps it, the other member is renamed.
+    redis.restart();
+    a.wait_ready(true);
+    b.wait_ready(true);
+    let deadline = Instant::now() + WAIT;
+    let (notice, winner) = loop {
+        if let Some(notice) = on_a.next(Duration::from_millis(100)) {
+            break (notice, &mut on_b);
+        }
+        if let Some(notice) = on_b.next(Duration::from_millis(100)) {
+            break (notice, &mut on_a);
+        }
+        assert!(Instant::now() < deadline, "nobody was renamed");
+    };
+    assert_eq!(notice["type"], "chat.renamed", "{notice}");
+    assert_eq!(notice["previous"], "ann", "{notice}");
+    assert!(
+        notice["nick"].as_str().unwrap().starts_with("guest-"),
+        "{notice}"
+    );
+    winner.expect_nothing(Duration::from_millis(500));
+    let conflicts = a.metric("fanout_redis_nick_conflicts_total")
+        + b.metric("fanout_redis_nick_conflicts_total");
+    assert_eq!(conflicts, 1.0);
+    // Nicks taken during the outage are held across nodes afterwards.
+    let mut late = Client::connect(a.public());
+    assert_eq!(nick(&mut late, "carl").unwrap_err().0, "conflict");
+    assert_eq!(nick(&mut late, "dora").unwrap_err().0, "conflict");
+    assert_eq!(nick(&mut late, "ann").unwrap_err().0, "conflict");
+}

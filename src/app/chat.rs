@@ -13,6 +13,7 @@ use log::debug;
 use serde_json::{json, Value};
 
 use super::chat_command::{parse_line, valid_nick, valid_room, ChatInput, HELP};
+use super::chat_nicks::{guest_nick, NickChange};
 use super::chat_presence::{who_line, PresenceChange, PresenceRelay, WhoRequest};
 use super::protocol::{ErrorCode, ProtocolError};
 use super::{unix_millis, ConnId, Message, Outbox};
@@ -145,8 +146,12 @@ pub struct Chat {
     /// member here (at most `max_rooms` of them), so that whoever joins
     /// one here replays it.
     unjoined: HashMap<String, VecDeque<Arc<Line>>>,
-    /// Scale-out: presence changes and plain `/who` requests for Redis.
+    /// Scale-out: presence changes, nick reservations and plain `/who`
+    /// requests for Redis.
     pub presence: Option<PresenceRelay>,
+    /// Scale-out: part of every guest nick, drawn per process run, so that
+    /// guests of different nodes never share a nick.
+    pub guest_tag: Option<String>,
 }
 
 impl Chat {
@@ -163,19 +168,21 @@ impl Chat {
             relay: None,
             unjoined: HashMap::new(),
             presence: None,
+            guest_tag: None,
         }
     }
 
     fn ensure_member(&mut self, conn: ConnId, format: ChatFormat) -> &mut Member {
         if !self.members.contains_key(&conn) {
-            let nick = loop {
-                self.next_guest += 1;
-                let candidate = format!("guest-{}", self.next_guest);
-                if !self.nicks.contains_key(&candidate) {
-                    break candidate;
-                }
-            };
+            let nick = self.fresh_guest();
             self.nicks.insert(nick.clone(), conn);
+            if let Some(presence) = self.presence.as_mut() {
+                presence.nicks.push(NickChange::Claim {
+                    conn,
+                    nick: nick.clone(),
+                    asked: false,
+                });
+            }
             self.members.insert(
                 conn,
                 Member {
@@ -187,6 +194,17 @@ impl Chat {
             );
         }
         self.members.get_mut(&conn).expect("inserted above")
+    }
+
+    /// A guest nick nobody here has.
+    pub fn fresh_guest(&mut self) -> String {
+        loop {
+            self.next_guest += 1;
+            let candidate = guest_nick(self.guest_tag.as_deref(), self.next_guest);
+            if !self.nicks.contains_key(&candidate) {
+                return candidate;
+            }
+        }
     }
 
     /// A `/chat` client connected: greet it and put it in the lobby.
@@ -253,7 +271,19 @@ impl Chat {
             ChatInput::Me(text) => {
                 self.say_here(conn, current_room.as_deref(), text, LineKind::Me, out)
             }
-            ChatInput::Nick(nick) => self.rename(conn, nick, out).map(|_| ()),
+            ChatInput::Nick(nick) => match self.presence.is_some() {
+                // Scale-out: Redis decides; the answer comes later.
+                true => self.check_rename(conn, nick).map(|()| {
+                    if let Some(presence) = self.presence.as_mut() {
+                        presence.nicks.push(NickChange::Claim {
+                            conn,
+                            nick: nick.to_owned(),
+                            asked: true,
+                        });
+                    }
+                }),
+                false => self.rename(conn, nick, out).map(|_| ()),
+            },
             ChatInput::Join(room) => {
                 if current_room.as_deref() == Some(room) {
                     Err(conflict(format!("you are already in [{room}]")))
@@ -475,6 +505,13 @@ impl Chat {
         nick: &str,
         out: &mut impl Outbox,
     ) -> Result<Value, ProtocolError> {
+        self.check_rename(conn, nick)?;
+        Ok(self.apply_rename(conn, nick, out))
+    }
+
+    /// Whether `conn` may take `nick` as far as this node knows (making it
+    /// a member with a guest nick if it is not one yet).
+    pub fn check_rename(&mut self, conn: ConnId, nick: &str) -> Result<(), ProtocolError> {
         if !valid_nick(nick) {
             return Err(ProtocolError::new(
                 ErrorCode::InvalidField,
@@ -491,9 +528,20 @@ impl Chat {
             Some(owner) if *owner == conn && old == nick => {
                 return Err(conflict(format!("you are already {nick}")))
             }
-            Some(owner) if *owner != conn => return Err(conflict(format!("nick {nick} is taken"))),
+            Some(owner) if *owner != conn => return Err(nick_taken(nick)),
             _ => {}
         }
+        Ok(())
+    }
+
+    /// Gives `conn` (a member) `nick`, checked by [`Chat::check_rename`]
+    /// (and, scale-out, reserved in Redis), and tells its rooms.
+    pub fn apply_rename(&mut self, conn: ConnId, nick: &str, out: &mut impl Outbox) -> Value {
+        let Some(member) = self.members.get(&conn) else {
+            return json!({ "nick": nick });
+        };
+        let (old, format) = (member.nick.clone(), member.format);
+        let key = nick.to_ascii_lowercase();
         self.nicks.remove(&old.to_ascii_lowercase());
         self.nicks.insert(key, conn);
         let member = self.members.get_mut(&conn).expect("ensured above");
@@ -506,7 +554,28 @@ impl Chat {
         if rooms.is_empty() && format == ChatFormat::Plain {
             tell(out, conn, &format!("* you are now {nick}"));
         }
-        Ok(json!({ "nick": nick, "previous": old }))
+        json!({ "nick": nick, "previous": old })
+    }
+
+    /// A member's nick.
+    pub fn nick_of(&self, conn: ConnId) -> Option<&str> {
+        self.members.get(&conn).map(|m| m.nick.as_str())
+    }
+
+    /// Whether a member is a `/chat` (plain-text) client.
+    pub fn is_plain(&self, conn: ConnId) -> bool {
+        self.members
+            .get(&conn)
+            .is_some_and(|m| m.format == ChatFormat::Plain)
+    }
+
+    /// Scale-out: every member's nick (reserved again when Redis may have
+    /// lost or expired the reservations).
+    pub fn nicks_snapshot(&self) -> Vec<(ConnId, String)> {
+        self.members
+            .iter()
+            .map(|(conn, member)| (*conn, member.nick.clone()))
+            .collect()
     }
 
     pub fn room_exists(&self, room: &str) -> bool {
@@ -685,6 +754,12 @@ impl Chat {
         }
         if let Some(member) = self.members.remove(&conn) {
             self.nicks.remove(&member.nick.to_ascii_lowercase());
+            if let Some(presence) = self.presence.as_mut() {
+                presence.nicks.push(NickChange::Release {
+                    conn,
+                    nick: member.nick,
+                });
+            }
         }
     }
 }
@@ -696,6 +771,11 @@ fn has_control_characters(text: &str) -> bool {
 
 fn conflict(message: String) -> ProtocolError {
     ProtocolError::new(ErrorCode::Conflict, message)
+}
+
+/// The same answer whether this node or Redis found the nick taken.
+pub fn nick_taken(nick: &str) -> ProtocolError {
+    conflict(format!("nick {nick} is taken"))
 }
 
 fn not_in_a_room() -> ProtocolError {

@@ -5,6 +5,7 @@
 //! asks Redis, which answers for live runs only (see
 //! [`crate::cluster::protocol::WHO_LUA`]).
 
+use super::chat_nicks::NickChange;
 use super::ConnId;
 
 /// A member's presence in a room changed.
@@ -27,6 +28,7 @@ pub struct WhoRequest {
 #[derive(Debug, Default)]
 pub struct PresenceRelay {
     pub changes: Vec<PresenceChange>,
+    pub nicks: Vec<NickChange>,
     pub who: Vec<WhoRequest>,
 }
 

@@ -31,8 +31,12 @@
 //!   every reconnect and data reset (another node may have removed them
 //!   while this node's alive key had expired); `chat.who` and `/who` ask
 //!   Redis and list the members on every live node (while the link is
-//!   down: this node's, with `"local": true`). `chat.rooms`, the member
-//!   list in a `chat.join` ack and nick uniqueness stay per node.
+//!   down: this node's, with `"local": true`). `chat.rooms` and the member
+//!   list in a `chat.join` ack stay per node.
+//! * nicks ([`super::chat_nicks`]): every member's nick is reserved in
+//!   Redis under the node's alive key; `chat.nick` and `/nick` are
+//!   answered when Redis decided (while the link is down: by this node
+//!   alone, `"local": true`, and settled when it is back).
 //!
 //! # While the link is not up
 //!
@@ -74,6 +78,7 @@ use serde_json::{json, Value};
 
 use super::channel_definition::ChannelDefinition;
 use super::chat::{ChatLine, LineKind};
+use super::chat_nicks::PendingClaim;
 use super::chat_presence::PresenceChange;
 use super::ConnId;
 use crate::cluster::{Full, LinkState, LostKind, RedisLink};
@@ -134,6 +139,9 @@ pub struct ClusterStats {
     /// Channels whose settings a `create` made here during an outage and
     /// the cluster's definition then changed.
     pub local_definitions_overridden: u64,
+    /// Members renamed because another node's member held their nick
+    /// (taken here during an outage, or a guest nick a user chose).
+    pub nick_conflicts: u64,
 }
 
 #[derive(Debug, Default)]
@@ -144,6 +152,7 @@ struct Warned {
     malformed: bool,
     definition_not_applied: bool,
     presence_lost: bool,
+    nick_claim_failed: bool,
 }
 
 pub struct Cluster {
@@ -155,6 +164,8 @@ pub struct Cluster {
     pub definitions: HashMap<u64, Pending>,
     pub resumes: HashMap<u64, Resume>,
     pub whos: HashMap<u64, WhoWaiting>,
+    /// Nick claims on their way through Redis, by request.
+    pub nick_claims: HashMap<u64, PendingClaim>,
     pub stats: ClusterStats,
     /// This process's run, in every bus payload it sends (`"i"`), so that
     /// duplicates can be told by (origin, run, origin_seq).
@@ -188,6 +199,7 @@ impl Cluster {
             definitions: HashMap::new(),
             resumes: HashMap::new(),
             whos: HashMap::new(),
+            nick_claims: HashMap::new(),
             stats: ClusterStats::default(),
             run: format!("{:016x}", crate::cluster::protocol::random_u64()),
             seen: HashMap::new(),
@@ -232,6 +244,14 @@ impl Cluster {
             && !std::mem::replace(&mut self.warned.presence_lost, true)
         {
             warn!("chat presence change not sent: the redis link's queue is full; `who` on other nodes may be wrong until this node reconnects (counted in fanout_redis_presence_lost_total, logged once)");
+        }
+    }
+
+    /// Redis answered a nick claim with an error (a script refused, out
+    /// of memory): the member keeps the nick on this node's word alone.
+    pub fn nick_claim_failed(&mut self, nick: &str, why: &str) {
+        if !std::mem::replace(&mut self.warned.nick_claim_failed, true) {
+            warn!("nick {nick} could not be reserved in redis ({why}); it is unique on this node only (logged once)");
         }
     }
 

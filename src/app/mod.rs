@@ -9,6 +9,7 @@ pub mod channel_name;
 pub mod channels;
 pub mod chat;
 pub mod chat_command;
+pub mod chat_nicks;
 pub mod chat_presence;
 pub mod cluster;
 mod echo;
@@ -29,6 +30,7 @@ use self::auth::KeyRing;
 use self::channel_definition::ChannelDefinition;
 use self::channels::{Apply, ChannelLimits, Channels, Published, SettingsSource};
 use self::chat::{Chat, LineKind};
+use self::chat_nicks::{ClaimOutcome, ClaimState, NickChange, PendingClaim};
 use self::chat_presence::{who_line, PresenceRelay};
 use self::cluster::{Cluster, Reply, Resume, WhoWaiting, CHAT_PREFIX};
 use self::event_stream::{Event, EventStreams};
@@ -400,6 +402,14 @@ impl App {
                 self.chat.say(conn, &room, &text, LineKind::Say, out)?;
                 acknowledge(out, "chat.say", json!({ "room": room }));
             }
+            Command::ChatNick { nick } if self.cluster.is_some() => {
+                let Some(reply) = self.reply_to(conn, id.clone()) else {
+                    return Ok(());
+                };
+                if let Some(extra) = self.claim_nick(conn, &nick, reply, false, out)? {
+                    acknowledge(out, "chat.nick", extra);
+                }
+            }
             Command::ChatNick { nick } => {
                 let extra = self.chat.rename(conn, &nick, out)?;
                 acknowledge(out, "chat.nick", extra);
@@ -726,6 +736,8 @@ impl App {
     /// Scale-out: the link was attached; from now on publishes, events and
     /// chat lines go through Redis.
     pub fn attach_cluster(&mut self, link: RedisLink) {
+        let tag = crate::cluster::protocol::random_u64() & 0xffff;
+        self.chat.guest_tag = Some(format!("{tag:04x}"));
         self.chat.relay = Some(Vec::new());
         self.chat.presence = Some(PresenceRelay::default());
         self.cluster = Some(Cluster::new(link));
@@ -800,6 +812,236 @@ impl App {
         match self.who_answer(&waiting.room, members, local) {
             Ok(extra) => out.reply(conn, Message::Text(&ack(&id, "chat.who", extra))),
             Err(e) => self.send_error(conn, &id, &e, out),
+        }
+    }
+
+    /// Scale-out nick change: reserved in Redis, and answered when Redis
+    /// decided (answers None). While the link is not up this node decides
+    /// alone and answers at once (`"local": true`); the claim waits for
+    /// Redis, which may later rename the member (see [`chat_nicks`]).
+    fn claim_nick(
+        &mut self,
+        conn: ConnId,
+        nick: &str,
+        reply: Reply,
+        plain: bool,
+        out: &mut impl Outbox,
+    ) -> Result<Option<Value>, ProtocolError> {
+        self.chat.check_rename(conn, nick)?;
+        let asking = |c: &PendingClaim| {
+            c.reply.conn == conn
+                && c.reply.serial == reply.serial
+                && matches!(c.state, ClaimState::Asked { .. })
+        };
+        let cluster = self.cluster.as_ref().expect("called with a cluster");
+        if cluster.nick_claims.values().any(asking) {
+            return Err(ProtocolError::new(
+                ErrorCode::Conflict,
+                "a nick change of yours is already waiting for redis: try again when it is answered",
+            ));
+        }
+        // A new member's guest nick is claimed before the nick it asks for.
+        self.flush_presence(out);
+        let previous = self.chat.nick_of(conn).map(str::to_owned);
+        let cluster = self.cluster.as_mut().expect("called with a cluster");
+        let up = cluster.is_up();
+        let nick_owned = nick.to_owned();
+        // A claim the link cannot queue is counted there; the nick is then
+        // this node's word alone until the next reconnect claims it again.
+        if let Ok(request) = cluster
+            .link
+            .claim_nick(conn as u64, nick, previous.as_deref())
+        {
+            let state = if up {
+                ClaimState::Asked { plain }
+            } else {
+                ClaimState::Held
+            };
+            let claim = PendingClaim {
+                reply,
+                nick: nick_owned,
+                state,
+            };
+            cluster.nick_claims.insert(request, claim);
+            if up {
+                return Ok(None);
+            }
+        }
+        let extra = self.chat.apply_rename(conn, nick, out);
+        Ok(Some(chat_nicks::mark_local(extra)))
+    }
+
+    /// Tells a member who asked for a nick that it is not theirs.
+    fn refuse_nick(
+        &mut self,
+        reply: &Reply,
+        plain: bool,
+        e: &ProtocolError,
+        out: &mut impl Outbox,
+    ) {
+        if plain {
+            out.reply(reply.conn, Message::Text(&format!("! {}", e.message)));
+        } else {
+            self.send_error(reply.conn, &reply.id, e, out);
+        }
+    }
+
+    /// Gives a member the nick it asked for and answers it (`local`: this
+    /// node decided alone).
+    fn grant_nick(
+        &mut self,
+        reply: &Reply,
+        nick: &str,
+        plain: bool,
+        local: bool,
+        out: &mut impl Outbox,
+    ) -> Result<(), ProtocolError> {
+        self.chat.check_rename(reply.conn, nick)?;
+        let extra = self.chat.apply_rename(reply.conn, nick, out);
+        match (plain, local) {
+            (true, true) => out.reply(
+                reply.conn,
+                Message::Text(&chat_nicks::local_nick_line(nick)),
+            ),
+            (true, false) => {}
+            (false, local) => {
+                let extra = if local {
+                    chat_nicks::mark_local(extra)
+                } else {
+                    extra
+                };
+                out.reply(
+                    reply.conn,
+                    Message::Text(&ack(&reply.id, "chat.nick", extra)),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Redis's answer to a nick claim.
+    fn on_nick_answer(
+        &mut self,
+        request: u64,
+        nick: String,
+        result: Result<bool, String>,
+        out: &mut impl Outbox,
+    ) {
+        let cluster = self.cluster.as_mut().expect("called with a cluster");
+        let Some(claim) = cluster.nick_claims.remove(&request) else {
+            return;
+        };
+        let conn = claim.reply.conn;
+        let open = self.still_open(&claim.reply);
+        let plain = matches!(claim.state, ClaimState::Asked { plain: true });
+        let granted = match result {
+            Ok(granted) => granted,
+            Err(why) => {
+                let cluster = self.cluster.as_mut().expect("called with a cluster");
+                cluster.nick_claim_failed(&nick, &why);
+                if open && matches!(claim.state, ClaimState::Asked { .. }) {
+                    let e = unavailable(format!("cannot reserve nick {nick} now: {why}"));
+                    self.refuse_nick(&claim.reply, plain, &e, out);
+                }
+                return;
+            }
+        };
+        let holds = open && self.chat.nick_of(conn) == Some(nick.as_str());
+        match chat_nicks::outcome(&claim.state, granted, open, holds) {
+            ClaimOutcome::Settled => {}
+            ClaimOutcome::Grant => {
+                if let Err(e) = self.grant_nick(&claim.reply, &nick, plain, false, out) {
+                    self.refuse_nick(&claim.reply, plain, &e, out);
+                    self.release_nick(conn, &nick);
+                }
+            }
+            ClaimOutcome::Refuse => {
+                self.refuse_nick(&claim.reply, plain, &chat::nick_taken(&nick), out)
+            }
+            ClaimOutcome::Release => self.release_nick(conn, &nick),
+            ClaimOutcome::Lost => self.rename_lost(claim.reply, &nick, out),
+        }
+    }
+
+    fn release_nick(&mut self, conn: ConnId, nick: &str) {
+        let cluster = self.cluster.as_mut().expect("called with a cluster");
+        // Not queued: counted by the link; freed when this node's alive
+        // key goes.
+        let _ = cluster.link.release_nick(conn as u64, nick);
+    }
+
+    /// Another node's member holds the nick this member has: it becomes a
+    /// fresh guest, and is told.
+    fn rename_lost(&mut self, reply: Reply, lost: &str, out: &mut impl Outbox) {
+        let conn = reply.conn;
+        let guest = self.chat.fresh_guest();
+        self.chat.apply_rename(conn, &guest, out);
+        let notice = chat_nicks::lost_nick_notice(lost, &guest, self.chat.is_plain(conn));
+        out.reply(conn, Message::Text(&notice));
+        let cluster = self.cluster.as_mut().expect("called with a cluster");
+        cluster.stats.nick_conflicts += 1;
+        info!("nick {lost} of conn {conn} is another node's: renamed {guest}");
+        if let Ok(request) = cluster.link.claim_nick(conn as u64, &guest, None) {
+            let claim = PendingClaim {
+                reply,
+                nick: guest,
+                state: ClaimState::Held,
+            };
+            cluster.nick_claims.insert(request, claim);
+        }
+    }
+
+    /// The link went down: nick changes waiting for Redis are decided here
+    /// alone (`"local": true`); their claims stay queued for Redis.
+    fn settle_nicks_locally(&mut self, out: &mut impl Outbox) {
+        let cluster = self.cluster.as_mut().expect("called with a cluster");
+        let asked: Vec<u64> = cluster
+            .nick_claims
+            .iter()
+            .filter(|(_, c)| matches!(c.state, ClaimState::Asked { .. }))
+            .map(|(request, _)| *request)
+            .collect();
+        for request in asked {
+            let cluster = self.cluster.as_mut().expect("called with a cluster");
+            let Some(claim) = cluster.nick_claims.get_mut(&request) else {
+                continue;
+            };
+            let plain = matches!(claim.state, ClaimState::Asked { plain: true });
+            claim.state = ClaimState::Abandoned;
+            let (reply, nick) = (claim.reply.clone(), claim.nick.clone());
+            if !self.still_open(&reply) {
+                continue;
+            }
+            match self.grant_nick(&reply, &nick, plain, true, out) {
+                Ok(()) => {
+                    let cluster = self.cluster.as_mut().expect("called with a cluster");
+                    if let Some(claim) = cluster.nick_claims.get_mut(&request) {
+                        claim.state = ClaimState::Held;
+                    }
+                }
+                Err(e) => self.refuse_nick(&reply, plain, &e, out),
+            }
+        }
+    }
+
+    /// Claims every member's nick here again: after a reconnect (this
+    /// node's alive key may have expired, and others may have taken its
+    /// nicks) or a data reset. A refusal renames the member.
+    fn reassert_nicks(&mut self) {
+        let nicks = self.chat.nicks_snapshot();
+        for (conn, nick) in nicks {
+            let Some(reply) = self.reply_to(conn, None) else {
+                continue;
+            };
+            let cluster = self.cluster.as_mut().expect("called with a cluster");
+            if let Ok(request) = cluster.link.claim_nick(conn as u64, &nick, None) {
+                let claim = PendingClaim {
+                    reply,
+                    nick,
+                    state: ClaimState::Held,
+                };
+                cluster.nick_claims.insert(request, claim);
+            }
         }
     }
 
@@ -977,6 +1219,45 @@ impl App {
             .expect("chat presence only with a cluster");
         for change in &presence.changes {
             cluster.presence(change);
+        }
+        for change in presence.nicks {
+            match change {
+                NickChange::Claim {
+                    conn,
+                    nick,
+                    asked: true,
+                } => {
+                    let Some(reply) = self.reply_to(conn, None) else {
+                        continue;
+                    };
+                    match self.claim_nick(conn, &nick, reply, true, out) {
+                        Ok(Some(_)) => {
+                            out.reply(conn, Message::Text(&chat_nicks::local_nick_line(&nick)))
+                        }
+                        Ok(None) => {}
+                        Err(e) => out.reply(conn, Message::Text(&format!("! {}", e.message))),
+                    }
+                }
+                NickChange::Claim {
+                    conn,
+                    nick,
+                    asked: false,
+                } => {
+                    let Some(reply) = self.reply_to(conn, None) else {
+                        continue;
+                    };
+                    let cluster = self.cluster.as_mut().expect("checked above");
+                    if let Ok(request) = cluster.link.claim_nick(conn as u64, &nick, None) {
+                        let claim = PendingClaim {
+                            reply,
+                            nick,
+                            state: ClaimState::Held,
+                        };
+                        cluster.nick_claims.insert(request, claim);
+                    }
+                }
+                NickChange::Release { conn, nick } => self.release_nick(conn, &nick),
+            }
         }
         for request in presence.who {
             let Some(reply) = self.reply_to(request.conn, None) else {
@@ -1166,17 +1447,27 @@ impl App {
                     self.answer_who(waiting, result, out);
                 }
             }
+            Inbound::Nick {
+                request,
+                nick,
+                result,
+            } => self.on_nick_answer(request, nick, result, out),
             Inbound::Up => {
                 cluster.on_up();
                 self.rewrite_presence();
+                self.reassert_nicks();
             }
-            Inbound::Down { .. } => cluster.on_down(),
+            Inbound::Down { .. } => {
+                cluster.on_down();
+                self.settle_nicks_locally(out);
+            }
             Inbound::Reset => {
                 cluster.stats.resets += 1;
                 warn!("redis lost its data: channel offsets start again from 1; backlogs emptied");
                 self.channels.reset_offsets();
                 self.redefine_after_reset();
                 self.rewrite_presence();
+                self.reassert_nicks();
             }
             Inbound::Lost { count, kind } => {
                 if let Some((reply, what)) = cluster.on_lost(count, kind) {
@@ -1267,6 +1558,11 @@ impl App {
                 "fanout_redis_local_definitions_overridden_total",
                 "Channels created here during an outage whose settings the cluster's definition replaced.",
                 c.local_definitions_overridden,
+            ),
+            (
+                "fanout_redis_nick_conflicts_total",
+                "Chat members renamed because a member of another node held their nick in Redis.",
+                c.nick_conflicts,
             ),
         ] {
             m.counter(name, help, value);

@@ -14,9 +14,9 @@ use redis::{Client, Connection, ErrorKind, RedisError, Script, Value};
 
 use super::backoff::Backoff;
 use super::protocol::{
-    self, alive_key, channel_key, dedup_key, offset_key, presence_field, room_key, BusItem,
-    History, PublishReply, StreamId, ALIVE_PREFIX, BUS_KEY, BUS_SEQ_KEY, DEDUP_TTL_SECS,
-    DEFINE_LUA, DEFINITIONS_KEY, EPOCH_KEY, PUBLISH_LUA, WHO_LUA,
+    self, alive_key, channel_key, dedup_key, nick_key, offset_key, presence_field, room_key,
+    BusItem, History, PublishReply, StreamId, ALIVE_PREFIX, BUS_KEY, BUS_SEQ_KEY, DEDUP_TTL_SECS,
+    DEFINE_LUA, DEFINITIONS_KEY, EPOCH_KEY, NICK_CLAIM_LUA, NICK_RELEASE_LUA, PUBLISH_LUA, WHO_LUA,
 };
 use super::queues::{Command, Inbox, Outbox};
 
@@ -180,6 +180,14 @@ pub enum Inbound {
         request: u64,
         room: String,
         result: Result<Vec<String>, String>,
+    },
+    /// The answer to [`RedisLink::claim_nick`]: whether the nick is this
+    /// member's now (false: a member of a live node holds it). Never an
+    /// error for an outage: the claim waits for Redis.
+    Nick {
+        request: u64,
+        nick: String,
+        result: Result<bool, String>,
     },
     /// Both connections are up (first connect, or after a `Down`).
     Up,
@@ -652,6 +660,7 @@ impl RedisLink {
             script: Script::new(PUBLISH_LUA),
             define_script: Script::new(DEFINE_LUA),
             who_script: Script::new(WHO_LUA),
+            nick_script: Script::new(NICK_CLAIM_LUA),
             alive_key: alive_key(&sh.cfg.node_id, &sh.instance),
             backoff: Backoff::new(sh.cfg.reconnect_min, sh.cfg.reconnect_max, seed),
             down: false,
@@ -756,6 +765,40 @@ impl RedisLink {
             room: room.to_string(),
             member,
             nick: nick.map(str::to_string),
+        };
+        self.sh.outbox.push(cmd).map_err(|_| {
+            add(&self.sh.c.presence_lost, 1);
+            Full
+        })
+    }
+
+    /// Reserves `nick` for `member` in Redis, releasing its `previous`
+    /// nick, unless a member of a live node holds it; never blocks. The
+    /// answer comes back as [`Inbound::Nick`], after this link's earlier
+    /// presence changes and releases. While Redis is unreachable the claim
+    /// waits (the caller decides locally meanwhile) and is answered after
+    /// reconnection. On [`Full`] it is counted in `presence_lost`.
+    pub fn claim_nick(&self, member: u64, nick: &str, previous: Option<&str>) -> Result<u64, Full> {
+        let request = self.sh.next_request.fetch_add(1, Ordering::Relaxed) + 1;
+        let cmd = Command::NickClaim {
+            request,
+            member,
+            nick: nick.to_string(),
+            previous: previous.map(str::to_string),
+        };
+        self.sh.outbox.push(cmd).map(|()| request).map_err(|_| {
+            add(&self.sh.c.presence_lost, 1);
+            Full
+        })
+    }
+
+    /// Releases `member`'s `nick` (if it still holds it); never blocks,
+    /// applied in order. On [`Full`] it is counted in `presence_lost` (the
+    /// nick is freed when this node's alive key goes).
+    pub fn release_nick(&self, member: u64, nick: &str) -> Result<(), Full> {
+        let cmd = Command::NickRelease {
+            member,
+            nick: nick.to_string(),
         };
         self.sh.outbox.push(cmd).map_err(|_| {
             add(&self.sh.c.presence_lost, 1);
@@ -873,6 +916,7 @@ struct Writer {
     script: Script,
     define_script: Script,
     who_script: Script,
+    nick_script: Script,
     /// This node run's alive key (chat presence).
     alive_key: String,
     backoff: Backoff,
@@ -928,7 +972,8 @@ impl Writer {
         match self.batch.first() {
             Some(Command::History { .. }) => self.run_history(),
             Some(Command::Who { .. }) => self.run_who(),
-            Some(Command::Presence { .. }) => self.run_presence(),
+            Some(Command::NickClaim { .. }) => self.run_nick_claim(),
+            Some(Command::Presence { .. } | Command::NickRelease { .. }) => self.run_presence(),
             _ => self.run_publishes(),
         }
     }
@@ -1131,6 +1176,53 @@ impl Writer {
         });
     }
 
+    /// A nick claim. A broken connection leaves it first in the batch, so
+    /// it is sent again after reconnecting (the script is idempotent).
+    fn run_nick_claim(&mut self) {
+        let Some(Command::NickClaim {
+            member,
+            nick,
+            previous,
+            ..
+        }) = self.batch.first()
+        else {
+            return;
+        };
+        let Some(con) = self.conn.as_mut() else {
+            return;
+        };
+        let owner = presence_field(&self.sh.cfg.node_id, &self.sh.instance, *member);
+        let previous = previous.as_deref().unwrap_or(nick);
+        let reply = self
+            .nick_script
+            .key(nick_key(nick))
+            .key(nick_key(previous))
+            .arg(owner)
+            .arg(ALIVE_PREFIX)
+            .invoke::<Value>(con);
+        let result = match reply {
+            Ok(v) => protocol::parse_nick_claim(v),
+            Err(e) if is_connection_error(&e) => return self.connection_failed(&e),
+            Err(e) if is_unavailable(&e) => {
+                self.conn = None;
+                self.down = true;
+                self.sh.conn_down(Side::Writer, &e.to_string());
+                return;
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let Command::NickClaim { request, nick, .. } = self.batch.remove(0) else {
+            return;
+        };
+        self.dseqs.clear();
+        self.sh.outbox.done(1);
+        self.sh.inbox.push_control(Inbound::Nick {
+            request,
+            nick,
+            result,
+        });
+    }
+
     /// A run of presence changes, pipelined. Each is idempotent, so after
     /// a broken connection the whole run is sent again.
     fn run_presence(&mut self) {
@@ -1141,14 +1233,24 @@ impl Writer {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for cmd in &self.batch {
-            let Command::Presence { room, member, nick } = cmd else {
-                continue;
-            };
-            let field = presence_field(&cfg.node_id, &self.sh.instance, *member);
-            match nick {
-                Some(nick) => pipe.cmd("HSET").arg(room_key(room)).arg(field).arg(nick),
-                None => pipe.cmd("HDEL").arg(room_key(room)).arg(field),
-            };
+            match cmd {
+                Command::Presence { room, member, nick } => {
+                    let field = presence_field(&cfg.node_id, &self.sh.instance, *member);
+                    match nick {
+                        Some(nick) => pipe.cmd("HSET").arg(room_key(room)).arg(field).arg(nick),
+                        None => pipe.cmd("HDEL").arg(room_key(room)).arg(field),
+                    };
+                }
+                Command::NickRelease { member, nick } => {
+                    let field = presence_field(&cfg.node_id, &self.sh.instance, *member);
+                    pipe.cmd("EVAL")
+                        .arg(NICK_RELEASE_LUA)
+                        .arg(1)
+                        .arg(nick_key(nick))
+                        .arg(field);
+                }
+                _ => {}
+            }
         }
         let replies = match pipe.query::<Value>(con) {
             Ok(Value::Array(replies)) => replies,
@@ -1240,9 +1342,11 @@ impl Writer {
                     continue;
                 }
                 // Never in a write batch (`take_batch` keeps them apart).
-                Command::History { .. } | Command::Who { .. } | Command::Presence { .. } => {
-                    continue
-                }
+                Command::History { .. }
+                | Command::Who { .. }
+                | Command::Presence { .. }
+                | Command::NickClaim { .. }
+                | Command::NickRelease { .. } => continue,
             };
             pipe.cmd("EVALSHA")
                 .arg(hash)
@@ -1306,9 +1410,11 @@ impl Writer {
             let (id, applied) = match &self.batch[i] {
                 Command::Publish { id, .. } => (*id, &self.sh.c.published),
                 Command::Define { id, .. } => (*id, &self.sh.c.defined),
-                Command::History { .. } | Command::Who { .. } | Command::Presence { .. } => {
-                    (0, &self.sh.c.published)
-                }
+                Command::History { .. }
+                | Command::Who { .. }
+                | Command::Presence { .. }
+                | Command::NickClaim { .. }
+                | Command::NickRelease { .. } => (0, &self.sh.c.published),
             };
             match outcome {
                 PublishReply::Offset(_) => add(applied, 1),

@@ -9,7 +9,7 @@
 //! no hand-written RESP):
 //!
 //! * the **writer** takes publishes, channel definitions, chat presence
-//!   changes and reads (history, `who`) from a bounded outbox and runs
+//!   changes, nick claims and reads (history, `who`) from a bounded outbox and runs
 //!   them in the order they were queued: publishes and definitions
 //!   pipelined in batches of up to [`LinkConfig::batch`], presence changes
 //!   pipelined likewise, reads one at a time; every second it also
@@ -39,6 +39,7 @@
 //! | `fanout:bus:seq` | string | the bus's last `bseq` |
 //! | `fanout:channels` | hash | field: channel name, value: its definition (the app's encoding of its `create` settings); first one wins (`HSETNX`), never changed |
 //! | `fanout:room:{room}` | hash | chat presence: field `{node}:{instance}/{member}`, value the member's nick |
+//! | `fanout:nick:{nick}` | string | chat nick reservation (the nick lowercased): the holder's `{node}:{instance}/{member}`; void once that run's alive key is gone |
 //! | `fanout:alive:{node}:{instance}` | string | exists while that node run lives: set with `EX presence_ttl` every second, deleted at shutdown |
 //! | `fanout:epoch` | string | random, set once (`SET NX`); a change means Redis lost its data |
 //! | `fanout:node:{node}:{instance}` | string | a node run's last applied dedup sequence (expires after a day) |
@@ -85,6 +86,20 @@
 //! gone (the node died; `presence_ttl` after its last refresh) are removed
 //! on the way. A node's `who` runs after its own earlier presence changes.
 //!
+//! # Chat nicks
+//!
+//! [`RedisLink::claim_nick`] runs [`protocol::NICK_CLAIM_LUA`]: the nick's
+//! key is set to the member's field unless a member of a live run (alive
+//! key present) holds it, and on success the member's previous nick is
+//! deleted if it still holds it; the answer is [`Inbound::Nick`]. A claim
+//! is run on its own, in order after earlier presence changes, and unlike
+//! a read it is not failed during an outage: it waits and is sent after
+//! reconnection (the app has decided locally meanwhile and reconciles with
+//! the answer). [`RedisLink::release_nick`] ([`protocol::NICK_RELEASE_LUA`],
+//! only if the member still holds it) is pipelined with presence changes.
+//! A dead or stopped run's reservations need no clean-up: its alive key
+//! goes, and the next claim takes the key over.
+//!
 //! # Outages
 //!
 //! When a connection breaks the thread first reconnects once at once (a
@@ -111,8 +126,8 @@
 //!   definitions are gone too, the app offers its own again) and the
 //!   reader reads the new bus from its start.
 //! * History and `who` requests are answered with an error at once while
-//!   down; presence changes stay queued like publishes (beyond the bound
-//!   they are counted in `presence_lost`).
+//!   down; presence changes, nick claims and releases stay queued like
+//!   publishes (beyond the bound they are counted in `presence_lost`).
 //!
 //! [`LinkStats`] exposes the outage (state, outages, current and total
 //! down time, reconnects), queue depths, reader lag and every loss counter.

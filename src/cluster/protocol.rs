@@ -56,6 +56,12 @@ pub fn presence_field(node_id: &str, instance: &str, member: u64) -> String {
     format!("{node_id}:{instance}/{member}")
 }
 
+/// Chat nick reservation: value the owner's [`presence_field`]. Nicks are
+/// unique regardless of case, so the key holds the lowercased nick.
+pub fn nick_key(nick: &str) -> String {
+    format!("fanout:nick:{}", nick.to_ascii_lowercase())
+}
+
 /// The last publish sequence number of one node instance that Redis
 /// applied; makes resending a batch after an ambiguous failure idempotent.
 pub fn dedup_key(node_id: &str, instance: &str) -> String {
@@ -158,6 +164,49 @@ for i = 1, #flat, 2 do
 end
 return nicks
 "#;
+
+/// Reserves a chat nick for one member of one node run, unless a member
+/// of a live run (its alive key exists) holds it; a holder whose run is
+/// gone lost it with its node. On success the member's previous nick is
+/// released if it still holds it.
+///
+/// KEYS: the nick's key, the previous nick's key (the same key when there
+/// is none). ARGV: the claimant's [`presence_field`], [`ALIVE_PREFIX`].
+/// Returns 1 (reserved, or held already) or 0 (another live member's).
+pub const NICK_CLAIM_LUA: &str = r#"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  local run = string.match(holder, '^(.*)/[^/]*$')
+  if run and redis.call('EXISTS', ARGV[2] .. run) == 1 then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+if KEYS[2] ~= KEYS[1] and redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+end
+return 1
+"#;
+
+/// Releases a nick if this member still holds it (another may have taken
+/// it over since, when this node's alive key had expired).
+///
+/// KEYS: the nick's key. ARGV: the member's [`presence_field`].
+pub const NICK_RELEASE_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// The reply of [`NICK_CLAIM_LUA`]: whether the nick is the claimant's.
+pub fn parse_nick_claim(v: Value) -> Result<bool, String> {
+    match v {
+        Value::Int(1) => Ok(true),
+        Value::Int(0) => Ok(false),
+        other => Err(format!("nick claim: expected 0 or 1, got {}", kind(&other))),
+    }
+}
 
 /// The reply of [`WHO_LUA`]: the nicks, sorted.
 pub fn parse_who(v: Value) -> Result<Vec<String>, String> {
@@ -818,6 +867,21 @@ mod tests {
         assert!(!valid_node_id("a b"));
         assert!(!valid_node_id("a:b"));
         assert!(!valid_node_id(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn nick_claim_replies() {
+        assert_eq!(parse_nick_claim(Value::Int(1)), Ok(true));
+        assert_eq!(parse_nick_claim(Value::Int(0)), Ok(false));
+        assert!(parse_nick_claim(Value::Int(2)).is_err());
+        assert!(parse_nick_claim(Value::Nil).is_err());
+        assert!(parse_nick_claim(bulk("1")).is_err());
+    }
+
+    #[test]
+    fn nick_keys_ignore_case() {
+        assert_eq!(nick_key("Ann"), "fanout:nick:ann");
+        assert_eq!(nick_key("ann"), nick_key("ANN"));
     }
 
     #[test]

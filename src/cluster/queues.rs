@@ -47,6 +47,16 @@ pub(crate) enum Command {
     },
     /// The members of `room` on every node.
     Who { request: u64, room: String },
+    /// Reserve `nick` for `member` (and release its `previous` nick):
+    /// answered, and kept through outages until Redis decided.
+    NickClaim {
+        request: u64,
+        member: u64,
+        nick: String,
+        previous: Option<String>,
+    },
+    /// Release `member`'s `nick`: pipelined with presence changes.
+    NickRelease { member: u64, nick: String },
 }
 
 impl Command {
@@ -55,10 +65,17 @@ impl Command {
         matches!(self, Command::History { .. } | Command::Who { .. })
     }
 
+    /// Run on its own: a read, or a nick claim (answered too, but never
+    /// failed for an outage: Redis must decide it).
+    fn is_single(&self) -> bool {
+        self.is_read() || matches!(self, Command::NickClaim { .. })
+    }
+
     /// Commands of the same batch kind are pipelined together.
     fn same_batch(&self, other: &Command) -> bool {
         let writes = |c: &Command| matches!(c, Command::Publish { .. } | Command::Define { .. });
-        let presence = |c: &Command| matches!(c, Command::Presence { .. });
+        let presence =
+            |c: &Command| matches!(c, Command::Presence { .. } | Command::NickRelease { .. });
         (writes(self) && writes(other)) || (presence(self) && presence(other))
     }
 }
@@ -137,10 +154,10 @@ impl Outbox {
             let Some(next) = s.queue.front() else {
                 break;
             };
-            if n > 0 && (next.is_read() || !out[out.len() - 1].same_batch(next)) {
+            if n > 0 && (next.is_single() || !out[out.len() - 1].same_batch(next)) {
                 break;
             }
-            let read = next.is_read();
+            let read = next.is_single();
             out.extend(s.queue.pop_front());
             n += 1;
             if read {
@@ -457,6 +474,39 @@ mod tests {
         assert!(matches!(b[..], [Command::Who { request: 9, .. }]));
         take(&mut b);
         assert!(matches!(b[..], [Command::Presence { member: 4, .. }]));
+    }
+
+    #[test]
+    fn nick_claims_run_alone_and_survive_an_outage() {
+        let stop = AtomicBool::new(false);
+        let o = Outbox::new(10);
+        let claim = Command::NickClaim {
+            request: 3,
+            member: 1,
+            nick: "ann".into(),
+            previous: None,
+        };
+        let release = |member| Command::NickRelease {
+            member,
+            nick: "bob".into(),
+        };
+        for c in [release(1), claim, release(2), history(5)] {
+            o.push(c).unwrap();
+        }
+        // Reads are failed during an outage; a claim waits for Redis.
+        assert_eq!(o.take_reads().len(), 1);
+        let mut b = Vec::new();
+        let take = |b: &mut Vec<Command>| {
+            b.clear();
+            o.take_batch(10, Duration::ZERO, &stop, b);
+            o.done(b.len());
+        };
+        take(&mut b);
+        assert!(matches!(b[..], [Command::NickRelease { member: 1, .. }]));
+        take(&mut b);
+        assert!(matches!(b[..], [Command::NickClaim { request: 3, .. }]));
+        take(&mut b);
+        assert!(matches!(b[..], [Command::NickRelease { member: 2, .. }]));
     }
 
     #[test]
