@@ -1082,3 +1082,76 @@ fn nicks_taken_during_a_redis_outage_are_local_then_reconciled() {
     assert_eq!(nick(&mut late, "dora").unwrap_err().0, "conflict");
     assert_eq!(nick(&mut late, "ann").unwrap_err().0, "conflict");
 }
+
+#[test]
+fn a_join_replays_the_rooms_lines_from_redis_and_lists_every_nodes_members() {
+    let mut redis = RedisServer::start();
+    let a = Node::start(&redis, "node-a", &["--chat-history", "3"]);
+    let mut ann = Client::connect(a.public());
+    nick(&mut ann, "ann").unwrap();
+    chat_ok(&mut ann, json!({"type": "chat.join", "room": "ops"}));
+    for i in 1..=5 {
+        let text = format!("line {i}");
+        chat_ok(
+            &mut ann,
+            json!({"type": "chat.say", "room": "ops", "text": text}),
+        );
+    }
+    // B starts after the lines were said: its join replays the room's last
+    // 3 lines from Redis, and lists A's member with its own.
+    let b = Node::start(&redis, "node-b", &["--chat-history", "3"]);
+    let mut bob = Client::connect(b.public());
+    nick(&mut bob, "bob").unwrap();
+    bob.send(&json!({"type": "chat.join", "room": "ops", "id": 7}));
+    let ack = bob.recv();
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["id"], 7, "{ack}");
+    assert_eq!(ack["members"], json!(["ann", "bob"]), "{ack}");
+    assert_eq!(ack["replayed"], 3, "{ack}");
+    assert!(ack.get("local").is_none(), "{ack}");
+    for i in 3..=5 {
+        let line = bob.recv();
+        assert_eq!(
+            (line["kind"].clone(), line["text"].clone()),
+            (json!("say"), json!(format!("line {i}"))),
+            "{line}"
+        );
+    }
+    // Then the room's announcement of the join, then live lines.
+    let joined = bob.recv();
+    assert_eq!(
+        (joined["kind"].clone(), joined["nick"].clone()),
+        (json!("join"), json!("bob")),
+        "{joined}"
+    );
+    chat_ok(
+        &mut ann,
+        json!({"type": "chat.say", "room": "ops", "text": "live"}),
+    );
+    assert_eq!(bob.recv()["text"], "live");
+    // A plain-text client on B is told the same.
+    let mut plain = plain_chat(b.public());
+    plain.send(Message::Text("/join ops".into())).unwrap();
+    let intro = (0..100)
+        .find_map(|_| match plain.read().expect("read") {
+            Message::Text(t) if t.starts_with("* joined [ops]") => Some(t.to_string()),
+            _ => None,
+        })
+        .expect("a join answer");
+    assert!(intro.ends_with("; last 3 message(s):"), "{intro}");
+    match plain.read().expect("replay") {
+        Message::Text(t) => assert!(t.ends_with("line 4"), "{t}"),
+        other => panic!("{other:?}"),
+    }
+    // While Redis is down a join replays this node's lines and lists its
+    // members, and says so.
+    redis.kill();
+    a.wait_ready(false);
+    b.wait_ready(false);
+    let mut cid = Client::connect(b.public());
+    let ack = chat_ok(&mut cid, json!({"type": "chat.join", "room": "ops"}));
+    assert_eq!(ack["local"], true, "{ack}");
+    let members = ack["members"].as_array().unwrap();
+    assert!(!members.contains(&json!("ann")), "{ack}");
+    assert!(members.contains(&json!("bob")), "{ack}");
+}

@@ -14,12 +14,16 @@ use serde_json::{json, Value};
 
 use super::chat_command::{parse_line, valid_nick, valid_room, ChatInput, HELP};
 use super::chat_nicks::{guest_nick, NickChange};
-use super::chat_presence::{who_line, PresenceChange, PresenceRelay, WhoRequest};
+use super::chat_presence::{who_line, JoinRequest, PresenceChange, PresenceRelay, WhoRequest};
 use super::protocol::{ErrorCode, ProtocolError};
 use super::{unix_millis, ConnId, Message, Outbox};
 use crate::ws::SharedFrame;
 
 pub const DEFAULT_ROOM: &str = "lobby";
+
+/// Scale-out: the most lines held for a member whose join waits for
+/// Redis; more are dropped for it and counted like a slow consumer's.
+const MAX_HELD_WHILE_JOINING: usize = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChatFormat {
@@ -69,11 +73,32 @@ struct Line {
     text: String,
     kind: LineKind,
     ts: u64,
+    /// Scale-out: its offset on the room's bus channel (None: said while
+    /// Redis was unreachable, or no scale-out).
+    offset: Option<u64>,
     plain: OnceLock<SharedFrame>,
     json: OnceLock<SharedFrame>,
 }
 
 impl Line {
+    fn new(line: ChatLine) -> Line {
+        Line {
+            room: line.room,
+            nick: line.nick,
+            text: line.text,
+            kind: line.kind,
+            ts: line.ts,
+            offset: line.offset,
+            plain: OnceLock::new(),
+            json: OnceLock::new(),
+        }
+    }
+
+    /// Kept in a room's history (notices are not).
+    fn is_said(&self) -> bool {
+        matches!(self.kind, LineKind::Say | LineKind::Me)
+    }
+
     fn frame(&self, format: ChatFormat) -> &SharedFrame {
         match format {
             ChatFormat::Plain => self.plain.get_or_init(|| {
@@ -112,6 +137,19 @@ pub struct ChatLine {
     pub text: String,
     pub kind: LineKind,
     pub ts: u64,
+    /// Its offset on the bus (scale-out, once it went through Redis).
+    pub offset: Option<u64>,
+}
+
+/// Scale-out: a join whose replay waits for Redis.
+#[derive(Debug)]
+struct Joining {
+    room: String,
+    /// The room's history here when the member joined, replayed if Redis
+    /// cannot answer.
+    local_history: Vec<Arc<Line>>,
+    /// Lines of the room that arrived since, sent after the replay.
+    held: Vec<Arc<Line>>,
 }
 
 #[derive(Debug, Default)]
@@ -126,6 +164,7 @@ struct Member {
     format: ChatFormat,
     rooms: Vec<String>,
     dropped: u64,
+    joining: Vec<Joining>,
 }
 
 #[derive(Debug)]
@@ -190,10 +229,16 @@ impl Chat {
                     format,
                     rooms: Vec::new(),
                     dropped: 0,
+                    joining: Vec::new(),
                 },
             );
         }
         self.members.get_mut(&conn).expect("inserted above")
+    }
+
+    /// How many lines a join replays at most.
+    pub fn history_len(&self) -> usize {
+        self.history_len
     }
 
     /// A guest nick nobody here has.
@@ -375,6 +420,151 @@ impl Chat {
         out: &mut impl Outbox,
         json_intro: impl FnOnce(&Value) -> String,
     ) -> Result<(), ProtocolError> {
+        if self.presence.is_some() {
+            return self.begin_join(conn, room, None, out);
+        }
+        let (nick, format, history) = self.enter(conn, room)?;
+        let info = json!({ "room": room, "nick": nick, "members": self.who(room), "replayed": history.len() });
+        self.introduce(conn, format, &info, &history, json_intro, out);
+        self.broadcast(room, &nick, "", LineKind::Joined, out);
+        Ok(())
+    }
+
+    /// Scale-out join: the member is in the room at once (its presence
+    /// noted, the join announced), but its acknowledgement and replay wait
+    /// for Redis (the room's latest lines and members on every node),
+    /// collected in [`PresenceRelay::joins`] with `id` for a JSON ack;
+    /// lines arriving meanwhile are held and follow the replay
+    /// ([`Chat::finish_join`]).
+    pub fn begin_join(
+        &mut self,
+        conn: ConnId,
+        room: &str,
+        id: Option<Value>,
+        out: &mut impl Outbox,
+    ) -> Result<(), ProtocolError> {
+        let (nick, _, local_history) = self.enter(conn, room)?;
+        if let Some(member) = self.members.get_mut(&conn) {
+            member.joining.push(Joining {
+                room: room.to_owned(),
+                local_history,
+                held: Vec::new(),
+            });
+        }
+        if let Some(presence) = self.presence.as_mut() {
+            presence.joins.push(JoinRequest {
+                conn,
+                room: room.to_owned(),
+                id,
+            });
+        }
+        self.broadcast(room, &nick, "", LineKind::Joined, out);
+        Ok(())
+    }
+
+    /// Scale-out: Redis answered (or could not) for a join. `recent`: the
+    /// room's latest lines with the channel's last offset (None: replay
+    /// this node's history); `members`: every node's (None: this node's).
+    /// Either missing marks the answer `"local": true`.
+    pub fn finish_join(
+        &mut self,
+        conn: ConnId,
+        room: &str,
+        recent: Option<(Vec<ChatLine>, u64)>,
+        members: Option<Vec<String>>,
+        out: &mut impl Outbox,
+        json_intro: impl FnOnce(&Value) -> String,
+    ) {
+        let Some(member) = self.members.get_mut(&conn) else {
+            return;
+        };
+        // Left the room (or was never joining it): nothing to answer.
+        let Some(index) = member.joining.iter().position(|j| j.room == room) else {
+            return;
+        };
+        let joining = member.joining.remove(index);
+        let (nick, format) = (member.nick.clone(), member.format);
+        let local = recent.is_none() || members.is_none();
+        let history: Vec<Arc<Line>> = match recent {
+            Some((lines, _)) => {
+                let said: Vec<Arc<Line>> = lines
+                    .into_iter()
+                    .map(|l| Arc::new(Line::new(l)))
+                    .filter(|l| l.is_said())
+                    .collect();
+                let skip = said.len().saturating_sub(self.history_len);
+                said.into_iter().skip(skip).collect()
+            }
+            None => joining.local_history,
+        };
+        let members = members.unwrap_or_else(|| self.who(room));
+        let mut info =
+            json!({ "room": room, "nick": nick, "members": members, "replayed": history.len() });
+        if local {
+            info["local"] = json!(true);
+        }
+        self.introduce(conn, format, &info, &history, json_intro, out);
+        // What was held: after the replay, without the lines it replayed.
+        let replayed: Vec<u64> = history.iter().filter_map(|l| l.offset).collect();
+        for line in joining.held {
+            if line.offset.is_some_and(|o| replayed.contains(&o)) {
+                continue;
+            }
+            if !out.deliver(conn, line.frame(format)) {
+                self.count_dropped(conn);
+            }
+        }
+    }
+
+    /// Tells a joiner it joined (`info`, the JSON acknowledgement's
+    /// content) and replays `history`.
+    fn introduce(
+        &self,
+        conn: ConnId,
+        format: ChatFormat,
+        info: &Value,
+        history: &[Arc<Line>],
+        json_intro: impl FnOnce(&Value) -> String,
+        out: &mut impl Outbox,
+    ) {
+        let intro = match format {
+            ChatFormat::Plain => {
+                let mut intro = format!(
+                    "* joined [{}] as {}; last {} message(s):",
+                    info["room"].as_str().unwrap_or_default(),
+                    info["nick"].as_str().unwrap_or_default(),
+                    history.len()
+                );
+                if info.get("local").is_some() {
+                    intro.push_str(" (this node only: redis is unreachable)");
+                }
+                intro
+            }
+            ChatFormat::Json => json_intro(info),
+        };
+        out.reply(conn, Message::Text(&intro));
+        for line in history {
+            out.reply_shared(conn, line.frame(format));
+        }
+    }
+
+    fn count_dropped(&mut self, conn: ConnId) {
+        if let Some(member) = self.members.get_mut(&conn) {
+            if member.dropped == 0 {
+                debug!("conn {conn}: dropping chat lines: slow consumer");
+            }
+            member.dropped += 1;
+            self.dropped_total += 1;
+        }
+    }
+
+    /// Makes `conn` a member of `room` (creating it) and notes its
+    /// presence. Answers its nick, format and the room's history here.
+    fn enter(
+        &mut self,
+        conn: ConnId,
+        room: &str,
+    ) -> Result<(String, ChatFormat, Vec<Arc<Line>>), ProtocolError> {
         if !valid_room(room) {
             return Err(ProtocolError::new(
                 ErrorCode::InvalidField,
@@ -409,21 +599,7 @@ impl Chat {
         entry.members.push(conn);
         let history: Vec<Arc<Line>> = entry.history.iter().cloned().collect();
         self.note_presence(room, conn, Some(&nick));
-        let info = json!({ "room": room, "nick": nick, "members": self.who(room), "replayed": history.len() });
-        // What the joiner is told first: before the history it replays.
-        let intro = match format {
-            ChatFormat::Plain => format!(
-                "* joined [{room}] as {nick}; last {} message(s):",
-                history.len()
-            ),
-            ChatFormat::Json => json_intro(&info),
-        };
-        out.reply(conn, Message::Text(&intro));
-        for line in &history {
-            out.reply_shared(conn, line.frame(format));
-        }
-        self.broadcast(room, &nick, "", LineKind::Joined, out);
-        Ok(())
+        Ok((nick, format, history))
     }
 
     /// Leaves `room`; an empty room other than the lobby is removed.
@@ -435,6 +611,7 @@ impl Chat {
             return false;
         };
         member.rooms.remove(index);
+        member.joining.retain(|j| j.room != room);
         let nick = member.nick.clone();
         if let Some(entry) = self.rooms.get_mut(room) {
             entry.members.retain(|c| *c != conn);
@@ -648,6 +825,7 @@ impl Chat {
             text: text.to_owned(),
             kind,
             ts: unix_millis(),
+            offset: None,
         };
         match self.relay.as_mut() {
             Some(relay) => relay.push(line),
@@ -658,44 +836,20 @@ impl Chat {
     /// Adds a line to its room's history and sends it to the room's
     /// members on this node (nothing when the room has none here).
     pub fn deliver(&mut self, line: ChatLine, out: &mut impl Outbox) {
-        let ChatLine {
-            room,
-            nick,
-            text,
-            kind,
-            ts,
-        } = line;
-        let keep = matches!(kind, LineKind::Say | LineKind::Me) && self.history_len > 0;
-        if !self.rooms.contains_key(&room) {
+        let line = Arc::new(Line::new(line));
+        let keep = line.is_said() && self.history_len > 0;
+        let Some(entry) = self.rooms.get_mut(&line.room) else {
             // Said on another node, in a room with no member here.
-            let known = self.unjoined.contains_key(&room);
+            let known = self.unjoined.contains_key(&line.room);
             if keep && self.relay.is_some() && (known || self.unjoined.len() < self.max_rooms) {
-                let history = self.unjoined.entry(room.clone()).or_default();
+                let history = self.unjoined.entry(line.room.clone()).or_default();
                 if history.len() >= self.history_len {
                     history.pop_front();
                 }
-                history.push_back(Arc::new(Line {
-                    room,
-                    nick,
-                    text,
-                    kind,
-                    ts,
-                    plain: OnceLock::new(),
-                    json: OnceLock::new(),
-                }));
+                history.push_back(line);
             }
             return;
-        }
-        let entry = self.rooms.get_mut(&room).expect("checked above");
-        let line = Arc::new(Line {
-            room,
-            nick,
-            text,
-            kind,
-            ts,
-            plain: OnceLock::new(),
-            json: OnceLock::new(),
-        });
+        };
         if keep {
             if entry.history.len() >= self.history_len {
                 entry.history.pop_front();
@@ -706,7 +860,16 @@ impl Chat {
             let Some(member) = self.members.get_mut(conn) else {
                 continue;
             };
-            if !out.deliver(*conn, line.frame(member.format)) {
+            let joining = member.joining.iter_mut().find(|j| j.room == line.room);
+            let delivered = match joining {
+                Some(joining) if joining.held.len() < MAX_HELD_WHILE_JOINING => {
+                    joining.held.push(line.clone());
+                    true
+                }
+                Some(_) => false,
+                None => out.deliver(*conn, line.frame(member.format)),
+            };
+            if !delivered {
                 if member.dropped == 0 {
                     debug!("conn {conn}: dropping chat lines: slow consumer");
                 }

@@ -24,11 +24,23 @@ pub struct WhoRequest {
     pub room: String,
 }
 
+/// A join waiting for Redis (see [`super::chat::Chat::begin_join`]): the
+/// room's latest lines and members on every node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinRequest {
+    pub conn: ConnId,
+    pub room: String,
+    /// A JSON `chat.join`'s `id` (None for a plain-text client, or none
+    /// given).
+    pub id: Option<serde_json::Value>,
+}
+
 /// What the chat collects for the link between two flushes.
 #[derive(Debug, Default)]
 pub struct PresenceRelay {
     pub changes: Vec<PresenceChange>,
     pub nicks: Vec<NickChange>,
+    pub joins: Vec<JoinRequest>,
     pub who: Vec<WhoRequest>,
 }
 

@@ -31,8 +31,13 @@
 //!   every reconnect and data reset (another node may have removed them
 //!   while this node's alive key had expired); `chat.who` and `/who` ask
 //!   Redis and list the members on every live node (while the link is
-//!   down: this node's, with `"local": true`). `chat.rooms` and the member
-//!   list in a `chat.join` ack stay per node.
+//!   down: this node's, with `"local": true`). `chat.rooms` stays per node.
+//! * joins: the ack of a `chat.join` (and `/join`) waits for Redis: the
+//!   room's latest lines from its channel stream (`fanout:ch:#chat/ROOM`)
+//!   are replayed, and its `members` are every node's; lines arriving
+//!   meanwhile are held and follow the replay, without those it replayed
+//!   (told by offset). Redis unreachable: this node's history and members,
+//!   `"local": true`.
 //! * nicks ([`super::chat_nicks`]): every member's nick is reserved in
 //!   Redis under the node's alive key; `chat.nick` and `/nick` are
 //!   answered when Redis decided (while the link is down: by this node
@@ -81,7 +86,7 @@ use super::chat::{ChatLine, LineKind};
 use super::chat_nicks::PendingClaim;
 use super::chat_presence::PresenceChange;
 use super::ConnId;
-use crate::cluster::{Full, LinkState, LostKind, RedisLink};
+use crate::cluster::{Full, HistoryEntry, LinkState, LostKind, RedisLink};
 
 /// Prefix of the bus channels that carry chat rooms.
 pub const CHAT_PREFIX: &str = "#chat/";
@@ -118,6 +123,16 @@ pub struct WhoWaiting {
     pub room: String,
     /// A plain-text `/who` (else a JSON `chat.who`).
     pub plain: bool,
+}
+
+/// A join waiting for Redis: the room's latest lines and its members on
+/// every node (each None until answered; an error: this node's instead).
+#[derive(Debug)]
+pub struct JoinWaiting {
+    pub reply: Reply,
+    pub room: String,
+    pub recent: Option<Result<(Vec<ChatLine>, u64), String>>,
+    pub members: Option<Result<Vec<String>, String>>,
 }
 
 /// App-level counters of the scale-out.
@@ -164,6 +179,11 @@ pub struct Cluster {
     pub definitions: HashMap<u64, Pending>,
     pub resumes: HashMap<u64, Resume>,
     pub whos: HashMap<u64, WhoWaiting>,
+    /// Joins waiting for Redis, by join number; `join_parts` maps the
+    /// history and `who` requests to it.
+    pub joins: HashMap<u64, JoinWaiting>,
+    pub join_parts: HashMap<u64, u64>,
+    pub next_join: u64,
     /// Nick claims on their way through Redis, by request.
     pub nick_claims: HashMap<u64, PendingClaim>,
     pub stats: ClusterStats,
@@ -200,6 +220,9 @@ impl Cluster {
             resumes: HashMap::new(),
             whos: HashMap::new(),
             nick_claims: HashMap::new(),
+            joins: HashMap::new(),
+            join_parts: HashMap::new(),
+            next_join: 0,
             stats: ClusterStats::default(),
             run: format!("{:016x}", crate::cluster::protocol::random_u64()),
             seen: HashMap::new(),
@@ -390,6 +413,24 @@ pub fn parse_message_payload(payload: &str) -> Option<(u64, Value)> {
     Some((ts, data))
 }
 
+/// The chat lines of a room's history from Redis (with their offsets);
+/// entries that are not chat lines are skipped and counted by the caller.
+pub fn chat_history(room: &str, entries: &[HistoryEntry]) -> (Vec<ChatLine>, usize) {
+    let mut malformed = 0;
+    let lines = entries
+        .iter()
+        .filter_map(|e| {
+            let line = parse_chat_payload(room, &e.payload).map(|mut line| {
+                line.offset = Some(e.offset);
+                line
+            });
+            malformed += usize::from(line.is_none());
+            line
+        })
+        .collect();
+    (lines, malformed)
+}
+
 pub fn chat_payload(run: &str, line: &ChatLine) -> String {
     json!({ "i": run, "kind": line.kind.as_str(), "nick": line.nick, "text": line.text, "ts": line.ts })
         .to_string()
@@ -403,6 +444,7 @@ pub fn parse_chat_payload(room: &str, payload: &str) -> Option<ChatLine> {
         text: v.get("text")?.as_str()?.to_owned(),
         kind: LineKind::parse(v.get("kind")?.as_str()?)?,
         ts: v.get("ts")?.as_u64()?,
+        offset: None,
     })
 }
 
@@ -422,11 +464,43 @@ mod tests {
             text: "hi".into(),
             kind: LineKind::Me,
             ts: 7,
+            offset: None,
         };
         assert_eq!(
             parse_chat_payload("lobby", &chat_payload("r2", &line)),
             Some(line)
         );
         assert_eq!(parse_message_payload("nope"), None);
+    }
+
+    #[test]
+    fn chat_history_keeps_offsets_and_counts_what_is_not_a_line() {
+        let line = ChatLine {
+            room: "ops".into(),
+            nick: "ann".into(),
+            text: "hi".into(),
+            kind: LineKind::Say,
+            ts: 7,
+            offset: None,
+        };
+        let entry = |offset, payload: String| HistoryEntry {
+            offset,
+            origin: "node-a".into(),
+            origin_seq: 1,
+            payload,
+        };
+        let entries = [
+            entry(4, chat_payload("r", &line)),
+            entry(5, "{\"kind\":\"shout\"}".into()),
+        ];
+        let (lines, malformed) = chat_history("ops", &entries);
+        assert_eq!(malformed, 1);
+        assert_eq!(
+            lines,
+            vec![ChatLine {
+                offset: Some(4),
+                ..line
+            }]
+        );
     }
 }

@@ -31,8 +31,8 @@ use self::channel_definition::ChannelDefinition;
 use self::channels::{Apply, ChannelLimits, Channels, Published, SettingsSource};
 use self::chat::{Chat, LineKind};
 use self::chat_nicks::{ClaimOutcome, ClaimState, NickChange, PendingClaim};
-use self::chat_presence::{who_line, PresenceRelay};
-use self::cluster::{Cluster, Reply, Resume, WhoWaiting, CHAT_PREFIX};
+use self::chat_presence::{who_line, JoinRequest, PresenceRelay};
+use self::cluster::{Cluster, JoinWaiting, Reply, Resume, WhoWaiting, CHAT_PREFIX};
 use self::event_stream::{Event, EventStreams};
 use self::market::legacy::{self, LegacyCommand};
 use self::market::Market;
@@ -385,6 +385,9 @@ impl App {
                 acknowledge(out, "unsubscribe", extra);
             }
             Command::ListChannels => acknowledge(out, "list", self.channels.list()),
+            Command::ChatJoin { room } if self.cluster.is_some() => {
+                self.chat.begin_join(conn, &room, id.clone(), out)?;
+            }
             Command::ChatJoin { room } => {
                 self.chat
                     .join(conn, &room, out, |info| ack(&id, "chat.join", info.clone()))?;
@@ -1045,6 +1048,77 @@ impl App {
         }
     }
 
+    /// Asks Redis for what a join replays and lists (the room's latest
+    /// lines, its members on every node); what cannot be asked is this
+    /// node's instead.
+    fn ask_for_join(&mut self, join: JoinRequest, out: &mut impl Outbox) {
+        let Some(reply) = self.reply_to(join.conn, join.id) else {
+            return;
+        };
+        // Join, leave and nick notices share the room's stream with the
+        // lines a join replays: read enough to find them among those.
+        let limit = self.chat.history_len().saturating_mul(4) + 16;
+        let cluster = self.cluster.as_mut().expect("called with a cluster");
+        let key = cluster.next_join;
+        cluster.next_join += 1;
+        let full = "the redis link's queue is full";
+        let channel = format!("{CHAT_PREFIX}{}", join.room);
+        let recent = match cluster.link.recent(&channel, limit) {
+            Ok(request) => {
+                cluster.join_parts.insert(request, key);
+                None
+            }
+            Err(_) => Some(Err(full.to_string())),
+        };
+        let members = match cluster.link.who(&join.room) {
+            Ok(request) => {
+                cluster.join_parts.insert(request, key);
+                None
+            }
+            Err(_) => Some(Err(full.to_string())),
+        };
+        let waiting = JoinWaiting {
+            reply,
+            room: join.room,
+            recent,
+            members,
+        };
+        cluster.joins.insert(key, waiting);
+        self.try_finish_join(key, out);
+    }
+
+    /// Answers a join once Redis answered both its questions.
+    fn try_finish_join(&mut self, key: u64, out: &mut impl Outbox) {
+        let cluster = self.cluster.as_mut().expect("called with a cluster");
+        let answered = cluster
+            .joins
+            .get(&key)
+            .is_some_and(|j| j.recent.is_some() && j.members.is_some());
+        if !answered {
+            return;
+        }
+        let Some(JoinWaiting {
+            reply,
+            room,
+            recent: Some(recent),
+            members: Some(members),
+        }) = cluster.joins.remove(&key)
+        else {
+            return;
+        };
+        if !self.still_open(&reply) {
+            return;
+        }
+        if let Err(e) = recent.as_ref().and(members.as_ref()) {
+            debug!("join [{room}] answered from this node only: {e}");
+        }
+        let Reply { conn, id, .. } = reply;
+        self.chat
+            .finish_join(conn, &room, recent.ok(), members.ok(), out, |info| {
+                ack(&id, "chat.join", info.clone())
+            });
+    }
+
     /// Writes every member's presence here to Redis again: after a
     /// reconnect (another node may have cleared it while this node's alive
     /// key had expired) or a data reset.
@@ -1259,6 +1333,9 @@ impl App {
                 NickChange::Release { conn, nick } => self.release_nick(conn, &nick),
             }
         }
+        for join in presence.joins {
+            self.ask_for_join(join, out);
+        }
         for request in presence.who {
             let Some(reply) = self.reply_to(request.conn, None) else {
                 continue;
@@ -1323,7 +1400,10 @@ impl App {
                 let local = pending.as_ref().is_some_and(|p| p.local);
                 if let Some(room) = channel.strip_prefix(CHAT_PREFIX) {
                     match cluster::parse_chat_payload(room, &payload) {
-                        Some(line) if !local => self.chat.deliver(line, out),
+                        Some(mut line) if !local => {
+                            line.offset = Some(offset);
+                            self.chat.deliver(line, out)
+                        }
                         Some(_) => {}
                         None => cluster.malformed(&channel, "not a chat line"),
                     }
@@ -1357,6 +1437,20 @@ impl App {
                 result,
             } => {
                 let Some(resume) = cluster.resumes.remove(&request) else {
+                    if let Some(join) = cluster.join_parts.remove(&request) {
+                        let recent = result.map(|h| {
+                            let room = channel.strip_prefix(CHAT_PREFIX).unwrap_or_default();
+                            let (lines, malformed) = cluster::chat_history(room, &h.entries);
+                            if malformed > 0 {
+                                cluster.malformed(&channel, "not a chat line");
+                            }
+                            (lines, h.last_offset)
+                        });
+                        if let Some(waiting) = cluster.joins.get_mut(&join) {
+                            waiting.recent = Some(recent);
+                        }
+                        self.try_finish_join(join, out);
+                    }
                     return;
                 };
                 if !self.still_open(&resume.reply) {
@@ -1445,6 +1539,11 @@ impl App {
             } => {
                 if let Some(waiting) = cluster.whos.remove(&request) {
                     self.answer_who(waiting, result, out);
+                } else if let Some(join) = cluster.join_parts.remove(&request) {
+                    if let Some(waiting) = cluster.joins.get_mut(&join) {
+                        waiting.members = Some(result);
+                    }
+                    self.try_finish_join(join, out);
                 }
             }
             Inbound::Nick {

@@ -831,6 +831,23 @@ impl RedisLink {
             channel: channel.to_string(),
             after_offset,
             limit: limit.clamp(1, MAX_HISTORY),
+            newest: false,
+        };
+        self.sh.outbox.push(cmd).map(|()| request).map_err(|_| Full)
+    }
+
+    /// Asks for the latest `limit` messages of `channel` (clamped to
+    /// 1..=[`MAX_HISTORY`]), like [`RedisLink::history`] otherwise: the
+    /// answer is an [`Inbound::History`] with the entries oldest first and
+    /// `missed` and `more` both 0.
+    pub fn recent(&self, channel: &str, limit: usize) -> Result<u64, Full> {
+        let request = self.sh.next_request.fetch_add(1, Ordering::Relaxed) + 1;
+        let cmd = Command::History {
+            request,
+            channel: channel.to_string(),
+            after_offset: 0,
+            limit: limit.clamp(1, MAX_HISTORY),
+            newest: true,
         };
         self.sh.outbox.push(cmd).map(|()| request).map_err(|_| Full)
     }
@@ -1107,27 +1124,37 @@ impl Writer {
             channel,
             after_offset,
             limit,
+            newest,
             ..
         }) = self.batch.first()
         else {
             return;
         };
-        let (after_offset, limit) = (*after_offset, *limit);
+        let (after_offset, limit, newest) = (*after_offset, *limit, *newest);
         let Some(con) = self.conn.as_mut() else {
             return;
         };
-        let reply = redis::pipe()
-            .atomic()
-            .cmd("XRANGE")
-            .arg(channel_key(channel))
-            .arg(format!("0-{}", after_offset.saturating_add(1)))
-            .arg("+")
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if newest {
+            pipe.cmd("XREVRANGE")
+                .arg(channel_key(channel))
+                .arg("+")
+                .arg("-");
+        } else {
+            pipe.cmd("XRANGE")
+                .arg(channel_key(channel))
+                .arg(format!("0-{}", after_offset.saturating_add(1)))
+                .arg("+");
+        }
+        let reply = pipe
             .arg("COUNT")
             .arg(limit)
             .cmd("GET")
             .arg(offset_key(channel))
             .query::<Value>(con);
         let result = match reply {
+            Ok(v) if newest => protocol::parse_recent_reply(v),
             Ok(v) => protocol::parse_history_reply(v, after_offset, limit),
             Err(e) if is_connection_error(&e) => {
                 let why = format!("redis link: {e}");

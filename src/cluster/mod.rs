@@ -19,9 +19,11 @@
 //!   fanout:bus <last-id>` and forwards every entry.
 //!
 //! The loop's side is sans-socket: [`RedisLink::publish`],
-//! [`RedisLink::define`], [`RedisLink::presence`], [`RedisLink::who`] and
-//! [`RedisLink::history`] only queue (never block; `Full` when the bound is
-//! reached), and whatever the threads produce goes into a bounded inbox;
+//! [`RedisLink::define`], [`RedisLink::presence`],
+//! [`RedisLink::claim_nick`], [`RedisLink::release_nick`],
+//! [`RedisLink::who`], [`RedisLink::history`] and [`RedisLink::recent`]
+//! (a channel's latest messages, `XREVRANGE`) only queue (never block;
+//! `Full` when the bound is reached), and whatever the threads produce goes into a bounded inbox;
 //! the threads wake the loop through a `mio::Waker` (registered by the loop
 //! with its own token) when the inbox goes from empty to non-empty, and the
 //! loop calls [`RedisLink::drain`] on that token. Both queues are a

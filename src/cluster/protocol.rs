@@ -689,6 +689,26 @@ fn exec_results(v: Value, n: usize, what: &str) -> Result<Vec<Value>, String> {
 }
 
 /// The reply to `MULTI; XRANGE ch 0-<after+1> + COUNT limit; GET offset; EXEC`.
+/// The reply of a channel's latest messages (`XREVRANGE` and the offset
+/// counter in one `MULTI`): the entries oldest first.
+pub fn parse_recent_reply(v: Value) -> Result<History, String> {
+    let mut items = exec_results(v, 2, "recent history")?.into_iter();
+    let (Some(entries), Some(counter)) = (items.next(), items.next()) else {
+        return Err("recent history: missing results".into());
+    };
+    let mut entries = parse_entries(entries)?
+        .into_iter()
+        .map(history_entry)
+        .collect::<Result<Vec<_>, _>>()?;
+    entries.reverse();
+    Ok(History {
+        entries,
+        last_offset: parse_count(counter)?,
+        missed: 0,
+        more: false,
+    })
+}
+
 pub fn parse_history_reply(v: Value, after_offset: u64, limit: usize) -> Result<History, String> {
     let mut items = exec_results(v, 2, "history")?.into_iter();
     let (Some(entries), Some(counter)) = (items.next(), items.next()) else {
@@ -1057,6 +1077,22 @@ mod tests {
             .unwrap();
             assert!(history_entry(raw[0].clone()).is_err(), "{id}");
         }
+    }
+
+    #[test]
+    fn recent_history_comes_oldest_first() {
+        let newest_first = Value::Array(vec![
+            entry("0-9", &[("origin", "b"), ("seq", "2"), ("payload", "p9")]),
+            entry("0-7", &[("origin", "a"), ("seq", "1"), ("payload", "p7")]),
+        ]);
+        let h = parse_recent_reply(Value::Array(vec![newest_first, bulk("9")])).unwrap();
+        let offsets: Vec<u64> = h.entries.iter().map(|e| e.offset).collect();
+        assert_eq!(offsets, vec![7, 9]);
+        assert_eq!((h.last_offset, h.missed, h.more), (9, 0, false));
+        let empty = parse_recent_reply(Value::Array(vec![Value::Array(vec![]), Value::Nil]));
+        assert_eq!(empty.unwrap().entries, vec![]);
+        assert!(parse_recent_reply(Value::Array(vec![bulk("x")])).is_err());
+        assert!(parse_recent_reply(Value::Nil).is_err());
     }
 
     #[test]

@@ -33,11 +33,14 @@ pub(crate) enum Command {
         channel: String,
         definition: String,
     },
+    /// The messages after `after_offset`, or (`newest`) the channel's
+    /// latest `limit` messages.
     History {
         request: u64,
         channel: String,
         after_offset: u64,
         limit: usize,
+        newest: bool,
     },
     /// Chat presence: `member` of `room` has `nick` now, or (None) left.
     Presence {
@@ -355,6 +358,7 @@ mod tests {
             channel: "c".into(),
             after_offset: 0,
             limit: 1,
+            newest: false,
         }
     }
 
