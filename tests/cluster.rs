@@ -1155,3 +1155,64 @@ fn a_join_replays_the_rooms_lines_from_redis_and_lists_every_nodes_members() {
     assert!(!members.contains(&json!("ann")), "{ack}");
     assert!(members.contains(&json!("bob")), "{ack}");
 }
+
+/// The `chat.rooms` answer of `client`: (room, members) pairs, and whether
+/// it was marked local.
+fn rooms(client: &mut Client) -> (Vec<(String, u64)>, bool) {
+    let reply = chat_ok(client, json!({"type": "chat.rooms"}));
+    let rooms = reply["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let name = r["room"].as_str().unwrap().to_owned();
+            (name, r["members"].as_u64().unwrap())
+        })
+        .collect();
+    (rooms, reply.get("local") == Some(&json!(true)))
+}
+
+#[test]
+fn room_counts_include_every_nodes_members() {
+    let mut redis = RedisServer::start();
+    let a = Node::start(&redis, "node-a", &[]);
+    let b = Node::start(&redis, "node-b", &[]);
+    let mut ann = Client::connect(a.public());
+    let mut bob = Client::connect(b.public());
+    let mut cid = Client::connect(b.public());
+    chat_ok(&mut ann, json!({"type": "chat.join", "room": "ops"}));
+    chat_ok(&mut bob, json!({"type": "chat.join", "room": "ops"}));
+    chat_ok(&mut cid, json!({"type": "chat.join", "room": "dev"}));
+    let want = vec![("dev".to_owned(), 1), ("ops".to_owned(), 2)];
+    assert_eq!(rooms(&mut ann), (want.clone(), false));
+    assert_eq!(rooms(&mut cid), (want, false));
+    // Plain-text `/rooms` counts the same way (the plain client is in the
+    // lobby of A).
+    let mut plain = plain_chat(a.public());
+    plain.send(Message::Text("/rooms".into())).unwrap();
+    let line = (0..100)
+        .find_map(|_| match plain.read().expect("read") {
+            Message::Text(t) if t.starts_with("* rooms:") => Some(t.to_string()),
+            _ => None,
+        })
+        .expect("a /rooms answer");
+    assert_eq!(line, "* rooms: [dev] (1), [lobby] (1), [ops] (2)");
+    // Leaving is counted everywhere (once B's link has told Redis).
+    chat_ok(&mut bob, json!({"type": "chat.leave", "room": "ops"}));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (counts, _) = rooms(&mut ann);
+        if counts.contains(&("ops".to_owned(), 1)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{counts:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Redis down: this node's counts, marked local.
+    redis.kill();
+    a.wait_ready(false);
+    let (counts, local) = rooms(&mut ann);
+    assert!(local);
+    assert!(!counts.iter().any(|(r, _)| r == "dev"), "{counts:?}");
+    assert!(counts.contains(&("ops".to_owned(), 1)), "{counts:?}");
+}

@@ -355,17 +355,10 @@ impl Chat {
                 None => Err(not_in_a_room()),
             },
             ChatInput::Rooms => {
-                let mut rooms: Vec<(String, usize)> = self
-                    .rooms
-                    .iter()
-                    .map(|(name, room)| (name.clone(), room.members.len()))
-                    .collect();
-                rooms.sort();
-                let listing: Vec<String> = rooms
-                    .iter()
-                    .map(|(name, n)| format!("[{name}] ({n})"))
-                    .collect();
-                tell(out, conn, &format!("* rooms: {}", listing.join(", ")));
+                match self.presence.as_mut() {
+                    Some(presence) => presence.rooms.push(conn),
+                    None => tell(out, conn, &rooms_line(&self.room_counts(), false)),
+                }
                 Ok(())
             }
             ChatInput::Who => match current_room {
@@ -802,13 +795,30 @@ impl Chat {
     }
 
     pub fn rooms(&self) -> Value {
-        let mut rooms: Vec<Value> = self
+        rooms_answer(&self.room_counts(), false)
+    }
+
+    /// The rooms here and their members here, sorted by room.
+    pub fn room_counts(&self) -> Vec<(String, u64)> {
+        let mut rooms: Vec<(String, u64)> = self
             .rooms
             .iter()
-            .map(|(name, room)| json!({ "room": name, "members": room.members.len() }))
+            .map(|(name, room)| (name.clone(), room.members.len() as u64))
             .collect();
-        rooms.sort_by(|a, b| a["room"].as_str().cmp(&b["room"].as_str()));
-        json!({ "rooms": rooms })
+        rooms.sort();
+        rooms
+    }
+
+    /// Scale-out: every node's rooms and counts from Redis, with the rooms
+    /// here that have no member anywhere (the lobby), sorted by room.
+    pub fn merge_room_counts(&self, mut cluster: Vec<(String, u64)>) -> Vec<(String, u64)> {
+        for (room, count) in self.room_counts() {
+            if !cluster.iter().any(|(r, _)| *r == room) {
+                cluster.push((room, count));
+            }
+        }
+        cluster.sort();
+        cluster
     }
 
     fn broadcast(
@@ -925,6 +935,32 @@ impl Chat {
             }
         }
     }
+}
+
+/// A `chat.rooms` answer (`local`: counted on this node only).
+pub fn rooms_answer(counts: &[(String, u64)], local: bool) -> Value {
+    let rooms: Vec<Value> = counts
+        .iter()
+        .map(|(room, members)| json!({ "room": room, "members": members }))
+        .collect();
+    let mut answer = json!({ "rooms": rooms });
+    if local {
+        answer["local"] = json!(true);
+    }
+    answer
+}
+
+/// A `/rooms` answer line (`local`: counted on this node only).
+pub fn rooms_line(counts: &[(String, u64)], local: bool) -> String {
+    let listing: Vec<String> = counts
+        .iter()
+        .map(|(name, n)| format!("[{name}] ({n})"))
+        .collect();
+    let mut line = format!("* rooms: {}", listing.join(", "));
+    if local {
+        line.push_str(" (this node only: redis is unreachable)");
+    }
+    line
 }
 
 /// Control characters other than tab.

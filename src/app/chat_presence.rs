@@ -42,6 +42,8 @@ pub struct PresenceRelay {
     pub nicks: Vec<NickChange>,
     pub joins: Vec<JoinRequest>,
     pub who: Vec<WhoRequest>,
+    /// Plain-text clients' `/rooms`.
+    pub rooms: Vec<ConnId>,
 }
 
 /// The `/who` answer line of a plain-text client.

@@ -31,7 +31,8 @@
 //!   every reconnect and data reset (another node may have removed them
 //!   while this node's alive key had expired); `chat.who` and `/who` ask
 //!   Redis and list the members on every live node (while the link is
-//!   down: this node's, with `"local": true`). `chat.rooms` stays per node.
+//!   down: this node's, with `"local": true`). `chat.rooms` and `/rooms`
+//!   count every live node's members of every room the same way.
 //! * joins: the ack of a `chat.join` (and `/join`) waits for Redis: the
 //!   room's latest lines from its channel stream (`fanout:ch:#chat/ROOM`)
 //!   are replayed, and its `members` are every node's; lines arriving
@@ -179,6 +180,8 @@ pub struct Cluster {
     pub definitions: HashMap<u64, Pending>,
     pub resumes: HashMap<u64, Resume>,
     pub whos: HashMap<u64, WhoWaiting>,
+    /// `chat.rooms` (or, `true`, plain `/rooms`) waiting for Redis.
+    pub rooms_waiting: HashMap<u64, (Reply, bool)>,
     /// Joins waiting for Redis, by join number; `join_parts` maps the
     /// history and `who` requests to it.
     pub joins: HashMap<u64, JoinWaiting>,
@@ -219,6 +222,7 @@ impl Cluster {
             definitions: HashMap::new(),
             resumes: HashMap::new(),
             whos: HashMap::new(),
+            rooms_waiting: HashMap::new(),
             nick_claims: HashMap::new(),
             joins: HashMap::new(),
             join_parts: HashMap::new(),

@@ -452,6 +452,12 @@ impl App {
                 let members = self.chat.who(&room);
                 acknowledge(out, "chat.who", json!({ "room": room, "members": members }));
             }
+            Command::ChatRooms if self.cluster.is_some() => {
+                let Some(reply) = self.reply_to(conn, id.clone()) else {
+                    return Ok(());
+                };
+                self.ask_rooms(reply, false, out);
+            }
             Command::ChatRooms => acknowledge(out, "chat.rooms", self.chat.rooms()),
             Command::KlineSubscribe(request) => {
                 self.market
@@ -1048,6 +1054,43 @@ impl App {
         }
     }
 
+    /// Asks Redis for every node's rooms (answered by
+    /// [`App::answer_rooms`]); if it cannot be asked, this node's.
+    fn ask_rooms(&mut self, reply: Reply, plain: bool, out: &mut impl Outbox) {
+        let cluster = self.cluster.as_mut().expect("called with a cluster");
+        match cluster.link.rooms() {
+            Ok(request) => {
+                cluster.rooms_waiting.insert(request, (reply, plain));
+            }
+            Err(e) => self.answer_rooms(reply, plain, Err(e.to_string()), out),
+        }
+    }
+
+    fn answer_rooms(
+        &mut self,
+        reply: Reply,
+        plain: bool,
+        result: Result<Vec<(String, u64)>, String>,
+        out: &mut impl Outbox,
+    ) {
+        if !self.still_open(&reply) {
+            return;
+        }
+        let (counts, local) = match result {
+            Ok(cluster) => (self.chat.merge_room_counts(cluster), false),
+            Err(e) => {
+                debug!("rooms answered from this node only: {e}");
+                (self.chat.room_counts(), true)
+            }
+        };
+        let text = if plain {
+            chat::rooms_line(&counts, local)
+        } else {
+            ack(&reply.id, "chat.rooms", chat::rooms_answer(&counts, local))
+        };
+        out.reply(reply.conn, Message::Text(&text));
+    }
+
     /// Asks Redis for what a join replays and lists (the room's latest
     /// lines, its members on every node); what cannot be asked is this
     /// node's instead.
@@ -1336,6 +1379,11 @@ impl App {
         for join in presence.joins {
             self.ask_for_join(join, out);
         }
+        for conn in presence.rooms {
+            if let Some(reply) = self.reply_to(conn, None) {
+                self.ask_rooms(reply, true, out);
+            }
+        }
         for request in presence.who {
             let Some(reply) = self.reply_to(request.conn, None) else {
                 continue;
@@ -1551,6 +1599,11 @@ impl App {
                 nick,
                 result,
             } => self.on_nick_answer(request, nick, result, out),
+            Inbound::Rooms { request, result } => {
+                if let Some((reply, plain)) = cluster.rooms_waiting.remove(&request) {
+                    self.answer_rooms(reply, plain, result, out);
+                }
+            }
             Inbound::Up => {
                 cluster.on_up();
                 self.rewrite_presence();

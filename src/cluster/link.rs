@@ -16,7 +16,8 @@ use super::backoff::Backoff;
 use super::protocol::{
     self, alive_key, channel_key, dedup_key, nick_key, offset_key, presence_field, room_key,
     BusItem, History, PublishReply, StreamId, ALIVE_PREFIX, BUS_KEY, BUS_SEQ_KEY, DEDUP_TTL_SECS,
-    DEFINE_LUA, DEFINITIONS_KEY, EPOCH_KEY, NICK_CLAIM_LUA, NICK_RELEASE_LUA, PUBLISH_LUA, WHO_LUA,
+    DEFINE_LUA, DEFINITIONS_KEY, EPOCH_KEY, NICK_CLAIM_LUA, NICK_RELEASE_LUA, PUBLISH_LUA,
+    ROOMS_KEY, ROOMS_LUA, WHO_LUA,
 };
 use super::queues::{Command, Inbox, Outbox};
 
@@ -180,6 +181,12 @@ pub enum Inbound {
         request: u64,
         room: String,
         result: Result<Vec<String>, String>,
+    },
+    /// The answer to [`RedisLink::rooms`]: every room with members on a
+    /// live node and how many, sorted by room.
+    Rooms {
+        request: u64,
+        result: Result<Vec<(String, u64)>, String>,
     },
     /// The answer to [`RedisLink::claim_nick`]: whether the nick is this
     /// member's now (false: a member of a live node holds it). Never an
@@ -448,6 +455,10 @@ impl Shared {
                 room,
                 result: Err(why.to_string()),
             }),
+            Command::Rooms { request } => self.inbox.push_control(Inbound::Rooms {
+                request,
+                result: Err(why.to_string()),
+            }),
             history => self.answer_history(history, Err(why.to_string())),
         }
     }
@@ -661,6 +672,7 @@ impl RedisLink {
             define_script: Script::new(DEFINE_LUA),
             who_script: Script::new(WHO_LUA),
             nick_script: Script::new(NICK_CLAIM_LUA),
+            rooms_script: Script::new(ROOMS_LUA),
             alive_key: alive_key(&sh.cfg.node_id, &sh.instance),
             backoff: Backoff::new(sh.cfg.reconnect_min, sh.cfg.reconnect_max, seed),
             down: false,
@@ -819,6 +831,14 @@ impl RedisLink {
         self.sh.outbox.push(cmd).map(|()| request).map_err(|_| Full)
     }
 
+    /// Asks for every room's member count on every live node; never
+    /// blocks. Answered like [`RedisLink::who`], as [`Inbound::Rooms`].
+    pub fn rooms(&self) -> Result<u64, Full> {
+        let request = self.sh.next_request.fetch_add(1, Ordering::Relaxed) + 1;
+        let cmd = Command::Rooms { request };
+        self.sh.outbox.push(cmd).map(|()| request).map_err(|_| Full)
+    }
+
     /// Asks for the messages of `channel` after `after_offset` (at most
     /// `limit`, clamped to 1..=[`MAX_HISTORY`]); never blocks. Answers a
     /// request id; the result comes back as [`Inbound::History`], in order
@@ -933,6 +953,7 @@ struct Writer {
     script: Script,
     define_script: Script,
     who_script: Script,
+    rooms_script: Script,
     nick_script: Script,
     /// This node run's alive key (chat presence).
     alive_key: String,
@@ -989,6 +1010,7 @@ impl Writer {
         match self.batch.first() {
             Some(Command::History { .. }) => self.run_history(),
             Some(Command::Who { .. }) => self.run_who(),
+            Some(Command::Rooms { .. }) => self.run_rooms(),
             Some(Command::NickClaim { .. }) => self.run_nick_claim(),
             Some(Command::Presence { .. } | Command::NickRelease { .. }) => self.run_presence(),
             _ => self.run_publishes(),
@@ -1078,7 +1100,7 @@ impl Writer {
     fn fail_reads(&mut self, why: &str) {
         if matches!(
             self.batch.first(),
-            Some(Command::History { .. } | Command::Who { .. })
+            Some(Command::History { .. } | Command::Who { .. } | Command::Rooms { .. })
         ) {
             let cmd = self.batch.remove(0);
             self.dseqs.clear();
@@ -1203,6 +1225,35 @@ impl Writer {
         });
     }
 
+    fn run_rooms(&mut self) {
+        let Some(con) = self.conn.as_mut() else {
+            return;
+        };
+        let reply = self
+            .rooms_script
+            .key(ROOMS_KEY)
+            .arg(ALIVE_PREFIX)
+            .arg(room_key(""))
+            .invoke::<Value>(con);
+        let result = match reply {
+            Ok(v) => protocol::parse_rooms(v),
+            Err(e) if is_connection_error(&e) => {
+                let why = format!("redis link: {e}");
+                self.connection_failed(&e);
+                Err(why)
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let Command::Rooms { request } = self.batch.remove(0) else {
+            return;
+        };
+        self.dseqs.clear();
+        self.sh.outbox.done(1);
+        self.sh
+            .inbox
+            .push_control(Inbound::Rooms { request, result });
+    }
+
     /// A nick claim. A broken connection leaves it first in the batch, so
     /// it is sent again after reconnecting (the script is idempotent).
     fn run_nick_claim(&mut self) {
@@ -1264,7 +1315,14 @@ impl Writer {
                 Command::Presence { room, member, nick } => {
                     let field = presence_field(&cfg.node_id, &self.sh.instance, *member);
                     match nick {
-                        Some(nick) => pipe.cmd("HSET").arg(room_key(room)).arg(field).arg(nick),
+                        Some(nick) => pipe
+                            .cmd("HSET")
+                            .arg(room_key(room))
+                            .arg(field)
+                            .arg(nick)
+                            .cmd("SADD")
+                            .arg(ROOMS_KEY)
+                            .arg(room),
                         None => pipe.cmd("HDEL").arg(room_key(room)).arg(field),
                     };
                 }
@@ -1371,6 +1429,7 @@ impl Writer {
                 // Never in a write batch (`take_batch` keeps them apart).
                 Command::History { .. }
                 | Command::Who { .. }
+                | Command::Rooms { .. }
                 | Command::Presence { .. }
                 | Command::NickClaim { .. }
                 | Command::NickRelease { .. } => continue,
@@ -1439,6 +1498,7 @@ impl Writer {
                 Command::Define { id, .. } => (*id, &self.sh.c.defined),
                 Command::History { .. }
                 | Command::Who { .. }
+                | Command::Rooms { .. }
                 | Command::Presence { .. }
                 | Command::NickClaim { .. }
                 | Command::NickRelease { .. } => (0, &self.sh.c.published),

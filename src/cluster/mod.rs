@@ -41,6 +41,7 @@
 //! | `fanout:bus:seq` | string | the bus's last `bseq` |
 //! | `fanout:channels` | hash | field: channel name, value: its definition (the app's encoding of its `create` settings); first one wins (`HSETNX`), never changed |
 //! | `fanout:room:{room}` | hash | chat presence: field `{node}:{instance}/{member}`, value the member's nick |
+//! | `fanout:rooms` | set | chat rooms that have had a member since they were last found empty (added with each presence `HSET`; [`protocol::ROOMS_LUA`] removes a room once no live run has a member in it) |
 //! | `fanout:nick:{nick}` | string | chat nick reservation (the nick lowercased): the holder's `{node}:{instance}/{member}`; void once that run's alive key is gone |
 //! | `fanout:alive:{node}:{instance}` | string | exists while that node run lives: set with `EX presence_ttl` every second, deleted at shutdown |
 //! | `fanout:epoch` | string | random, set once (`SET NX`); a change means Redis lost its data |
@@ -87,6 +88,8 @@
 //! room's nicks whose run's alive key exists; fields of runs whose key is
 //! gone (the node died; `presence_ttl` after its last refresh) are removed
 //! on the way. A node's `who` runs after its own earlier presence changes.
+//! [`RedisLink::rooms`] runs [`protocol::ROOMS_LUA`] over `fanout:rooms`
+//! the same way and answers every room's count of live members.
 //!
 //! # Chat nicks
 //!

@@ -38,6 +38,10 @@ pub fn channel_key(channel: &str) -> String {
     format!("fanout:ch:{channel}")
 }
 
+/// Chat presence: every room that has (or had) a member on some node, so
+/// that [`ROOMS_LUA`] can count them without scanning keys.
+pub const ROOMS_KEY: &str = "fanout:rooms";
+
 /// Chat presence: the members of `room` on every node, field
 /// [`presence_field`], value the member's nick.
 pub fn room_key(room: &str) -> String {
@@ -206,6 +210,66 @@ pub fn parse_nick_claim(v: Value) -> Result<bool, String> {
         Value::Int(0) => Ok(false),
         other => Err(format!("nick claim: expected 0 or 1, got {}", kind(&other))),
     }
+}
+
+/// Every room's member count on every live node, dropping on the way
+/// (like [`WHO_LUA`]) the members of runs whose alive key is gone and the
+/// rooms left empty.
+///
+/// KEYS: [`ROOMS_KEY`]. ARGV: [`ALIVE_PREFIX`], the room key prefix.
+/// Returns a flat array: room, count, room, count, ...
+pub const ROOMS_LUA: &str = r#"
+local alive = {}
+local out = {}
+for _, room in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[2] .. room
+  local flat = redis.call('HGETALL', key)
+  local count = 0
+  for i = 1, #flat, 2 do
+    local run = string.match(flat[i], '^(.*)/[^/]*$')
+    if run then
+      if alive[run] == nil then
+        alive[run] = redis.call('EXISTS', ARGV[1] .. run) == 1
+      end
+      if alive[run] then
+        count = count + 1
+      else
+        redis.call('HDEL', key, flat[i])
+      end
+    end
+  end
+  if count == 0 then
+    redis.call('SREM', KEYS[1], room)
+  else
+    out[#out + 1] = room
+    out[#out + 1] = count
+  end
+end
+return out
+"#;
+
+/// The reply of [`ROOMS_LUA`]: (room, members) sorted by room.
+pub fn parse_rooms(v: Value) -> Result<Vec<(String, u64)>, String> {
+    let items = match v {
+        Value::Array(items) => items,
+        Value::Nil => return Ok(Vec::new()),
+        other => return Err(format!("rooms: expected an array, got {}", kind(&other))),
+    };
+    if items.len() % 2 != 0 {
+        return Err("rooms: an odd number of items".into());
+    }
+    let mut rooms = Vec::with_capacity(items.len() / 2);
+    let mut items = items.into_iter();
+    while let (Some(room), Some(count)) = (items.next(), items.next()) {
+        let room = string_of(room).ok_or("rooms: a room name is not a string")?;
+        let count = match count {
+            Value::Int(n) if n >= 0 => n as u64,
+            other => return Err(format!("rooms: a count is {}", kind(&other))),
+        };
+        rooms.push((room, count));
+    }
+    rooms.sort();
+    Ok(rooms)
 }
 
 /// The reply of [`WHO_LUA`]: the nicks, sorted.
@@ -902,6 +966,25 @@ mod tests {
     fn nick_keys_ignore_case() {
         assert_eq!(nick_key("Ann"), "fanout:nick:ann");
         assert_eq!(nick_key("ann"), nick_key("ANN"));
+    }
+
+    #[test]
+    fn rooms_replies() {
+        let reply = Value::Array(vec![
+            bulk("ops"),
+            Value::Int(2),
+            bulk("lobby"),
+            Value::Int(1),
+        ]);
+        assert_eq!(
+            parse_rooms(reply).unwrap(),
+            vec![("lobby".to_string(), 1), ("ops".to_string(), 2)]
+        );
+        assert_eq!(parse_rooms(Value::Nil).unwrap(), vec![]);
+        assert!(parse_rooms(Value::Array(vec![bulk("ops")])).is_err());
+        assert!(parse_rooms(Value::Array(vec![bulk("ops"), Value::Int(-1)])).is_err());
+        assert!(parse_rooms(Value::Array(vec![bulk("ops"), bulk("2")])).is_err());
+        assert!(parse_rooms(Value::Int(3)).is_err());
     }
 
     #[test]

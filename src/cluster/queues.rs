@@ -50,6 +50,8 @@ pub(crate) enum Command {
     },
     /// The members of `room` on every node.
     Who { request: u64, room: String },
+    /// Every room's member count on every node.
+    Rooms { request: u64 },
     /// Reserve `nick` for `member` (and release its `previous` nick):
     /// answered, and kept through outages until Redis decided.
     NickClaim {
@@ -65,7 +67,10 @@ pub(crate) enum Command {
 impl Command {
     /// A request answered with data, run on its own.
     fn is_read(&self) -> bool {
-        matches!(self, Command::History { .. } | Command::Who { .. })
+        matches!(
+            self,
+            Command::History { .. } | Command::Who { .. } | Command::Rooms { .. }
+        )
     }
 
     /// Run on its own: a read, or a nick claim (answered too, but never
