@@ -405,7 +405,8 @@ impl Chat {
 
     /// Joins `room` (creating it), tells the joiner (`json_intro` builds
     /// the JSON client's acknowledgement from the join details), replays
-    /// the room's history and announces the join to the room.
+    /// the room's history and announces the join to the room. Scale-out:
+    /// the telling and replaying wait for Redis ([`Chat::begin_join`]).
     pub fn join(
         &mut self,
         conn: ConnId,
