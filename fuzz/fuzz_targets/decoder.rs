@@ -69,6 +69,7 @@ fn own(event: Event<'_>) -> Owned {
             assert!(reason.len() <= MAX_REASON_LEN);
             (code.0, reason.to_owned())
         })),
+        Event::Compressed { .. } => panic!("a compressed message from a decoder without permessage-deflate"),
     }
 }
 

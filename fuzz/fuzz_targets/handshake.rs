@@ -5,6 +5,7 @@
 
 use std::sync::OnceLock;
 
+use fanout::ws::extensions::DeflatePolicy;
 use fanout::ws::handshake::{accept_response, Accepted, parse_request, validate_upgrade, Rejection, Request, UpgradePolicy};
 use libfuzzer_sys::fuzz_target;
 
@@ -13,6 +14,7 @@ fn policy() -> &'static UpgradePolicy {
     POLICY.get_or_init(|| UpgradePolicy {
         allowed_origins: vec!["https://good.example".into(), "http://localhost:8080".into()],
         subprotocols: vec!["chat".into(), "json".into(), "v1.fanout".into()],
+        deflate: DeflatePolicy::ContextTakeover,
     })
 }
 
@@ -68,6 +70,15 @@ fn check_accepted(request: &Request, accepted: &Accepted) {
     assert!(body.is_empty(), "101 response has trailing bytes {body:?}");
     assert_eq!(header(&headers, "sec-websocket-accept"), Some(accepted.accept_key.as_str()));
     assert_eq!(header(&headers, "sec-websocket-protocol"), accepted.subprotocol.as_deref());
+    // permessage-deflate: answered only when offered, with parameters only
+    // from the offer, and a window zlib can compress with.
+    let extensions = header(&headers, "sec-websocket-extensions");
+    assert_eq!(extensions, accepted.deflate.as_ref().map(|(_, value)| value.as_str()));
+    if let Some((params, value)) = &accepted.deflate {
+        assert!(request.extensions.iter().any(|offer| offer.to_ascii_lowercase().starts_with("permessage-deflate")));
+        assert!(value.starts_with("permessage-deflate"), "{value}");
+        assert!((9..=15).contains(&params.server_window_bits), "{params:?}");
+    }
 }
 
 fuzz_target!(|data: &[u8]| {

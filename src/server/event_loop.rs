@@ -194,6 +194,7 @@ impl Server {
             policy: UpgradePolicy {
                 allowed_origins: config.allowed_origins.clone(),
                 subprotocols: config.subprotocols.clone(),
+                ..UpgradePolicy::default()
             },
             limits: Limits {
                 max_frame_size: config.max_frame_size.min(config.max_message_size) as u64,

@@ -18,7 +18,7 @@
 use std::mem::MaybeUninit;
 
 use super::close::{parse_close_payload, BadClose, CloseCode};
-use super::frame::{FrameHeader, HeaderError, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
+use super::frame::{FrameHeader, HeaderError, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, RSV1};
 use super::mask::apply_mask;
 use super::utf8::{validate, Utf8Validator};
 
@@ -56,6 +56,14 @@ pub enum Event<'a> {
     Pong(&'a [u8]),
     /// The peer's close frame, already validated: `None` if it carried no code.
     Close(Option<(CloseCode, &'a str)>),
+    /// A whole message with RSV1 set under permessage-deflate: still
+    /// compressed (without the flush tail), its UTF-8 not yet checked. It
+    /// is assembled in the decoder's buffer or borrowed from `input` like
+    /// any message; inflating it is the caller's (see `ws::deflate`).
+    Compressed {
+        is_text: bool,
+        payload: &'a [u8],
+    },
 }
 
 /// What [`Decoder::decode_streaming`] returns: an event, or the parts of a
@@ -99,6 +107,8 @@ struct FrameInProgress {
     /// Handed out piece by piece as it arrives instead of assembled (see
     /// [`Decoder::decode_streaming`]).
     streamed: bool,
+    /// The first frame of a compressed message.
+    compressed: bool,
 }
 
 impl FrameInProgress {
@@ -110,6 +120,8 @@ impl FrameInProgress {
 #[derive(Debug)]
 struct MessageInProgress {
     is_text: bool,
+    /// Holds deflate data: UTF-8 is checked after inflating, not here.
+    compressed: bool,
     /// `MESSAGE_HEADROOM` unused bytes, then the payload so far.
     buffer: Vec<u8>,
     utf8: Utf8Validator,
@@ -117,12 +129,13 @@ struct MessageInProgress {
 
 impl MessageInProgress {
     /// `expected`: the payload length the first frame announced.
-    fn new(is_text: bool, expected: u64) -> Self {
-        let ahead = expected.min(RESERVE_AHEAD) as usize;
+    fn new(frame: &FrameInProgress) -> Self {
+        let ahead = frame.len.min(RESERVE_AHEAD) as usize;
         let mut buffer = Vec::with_capacity(MESSAGE_HEADROOM + ahead);
         buffer.resize(MESSAGE_HEADROOM, 0);
         Self {
-            is_text,
+            is_text: frame.opcode == OpCode::Text,
+            compressed: frame.compressed,
             buffer,
             utf8: Utf8Validator::new(),
         }
@@ -134,6 +147,11 @@ impl MessageInProgress {
 
     fn payload(&self) -> &[u8] {
         &self.buffer[MESSAGE_HEADROOM..]
+    }
+
+    /// Text to validate as it arrives.
+    fn checks_utf8(&self) -> bool {
+        self.is_text && !self.compressed
     }
 }
 
@@ -160,6 +178,15 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// A decoder for a connection that negotiated permessage-deflate:
+    /// RSV1 marks a compressed message (RFC 7692 §6).
+    pub fn with_deflate(limits: Limits) -> Self {
+        Self {
+            allowed_rsv: RSV1,
+            ..Self::new(limits)
+        }
+    }
+
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
@@ -246,6 +273,7 @@ impl Decoder {
                 self.begin_frame(header)?;
                 let streams = stream_min.is_some_and(|min| {
                     header.opcode == OpCode::Binary
+                        && header.rsv == 0
                         && header.fin
                         && header.payload_len >= min
                         && self.message.is_none()
@@ -304,6 +332,10 @@ impl Decoder {
                 // Fast path: the whole message is one frame inside `input`.
                 let payload = &input[chunk_start..pos];
                 let event = match frame.opcode {
+                    _ if frame.compressed => Event::Compressed {
+                        is_text: frame.opcode == OpCode::Text,
+                        payload,
+                    },
                     OpCode::Binary => Event::Binary(payload),
                     _ => Event::Text(validate(payload).map_err(|_| invalid_utf8())?),
                 };
@@ -311,10 +343,10 @@ impl Decoder {
             } else {
                 // A single-frame message cut by the end of `input` is
                 // assembled like a fragmented one.
-                let message = self.message.get_or_insert_with(|| {
-                    MessageInProgress::new(frame.opcode == OpCode::Text, frame.len)
-                });
-                if message.is_text {
+                let message = self
+                    .message
+                    .get_or_insert_with(|| MessageInProgress::new(&frame));
+                if message.checks_utf8() {
                     message
                         .utf8
                         .feed(&input[chunk_start..pos])
@@ -388,7 +420,7 @@ impl Decoder {
         }
         let message = self
             .message
-            .get_or_insert_with(|| MessageInProgress::new(frame.opcode == OpCode::Text, frame.len));
+            .get_or_insert_with(|| MessageInProgress::new(&frame));
         let ahead = remaining.min(RESERVE_AHEAD.max(message.len() as u64)) as usize;
         message.buffer.reserve_exact(ahead);
         let room = message.buffer.spare_capacity_mut();
@@ -420,9 +452,10 @@ impl Decoder {
         // SAFETY: within capacity (checked above) and initialized (the
         // caller's promise).
         unsafe { message.buffer.set_len(start + filled) };
+        let checks_utf8 = message.checks_utf8();
         let chunk = &mut message.buffer[start..];
         apply_mask(chunk, frame.mask, frame.done as usize);
-        if message.is_text {
+        if checks_utf8 {
             message.utf8.feed(chunk).map_err(|_| invalid_utf8())?;
         }
         let done = FrameInProgress {
@@ -454,6 +487,12 @@ impl Decoder {
     fn deliver_message(&mut self) -> Result<Event<'_>, Violation> {
         self.delivered = Delivered::Message;
         let message = self.message.as_mut().expect("a message is assembled");
+        if message.compressed {
+            return Ok(Event::Compressed {
+                is_text: message.is_text,
+                payload: message.payload(),
+            });
+        }
         if !message.is_text {
             return Ok(Event::Binary(message.payload()));
         }
@@ -508,6 +547,21 @@ impl Decoder {
                 "reserved bits set without a negotiated extension",
             ));
         }
+        let compressed = header.rsv & RSV1 != 0;
+        // RFC 7692 §6.1: only a message's first frame carries RSV1, and
+        // control frames are never compressed.
+        if compressed && header.opcode.is_control() {
+            return Err(violation(
+                CloseCode::PROTOCOL_ERROR,
+                "control frames must not have RSV1 (compressed) set",
+            ));
+        }
+        if compressed && header.opcode == OpCode::Continuation {
+            return Err(violation(
+                CloseCode::PROTOCOL_ERROR,
+                "RSV1 (compressed) set on a continuation frame",
+            ));
+        }
         // §5.1: "The server MUST close the connection upon receiving a
         // frame that is not masked."
         let Some(mask) = header.mask else {
@@ -558,23 +612,22 @@ impl Decoder {
                         "new message started before the fragmented one ended",
                     ));
                 }
-                (OpCode::Text | OpCode::Binary, false) if !header.fin => {
-                    self.message = Some(MessageInProgress::new(
-                        header.opcode == OpCode::Text,
-                        header.payload_len,
-                    ));
-                }
                 _ => {}
             }
         }
-        self.frame = Some(FrameInProgress {
+        let frame = FrameInProgress {
             fin: header.fin,
             opcode: header.opcode,
             mask,
             done: 0,
             len: header.payload_len,
             streamed: false,
-        });
+            compressed,
+        };
+        if matches!(header.opcode, OpCode::Text | OpCode::Binary) && !header.fin {
+            self.message = Some(MessageInProgress::new(&frame));
+        }
+        self.frame = Some(frame);
         Ok(())
     }
 }
@@ -655,12 +708,27 @@ mod tests {
         Ping(Vec<u8>),
         Pong(Vec<u8>),
         Close(Option<(u16, String)>),
+        Compressed(bool, Vec<u8>),
         Failed(u16),
+    }
+
+    fn owned(event: Event<'_>) -> Owned {
+        match event {
+            Event::Text(t) => Owned::Text(t.to_owned()),
+            Event::Binary(b) => Owned::Binary(b.to_vec()),
+            Event::Ping(b) => Owned::Ping(b.to_vec()),
+            Event::Pong(b) => Owned::Pong(b.to_vec()),
+            Event::Close(c) => Owned::Close(c.map(|(code, r)| (code.0, r.to_owned()))),
+            Event::Compressed { is_text, payload } => Owned::Compressed(is_text, payload.to_vec()),
+        }
     }
 
     /// Feeds `bytes` cut at `splits`, collecting events until a violation.
     fn run(limits: Limits, bytes: &[u8], splits: &[usize]) -> Vec<Owned> {
-        let mut decoder = Decoder::new(limits);
+        run_with(Decoder::new(limits), bytes, splits)
+    }
+
+    fn run_with(mut decoder: Decoder, bytes: &[u8], splits: &[usize]) -> Vec<Owned> {
         let mut out = Vec::new();
         let mut start = 0;
         for &end in splits.iter().chain(std::iter::once(&bytes.len())) {
@@ -675,15 +743,7 @@ mod tests {
                     }
                     Ok((used, event)) => {
                         let Some(event) = event else { break };
-                        out.push(match event {
-                            Event::Text(t) => Owned::Text(t.to_owned()),
-                            Event::Binary(b) => Owned::Binary(b.to_vec()),
-                            Event::Ping(b) => Owned::Ping(b.to_vec()),
-                            Event::Pong(b) => Owned::Pong(b.to_vec()),
-                            Event::Close(c) => {
-                                Owned::Close(c.map(|(code, r)| (code.0, r.to_owned())))
-                            }
-                        });
+                        out.push(owned(event));
                         pos += used;
                     }
                 }
@@ -878,14 +938,65 @@ mod tests {
     }
 
     #[test]
-    fn extensions_can_allow_rsv_bits() {
-        let mut decoder = Decoder::new(Limits::default());
-        decoder.allowed_rsv = 0b100;
-        let mut bytes = raw_frame(0xC2, b"z");
+    fn rsv1_marks_compressed_messages_once_deflate_is_negotiated() {
+        // Without the extension RSV1 fails the connection.
         assert_eq!(
-            decoder.decode(&mut bytes).unwrap().1,
-            Some(Event::Binary(b"z"))
+            run(Limits::default(), &raw_frame(0xC1, b"z"), &[]),
+            vec![Owned::Failed(1002)]
         );
+        let with_deflate = |bytes: &[u8], splits: &[usize]| {
+            run_with(Decoder::with_deflate(Limits::default()), bytes, splits)
+        };
+        // Whole, cut anywhere, fragmented with a ping in between: the
+        // compressed bytes come out unvalidated, with the message type.
+        let single = raw_frame(0xC1, b"\xff\xfe");
+        for cut in 0..=single.len() {
+            assert_eq!(
+                with_deflate(&single, &[cut]),
+                vec![Owned::Compressed(true, b"\xff\xfe".to_vec())]
+            );
+        }
+        let mut fragmented = raw_frame(0x42, b"ab");
+        fragmented.extend(frame(OpCode::Ping, true, b"p"));
+        fragmented.extend(frame(OpCode::Continuation, true, b"cd"));
+        assert_eq!(
+            with_deflate(&fragmented, &[3]),
+            vec![
+                Owned::Ping(b"p".to_vec()),
+                Owned::Compressed(false, b"abcd".to_vec())
+            ]
+        );
+        // Uncompressed messages still go through every check.
+        assert_eq!(
+            with_deflate(&frame(OpCode::Text, true, b"\xff"), &[]),
+            vec![Owned::Failed(1007)]
+        );
+        // RFC 7692 §6.1: RSV1 on a continuation or a control frame fails.
+        let mut continuation = raw_frame(0x01, b"a");
+        continuation.extend(raw_frame(0xC0, b"b"));
+        assert_eq!(with_deflate(&continuation, &[]), vec![Owned::Failed(1002)]);
+        assert_eq!(
+            with_deflate(&raw_frame(0xC9, b""), &[]),
+            vec![Owned::Failed(1002)]
+        );
+        // RSV2 and RSV3 stay reserved.
+        assert_eq!(
+            with_deflate(&raw_frame(0xA1, b""), &[]),
+            vec![Owned::Failed(1002)]
+        );
+    }
+
+    #[test]
+    fn compressed_frames_are_never_streamed() {
+        let mut decoder = Decoder::with_deflate(Limits::default());
+        let mut bytes = raw_frame(0xC2, &[7; 300]);
+        let total = bytes.len();
+        let (used, step) = decoder.decode_streaming(&mut bytes, 100).unwrap();
+        assert_eq!(used, total);
+        assert!(matches!(
+            step,
+            Some(Step::Event(Event::Compressed { is_text: false, payload })) if payload.len() == 300
+        ));
     }
 
     /// Reads `stream` into the decoder the way the server does: through
@@ -1078,15 +1189,7 @@ mod tests {
                     }
                     Some(Step::Event(event)) => {
                         assert!(open.is_none(), "no event inside a streamed frame");
-                        out.push(match event {
-                            Event::Text(t) => Owned::Text(t.to_owned()),
-                            Event::Binary(b) => Owned::Binary(b.to_vec()),
-                            Event::Ping(b) => Owned::Ping(b.to_vec()),
-                            Event::Pong(b) => Owned::Pong(b.to_vec()),
-                            Event::Close(c) => {
-                                Owned::Close(c.map(|(code, r)| (code.0, r.to_owned())))
-                            }
-                        });
+                        out.push(owned(event));
                     }
                 }
             }

@@ -15,6 +15,9 @@ use byteorder::{BigEndian, ByteOrder};
 /// Longest possible header: 2 fixed bytes, 8 length bytes, 4 mask bytes.
 pub const MAX_HEADER_LEN: usize = 14;
 
+/// The RSV1 bit in `FrameHeader::rsv`: permessage-deflate's "compressed".
+pub const RSV1: u8 = 0b100;
+
 /// Control frames carry at most this many payload bytes (§5.5).
 pub const MAX_CONTROL_PAYLOAD: usize = 125;
 
@@ -194,6 +197,34 @@ impl SharedFrame {
         Self(frame.into())
     }
 
+    /// A message already compressed under permessage-deflate: RSV1 set
+    /// (RFC 7692 §6).
+    pub fn deflated(opcode: OpCode, compressed: &[u8]) -> Self {
+        let header = FrameHeader {
+            fin: true,
+            rsv: RSV1,
+            opcode,
+            mask: None,
+            payload_len: compressed.len() as u64,
+        };
+        let mut head = [0u8; MAX_HEADER_LEN];
+        let len = header.encode(&mut head);
+        let mut frame = Vec::with_capacity(len + compressed.len());
+        frame.extend_from_slice(&head[..len]);
+        frame.extend_from_slice(compressed);
+        Self(frame.into())
+    }
+
+    /// The frame's opcode (`None` only for bytes no constructor makes).
+    pub fn opcode(&self) -> Option<OpCode> {
+        OpCode::from_bits(self.0[0] & 0x0F)
+    }
+
+    /// The very same frame (a clone of it), not merely equal bytes.
+    pub fn same_as(&self, other: &SharedFrame) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// The encoded frame, header included.
     pub fn bytes(&self) -> &[u8] {
         &self.0
@@ -324,6 +355,12 @@ mod tests {
         assert_eq!(big.bytes().len(), 304);
         assert_eq!(big.payload(), &[7; 300][..]);
         assert_eq!(SharedFrame::text("hi").payload(), b"hi");
+        let deflated = SharedFrame::deflated(OpCode::Text, &[1, 2, 3]);
+        assert_eq!(deflated.bytes(), &[0xC1, 3, 1, 2, 3]);
+        assert_eq!(deflated.opcode(), Some(OpCode::Text));
+        assert_eq!(deflated.payload(), &[1, 2, 3]);
+        assert!(deflated.same_as(&deflated.clone()));
+        assert!(!deflated.same_as(&SharedFrame::deflated(OpCode::Text, &[1, 2, 3])));
     }
 
     #[test]

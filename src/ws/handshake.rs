@@ -6,6 +6,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use sha1::{Digest, Sha1};
 
+use super::extensions::{negotiate, DeflateParams, DeflatePolicy};
+
 /// §1.3: the GUID appended to the client's key before hashing.
 const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -151,6 +153,8 @@ pub struct UpgradePolicy {
     pub allowed_origins: Vec<String>,
     /// Subprotocols the server speaks.
     pub subprotocols: Vec<String>,
+    /// Whether and how permessage-deflate is negotiated.
+    pub deflate: DeflatePolicy,
 }
 
 /// An upgrade the server agreed to.
@@ -158,6 +162,9 @@ pub struct UpgradePolicy {
 pub struct Accepted {
     pub accept_key: String,
     pub subprotocol: Option<String>,
+    /// permessage-deflate as agreed, and the `Sec-WebSocket-Extensions`
+    /// value that says so.
+    pub deflate: Option<(DeflateParams, String)>,
 }
 
 /// Applies §4.2.1's requirements to a request aimed at a WebSocket path.
@@ -240,6 +247,7 @@ pub fn validate_upgrade(request: &Request, policy: &UpgradePolicy) -> Result<Acc
     Ok(Accepted {
         accept_key: accept_key(key),
         subprotocol,
+        deflate: negotiate(&request.extensions, policy.deflate),
     })
 }
 
@@ -260,6 +268,11 @@ pub fn accept_response(accepted: &Accepted) -> Vec<u8> {
     if let Some(protocol) = &accepted.subprotocol {
         response.push_str("Sec-WebSocket-Protocol: ");
         response.push_str(protocol);
+        response.push_str("\r\n");
+    }
+    if let Some((_, extensions)) = &accepted.deflate {
+        response.push_str("Sec-WebSocket-Extensions: ");
+        response.push_str(extensions);
         response.push_str("\r\n");
     }
     response.push_str("\r\n");
@@ -488,9 +501,32 @@ mod tests {
         let accepted = Accepted {
             accept_key: "k".into(),
             subprotocol: Some("chat".into()),
+            deflate: None,
         };
         assert!(String::from_utf8(accept_response(&accepted))
             .unwrap()
             .contains("Sec-WebSocket-Protocol: chat\r\n"));
+    }
+
+    #[test]
+    fn permessage_deflate_is_answered_only_when_configured() {
+        let request = parse(&replace(
+            "Host: example\r\n",
+            "Host: example\r\nSec-WebSocket-Extensions: x-foo, permessage-deflate; client_max_window_bits\r\n",
+        ));
+        let off = validate_upgrade(&request, &UpgradePolicy::default()).unwrap();
+        assert_eq!(off.deflate, None);
+        assert!(!String::from_utf8(accept_response(&off))
+            .unwrap()
+            .contains("Extensions"));
+        let policy = UpgradePolicy {
+            deflate: DeflatePolicy::NoContextTakeover,
+            ..Default::default()
+        };
+        let on = validate_upgrade(&request, &policy).unwrap();
+        assert!(on.deflate.is_some());
+        assert!(String::from_utf8(accept_response(&on)).unwrap().contains(
+            "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n"
+        ));
     }
 }

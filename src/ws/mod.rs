@@ -4,6 +4,8 @@
 pub mod close;
 pub mod close_handshake;
 pub mod decoder;
+pub mod deflate;
+pub mod extensions;
 pub mod frame;
 pub mod handshake;
 pub mod mask;

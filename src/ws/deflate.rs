@@ -1,0 +1,361 @@
+//! permessage-deflate's per-message transform (RFC 7692 §7.2) over flate2
+//! (the zlib-rs backend, which supports every window from 9 to 15 bits).
+//!
+//! Sending: raw deflate, a sync flush, and the flush's trailing
+//! `00 00 ff ff` removed. Receiving: the tail appended again, then inflated
+//! into a buffer that is never allowed past the message size limit, so a
+//! small frame that would inflate into gigabytes fails with 1009 after at
+//! most the limit's worth of memory.
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+use super::close::CloseCode;
+use super::decoder::Violation;
+use super::extensions::MAX_WINDOW_BITS;
+use super::utf8::validate;
+
+/// What a sync flush ends with, and a compressed message omits (§7.2.1).
+pub const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// Output grows at least by this much at a time.
+const MIN_GROWTH: usize = 256;
+
+/// Compresses messages for one peer, or (without context takeover) for
+/// every peer that agreed on the same window.
+pub struct Deflater {
+    zlib: Compress,
+}
+
+impl std::fmt::Debug for Deflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deflater")
+            .field("total_in", &self.zlib.total_in())
+            .finish()
+    }
+}
+
+impl Deflater {
+    /// `window_bits`: 9 to 15, as negotiated.
+    pub fn new(window_bits: u8) -> Self {
+        Self {
+            zlib: Compress::new_with_window_bits(
+                Compression::default(),
+                false,
+                window_bits.clamp(9, 15),
+            ),
+        }
+    }
+
+    /// Appends `payload`, compressed as one message, to `out`. With
+    /// `no_context_takeover` the next message starts from an empty window.
+    /// On error (zlib misused: not reachable from input) `out` is restored
+    /// and the compressor reset, and the caller sends the message as is.
+    pub fn compress(
+        &mut self,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+        no_context_takeover: bool,
+    ) -> Result<(), flate2::CompressError> {
+        let base = out.len();
+        let result = self.compress_into(payload, out);
+        if result.is_err() {
+            out.truncate(base);
+            self.zlib.reset();
+        } else if no_context_takeover {
+            self.zlib.reset();
+        }
+        result
+    }
+
+    fn compress_into(
+        &mut self,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), flate2::CompressError> {
+        let start = self.zlib.total_in();
+        out.reserve(payload.len() / 2 + MIN_GROWTH);
+        loop {
+            let consumed = (self.zlib.total_in() - start) as usize;
+            self.zlib
+                .compress_vec(&payload[consumed..], out, FlushCompress::Sync)?;
+            let consumed = (self.zlib.total_in() - start) as usize;
+            // The flush is complete once all input is in and zlib left
+            // room unused in the output.
+            if consumed == payload.len() && out.len() < out.capacity() {
+                break;
+            }
+            out.reserve(out.capacity().max(MIN_GROWTH));
+        }
+        if out.ends_with(&SYNC_TAIL) {
+            out.truncate(out.len() - SYNC_TAIL.len());
+        }
+        Ok(())
+    }
+}
+
+/// Why a compressed message could not be inflated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflateError {
+    /// It inflates past the message size limit.
+    TooBig,
+    /// It is not a valid deflate stream.
+    Corrupt,
+}
+
+impl InflateError {
+    /// The close the connection fails with.
+    pub fn violation(self) -> Violation {
+        match self {
+            InflateError::TooBig => Violation {
+                code: CloseCode::MESSAGE_TOO_BIG,
+                reason: "message exceeds the maximum message size once inflated",
+            },
+            InflateError::Corrupt => Violation {
+                code: CloseCode::INVALID_PAYLOAD,
+                reason: "compressed message is not valid deflate data",
+            },
+        }
+    }
+}
+
+/// An inflated text message must be UTF-8 (RFC 6455 §8.1), checked once
+/// it is whole since the decoder saw only compressed bytes.
+pub fn check_inflated_text(payload: &[u8]) -> Result<(), Violation> {
+    validate(payload).map(|_| ()).map_err(|_| Violation {
+        code: CloseCode::INVALID_PAYLOAD,
+        reason: "text message is not valid UTF-8",
+    })
+}
+
+/// Inflates messages from one peer, or (when peers agreed on no context
+/// takeover) from any peer.
+pub struct Inflater {
+    zlib: Decompress,
+    /// The last message ended the deflate stream (BFINAL): whatever the
+    /// agreement, the next one starts a new stream.
+    stream_ended: bool,
+}
+
+impl std::fmt::Debug for Inflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflater")
+            .field("total_out", &self.zlib.total_out())
+            .finish()
+    }
+}
+
+impl Default for Inflater {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Inflater {
+    /// A 32 KiB window inflates whatever window the peer compressed with.
+    pub fn new() -> Self {
+        Self {
+            zlib: Decompress::new_with_window_bits(false, MAX_WINDOW_BITS),
+            stream_ended: false,
+        }
+    }
+
+    /// Inflates one message into a new buffer that starts with `headroom`
+    /// unused bytes. The payload may be at most `limit` bytes: the buffer
+    /// never grows past `headroom + limit + 1`. With `no_context_takeover`
+    /// the message does not refer to earlier ones.
+    pub fn inflate(
+        &mut self,
+        compressed: &[u8],
+        headroom: usize,
+        limit: usize,
+        no_context_takeover: bool,
+    ) -> Result<Vec<u8>, InflateError> {
+        if no_context_takeover || self.stream_ended {
+            self.zlib.reset(false);
+            self.stream_ended = false;
+        }
+        let result = self.inflate_into(compressed, headroom, limit);
+        if result.is_err() {
+            // The connection is failed; the inflater may serve others.
+            self.zlib.reset(false);
+            self.stream_ended = false;
+        }
+        result
+    }
+
+    fn inflate_into(
+        &mut self,
+        compressed: &[u8],
+        headroom: usize,
+        limit: usize,
+    ) -> Result<Vec<u8>, InflateError> {
+        let most = headroom.saturating_add(limit).saturating_add(1);
+        let first = compressed
+            .len()
+            .saturating_mul(4)
+            .max(MIN_GROWTH)
+            .saturating_add(headroom)
+            .min(most);
+        let mut out = Vec::with_capacity(first);
+        out.resize(headroom, 0);
+        for input in [compressed, &SYNC_TAIL[..]] {
+            let start = self.zlib.total_in();
+            loop {
+                if out.len() == out.capacity() {
+                    if out.len() >= most {
+                        return Err(InflateError::TooBig);
+                    }
+                    let grown = out.capacity().saturating_mul(2).min(most);
+                    out.reserve_exact(grown - out.len());
+                }
+                let consumed = (self.zlib.total_in() - start) as usize;
+                let status = self
+                    .zlib
+                    .decompress_vec(&input[consumed..], &mut out, FlushDecompress::Sync)
+                    .map_err(|_| InflateError::Corrupt)?;
+                if out.len() - headroom > limit {
+                    return Err(InflateError::TooBig);
+                }
+                let consumed = (self.zlib.total_in() - start) as usize;
+                match status {
+                    Status::StreamEnd => {
+                        self.stream_ended = true;
+                        return Ok(out);
+                    }
+                    // All input is in and room is left: nothing more to come.
+                    _ if consumed == input.len() && out.len() < out.capacity() => break,
+                    Status::BufError if out.len() < out.capacity() => {
+                        // No progress with room to spare: the input is cut short.
+                        return Err(InflateError::Corrupt);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(len: usize) -> Vec<u8> {
+        let text = br#"{"type":"trade","symbol":"PUMP-SOL","price":"0.001234","size":"1500"}"#;
+        text.iter().copied().cycle().take(len).collect()
+    }
+
+    fn compress(deflater: &mut Deflater, payload: &[u8], reset: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        deflater.compress(payload, &mut out, reset).unwrap();
+        out
+    }
+
+    #[test]
+    fn rfc_7692_example_hello() {
+        // §7.2.3.1: "Hello" compressed with no context.
+        let wire = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+        let mut inflater = Inflater::new();
+        let out = inflater.inflate(&wire, 0, 100, true).unwrap();
+        assert_eq!(out, b"Hello");
+        // §7.2.3.2: the same message again, referring to the first.
+        let mut inflater = Inflater::new();
+        inflater.inflate(&wire, 0, 100, false).unwrap();
+        let again = [0xf2, 0x00, 0x11, 0x00, 0x00];
+        assert_eq!(inflater.inflate(&again, 0, 100, false).unwrap(), b"Hello");
+    }
+
+    #[test]
+    fn roundtrip_every_window_with_and_without_context() {
+        for bits in 9..=15 {
+            for reset in [true, false] {
+                let mut deflater = Deflater::new(bits);
+                let mut inflater = Inflater::new();
+                for len in [0, 1, 100, 5000, 200_000] {
+                    let payload = sample(len);
+                    let wire = compress(&mut deflater, &payload, reset);
+                    assert!(!wire.ends_with(&SYNC_TAIL) || wire.is_empty());
+                    let out = inflater.inflate(&wire, 14, 1 << 20, reset).unwrap();
+                    assert_eq!(
+                        &out[14..],
+                        &payload[..],
+                        "bits {bits} reset {reset} len {len}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn context_takeover_makes_repeats_smaller() {
+        let payload = sample(300);
+        let mut deflater = Deflater::new(15);
+        let first = compress(&mut deflater, &payload, false);
+        let second = compress(&mut deflater, &payload, false);
+        assert!(
+            second.len() * 4 < first.len(),
+            "{} vs {}",
+            second.len(),
+            first.len()
+        );
+        let mut fresh = Deflater::new(15);
+        let a = compress(&mut fresh, &payload, true);
+        let b = compress(&mut fresh, &payload, true);
+        assert_eq!(a, b, "without context takeover every message stands alone");
+    }
+
+    #[test]
+    fn a_bomb_stops_at_the_limit() {
+        let zeros = vec![0u8; 10 << 20];
+        let wire = compress(&mut Deflater::new(15), &zeros, true);
+        assert!(wire.len() < 20_000, "{}", wire.len());
+        let mut inflater = Inflater::new();
+        assert_eq!(
+            inflater.inflate(&wire, 14, 1 << 20, true),
+            Err(InflateError::TooBig)
+        );
+        // Exactly at the limit is fine.
+        let wire = compress(&mut Deflater::new(15), &zeros[..1 << 20], true);
+        assert_eq!(
+            inflater.inflate(&wire, 0, 1 << 20, true).unwrap().len(),
+            1 << 20
+        );
+        assert_eq!(
+            inflater.inflate(&wire, 0, (1 << 20) - 1, true),
+            Err(InflateError::TooBig)
+        );
+    }
+
+    #[test]
+    fn garbage_is_corrupt_and_the_inflater_recovers() {
+        let mut inflater = Inflater::new();
+        assert_eq!(
+            inflater.inflate(&[0xff, 0xff, 0xff, 0xff], 0, 1000, true),
+            Err(InflateError::Corrupt)
+        );
+        let wire = compress(&mut Deflater::new(15), b"fine", true);
+        assert_eq!(inflater.inflate(&wire, 0, 1000, true).unwrap(), b"fine");
+        assert_eq!(
+            InflateError::TooBig.violation().code,
+            CloseCode::MESSAGE_TOO_BIG
+        );
+        assert_eq!(check_inflated_text("ü".as_bytes()), Ok(()));
+        assert_eq!(
+            check_inflated_text(b"\xc3").unwrap_err().code,
+            CloseCode::INVALID_PAYLOAD
+        );
+    }
+
+    #[test]
+    fn a_final_block_ends_the_stream() {
+        // BFINAL set: a complete raw deflate stream, then the next message.
+        let mut zlib = Compress::new(Compression::default(), false);
+        let mut wire = Vec::with_capacity(64);
+        zlib.compress_vec(b"done", &mut wire, FlushCompress::Finish)
+            .unwrap();
+        let mut inflater = Inflater::new();
+        assert_eq!(inflater.inflate(&wire, 0, 100, false).unwrap(), b"done");
+        let next = compress(&mut Deflater::new(15), b"next", true);
+        assert_eq!(inflater.inflate(&next, 0, 100, false).unwrap(), b"next");
+    }
+}
