@@ -15,6 +15,7 @@ use super::outbound::Outbound;
 use super::timers::Tick;
 use super::tls_session::{TlsKey, TlsSessions};
 use crate::app::{ConnInfo, Endpoint, Role};
+use crate::ws::extensions::DeflateParams;
 use crate::ws::{close::close_payload, CloseCode, CloseState, Decoder, OpCode};
 
 #[derive(Debug)]
@@ -50,6 +51,9 @@ pub struct Session {
     pub close: CloseState,
     /// The peer broke the protocol: nothing more it sends is parsed.
     pub discard_input: bool,
+    /// permessage-deflate as negotiated; any zlib state it needs is the
+    /// loop's (see `Compressors`), not the connection's.
+    pub deflate: Option<DeflateParams>,
 }
 
 #[derive(Debug)]

@@ -14,6 +14,7 @@ use log::{debug, error, info, warn};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
+use super::compressors::{BroadcastCache, Compressors};
 use super::connection::{Connection, Handshake, Phase, Session};
 use super::listener::{is_resource_exhaustion, Listener, ACCEPT_RETRY};
 use super::stats::Stats;
@@ -27,6 +28,8 @@ use crate::cluster::{LinkConfig, RedisLink};
 use crate::config::Config;
 use crate::metrics::{Labels, Metrics};
 use crate::ws::decoder::MESSAGE_HEADROOM;
+use crate::ws::deflate::check_inflated_text;
+use crate::ws::extensions::DeflateParams;
 use crate::ws::handshake::{self, Rejection, UpgradePolicy};
 use crate::ws::{CloseCode, CloseState, Decoder, Event, Limits, OpCode, Step, Violation};
 use std::collections::BTreeMap;
@@ -134,6 +137,8 @@ struct Core {
     conns: Slab<Connection>,
     /// TLS state of the connections that have it (see `Connection::tls`).
     tls: TlsSessions,
+    /// zlib state for permessage-deflate, shared where the protocol allows.
+    compressors: Compressors,
     app: App,
     timers: Timers,
     /// Connections with queued output, flushed once at the end of the turn.
@@ -194,8 +199,9 @@ impl Server {
             policy: UpgradePolicy {
                 allowed_origins: config.allowed_origins.clone(),
                 subprotocols: config.subprotocols.clone(),
-                ..UpgradePolicy::default()
+                deflate: config.compression.policy(),
             },
+            compressors: Compressors::new(config.compression_threshold),
             limits: Limits {
                 max_frame_size: config.max_frame_size.min(config.max_message_size) as u64,
                 max_message_size: config.max_message_size as u64,
@@ -718,6 +724,7 @@ impl Core {
             deepest as f64,
         );
         self.stats.write_metrics(&mut m);
+        self.compressors.write_metrics(&mut m);
         self.app.write_metrics(&mut m);
         m.finish()
     }
@@ -911,13 +918,21 @@ impl Core {
                         endpoint,
                         &handshake::accept_response(&accepted),
                         consumed,
+                        accepted.deflate.map(|(params, _)| params),
                     ),
                 }
             }
         }
     }
 
-    fn upgrade(&mut self, token: usize, endpoint: Endpoint, response: &[u8], consumed: usize) {
+    fn upgrade(
+        &mut self,
+        token: usize,
+        endpoint: Endpoint,
+        response: &[u8],
+        consumed: usize,
+        deflate: Option<DeflateParams>,
+    ) {
         let conn = &mut self.conns[token];
         let Phase::Handshake(handshake) = &conn.phase else {
             unreachable!("upgrade is only called during the handshake");
@@ -930,6 +945,7 @@ impl Core {
             close_deadline: None,
             discard_input: false,
             next_ping: self.tick.after(self.config.ping_interval),
+            deflate,
         });
         let Phase::Handshake(handshake) = std::mem::replace(&mut conn.phase, open) else {
             unreachable!("upgrade is only called during the handshake");
@@ -994,10 +1010,12 @@ impl Core {
             return;
         }
         let endpoint = session.endpoint;
+        let deflate = session.deflate;
         // Between messages a connection keeps no decoder: a fresh one on
         // the stack costs less than the memory of one per idle connection.
         let mut decoder = match session.decoder.take() {
             Some(boxed) => DecoderSlot::Boxed(boxed),
+            None if deflate.is_some() => DecoderSlot::Stack(Decoder::with_deflate(self.limits)),
             None => DecoderSlot::Stack(Decoder::new(self.limits)),
         };
         let decoder = &mut decoder;
@@ -1036,6 +1054,12 @@ impl Core {
             let (is_text, len) = match event {
                 Event::Text(text) => (true, text.len()),
                 Event::Binary(bytes) => (false, bytes.len()),
+                Event::Compressed { is_text, payload } => {
+                    if self.compressed_message(token, endpoint, is_text, payload) {
+                        continue;
+                    }
+                    break;
+                }
                 control => {
                     if self.control_frame(token, control) {
                         continue;
@@ -1077,6 +1101,10 @@ impl Core {
             Ok(None) => None,
             Ok(Some(Event::Text(_))) => Some(true),
             Ok(Some(Event::Binary(_))) => Some(false),
+            Ok(Some(Event::Compressed { is_text, payload })) => {
+                self.compressed_message(token, endpoint, is_text, payload);
+                return;
+            }
             Ok(Some(other)) => unreachable!("direct reads complete only messages: {other:?}"),
         };
         match is_text {
@@ -1161,6 +1189,37 @@ impl Core {
         true
     }
 
+    /// A whole compressed message arrived: inflated within the message
+    /// size limit (1009 past it), its text checked (1007), then handled like
+    /// any message. Returns whether to go on decoding.
+    fn compressed_message(
+        &mut self,
+        token: usize,
+        endpoint: Endpoint,
+        is_text: bool,
+        compressed: &[u8],
+    ) -> bool {
+        let Some(params) = self.conns[token].session_mut().and_then(|s| s.deflate) else {
+            unreachable!("only a decoder with deflate returns compressed messages");
+        };
+        let limit = self.limits.max_message_size as usize;
+        let inflated = match self.compressors.inflate(token, params, compressed, limit) {
+            Ok(inflated) => inflated,
+            Err(error) => {
+                self.violation(token, error.violation());
+                return false;
+            }
+        };
+        if is_text {
+            if let Err(violation) = check_inflated_text(&inflated[MESSAGE_HEADROOM..]) {
+                self.violation(token, violation);
+                return false;
+            }
+        }
+        self.data_message(token, endpoint, is_text, Some(inflated), &[]);
+        true
+    }
+
     /// A whole text or binary message arrived: either `assembled` (the
     /// decoder's buffer, payload after `MESSAGE_HEADROOM`) or `borrowed`.
     fn data_message(
@@ -1196,7 +1255,8 @@ impl Core {
         };
         let message = if is_text {
             // SAFETY: the decoder returned these very bytes as `Event::Text`,
-            // so it validated them as UTF-8.
+            // or they were inflated from `Event::Compressed` and then
+            // validated, so they are UTF-8.
             Message::Text(unsafe { std::str::from_utf8_unchecked(payload) })
         } else {
             Message::Binary(payload)
@@ -1337,6 +1397,7 @@ impl Core {
             app,
             conns,
             tls,
+            compressors,
             dirty,
             timers,
             config,
@@ -1355,6 +1416,8 @@ impl Core {
                 stats,
                 tick: *tick,
                 lent: None,
+                compressors,
+                broadcast: BroadcastCache::default(),
             },
         )
     }
@@ -1372,6 +1435,9 @@ impl Core {
             Phase::Handshake(_) => self.pending_handshakes -= 1,
             Phase::Open(session) => {
                 self.open_websockets -= 1;
+                if session.deflate.is_some() {
+                    self.compressors.forget(token);
+                }
                 let (app, mut out) = self.app_and_outbox();
                 app.on_close(token, session.endpoint, &mut out);
             }
@@ -1423,6 +1489,14 @@ impl std::ops::DerefMut for DecoderSlot {
     }
 }
 
+/// What an open connection agreed for permessage-deflate.
+fn deflate_params(conn: &Connection) -> Option<DeflateParams> {
+    match &conn.phase {
+        Phase::Open(session) => session.deflate,
+        _ => None,
+    }
+}
+
 fn endpoint_name(endpoint: Endpoint) -> &'static str {
     match endpoint {
         Endpoint::Echo => "echo",
@@ -1446,6 +1520,9 @@ struct Delivery<'a> {
     /// the call, since the buffer may have moved into it while the app
     /// still reads the message.
     lent: Option<Lent>,
+    compressors: &'a mut Compressors,
+    /// A fan-out's compressed frames, so it compresses once per window.
+    broadcast: BroadcastCache,
 }
 
 #[derive(Debug)]
@@ -1473,6 +1550,18 @@ impl Delivery<'_> {
         })
     }
 
+    /// The frame to queue for `to` in place of `frame` when `to` agreed to
+    /// permessage-deflate and the frame is worth compressing.
+    fn deflated_frame(
+        &mut self,
+        to: ConnId,
+        params: Option<DeflateParams>,
+        frame: &SharedFrame,
+    ) -> Option<SharedFrame> {
+        self.broadcast
+            .frame_for(self.compressors, to, params?, frame)
+    }
+
     fn open_conn(&mut self, to: ConnId) -> Option<&mut Connection> {
         open_conn(self.conns, self.dirty, to)
     }
@@ -1496,9 +1585,14 @@ fn open_conn<'c>(
 
 impl Outbox for Delivery<'_> {
     fn reply_shared(&mut self, to: ConnId, frame: &SharedFrame) {
-        if let Some(conn) = self.open_conn(to) {
-            conn.out.push_shared(frame);
-        }
+        let Some(conn) = self.open_conn(to) else {
+            return;
+        };
+        let params = deflate_params(conn);
+        let deflated = self.deflated_frame(to, params, frame);
+        self.conns[to]
+            .out
+            .push_shared(deflated.as_ref().unwrap_or(frame));
     }
 
     fn deliver(&mut self, to: ConnId, frame: &SharedFrame) -> bool {
@@ -1508,6 +1602,10 @@ impl Outbox for Delivery<'_> {
         let Some(conn) = open_conn(self.conns, self.dirty, to) else {
             return true;
         };
+        let params = deflate_params(conn);
+        let deflated = self.deflated_frame(to, params, frame);
+        let frame = deflated.as_ref().unwrap_or(frame);
+        let conn = &mut self.conns[to];
         let mut written = 0;
         if conn.out.len() + frame.bytes().len() > limit && !lent_here {
             // The queue may be full only because this turn has not written
@@ -1533,11 +1631,22 @@ impl Outbox for Delivery<'_> {
             Message::Text(text) => (OpCode::Text, text.as_bytes()),
             Message::Binary(bytes) => (OpCode::Binary, bytes),
         };
-        // An echo: the received message's own buffer is queued, no copy.
-        let reclaimed = self.reclaim(to, payload);
         let Some(conn) = self.open_conn(to) else {
             return;
         };
+        if let Some(params) = deflate_params(conn) {
+            // The lent buffer (if `payload` is it) stays lent: the app may
+            // still read it while this compressed copy is queued.
+            if let Some(buffer) = self.compressors.deflate(to, params, payload) {
+                self.conns[to]
+                    .out
+                    .push_deflated(opcode, buffer, MESSAGE_HEADROOM);
+                return;
+            }
+        }
+        // An echo: the received message's own buffer is queued, no copy.
+        let reclaimed = self.reclaim(to, payload);
+        let conn = &mut self.conns[to];
         match reclaimed {
             Some(buffer) => conn.out.push_message(opcode, buffer, MESSAGE_HEADROOM),
             None => conn.out.push_frame(opcode, payload),

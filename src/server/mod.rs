@@ -1,6 +1,7 @@
 //! The mio shell around the protocol: listeners, the poll loop, the slab of
 //! connections, their write queues and timers.
 
+mod compressors;
 mod connection;
 mod event_loop;
 mod listener;

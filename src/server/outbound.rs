@@ -21,7 +21,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 
-use crate::ws::frame::{FrameHeader, OpCode, SharedFrame, MAX_HEADER_LEN};
+use crate::ws::frame::{FrameHeader, OpCode, SharedFrame, MAX_HEADER_LEN, RSV1};
 
 /// Frames are appended to the last owned chunk while it stays below this,
 /// so a burst of small replies costs one allocation, not one per frame.
@@ -297,11 +297,25 @@ impl Outbound {
     /// Queues `buf[payload_start..]` as one frame without copying it: the
     /// header is written into the `MAX_HEADER_LEN` bytes reserved in front
     /// of the payload.
-    pub fn push_message(&mut self, opcode: OpCode, mut buf: Vec<u8>, payload_start: usize) {
+    pub fn push_message(&mut self, opcode: OpCode, buf: Vec<u8>, payload_start: usize) {
+        self.push_buffer(opcode, 0, buf, payload_start);
+    }
+
+    /// Like [`Outbound::push_message`], for a payload compressed under
+    /// permessage-deflate: the header has RSV1 set.
+    pub fn push_deflated(&mut self, opcode: OpCode, buf: Vec<u8>, payload_start: usize) {
+        self.push_buffer(opcode, RSV1, buf, payload_start);
+    }
+
+    fn push_buffer(&mut self, opcode: OpCode, rsv: u8, mut buf: Vec<u8>, payload_start: usize) {
         assert!(payload_start >= MAX_HEADER_LEN && payload_start <= buf.len());
         let payload_len = buf.len() - payload_start;
         let mut head = [0u8; MAX_HEADER_LEN];
-        let head_len = header(opcode, payload_len as u64).encode(&mut head);
+        let head_len = FrameHeader {
+            rsv,
+            ..header(opcode, payload_len as u64)
+        }
+        .encode(&mut head);
         let start = payload_start - head_len;
         // SAFETY: `start..payload_start` lies inside the buffer (asserted
         // above). A raw write, not `&mut buf[..]`: a received message being
@@ -438,16 +452,20 @@ mod tests {
         message.extend_from_slice(b"echo");
         out.push_message(OpCode::Text, message, MAX_HEADER_LEN);
         out.push_shared(&SharedFrame::text("shared"));
+        let mut deflated = vec![0; MAX_HEADER_LEN];
+        deflated.extend_from_slice(b"zz");
+        out.push_deflated(OpCode::Binary, deflated, MAX_HEADER_LEN);
         let expected = [
             &b"HTTP\x81\x02hi"[..],
             SharedFrame::binary(&[5; 600]).bytes(),
             b"\x82\x03\x09\x09\x09",
             b"\x81\x04echo",
             b"\x81\x06shared",
+            b"\xC2\x02zz",
         ]
         .concat();
         assert_eq!(out.len(), expected.len());
-        assert_eq!(chunk_count(&out), 5);
+        assert_eq!(chunk_count(&out), 6);
         let mut sink = Trickle {
             taken: Vec::new(),
             per_call: 3,

@@ -1,0 +1,308 @@
+//! The loop's zlib state for permessage-deflate, and which of it a
+//! connection uses.
+//!
+//! A direction without context takeover starts every message afresh, so
+//! its messages need no per-connection history: they all go through one
+//! compressor per window size and one decompressor, owned here and reset
+//! after each message. Only a direction with context takeover (the
+//! `dedicated` mode, where the client did not opt out) needs zlib state of
+//! its own; that lives in a side table keyed by the connection's token,
+//! created on the connection's first compressed message and kept until it
+//! closes, so the connection in the slab does not grow.
+//!
+//! A broadcast frame is compressed once per window size for every
+//! recipient without server context takeover (see [`BroadcastCache`]);
+//! a recipient with context takeover gets its own compression.
+
+use std::collections::HashMap;
+
+use crate::metrics::Metrics;
+use crate::ws::decoder::MESSAGE_HEADROOM;
+use crate::ws::deflate::{Deflater, InflateError, Inflater};
+use crate::ws::extensions::DeflateParams;
+use crate::ws::SharedFrame;
+
+/// Windows zlib compresses with: 9 to 15 bits.
+const WINDOWS: usize = 7;
+
+fn window_slot(bits: u8) -> usize {
+    usize::from(bits.clamp(9, 15) - 9)
+}
+
+/// One connection's own zlib state, for the directions with context
+/// takeover only.
+#[derive(Debug, Default)]
+struct Contexts {
+    deflater: Option<Deflater>,
+    inflater: Option<Inflater>,
+}
+
+#[derive(Debug)]
+pub struct Compressors {
+    /// Messages shorter than this go out uncompressed.
+    threshold: usize,
+    shared_deflaters: [Option<Box<Deflater>>; WINDOWS],
+    shared_inflater: Option<Box<Inflater>>,
+    contexts: HashMap<usize, Contexts>,
+    /// Messages compressed, and their sizes before and after.
+    pub stats: DeflateStats,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DeflateStats {
+    pub messages_deflated: u64,
+    pub bytes_before_deflate: u64,
+    pub bytes_after_deflate: u64,
+    pub messages_inflated: u64,
+}
+
+impl Compressors {
+    pub fn new(threshold: usize) -> Self {
+        Self {
+            threshold,
+            shared_deflaters: Default::default(),
+            shared_inflater: None,
+            contexts: HashMap::new(),
+            stats: DeflateStats::default(),
+        }
+    }
+
+    /// The `fanout_deflate_*` families for `GET /metrics`.
+    pub fn write_metrics(&self, m: &mut Metrics) {
+        m.gauge(
+            "fanout_deflate_dedicated_contexts",
+            "Connections holding zlib state of their own (--compression dedicated).",
+            self.contexts.len() as f64,
+        );
+        m.counter(
+            "fanout_deflate_messages_total",
+            "Messages sent compressed (a shared broadcast counts once).",
+            self.stats.messages_deflated,
+        );
+        m.counter(
+            "fanout_deflate_input_bytes_total",
+            "Payload bytes before compression.",
+            self.stats.bytes_before_deflate,
+        );
+        m.counter(
+            "fanout_deflate_output_bytes_total",
+            "Payload bytes after compression.",
+            self.stats.bytes_after_deflate,
+        );
+        m.counter(
+            "fanout_inflate_messages_total",
+            "Compressed messages received.",
+            self.stats.messages_inflated,
+        );
+    }
+
+    /// Whether a message of `len` bytes is worth compressing.
+    pub fn worth_compressing(&self, len: usize) -> bool {
+        len >= self.threshold
+    }
+
+    /// Inflates a compressed message from connection `token` into a buffer
+    /// with `MESSAGE_HEADROOM` bytes in front, at most `limit` bytes of
+    /// payload.
+    pub fn inflate(
+        &mut self,
+        token: usize,
+        params: DeflateParams,
+        compressed: &[u8],
+        limit: usize,
+    ) -> Result<Vec<u8>, InflateError> {
+        self.stats.messages_inflated += 1;
+        let fresh = params.client_no_context_takeover;
+        let inflater = if fresh {
+            self.shared_inflater.get_or_insert_with(Default::default)
+        } else {
+            let contexts = self.contexts.entry(token).or_default();
+            contexts.inflater.get_or_insert_with(Inflater::new)
+        };
+        inflater.inflate(compressed, MESSAGE_HEADROOM, limit, fresh)
+    }
+
+    /// `payload` compressed for connection `token` into a buffer with
+    /// `MESSAGE_HEADROOM` bytes in front; `None` when it goes out as is
+    /// (shorter than the threshold, or zlib failed).
+    pub fn deflate(
+        &mut self,
+        token: usize,
+        params: DeflateParams,
+        payload: &[u8],
+    ) -> Option<Vec<u8>> {
+        if !self.worth_compressing(payload.len()) {
+            return None;
+        }
+        let mut out = vec![0; MESSAGE_HEADROOM];
+        let fresh = params.server_no_context_takeover;
+        let deflater = if fresh {
+            self.shared_deflaters[window_slot(params.server_window_bits)]
+                .get_or_insert_with(|| Box::new(Deflater::new(params.server_window_bits)))
+        } else {
+            let contexts = self.contexts.entry(token).or_default();
+            contexts
+                .deflater
+                .get_or_insert_with(|| Deflater::new(params.server_window_bits))
+        };
+        if let Err(e) = deflater.compress(payload, &mut out, fresh) {
+            log::warn!("conn {token}: deflate failed ({e}); sending uncompressed");
+            return None;
+        }
+        self.stats.messages_deflated += 1;
+        self.stats.bytes_before_deflate += payload.len() as u64;
+        self.stats.bytes_after_deflate += (out.len() - MESSAGE_HEADROOM) as u64;
+        Some(out)
+    }
+
+    /// The connection closed: its own zlib state goes.
+    pub fn forget(&mut self, token: usize) {
+        self.contexts.remove(&token);
+    }
+}
+
+/// The compressed forms of the last shared frame delivered, one per
+/// window size, so a fan-out compresses once per parameter set rather than
+/// once per recipient. Holding the frame keeps its identity unique.
+#[derive(Debug, Default)]
+pub struct BroadcastCache {
+    frame: Option<SharedFrame>,
+    /// `None` inside: not compressed for that window yet; `Some(None)`:
+    /// it goes out uncompressed (zlib failed).
+    compressed: [Option<Option<SharedFrame>>; WINDOWS],
+}
+
+impl BroadcastCache {
+    /// What to queue for connection `token` in place of `frame`: a
+    /// compressed frame, or `None` to queue `frame` itself.
+    pub fn frame_for(
+        &mut self,
+        compressors: &mut Compressors,
+        token: usize,
+        params: DeflateParams,
+        frame: &SharedFrame,
+    ) -> Option<SharedFrame> {
+        let opcode = frame.opcode()?;
+        if opcode.is_control() || !compressors.worth_compressing(frame.payload().len()) {
+            return None;
+        }
+        if !params.server_no_context_takeover {
+            // A context of its own: nothing to share with anyone.
+            let buffer = compressors.deflate(token, params, frame.payload())?;
+            return Some(SharedFrame::deflated(opcode, &buffer[MESSAGE_HEADROOM..]));
+        }
+        if !self.frame.as_ref().is_some_and(|f| f.same_as(frame)) {
+            *self = BroadcastCache {
+                frame: Some(frame.clone()),
+                ..Default::default()
+            };
+        }
+        self.compressed[window_slot(params.server_window_bits)]
+            .get_or_insert_with(|| {
+                let buffer = compressors.deflate(token, params, frame.payload())?;
+                Some(SharedFrame::deflated(opcode, &buffer[MESSAGE_HEADROOM..]))
+            })
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::deflate::Inflater;
+
+    const SHARED: DeflateParams = DeflateParams {
+        server_no_context_takeover: true,
+        client_no_context_takeover: true,
+        server_window_bits: 15,
+    };
+    const DEDICATED: DeflateParams = DeflateParams {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        server_window_bits: 15,
+    };
+
+    fn message() -> String {
+        r#"{"type":"trade","symbol":"PUMP-SOL","price":"0.00123"}"#.repeat(4)
+    }
+
+    #[test]
+    fn short_messages_stay_uncompressed() {
+        let mut compressors = Compressors::new(100);
+        assert_eq!(compressors.deflate(1, SHARED, &[b'x'; 99]), None);
+        assert!(compressors.deflate(1, SHARED, &[b'x'; 100]).is_some());
+    }
+
+    #[test]
+    fn shared_mode_keeps_no_state_per_connection() {
+        let mut compressors = Compressors::new(0);
+        let text = message();
+        let out = compressors.deflate(1, SHARED, text.as_bytes()).unwrap();
+        let back = compressors
+            .inflate(2, SHARED, &out[MESSAGE_HEADROOM..], 1 << 20)
+            .unwrap();
+        assert_eq!(&back[MESSAGE_HEADROOM..], text.as_bytes());
+        assert_eq!(compressors.contexts.len(), 0);
+    }
+
+    #[test]
+    fn dedicated_contexts_live_until_forgotten() {
+        let mut compressors = Compressors::new(0);
+        let text = message();
+        let mut peer = Inflater::new();
+        let mut sizes = Vec::new();
+        for _ in 0..2 {
+            let out = compressors.deflate(7, DEDICATED, text.as_bytes()).unwrap();
+            let wire = &out[MESSAGE_HEADROOM..];
+            sizes.push(wire.len());
+            let back = peer.inflate(wire, 0, 1 << 20, false).unwrap();
+            assert_eq!(back, text.as_bytes());
+        }
+        assert!(
+            sizes[1] < sizes[0],
+            "the second message refers to the first"
+        );
+        assert_eq!(compressors.contexts.len(), 1);
+        compressors.forget(7);
+        assert_eq!(compressors.contexts.len(), 0);
+    }
+
+    #[test]
+    fn a_broadcast_is_compressed_once_per_window() {
+        let mut compressors = Compressors::new(0);
+        let mut cache = BroadcastCache::default();
+        let frame = SharedFrame::text(&message());
+        let a = cache
+            .frame_for(&mut compressors, 1, SHARED, &frame)
+            .unwrap();
+        let b = cache
+            .frame_for(&mut compressors, 2, SHARED, &frame)
+            .unwrap();
+        assert!(a.same_as(&b));
+        let narrow = DeflateParams {
+            server_window_bits: 9,
+            ..SHARED
+        };
+        let c = cache
+            .frame_for(&mut compressors, 3, narrow, &frame)
+            .unwrap();
+        assert!(!c.same_as(&a));
+        assert_eq!(compressors.stats.messages_deflated, 2);
+        // A recipient with its own context is compressed on its own.
+        cache
+            .frame_for(&mut compressors, 4, DEDICATED, &frame)
+            .unwrap();
+        cache
+            .frame_for(&mut compressors, 5, DEDICATED, &frame)
+            .unwrap();
+        assert_eq!(compressors.stats.messages_deflated, 4);
+        assert_eq!(compressors.contexts.len(), 2);
+        // A new frame replaces the cached one.
+        let other = SharedFrame::binary(message().as_bytes());
+        let d = cache
+            .frame_for(&mut compressors, 1, SHARED, &other)
+            .unwrap();
+        assert_eq!(d.bytes()[0], 0xC2, "FIN, RSV1, binary");
+        assert_eq!(a.bytes()[0], 0xC1, "FIN, RSV1, text");
+    }
+}
