@@ -1,7 +1,8 @@
 //! Micro-benchmarks for the sans-IO hot paths: frame header decode,
 //! unmasking, UTF-8 validation, handshake parsing, whole-message decode,
-//! and a publish fanned out to N subscribers (through the channels router,
-//! and through the whole app from the JSON request), measured per delivery.
+//! a publish fanned out to N subscribers (through the channels router,
+//! and through the whole app from the JSON request), measured per delivery,
+//! and permessage-deflate on a typical JSON message.
 //! Run: `cargo bench --bench protocol`.
 
 use std::net::SocketAddr;
@@ -11,6 +12,7 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use fanout::app::channels::{ChannelLimits, Channels};
 use fanout::app::{App, ConnId, ConnInfo, Endpoint, Message, Outbox, Role, SharedFrame};
 use fanout::config::Config;
+use fanout::ws::deflate::{Deflater, Inflater};
 use fanout::ws::frame::{FrameHeader, OpCode, MAX_HEADER_LEN};
 use fanout::ws::handshake::{parse_request, validate_upgrade, UpgradePolicy};
 use fanout::ws::mask::apply_mask;
@@ -230,8 +232,60 @@ fn publish_fanout_app(c: &mut Criterion) {
     group.finish();
 }
 
+/// A market message like the ones fanned out, about 250 bytes of JSON.
+fn json_message() -> String {
+    r#"{"type":"message","channel":"market.trades.PUMP-SOL","offset":183734,"ts":1763807520123,"data":{"symbol":"PUMP-SOL","price":"0.00123456","qty":"15000.5","side":"buy","trade_id":"9f2c1d7e","venue":"sim"}}"#.to_owned()
+}
+
+/// Compressing and inflating it: the per-message CPU of a compressed
+/// broadcast (compressed once per window) and of a compressed request.
+/// `fresh` is the shared mode (no context takeover, reset after each
+/// message), at the default level and at level 1; `takeover` the dedicated
+/// mode's steady state.
+fn permessage_deflate(c: &mut Criterion) {
+    let text = json_message();
+    let mut group = c.benchmark_group("permessage_deflate");
+    group.throughput(Throughput::Bytes(text.len() as u64));
+    for (name, fresh, level) in [
+        ("fresh", true, 6),
+        ("fresh_level1", true, 1),
+        ("takeover", false, 6),
+    ] {
+        let mut deflater = Deflater::new(15, level);
+        let mut out = Vec::with_capacity(1024);
+        group.bench_function(format!("deflate_{name}"), |b| {
+            b.iter(|| {
+                out.clear();
+                deflater
+                    .compress(black_box(text.as_bytes()), &mut out, fresh)
+                    .unwrap();
+                out.len()
+            })
+        });
+    }
+    let mut wire = Vec::new();
+    Deflater::new(15, 6)
+        .compress(text.as_bytes(), &mut wire, true)
+        .unwrap();
+    let mut inflater = Inflater::new();
+    group.bench_function("inflate_fresh", |b| {
+        b.iter(|| {
+            inflater
+                .inflate(black_box(&wire), MAX_HEADER_LEN, 1 << 20, true)
+                .unwrap()
+        })
+    });
+    group.finish();
+    eprintln!(
+        "permessage_deflate: {} bytes of JSON -> {} compressed without context",
+        text.len(),
+        wire.len()
+    );
+}
+
 criterion_group!(
     benches,
+    permessage_deflate,
     header_decode,
     unmask,
     utf8,

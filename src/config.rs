@@ -135,6 +135,11 @@ pub struct Config {
     #[arg(long, value_name = "SIZE", default_value = "128", value_parser = parse_size)]
     pub compression_threshold: usize,
 
+    /// zlib compression level, 1 (fastest) to 9 (smallest).
+    #[arg(long, value_name = "LEVEL", default_value_t = 6,
+          value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub compression_level: u32,
+
     /// Size of the one read buffer the event loop reads every socket into
     /// (one per process, not per connection).
     #[arg(long, value_name = "SIZE", default_value = "256KiB", value_parser = parse_size)]
@@ -549,6 +554,7 @@ mod tests {
         assert_eq!(c.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
         assert_eq!(c.compression, CompressionMode::Off);
         assert_eq!(c.compression_threshold, 128);
+        assert_eq!(c.compression_level, 6);
         c.validate().unwrap();
     }
 
@@ -650,6 +656,8 @@ mod tests {
         assert_eq!(c.compression, CompressionMode::Dedicated);
         let err = Config::from_args(["fanout", "--compression", "max"]).unwrap_err();
         assert!(err.to_string().contains("--compression"), "{err}");
+        let err = Config::from_args(["fanout", "--compression-level", "0"]).unwrap_err();
+        assert!(err.to_string().contains("--compression-level"), "{err}");
     }
 
     #[test]

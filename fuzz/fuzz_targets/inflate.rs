@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let window = 9 + data.first().map_or(0, |b| b % 7);
     for no_context_takeover in [true, false] {
-        let mut deflater = Deflater::new(window);
+        let mut deflater = Deflater::new(window, 1 + u32::from(data.last().map_or(5, |b| b % 9)));
         let mut inflater = Inflater::new();
         for _ in 0..2 {
             let mut wire = Vec::new();

@@ -41,6 +41,8 @@ struct Contexts {
 pub struct Compressors {
     /// Messages shorter than this go out uncompressed.
     threshold: usize,
+    /// zlib's compression level.
+    level: u32,
     shared_deflaters: [Option<Box<Deflater>>; WINDOWS],
     shared_inflater: Option<Box<Inflater>>,
     contexts: HashMap<usize, Contexts>,
@@ -57,9 +59,10 @@ pub struct DeflateStats {
 }
 
 impl Compressors {
-    pub fn new(threshold: usize) -> Self {
+    pub fn new(threshold: usize, level: u32) -> Self {
         Self {
             threshold,
+            level,
             shared_deflaters: Default::default(),
             shared_inflater: None,
             contexts: HashMap::new(),
@@ -136,14 +139,15 @@ impl Compressors {
         }
         let mut out = vec![0; MESSAGE_HEADROOM];
         let fresh = params.server_no_context_takeover;
+        let level = self.level;
         let deflater = if fresh {
             self.shared_deflaters[window_slot(params.server_window_bits)]
-                .get_or_insert_with(|| Box::new(Deflater::new(params.server_window_bits)))
+                .get_or_insert_with(|| Box::new(Deflater::new(params.server_window_bits, level)))
         } else {
             let contexts = self.contexts.entry(token).or_default();
             contexts
                 .deflater
-                .get_or_insert_with(|| Deflater::new(params.server_window_bits))
+                .get_or_insert_with(|| Deflater::new(params.server_window_bits, level))
         };
         if let Err(e) = deflater.compress(payload, &mut out, fresh) {
             log::warn!("conn {token}: deflate failed ({e}); sending uncompressed");
@@ -228,14 +232,14 @@ mod tests {
 
     #[test]
     fn short_messages_stay_uncompressed() {
-        let mut compressors = Compressors::new(100);
+        let mut compressors = Compressors::new(100, 6);
         assert_eq!(compressors.deflate(1, SHARED, &[b'x'; 99]), None);
         assert!(compressors.deflate(1, SHARED, &[b'x'; 100]).is_some());
     }
 
     #[test]
     fn shared_mode_keeps_no_state_per_connection() {
-        let mut compressors = Compressors::new(0);
+        let mut compressors = Compressors::new(0, 6);
         let text = message();
         let out = compressors.deflate(1, SHARED, text.as_bytes()).unwrap();
         let back = compressors
@@ -247,7 +251,7 @@ mod tests {
 
     #[test]
     fn dedicated_contexts_live_until_forgotten() {
-        let mut compressors = Compressors::new(0);
+        let mut compressors = Compressors::new(0, 6);
         let text = message();
         let mut peer = Inflater::new();
         let mut sizes = Vec::new();
@@ -269,7 +273,7 @@ mod tests {
 
     #[test]
     fn a_broadcast_is_compressed_once_per_window() {
-        let mut compressors = Compressors::new(0);
+        let mut compressors = Compressors::new(0, 6);
         let mut cache = BroadcastCache::default();
         let frame = SharedFrame::text(&message());
         let a = cache

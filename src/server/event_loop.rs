@@ -201,7 +201,7 @@ impl Server {
                 subprotocols: config.subprotocols.clone(),
                 deflate: config.compression.policy(),
             },
-            compressors: Compressors::new(config.compression_threshold),
+            compressors: Compressors::new(config.compression_threshold, config.compression_level),
             limits: Limits {
                 max_frame_size: config.max_frame_size.min(config.max_message_size) as u64,
                 max_message_size: config.max_message_size as u64,

@@ -35,11 +35,11 @@ impl std::fmt::Debug for Deflater {
 }
 
 impl Deflater {
-    /// `window_bits`: 9 to 15, as negotiated.
-    pub fn new(window_bits: u8) -> Self {
+    /// `window_bits`: 9 to 15, as negotiated; `level`: zlib's 1 to 9.
+    pub fn new(window_bits: u8, level: u32) -> Self {
         Self {
             zlib: Compress::new_with_window_bits(
-                Compression::default(),
+                Compression::new(level.clamp(1, 9)),
                 false,
                 window_bits.clamp(9, 15),
             ),
@@ -269,7 +269,7 @@ mod tests {
     fn roundtrip_every_window_with_and_without_context() {
         for bits in 9..=15 {
             for reset in [true, false] {
-                let mut deflater = Deflater::new(bits);
+                let mut deflater = Deflater::new(bits, 6);
                 let mut inflater = Inflater::new();
                 for len in [0, 1, 100, 5000, 200_000] {
                     let payload = sample(len);
@@ -289,7 +289,7 @@ mod tests {
     #[test]
     fn context_takeover_makes_repeats_smaller() {
         let payload = sample(300);
-        let mut deflater = Deflater::new(15);
+        let mut deflater = Deflater::new(15, 6);
         let first = compress(&mut deflater, &payload, false);
         let second = compress(&mut deflater, &payload, false);
         assert!(
@@ -298,7 +298,7 @@ mod tests {
             second.len(),
             first.len()
         );
-        let mut fresh = Deflater::new(15);
+        let mut fresh = Deflater::new(15, 6);
         let a = compress(&mut fresh, &payload, true);
         let b = compress(&mut fresh, &payload, true);
         assert_eq!(a, b, "without context takeover every message stands alone");
@@ -307,7 +307,7 @@ mod tests {
     #[test]
     fn a_bomb_stops_at_the_limit() {
         let zeros = vec![0u8; 10 << 20];
-        let wire = compress(&mut Deflater::new(15), &zeros, true);
+        let wire = compress(&mut Deflater::new(15, 6), &zeros, true);
         assert!(wire.len() < 20_000, "{}", wire.len());
         let mut inflater = Inflater::new();
         assert_eq!(
@@ -315,7 +315,7 @@ mod tests {
             Err(InflateError::TooBig)
         );
         // Exactly at the limit is fine.
-        let wire = compress(&mut Deflater::new(15), &zeros[..1 << 20], true);
+        let wire = compress(&mut Deflater::new(15, 6), &zeros[..1 << 20], true);
         assert_eq!(
             inflater.inflate(&wire, 0, 1 << 20, true).unwrap().len(),
             1 << 20
@@ -333,7 +333,7 @@ mod tests {
             inflater.inflate(&[0xff, 0xff, 0xff, 0xff], 0, 1000, true),
             Err(InflateError::Corrupt)
         );
-        let wire = compress(&mut Deflater::new(15), b"fine", true);
+        let wire = compress(&mut Deflater::new(15, 6), b"fine", true);
         assert_eq!(inflater.inflate(&wire, 0, 1000, true).unwrap(), b"fine");
         assert_eq!(
             InflateError::TooBig.violation().code,
@@ -355,7 +355,7 @@ mod tests {
             .unwrap();
         let mut inflater = Inflater::new();
         assert_eq!(inflater.inflate(&wire, 0, 100, false).unwrap(), b"done");
-        let next = compress(&mut Deflater::new(15), b"next", true);
+        let next = compress(&mut Deflater::new(15, 6), b"next", true);
         assert_eq!(inflater.inflate(&next, 0, 100, false).unwrap(), b"next");
     }
 }
