@@ -78,6 +78,9 @@ pub fn run(args: &Args) -> Result<String, String> {
     if args.subs == 0 || args.inflight == 0 {
         return Err("--subs and --inflight must be at least 1".into());
     }
+    if args.deflate == Some(crate::deflate::Offer::Takeover) {
+        return Err("broadcast reads each message's stamp from its first bytes: use --deflate fresh".into());
+    }
     let clock = Clock::new();
     let mut net = Net::new(clock, 256 * 1024).map_err(|e| format!("poll: {e}"))?;
     let deadline = Instant::now() + args.connect_timeout;
@@ -104,6 +107,8 @@ pub fn run(args: &Args) -> Result<String, String> {
         ws::OP_TEXT,
         format!(r#"{{"type":"subscribe","channel":"{CHANNEL}"}}"#).as_bytes(),
     );
+    // Subscribers only: publishes stay plain so each can carry its stamp.
+    net.deflate = args.deflate;
     let opened = net.open(&url, args.subs, args.concurrency, deadline, || {
         if raw {
             Setup::Ready
@@ -167,6 +172,7 @@ pub fn run(args: &Args) -> Result<String, String> {
     let mut notes = Notes::default();
     let mut hist = Hist::default();
     let (mut msgs, mut bytes, mut published, mut acks) = (0u64, 0u64, 0u64, 0u64);
+    let mut compressed_msgs = 0u64;
     let mut measure_start = 0u64;
     let mut measured_ns = 0u64;
     let mut last_msg = 0u64;
@@ -272,7 +278,10 @@ pub fn run(args: &Args) -> Result<String, String> {
                     })
                 } else {
                     c.read_events(&mut net.buf, |c, ev| match ev {
-                        Event::Message { len, .. } => {
+                        Event::Message { len, compressed, .. } => {
+                            if measuring && compressed {
+                                compressed_msgs += 1;
+                            }
                             let Some((seq, ts)) = parse_stamp(c.rx.captured()) else {
                                 notes.other(c.rx.captured());
                                 return;
@@ -364,9 +373,10 @@ pub fn run(args: &Args) -> Result<String, String> {
         c0,
         c1,
         &format!(
-            "publishes_per_s={:.0} acks={acks} max_gap_ms={:.1} undrained={undrained}",
+            "publishes_per_s={:.0} acks={acks} max_gap_ms={:.1} undrained={undrained}{}",
             published as f64 / secs.max(1e-9),
-            max_gap as f64 / 1e6
+            max_gap as f64 / 1e6,
+            crate::echo::deflate_summary(args, msgs, bytes, compressed_msgs, None, net.agreed.as_deref())
         ),
         &notes,
     ))

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::net::{Net, Setup, State};
 use crate::stats::{proc_rss_kib, Clock, CpuSnap};
-use crate::ws::Event;
+use crate::ws::{self, Event};
 use crate::{Args, Notes};
 
 pub fn run(args: &Args) -> Result<String, String> {
@@ -17,7 +17,21 @@ pub fn run(args: &Args) -> Result<String, String> {
     let cpu0 = CpuSnap::take(args.pid);
     let t0 = clock.ns();
     let deadline = Instant::now() + args.connect_timeout;
-    let opened = net.open(&url, args.conns, args.concurrency, deadline, || Setup::Ready);
+    // With --deflate each connection first echoes one compressed message,
+    // so whatever zlib state the server keeps per connection exists.
+    net.deflate = args.deflate;
+    let mut first = Vec::new();
+    if args.deflate.is_some() {
+        let text = crate::net::text_payload(args.size);
+        ws::push_deflated_frame(&mut first, ws::OP_TEXT, &crate::deflate::compress(&text));
+    }
+    let opened = net.open(&url, args.conns, args.concurrency, deadline, || {
+        if first.is_empty() {
+            Setup::Ready
+        } else {
+            Setup::EchoOnce(first.clone())
+        }
+    });
     let mut notes = Notes::default();
     if opened.failed > 0 {
         notes.failed = opened.failed as u64;
@@ -74,6 +88,7 @@ pub fn run(args: &Args) -> Result<String, String> {
     let cpu1 = CpuSnap::take(args.pid);
     let window_ns = clock.ns() - t0;
     let established = opened.ready;
+    let agreed = net.agreed.clone();
     for c in &mut net.conns {
         c.reset();
     }
@@ -93,11 +108,16 @@ pub fn run(args: &Args) -> Result<String, String> {
         cpu0,
         cpu1,
         &format!(
-            "hold_s={:.1} window_s={:.2} rss_before_kib={} rss_after_kib={} kib_per_conn={per_conn}",
+            "hold_s={:.1} window_s={:.2} rss_before_kib={} rss_after_kib={} kib_per_conn={per_conn}{}",
             args.hold.as_secs_f64(),
             window_ns as f64 / 1e9,
             kib(rss_before),
-            kib(rss_after)
+            kib(rss_after),
+            match &agreed {
+                Some(a) => format!(" deflate={} first_message_bytes={}", a.replace(' ', ""), args.size),
+                None if args.deflate.is_some() => " deflate=none".into(),
+                None => String::new(),
+            }
         ),
         &notes,
     ))

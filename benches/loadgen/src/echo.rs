@@ -20,6 +20,11 @@ struct WorkerOut {
     max_gap_ns: u64,
     measured_ns: u64,
     cpu: Option<(CpuSnap, CpuSnap)>,
+    /// Echoes that came compressed (measured time), the size of each frame
+    /// sent, and the extension the server agreed to.
+    compressed: u64,
+    sent_frame_len: usize,
+    agreed: Option<String>,
 }
 
 /// Writes `c.out` (pongs) at frame boundaries, then the frames owed from
@@ -65,6 +70,7 @@ fn worker(args: &Args, url: &Url, conns: usize, first: bool, barrier: &Barrier, 
             return Err(format!("poll: {e}"));
         }
     };
+    net.deflate = args.deflate;
     let deadline = Instant::now() + args.connect_timeout;
     let opened = net.open(url, conns, args.concurrency, deadline, || Setup::Ready);
     if opened.failed > 0 {
@@ -83,6 +89,9 @@ fn worker(args: &Args, url: &Url, conns: usize, first: bool, barrier: &Barrier, 
     let mut frame = Vec::new();
     if url.raw_tcp {
         ws::push_unmasked_frame(&mut frame, opcode, &payload);
+    } else if args.deflate.is_some() {
+        // Compressed once, like the payload: every copy stands alone.
+        ws::push_deflated_frame(&mut frame, opcode, &crate::deflate::compress(&payload));
     } else {
         ws::push_frame(&mut frame, opcode, &payload);
     }
@@ -96,6 +105,11 @@ fn worker(args: &Args, url: &Url, conns: usize, first: bool, barrier: &Barrier, 
         c.out.reserve(256);
     }
     let size = args.size as u64;
+    // A server that compresses each echo afresh sends the same bytes every
+    // time: the first compressed echo's length is checked against the rest.
+    let fresh = net.agreed.as_deref().is_some_and(|a| a.contains("server_no_context_takeover"));
+    let mut compressed_len: Option<u64> = None;
+    let mut compressed_echoes = 0u64;
 
     barrier.wait();
     let t0 = Instant::now();
@@ -186,9 +200,17 @@ fn worker(args: &Args, url: &Url, conns: usize, first: bool, barrier: &Barrier, 
             if event.is_readable() || event.is_read_closed() || event.is_error() {
                 let now_ns = clock.ns();
                 let result = c.read_events(&mut net.buf, |c, ev| match ev {
-                    Event::Message { opcode: op, len } => {
-                        if len != size || op != opcode {
+                    Event::Message { opcode: op, len, compressed } => {
+                        let len_ok = match (compressed, fresh) {
+                            (false, _) => len == size,
+                            (true, true) => *compressed_len.get_or_insert(len) == len,
+                            (true, false) => true,
+                        };
+                        if !len_ok || op != opcode {
                             notes.mismatch += 1;
+                        }
+                        if measuring && compressed {
+                            compressed_echoes += 1;
                         }
                         let sent = match c.ring_pop() {
                             Some(t) => t,
@@ -251,6 +273,9 @@ fn worker(args: &Args, url: &Url, conns: usize, first: bool, barrier: &Barrier, 
     }
     out.undrained = inflight;
     out.notes = notes;
+    out.compressed = compressed_echoes;
+    out.sent_frame_len = framelen;
+    out.agreed = net.agreed.clone();
     for c in &mut net.conns {
         c.reset();
     }
@@ -286,6 +311,9 @@ pub fn run(args: &Args) -> Result<String, String> {
         total.undrained += w.undrained;
         total.max_gap_ns = total.max_gap_ns.max(w.max_gap_ns);
         total.measured_ns = total.measured_ns.max(w.measured_ns);
+        total.compressed += w.compressed;
+        total.sent_frame_len = w.sent_frame_len;
+        total.agreed = total.agreed.or(w.agreed);
         if w.cpu.is_some() {
             total.cpu = w.cpu;
         }
@@ -305,7 +333,32 @@ pub fn run(args: &Args) -> Result<String, String> {
         &total.hist,
         c0,
         c1,
-        &format!("max_gap_ms={:.1} undrained={}", total.max_gap_ns as f64 / 1e6, total.undrained),
+        &format!(
+            "max_gap_ms={:.1} undrained={}{}",
+            total.max_gap_ns as f64 / 1e6,
+            total.undrained,
+            deflate_summary(args, total.msgs, total.bytes, total.compressed, Some(total.sent_frame_len), total.agreed.as_deref())
+        ),
         &total.notes,
     ))
+}
+
+/// With `--deflate`: what went over the wire per message (frame sent,
+/// payload received) and how many echoes came compressed.
+pub fn deflate_summary(
+    args: &Args,
+    msgs: u64,
+    wire_bytes: u64,
+    compressed: u64,
+    sent_frame_len: Option<usize>,
+    agreed: Option<&str>,
+) -> String {
+    if args.deflate.is_none() {
+        return String::new();
+    }
+    let per_msg = if msgs == 0 { 0.0 } else { wire_bytes as f64 / msgs as f64 };
+    let sent = sent_frame_len.map(|n| format!(" sent_frame_bytes={n}")).unwrap_or_default();
+    // Spaces would split the key=value list.
+    let agreed = agreed.unwrap_or("none").replace(' ', "");
+    format!(" deflate={agreed}{sent} wire_bytes_per_msg={per_msg:.1} compressed_msgs={compressed}")
 }

@@ -4,6 +4,7 @@
 
 mod broadcast;
 mod connections;
+mod deflate;
 mod echo;
 mod net;
 mod stats;
@@ -31,6 +32,8 @@ usage:
                 drive it with `loadgen echo --url tcp://127.0.0.1:PORT`)
 common: [--pid SERVER_PID] [--warmup SECS] [--drain SECS] [--connect-timeout SECS]
         [--concurrency N (connections being opened at once)]
+        [--deflate fresh|takeover (offer permessage-deflate; connections: each
+         connection first echoes one compressed message of --size bytes)]
 Sizes accept a KiB/MiB suffix. Prints one summary line (key=value) on stdout.";
 
 pub struct Args {
@@ -53,6 +56,7 @@ pub struct Args {
     pub binary: bool,
     pub raw: bool,
     pub pid: Option<u32>,
+    pub deflate: Option<deflate::Offer>,
 }
 
 impl Args {
@@ -96,6 +100,7 @@ impl Args {
             binary: false,
             raw: false,
             pid: None,
+            deflate: None,
         };
         fn secs(v: &str) -> Result<Duration, String> {
             let f: f64 = v.parse().map_err(|_| format!("bad seconds `{v}`"))?;
@@ -143,6 +148,7 @@ impl Args {
                 "--connect-timeout" => a.connect_timeout = secs(&v)?,
                 "--concurrency" => a.concurrency = count(&v)?.max(1),
                 "--threads" => a.threads = count(&v)?.max(1),
+                "--deflate" => a.deflate = Some(deflate::Offer::parse(&v)?),
                 "--pid" => a.pid = Some(v.parse().map_err(|_| format!("bad pid `{v}`"))?),
                 "--peer-protocol" => {
                     a.raw = match v.as_str() {
@@ -165,6 +171,9 @@ impl Args {
             }
             if parsed.wss && a.tls_ca.is_none() {
                 return Err(format!("{url}: wss:// needs --tls-ca CERT.pem"));
+            }
+            if parsed.raw_tcp && a.deflate.is_some() {
+                return Err(format!("{url}: --deflate needs a WebSocket (ws://) URL"));
             }
         }
         if a.mode == "tcp-echo-server" && a.listen.is_none() {

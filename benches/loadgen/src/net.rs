@@ -12,6 +12,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::stats::{Clock, Hist};
+use crate::deflate::Offer;
 use crate::tls;
 use crate::ws::{self, Event, Rx};
 
@@ -82,6 +83,9 @@ pub enum Setup {
     /// Wait for the `welcome` message, send this frame, then wait for its ack.
     AfterWelcome(Vec<u8>),
     WaitAck,
+    /// Send this frame once upgraded, then wait for any message (its echo).
+    EchoOnce(Vec<u8>),
+    WaitEcho,
 }
 
 pub struct Conn {
@@ -302,6 +306,10 @@ pub struct Net {
     pub conns: Vec<Conn>,
     pub buf: Vec<u8>,
     pub clock: Clock,
+    /// permessage-deflate to offer; the server must accept it.
+    pub deflate: Option<Offer>,
+    /// What the server answered (the first connection's), for the summary.
+    pub agreed: Option<String>,
 }
 
 /// Raises the soft descriptor limit to the hard one.
@@ -322,6 +330,8 @@ impl Net {
             events: Events::with_capacity(1024),
             conns: Vec::new(),
             buf: vec![0; read_buffer],
+            deflate: None,
+            agreed: None,
             clock,
         })
     }
@@ -339,7 +349,11 @@ impl Net {
         deadline: Instant,
         setup: impl Fn() -> Setup,
     ) -> Opened {
-        let request = if url.raw_tcp { Vec::new() } else { ws::upgrade_request(&url.host, &url.path) };
+        let request = if url.raw_tcp {
+            Vec::new()
+        } else {
+            ws::upgrade_request(&url.host, &url.path, self.deflate.map(Offer::header_value))
+        };
         let raw_tcp = url.raw_tcp;
         let first = self.conns.len();
         let mut report = Opened { first_start: self.clock.ns(), ..Default::default() };
@@ -489,6 +503,22 @@ impl Net {
                         if let Some(end) = conn.hs.windows(4).position(|w| w == b"\r\n\r\n") {
                             let head_end = end + 4;
                             ws::check_response(&conn.hs[..head_end])?;
+                            if self.deflate.is_some() {
+                                let agreed = ws::response_extensions(&conn.hs[..head_end])
+                                    .filter(|e| e.starts_with("permessage-deflate"))
+                                    .ok_or("the server declined permessage-deflate")?;
+                                conn.rx.deflate = true;
+                                // Standalone messages: their start can be inflated alone.
+                                conn.rx.inflate_capture = agreed.contains("server_no_context_takeover");
+                                if conn.rx.inflate_capture && conn.rx.capture_limit > 0 {
+                                    conn.rx.capture_limit = ws::CAPTURE_DEFLATED as u16;
+                                }
+                                self.agreed.get_or_insert(agreed);
+                            }
+                            if let Setup::EchoOnce(frame) = &conn.setup {
+                                conn.out.extend_from_slice(frame);
+                                conn.setup = Setup::WaitEcho;
+                            }
                             let hs = std::mem::take(&mut conn.hs);
                             conn.state = State::Open;
                             conn.t_open = clock.ns();
@@ -553,7 +583,8 @@ fn setup_event(conn: &mut Conn, ev: Event) -> Result<(), String> {
                     conn.setup = Setup::WaitAck;
                 }
             }
-            Setup::Ready => {}
+            Setup::Ready | Setup::WaitEcho => {}
+            Setup::EchoOnce(_) => return Err("a message before the first was sent".into()),
         },
     }
     Ok(())

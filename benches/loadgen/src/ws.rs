@@ -17,6 +17,10 @@ pub const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 /// fanout's envelope up to the start of `data`, plus the timestamps).
 pub const CAPTURE: usize = 192;
 
+/// With compression the capture holds compressed bytes, whose block
+/// header alone can take a hundred: room for more of them.
+pub const CAPTURE_DEFLATED: usize = 512;
+
 /// Appends a FIN frame header with the MASK bit and our key.
 pub fn push_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
     out.push(0x80 | opcode);
@@ -72,6 +76,13 @@ pub fn push_unmasked_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// Appends a complete masked frame carrying a compressed message (RSV1).
+pub fn push_deflated_frame(out: &mut Vec<u8>, opcode: u8, compressed: &[u8]) {
+    let start = out.len();
+    push_frame(out, opcode, compressed);
+    out[start] |= 0x40;
+}
+
 /// Offset of the payload in a frame built by `push_header`.
 pub fn header_len(len: usize) -> usize {
     4 + if len < 126 {
@@ -87,8 +98,9 @@ pub fn header_len(len: usize) -> usize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// A whole data message (all fragments); its first bytes are in
-    /// `Rx::captured()` when capturing is on.
-    Message { opcode: u8, len: u64 },
+    /// `Rx::captured()` when capturing is on (inflated, if `compressed`).
+    /// `len` counts payload bytes on the wire.
+    Message { opcode: u8, len: u64, compressed: bool },
     /// A ping; its payload is in `Rx::control()`.
     Ping,
     Pong,
@@ -109,11 +121,17 @@ pub struct Rx {
     msg_opcode: u8,
     msg_len: u64,
     in_message: bool,
+    /// permessage-deflate was negotiated: RSV1 marks compressed messages,
+    /// each one standalone when `inflate_capture` (their captured start is
+    /// inflated).
+    pub deflate: bool,
+    pub inflate_capture: bool,
+    compressed: bool,
     pub capture_limit: u16,
     cap_len: u16,
     ctrl_len: u8,
     failed: bool,
-    cap: [u8; CAPTURE],
+    cap: [u8; CAPTURE_DEFLATED],
     ctrl: [u8; 125],
 }
 
@@ -129,11 +147,14 @@ impl Default for Rx {
             msg_opcode: 0,
             msg_len: 0,
             in_message: false,
+            deflate: false,
+            inflate_capture: false,
+            compressed: false,
             capture_limit: CAPTURE as u16,
             cap_len: 0,
             ctrl_len: 0,
             failed: false,
-            cap: [0; CAPTURE],
+            cap: [0; CAPTURE_DEFLATED],
             ctrl: [0; 125],
         }
     }
@@ -163,8 +184,12 @@ impl Rx {
         if b1 & 0x80 != 0 {
             return Err("masked frame from the server");
         }
-        if b0 & 0x70 != 0 {
+        let rsv1 = b0 & 0x40 != 0;
+        if b0 & 0x30 != 0 || (rsv1 && !self.deflate) {
             return Err("RSV bits set by the server");
+        }
+        if rsv1 && b0 & 0x0f != OP_TEXT && b0 & 0x0f != OP_BINARY {
+            return Err("RSV1 on a frame that does not start a message");
         }
         let len = match b1 & 0x7f {
             126 => u16::from_be_bytes([h[2], h[3]]) as u64,
@@ -182,6 +207,7 @@ impl Rx {
                     return Err("new message inside a fragmented one");
                 }
                 self.in_message = true;
+                self.compressed = rsv1;
                 self.msg_opcode = opcode;
                 self.msg_len = 0;
                 self.cap_len = 0;
@@ -278,7 +304,14 @@ impl Rx {
                 }
                 _ if self.fin => {
                     self.in_message = false;
-                    return Some(Event::Message { opcode: self.msg_opcode, len: self.msg_len });
+                    if self.compressed && self.inflate_capture && self.cap_len > 0 {
+                        crate::deflate::inflate_prefix(&mut self.cap[..self.capture_limit as usize], &mut self.cap_len);
+                    }
+                    return Some(Event::Message {
+                        opcode: self.msg_opcode,
+                        len: self.msg_len,
+                        compressed: self.compressed,
+                    });
                 }
                 _ => {}
             }
@@ -286,13 +319,22 @@ impl Rx {
     }
 }
 
-/// The upgrade request for `path` on `host`.
-pub fn upgrade_request(host: &str, path: &str) -> Vec<u8> {
+/// The upgrade request for `path` on `host`, offering `extensions` if any.
+pub fn upgrade_request(host: &str, path: &str, extensions: Option<&str>) -> Vec<u8> {
+    let offer = extensions.map(|e| format!("Sec-WebSocket-Extensions: {e}\r\n")).unwrap_or_default();
     format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     )
     .into_bytes()
+}
+
+/// The `Sec-WebSocket-Extensions` value of a response head, if any.
+pub fn response_extensions(head: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(head).lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("sec-websocket-extensions").then(|| value.trim().to_string())
+    })
 }
 
 /// The accept value for the fixed key above (RFC 6455's own example).
@@ -358,15 +400,33 @@ mod tests {
         stream.extend(server_frame(OP_CLOSE, true, &[0x03, 0xe8]));
         let whole = events(&stream, stream.len());
         assert_eq!(whole.len(), 5);
-        assert_eq!(whole[0], (Event::Message { opcode: OP_TEXT, len: 5 }, b"hello".to_vec()));
+        assert_eq!(whole[0], (Event::Message { opcode: OP_TEXT, len: 5, compressed: false }, b"hello".to_vec()));
         assert_eq!(whole[1], (Event::Ping, b"pp".to_vec()));
         assert_eq!(whole[2].0, Event::Pong);
-        assert_eq!(whole[3].0, Event::Message { opcode: OP_BINARY, len: 70_300 });
+        assert_eq!(whole[3].0, Event::Message { opcode: OP_BINARY, len: 70_300, compressed: false });
         assert_eq!(whole[3].1.len(), CAPTURE);
         assert_eq!(whole[4].0, Event::Close { code: 1000 });
         for split in [1, 2, 3, 7, 13, 125, 4096] {
             assert_eq!(events(&stream, split), whole, "split {split}");
         }
+    }
+
+    #[test]
+    fn compressed_messages_only_once_negotiated() {
+        let text = b"hello hello hello hello".repeat(10);
+        let wire = crate::deflate::compress(&text);
+        let mut frame = server_frame(OP_TEXT, true, &wire);
+        frame[0] |= 0x40;
+        assert_eq!(events(&frame, frame.len())[0].0, Event::Error("RSV bits set by the server"));
+        let mut rx = Rx { deflate: true, inflate_capture: true, ..Rx::default() };
+        let mut pos = 0;
+        let ev = rx.next(&frame, &mut pos).unwrap();
+        assert_eq!(ev, Event::Message { opcode: OP_TEXT, len: wire.len() as u64, compressed: true });
+        assert_eq!(rx.captured(), &text[..CAPTURE]);
+        let mut ping = server_frame(OP_PING, true, b"");
+        ping[0] |= 0x40;
+        let mut pos = 0;
+        assert!(matches!(rx.next(&ping, &mut pos), Some(Event::Error(_))));
     }
 
     #[test]
