@@ -1,9 +1,12 @@
-//! RFC 6455 conformance: the Autobahn TestSuite fuzzing client (cases 1-11)
-//! against `/echo` on a real server, over ws:// and over wss:// (a TLS
-//! listener with a certificate made at test time). `.ci/autobahn/run.sh`
-//! installs wstest into target/autobahn on first use and fails unless every
-//! case matches `.ci/autobahn/expected.json` (OK, or INFORMATIONAL where the
-//! suite only informs): no FAILED, NON-STRICT, UNIMPLEMENTED or missing case.
+//! RFC 6455 and RFC 7692 conformance: the Autobahn TestSuite fuzzing client
+//! against `/echo` on real servers: every case (1-13) over ws:// on one
+//! with `--compression dedicated`; the permessage-deflate parameter cases
+//! (13.*) again on one with `--compression shared`; and cases 1-11 over
+//! wss:// (a TLS listener with a certificate made at test time).
+//! `.ci/autobahn/run.sh` installs wstest into target/autobahn on first use
+//! and fails unless every case its spec selects matches
+//! `.ci/autobahn/expected.json` (OK, or INFORMATIONAL where the suite only
+//! informs): no FAILED, NON-STRICT, UNIMPLEMENTED or missing case.
 
 mod common;
 #[path = "support/tls.rs"]
@@ -12,13 +15,23 @@ mod tls;
 use std::process::Command;
 
 #[test]
-fn autobahn_fuzzingclient_cases_1_to_11() {
+fn autobahn_fuzzingclient_cases_1_to_13() {
     if std::env::var_os("FANOUT_SKIP_AUTOBAHN").is_some() {
         eprintln!("SKIPPED: FANOUT_SKIP_AUTOBAHN is set; the Autobahn suite did not run");
         return;
     }
-    let server = common::TestServer::start(&[]);
+    let server = common::TestServer::start(&["--compression", "dedicated"]);
     run_suite(server, &[]);
+}
+
+#[test]
+fn autobahn_fuzzingclient_compression_cases_with_shared_compression() {
+    if std::env::var_os("FANOUT_SKIP_AUTOBAHN").is_some() {
+        eprintln!("SKIPPED: FANOUT_SKIP_AUTOBAHN is set; the Autobahn cases 13.* did not run");
+        return;
+    }
+    let server = common::TestServer::start(&["--compression", "shared"]);
+    run_suite(server, &["--spec", "fuzzingclient-shared"]);
 }
 
 #[test]
@@ -30,7 +43,10 @@ fn autobahn_fuzzingclient_cases_1_to_11_over_wss() {
     let dir = tempfile::tempdir().unwrap();
     let cert = tls::TestCert::generate(dir.path(), "autobahn");
     let server = common::TestServer::start(&["--tls-cert", cert.cert(), "--tls-key", cert.key()]);
-    run_suite(server, &["--tls"]);
+    run_suite(
+        server,
+        &["--tls", "--spec", "fuzzingclient-without-compression"],
+    );
 }
 
 /// Runs `.ci/autobahn/run.sh [ARGS] PORT` against `server`, then stops it.

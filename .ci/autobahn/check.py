@@ -2,7 +2,7 @@
 """Check an Autobahn fuzzingclient report against the expected outcomes.
 
 usage:
-  check.py REPORTS_DIR [EXPECTED_JSON] [--agent NAME]
+  check.py REPORTS_DIR [EXPECTED_JSON] [--agent NAME] [--spec SPEC_JSON]
   check.py --generate REPORTS_DIR [--agent NAME] > expected.json
 
 REPORTS_DIR is the spec's outdir (it holds index.json). EXPECTED_JSON
@@ -13,7 +13,10 @@ wstest exits 0 even when the server died mid-run, so this script is the real
 verdict. It fails (exit 1) on any missing case, any case whose behavior is
 FAILED, NON-STRICT, UNIMPLEMENTED or otherwise not the expected one, and any
 case whose behaviorClose is not OK or INFORMATIONAL. Cases in the report that
-expected.json does not list must be OK or INFORMATIONAL too.
+expected.json does not list must be OK or INFORMATIONAL too. With --spec
+SPEC_JSON (the fuzzingclient spec that ran), only the expected cases its
+"cases" select and its "exclude-cases" do not must have run: for a run of
+part of the suite.
 
 --generate prints an expected.json from a reference run: every case "OK"
 except those the suite itself reports as INFORMATIONAL. A reference's
@@ -22,6 +25,7 @@ NON-STRICT becomes "OK" (we want strict); FAILED/UNIMPLEMENTED are refused.
 import argparse
 import json
 import os
+import re
 import sys
 
 ACCEPTABLE = {"OK", "INFORMATIONAL"}
@@ -48,6 +52,19 @@ def load_results(reports_dir, agent):
     if agent not in index:
         sys.exit("autobahn: agent %r not in index.json (agents: %s)" % (agent, sorted(index)))
     return index[agent]
+
+
+def pattern(glob):
+    """wstest's case patterns: `*` matches anything, the rest literally."""
+    return re.compile("^" + ".*".join(re.escape(p) for p in glob.split("*")) + "$")
+
+
+def select(expected, spec):
+    """The expected cases a fuzzingclient spec runs."""
+    take = [pattern(p) for p in spec.get("cases", ["*"])]
+    drop = [pattern(p) for p in spec.get("exclude-cases", [])]
+    return {k: v for k, v in expected.items()
+            if any(p.match(k) for p in take) and not any(p.match(k) for p in drop)}
 
 
 def generate(results):
@@ -120,6 +137,7 @@ def main():
     ap.add_argument("expected", nargs="?", default=os.path.join(here, "expected.json"))
     ap.add_argument("--agent")
     ap.add_argument("--generate", action="store_true")
+    ap.add_argument("--spec", metavar="SPEC_JSON", help="expect only the cases this spec selects")
     args = ap.parse_args()
     results = load_results(args.reports_dir, args.agent)
     if args.generate:
@@ -127,6 +145,9 @@ def main():
         return 0
     with open(args.expected) as f:
         expected = json.load(f)
+    if args.spec:
+        with open(args.spec) as f:
+            expected = select(expected, json.load(f))
     return check(results, expected)
 
 
