@@ -125,7 +125,7 @@ pub struct Config {
     /// agrees only to no context takeover in both directions, so all
     /// connections share one compressor and decompressor and an idle
     /// connection holds no zlib state; `dedicated` keeps each connection's
-    /// context between messages (smaller output, ~350 KiB of zlib state per
+    /// context between messages (smaller output, about 330 KiB of zlib state per
     /// connection that uses it).
     #[arg(long, value_name = "MODE", value_enum, default_value_t = CompressionMode::Off)]
     pub compression: CompressionMode,
