@@ -273,6 +273,8 @@ fmt() { awk -v v="$1" 'BEGIN { if (v == "n/a") print v; else if (v >= 100) print
             t=""
             name=""
             if [ "$first" = 1 ]; then t=${TARGET[$w]}; name=${NAME[$w]}; first=0; fi
+            # The targets are ratios to tokio-tungstenite, not to a baseline.
+            if [ -n "$BASELINE" ]; then t=""; fi
             floor="—" floor_ratio="—"
             if [ "${w#echo}" != "$w" ]; then
                 floor=$(median "$key" "$w" floor)
