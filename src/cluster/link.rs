@@ -1301,6 +1301,40 @@ impl Writer {
         });
     }
 
+    /// The replies of a pipeline run with `ignore_errors`, if there are
+    /// `expected` of them (any number when `None`). Otherwise the connection
+    /// is dropped: a broken one is reported, and a reply of another shape
+    /// (not expected with `ignore_errors`) is treated like a broken
+    /// connection, after which the callers resend safely.
+    fn pipeline_replies(
+        &mut self,
+        reply: redis::RedisResult<Value>,
+        expected: Option<usize>,
+    ) -> Option<Vec<Value>> {
+        match reply {
+            Ok(Value::Array(replies)) if expected.is_none_or(|n| replies.len() == n) => {
+                Some(replies)
+            }
+            Ok(other) => {
+                let e = RedisError::from((
+                    ErrorKind::Client,
+                    "unexpected pipeline reply",
+                    protocol::kind(&other).to_string(),
+                ));
+                self.connection_failed(&e);
+                None
+            }
+            Err(e) => {
+                if is_connection_error(&e) {
+                    self.connection_failed(&e);
+                } else {
+                    self.conn = None;
+                }
+                None
+            }
+        }
+    }
+
     /// A run of presence changes, pipelined. Each is idempotent, so after
     /// a broken connection the whole run is sent again.
     fn run_presence(&mut self) {
@@ -1337,25 +1371,9 @@ impl Writer {
                 _ => {}
             }
         }
-        let replies = match pipe.query::<Value>(con) {
-            Ok(Value::Array(replies)) => replies,
-            Ok(other) => {
-                let e = RedisError::from((
-                    ErrorKind::Client,
-                    "unexpected pipeline reply",
-                    protocol::kind(&other).to_string(),
-                ));
-                self.connection_failed(&e);
-                return;
-            }
-            Err(e) => {
-                if is_connection_error(&e) {
-                    self.connection_failed(&e);
-                } else {
-                    self.conn = None;
-                }
-                return;
-            }
+        let reply = pipe.query::<Value>(con);
+        let Some(replies) = self.pipeline_replies(reply, None) else {
+            return;
         };
         let refused: Vec<String> = replies
             .into_iter()
@@ -1371,7 +1389,7 @@ impl Writer {
             self.rejected_warn.warn(format_args!(
                 "redis link: {} chat presence change(s) of node {} refused by redis ({why})",
                 refused.len(),
-                cfg.node_id
+                self.sh.cfg.node_id
             ));
         }
         self.sh.outbox.done(self.batch.len());
@@ -1452,30 +1470,11 @@ impl Writer {
                 .arg(*dseq);
         }
         let reply = pipe.query::<Value>(con);
-        let replies = match reply {
-            // Two `SCRIPT LOAD`s, then one reply per command.
-            Ok(Value::Array(replies)) if replies.len() == self.batch.len() + 2 => replies,
-            Ok(other) => {
-                // Cannot tell what was applied: resend after a reconnect
-                // (the dedup sequence keeps that exactly-once).
-                let e = RedisError::from((
-                    ErrorKind::Client,
-                    "unexpected pipeline reply",
-                    protocol::kind(&other).to_string(),
-                ));
-                self.connection_failed(&e);
-                return;
-            }
-            Err(e) => {
-                if is_connection_error(&e) {
-                    self.connection_failed(&e);
-                } else {
-                    // Not expected with ignore_errors; treat like a broken
-                    // connection, which resends safely.
-                    self.conn = None;
-                }
-                return;
-            }
+        // Two `SCRIPT LOAD`s, then one reply per command. Any other reply
+        // cannot tell what was applied: the batch is resent after a
+        // reconnect (the dedup sequence keeps that exactly-once).
+        let Some(replies) = self.pipeline_replies(reply, Some(self.batch.len() + 2)) else {
+            return;
         };
         let outcomes: Vec<PublishReply> = replies
             .into_iter()
