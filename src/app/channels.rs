@@ -547,35 +547,10 @@ impl Channels {
         since: Option<u64>,
         now: Instant,
     ) -> Result<(Value, Vec<SharedFrame>), ProtocolError> {
-        validate_pattern("channel", target)?;
-        let pattern = is_pattern(target);
-        if pattern && since.is_some() {
-            return Err(ProtocolError::new(
-                ErrorCode::InvalidField,
-                "field `since` needs an exact channel name, not a pattern",
-            ));
-        }
-        let subscriptions = self.by_conn.entry(conn).or_default();
         // Subscribing again with `since` is how a subscriber fills a gap
         // (after a `dropped` notice): it replays, the subscription stays.
-        let resuming = subscriptions.iter().any(|s| s == target);
-        if resuming && since.is_none() {
-            return Err(ProtocolError::new(
-                ErrorCode::Conflict,
-                format!(
-                    "already subscribed to `{target}` (add \"since\" to replay from the backlog)"
-                ),
-            ));
-        }
-        if !resuming && subscriptions.len() >= self.limits.max_subscriptions {
-            return Err(ProtocolError::new(
-                ErrorCode::LimitReached,
-                format!(
-                    "at most {} subscriptions per connection",
-                    self.limits.max_subscriptions
-                ),
-            ));
-        }
+        let resuming = self.check_subscribe(conn, target, since)?;
+        let pattern = is_pattern(target);
         let replay = match (since, self.channels.get_mut(target)) {
             (None, _) | (Some(0), None) => Vec::new(),
             (Some(since), None) => return Err(not_recoverable(target, since, None, 0)),

@@ -1039,18 +1039,24 @@ impl App {
     fn reassert_nicks(&mut self) {
         let nicks = self.chat.nicks_snapshot();
         for (conn, nick) in nicks {
-            let Some(reply) = self.reply_to(conn, None) else {
-                continue;
+            self.claim_held_nick(conn, nick);
+        }
+    }
+
+    /// Claims in Redis a nick the member already holds here (nobody waits
+    /// for the answer; a refusal renames the member).
+    fn claim_held_nick(&mut self, conn: ConnId, nick: String) {
+        let Some(reply) = self.reply_to(conn, None) else {
+            return;
+        };
+        let cluster = self.cluster.as_mut().expect("called with a cluster");
+        if let Ok(request) = cluster.link.claim_nick(conn as u64, &nick, None) {
+            let claim = PendingClaim {
+                reply,
+                nick,
+                state: ClaimState::Held,
             };
-            let cluster = self.cluster.as_mut().expect("called with a cluster");
-            if let Ok(request) = cluster.link.claim_nick(conn as u64, &nick, None) {
-                let claim = PendingClaim {
-                    reply,
-                    nick,
-                    state: ClaimState::Held,
-                };
-                cluster.nick_claims.insert(request, claim);
-            }
+            cluster.nick_claims.insert(request, claim);
         }
     }
 
@@ -1359,20 +1365,7 @@ impl App {
                     conn,
                     nick,
                     asked: false,
-                } => {
-                    let Some(reply) = self.reply_to(conn, None) else {
-                        continue;
-                    };
-                    let cluster = self.cluster.as_mut().expect("checked above");
-                    if let Ok(request) = cluster.link.claim_nick(conn as u64, &nick, None) {
-                        let claim = PendingClaim {
-                            reply,
-                            nick,
-                            state: ClaimState::Held,
-                        };
-                        cluster.nick_claims.insert(request, claim);
-                    }
-                }
+                } => self.claim_held_nick(conn, nick),
                 NickChange::Release { conn, nick } => self.release_nick(conn, &nick),
             }
         }

@@ -519,14 +519,18 @@ pub fn parse_xread(v: Value, key: &str) -> Result<Vec<RawEntry>, String> {
     Ok(out)
 }
 
+/// A decimal field of a stream entry; the error names the entry's kind,
+/// its ID and the field.
+fn number_field(raw: &RawEntry, kind: &str, name: &str) -> Result<u64, String> {
+    raw.field(name)
+        .and_then(u64_of_bytes)
+        .ok_or_else(|| format!("{kind} entry {}: missing or bad field {name}", raw.id))
+}
+
 /// Checks a bus entry: every field present and well-formed.
 pub fn bus_entry(mut raw: RawEntry) -> Result<BusEntry, String> {
     let id = StreamId::parse(&raw.id).ok_or_else(|| format!("bus entry {}: bad ID", raw.id))?;
-    let num = |raw: &RawEntry, name: &str| {
-        raw.field(name)
-            .and_then(u64_of_bytes)
-            .ok_or_else(|| format!("bus entry {}: missing or bad field {name}", raw.id))
-    };
+    let num = |raw: &RawEntry, name: &str| number_field(raw, "bus", name);
     let offset = num(&raw, "off")?;
     let origin_seq = num(&raw, "seq")?;
     let bseq = num(&raw, "bseq")?;
@@ -555,11 +559,7 @@ pub fn bus_item(raw: RawEntry) -> Result<BusItem, String> {
 
 fn definition_entry(mut raw: RawEntry) -> Result<DefinitionEntry, String> {
     let id = StreamId::parse(&raw.id).ok_or_else(|| format!("bus entry {}: bad ID", raw.id))?;
-    let num = |raw: &RawEntry, name: &str| {
-        raw.field(name)
-            .and_then(u64_of_bytes)
-            .ok_or_else(|| format!("definition entry {}: missing or bad field {name}", raw.id))
-    };
+    let num = |raw: &RawEntry, name: &str| number_field(raw, "definition", name);
     let origin_seq = num(&raw, "seq")?;
     let bseq = num(&raw, "bseq")?;
     let created = match num(&raw, "created")? {
@@ -634,10 +634,7 @@ pub fn history_entry(mut raw: RawEntry) -> Result<HistoryEntry, String> {
         Some(StreamId { ms: 0, seq }) if seq > 0 => seq,
         _ => return Err(format!("channel entry {}: not an offset ID", raw.id)),
     };
-    let origin_seq = raw
-        .field("seq")
-        .and_then(u64_of_bytes)
-        .ok_or_else(|| format!("channel entry {}: missing or bad field seq", raw.id))?;
+    let origin_seq = number_field(&raw, "channel", "seq")?;
     let origin = text_field(&mut raw, "origin")?;
     let payload = text_field(&mut raw, "payload")?;
     Ok(HistoryEntry {
