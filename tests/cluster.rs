@@ -4,11 +4,14 @@
 //! reaped at the end). Every wait is bounded.
 
 mod common;
+#[path = "support/json_client.rs"]
+mod json_client;
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
+use json_client::{Ended, JsonClient};
 use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
 
@@ -85,49 +88,29 @@ impl Node {
     }
 }
 
+/// A `/ws` client whose reads fail the test on a close or an error, and
+/// only time out quietly.
 struct Client {
-    ws: WebSocket<TcpStream>,
+    inner: JsonClient,
 }
 
 impl Client {
     /// A `/ws` client that has consumed its welcome.
     fn connect(addr: SocketAddr) -> Client {
-        let stream = connect_tcp(addr);
-        let (ws, _) = tungstenite::client(format!("ws://{addr}/ws"), stream).expect("handshake");
-        let mut client = Client { ws };
-        let welcome = client.recv();
-        assert_eq!(welcome["type"], "welcome", "{welcome}");
-        client
+        Client {
+            inner: JsonClient::ws(addr),
+        }
     }
 
     fn send(&mut self, request: &Value) {
-        self.ws
-            .send(Message::Text(request.to_string()))
-            .expect("send");
+        self.inner.send(request);
     }
 
     fn next(&mut self, within: Duration) -> Option<Value> {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            self.ws.get_mut().set_read_timeout(Some(left)).unwrap();
-            match self.ws.read() {
-                Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).unwrap()),
-                Ok(Message::Close(frame)) => panic!("closed: {frame:?}"),
-                Ok(_) => continue,
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => panic!("read: {e}"),
-            }
+        match self.inner.next(within) {
+            Ok(message) => Some(message),
+            Err(Ended::TimedOut) => None,
+            Err(e) => panic!("the connection ended: {e:?}"),
         }
     }
 
