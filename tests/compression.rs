@@ -358,6 +358,91 @@ fn fragmented_compressed_messages_and_the_threshold() {
     assert_eq!(echoed, vec![b'u'; 150]);
 }
 
+/// Hex digits from a fixed pseudo-random sequence: they compress to about
+/// half, and not so well that zlib holds the whole message in one block.
+fn hex_noise(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            b"0123456789abcdef"[(state >> 60) as usize]
+        })
+        .collect()
+}
+
+impl DeflateClient {
+    /// The next data message, which must come compressed in several
+    /// fragments: how many, and the payload inflated.
+    fn recv_fragments(&mut self) -> (usize, Vec<u8>) {
+        if self.agreed("server_no_context_takeover") {
+            self.inflate.reset(false);
+        }
+        let mut wire = Vec::new();
+        for count in 1..=100_000 {
+            let frame = read_frame(&mut self.stream).expect("a fragment");
+            let expected_b0 = match (count, frame.b0 & 0x80 != 0) {
+                (1, _) => 0x42,
+                (_, false) => 0x00,
+                (_, true) => 0x80,
+            };
+            assert_eq!(frame.b0 & 0x7f, expected_b0 & 0x7f, "fragment {count}");
+            wire.extend_from_slice(&frame.payload);
+            if frame.b0 & 0x80 != 0 {
+                return (count, inflate(&mut self.inflate, &wire));
+            }
+        }
+        panic!("no final fragment");
+    }
+}
+
+/// A binary message too large for one read is streamed back by /echo as
+/// it arrives; with compression negotiated it comes back compressed, in
+/// fragments (RSV1 on the first only), and the connection goes on working,
+/// with its context where one was agreed.
+fn large_echo_streams_back_compressed(mode: &str, offer: &str) {
+    let server = TestServer::start(&["--compression", mode, "--read-buffer-size", "64KiB"]);
+    let mut client = DeflateClient::connect(server.addr, "/echo", offer);
+    let payload = hex_noise(3 << 20);
+    let frame = client_frame(0x82, &payload);
+    let mut writer = client.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || writer.write_all(&frame).unwrap());
+    let (fragments, echoed) = client.recv_fragments();
+    sender.join().unwrap();
+    assert!(
+        echoed == payload,
+        "{mode}: the echo differs ({} bytes)",
+        echoed.len()
+    );
+    assert!(fragments > 2, "{mode}: {fragments} fragments");
+    let metric_wire = metric(server.addr, "fanout_deflate_output_bytes_total");
+    assert!(
+        metric_wire < payload.len() as f64 * 0.7,
+        "{mode}: {metric_wire} bytes compressed"
+    );
+    assert_eq!(metric(server.addr, "fanout_deflate_streams"), 0.0);
+    for n in 0..2 {
+        let text = format!("{n} {}", sample_text(3000));
+        client.send_text(&text);
+        assert_eq!(client.recv(), (true, 1, text.into_bytes()), "{mode}");
+    }
+}
+
+#[test]
+fn large_echo_streams_back_compressed_in_shared_mode() {
+    large_echo_streams_back_compressed("shared", "permessage-deflate");
+}
+
+#[test]
+fn large_echo_streams_back_compressed_with_context_takeover() {
+    large_echo_streams_back_compressed("dedicated", "permessage-deflate");
+    large_echo_streams_back_compressed(
+        "dedicated",
+        "permessage-deflate; server_no_context_takeover; server_max_window_bits=10",
+    );
+}
+
 #[test]
 fn frames_that_break_the_extension_fail_the_connection() {
     let server = TestServer::start(&["--compression", "shared"]);

@@ -10,6 +10,10 @@
 //! created on the connection's first compressed message and kept until it
 //! closes, so the connection in the slab does not grow.
 //!
+//! A message sent compressed as it arrives (/echo streams large ones back)
+//! spans loop turns, so it cannot use a shared compressor: without context
+//! takeover it gets one of its own until its last part.
+//!
 //! A broadcast frame is compressed once per window size for every
 //! recipient without server context takeover (see [`BroadcastCache`]);
 //! a recipient with context takeover gets its own compression.
@@ -46,6 +50,9 @@ pub struct Compressors {
     shared_deflaters: [Option<Box<Deflater>>; WINDOWS],
     shared_inflater: Option<Box<Inflater>>,
     contexts: HashMap<usize, Contexts>,
+    /// Compressors of messages being sent in parts, for connections
+    /// without server context takeover.
+    streams: HashMap<usize, Deflater>,
     /// Messages compressed, and their sizes before and after.
     pub stats: DeflateStats,
 }
@@ -66,6 +73,7 @@ impl Compressors {
             shared_deflaters: Default::default(),
             shared_inflater: None,
             contexts: HashMap::new(),
+            streams: HashMap::new(),
             stats: DeflateStats::default(),
         }
     }
@@ -76,6 +84,11 @@ impl Compressors {
             "fanout_deflate_dedicated_contexts",
             "Connections holding zlib state of their own (--compression dedicated).",
             self.contexts.len() as f64,
+        );
+        m.gauge(
+            "fanout_deflate_streams",
+            "Messages being compressed in parts as they arrive (a streamed /echo), each with its own zlib state.",
+            self.streams.len() as f64,
         );
         m.counter(
             "fanout_deflate_messages_total",
@@ -159,9 +172,44 @@ impl Compressors {
         Some(out)
     }
 
+    /// The next part of a message connection `token` sends as it arrives,
+    /// compressed into a buffer with `MESSAGE_HEADROOM` bytes in front; the
+    /// payload may be empty until zlib has a block ready. An error means
+    /// the message cannot be finished (zlib misused: not reachable from
+    /// input).
+    pub fn deflate_part(
+        &mut self,
+        token: usize,
+        params: DeflateParams,
+        part: &[u8],
+        last: bool,
+    ) -> Result<Vec<u8>, flate2::CompressError> {
+        let mut out = vec![0; MESSAGE_HEADROOM];
+        let level = self.level;
+        let new_deflater = || Deflater::new(params.server_window_bits, level);
+        let result = if params.server_no_context_takeover {
+            let deflater = self.streams.entry(token).or_insert_with(new_deflater);
+            let result = deflater.compress_part(part, &mut out, last);
+            if last || result.is_err() {
+                self.streams.remove(&token);
+            }
+            result
+        } else {
+            let contexts = self.contexts.entry(token).or_default();
+            let deflater = contexts.deflater.get_or_insert_with(new_deflater);
+            deflater.compress_part(part, &mut out, last)
+        };
+        result?;
+        self.stats.messages_deflated += u64::from(last);
+        self.stats.bytes_before_deflate += part.len() as u64;
+        self.stats.bytes_after_deflate += (out.len() - MESSAGE_HEADROOM) as u64;
+        Ok(out)
+    }
+
     /// The connection closed: its own zlib state goes.
     pub fn forget(&mut self, token: usize) {
         self.contexts.remove(&token);
+        self.streams.remove(&token);
     }
 }
 
@@ -269,6 +317,36 @@ mod tests {
         assert_eq!(compressors.contexts.len(), 1);
         compressors.forget(7);
         assert_eq!(compressors.contexts.len(), 0);
+    }
+
+    #[test]
+    fn a_message_in_parts_has_its_own_compressor_until_its_end() {
+        let mut compressors = Compressors::new(0, 6);
+        let text = message().repeat(100);
+        let mut wire = Vec::new();
+        for (i, part) in text.as_bytes().chunks(1000).enumerate() {
+            let last = (i + 1) * 1000 >= text.len();
+            let out = compressors.deflate_part(3, SHARED, part, last).unwrap();
+            wire.extend_from_slice(&out[MESSAGE_HEADROOM..]);
+            assert_eq!(compressors.streams.len(), usize::from(!last));
+            // Other connections' messages go through the shared compressor
+            // meanwhile, untouched by the open stream.
+            let other = compressors.deflate(4, SHARED, b"x".repeat(500).as_slice());
+            let back = Inflater::new()
+                .inflate(&other.unwrap()[MESSAGE_HEADROOM..], 0, 1 << 20, true)
+                .unwrap();
+            assert_eq!(back, b"x".repeat(500));
+        }
+        let back = Inflater::new().inflate(&wire, 0, 1 << 20, true).unwrap();
+        assert_eq!(back, text.as_bytes());
+        assert_eq!(compressors.contexts.len(), 0);
+        compressors.deflate_part(5, SHARED, b"abc", false).unwrap();
+        compressors.forget(5);
+        assert_eq!(
+            compressors.streams.len(),
+            0,
+            "a closed connection's stream goes"
+        );
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub struct Session {
     /// permessage-deflate as negotiated; any zlib state it needs is the
     /// loop's (see `Compressors`), not the connection's.
     pub deflate: Option<DeflateParams>,
+    /// /echo is sending a large message back compressed, in fragments as
+    /// it arrives: the opcode of the next fragment (`Binary` until the
+    /// first has gone, then `Continuation`).
+    pub deflating_echo: Option<OpCode>,
 }
 
 #[derive(Debug)]

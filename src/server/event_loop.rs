@@ -30,6 +30,7 @@ use crate::metrics::{Labels, Metrics};
 use crate::ws::decoder::MESSAGE_HEADROOM;
 use crate::ws::deflate::check_inflated_text;
 use crate::ws::extensions::DeflateParams;
+use crate::ws::frame::{FrameHeader, RSV1};
 use crate::ws::handshake::{self, Rejection, UpgradePolicy};
 use crate::ws::{CloseCode, CloseState, Decoder, Event, Limits, OpCode, Step, Violation};
 use std::collections::BTreeMap;
@@ -944,6 +945,7 @@ impl Core {
             close: CloseState::Open,
             close_deadline: None,
             discard_input: false,
+            deflating_echo: None,
             next_ping: self.tick.after(self.config.ping_interval),
             deflate,
         });
@@ -1121,22 +1123,40 @@ impl Core {
     }
 
     /// A binary message being streamed back by /echo begins: its reply
-    /// frame's header is queued (unless we already sent a close frame:
-    /// then the data is read and dropped, §5.5.1).
+    /// frame's header is queued, or, with permessage-deflate, its reply is
+    /// to go out compressed in fragments (unless we already sent a close
+    /// frame: then the data is read and dropped, §5.5.1).
     fn echo_stream_start(&mut self, token: usize, len: u64) {
         let conn = &mut self.conns[token];
-        if matches!(&conn.phase, Phase::Open(s) if s.close.is_open()) {
+        let Phase::Open(session) = &mut conn.phase else {
+            return;
+        };
+        if !session.close.is_open() {
+            return;
+        }
+        if session.deflate.is_some() && self.compressors.worth_compressing(len as usize) {
+            // The compressed length is unknown until the end: fragments.
+            session.deflating_echo = Some(OpCode::Binary);
+            conn.out.begin_fragments();
+        } else {
             conn.out.begin_stream(OpCode::Binary, len);
             self.mark_dirty(token);
         }
     }
 
     /// The next piece of a message /echo streams back: written through at
-    /// once. A close frame or ping queued meanwhile waits for the frame's end.
+    /// once, or compressed into the next fragment. A close frame or ping
+    /// queued meanwhile waits for the message's end.
     fn echo_stream_chunk(&mut self, token: usize, payload: &[u8], last: bool) {
         let conn = &mut self.conns[token];
         if !conn.out.is_streaming() {
             return;
+        }
+        if let Some((params, opcode)) = conn
+            .session_mut()
+            .and_then(|s| Some((s.deflate?, s.deflating_echo?)))
+        {
+            return self.deflate_echo_part(token, params, opcode, payload, last);
         }
         match conn.stream_out(&mut self.tls, payload, last) {
             Ok(written) => self.stats.bytes_out += written as u64,
@@ -1150,6 +1170,55 @@ impl Core {
         if !self.conns[token].out.is_empty() {
             self.mark_dirty(token);
         }
+    }
+
+    /// Compresses the next piece of a message /echo sends back in
+    /// fragments, and queues what zlib has ready as the next fragment.
+    fn deflate_echo_part(
+        &mut self,
+        token: usize,
+        params: DeflateParams,
+        opcode: OpCode,
+        part: &[u8],
+        last: bool,
+    ) {
+        let compressed = match self.compressors.deflate_part(token, params, part, last) {
+            Ok(compressed) => compressed,
+            Err(e) => {
+                // Half a compressed message cannot be finished any other
+                // way: the close follows its fragments sent so far.
+                error!("conn {token}: deflate failed mid-message: {e}");
+                self.conns[token].out.abandon_fragments();
+                let failure = Violation {
+                    code: CloseCode::INTERNAL_ERROR,
+                    reason: "compression failed",
+                };
+                return self.violation(token, failure);
+            }
+        };
+        if last {
+            self.stats.messages_in += 1;
+        }
+        if compressed.len() == MESSAGE_HEADROOM && !last {
+            return;
+        }
+        let head = FrameHeader {
+            fin: last,
+            rsv: if opcode == OpCode::Continuation {
+                0
+            } else {
+                RSV1
+            },
+            opcode,
+            mask: None,
+            payload_len: 0,
+        };
+        let conn = &mut self.conns[token];
+        if let Some(session) = conn.session_mut() {
+            session.deflating_echo = (!last).then_some(OpCode::Continuation);
+        }
+        conn.out.push_fragment(head, compressed, MESSAGE_HEADROOM);
+        self.mark_dirty(token);
     }
 
     fn violation(&mut self, token: usize, violation: Violation) {

@@ -159,6 +159,13 @@ impl Queue {
         });
     }
 
+    /// The open stream is complete: the frames held back follow it.
+    fn release_held(&mut self) {
+        let held = self.held.take().expect("a stream is open");
+        self.out.bytes += held.bytes;
+        self.out.chunks.extend(held.chunks);
+    }
+
     /// Drops what was written; returns whether `out` is now empty.
     fn consume(&mut self, mut written: usize) -> bool {
         self.out.bytes -= written;
@@ -307,24 +314,13 @@ impl Outbound {
         self.push_buffer(opcode, RSV1, buf, payload_start);
     }
 
-    fn push_buffer(&mut self, opcode: OpCode, rsv: u8, mut buf: Vec<u8>, payload_start: usize) {
-        assert!(payload_start >= MAX_HEADER_LEN && payload_start <= buf.len());
-        let payload_len = buf.len() - payload_start;
-        let mut head = [0u8; MAX_HEADER_LEN];
-        let head_len = FrameHeader {
+    fn push_buffer(&mut self, opcode: OpCode, rsv: u8, buf: Vec<u8>, payload_start: usize) {
+        let head = FrameHeader {
             rsv,
-            ..header(opcode, payload_len as u64)
-        }
-        .encode(&mut head);
-        let start = payload_start - head_len;
-        // SAFETY: `start..payload_start` lies inside the buffer (asserted
-        // above). A raw write, not `&mut buf[..]`: a received message being
-        // echoed may still be borrowed by the app, and the header bytes are
-        // the only ones touched.
-        unsafe {
-            std::ptr::copy_nonoverlapping(head.as_ptr(), buf.as_mut_ptr().add(start), head_len);
-        }
-        self.queue().lane().0.push(Chunk::Owned { buf, start });
+            ..header(opcode, 0)
+        };
+        let chunk = framed(head, buf, payload_start);
+        self.queue().lane().0.push(chunk);
     }
 
     /// Opens a streamed frame of `len` payload bytes: queues its header;
@@ -359,14 +355,46 @@ impl Outbound {
                 .extend_from_slice(&bytes[done..]);
         }
         if last {
-            let held = queue.held.take().expect("a stream is open");
-            queue.out.bytes += held.bytes;
-            queue.out.chunks.extend(held.chunks);
+            queue.release_held();
         }
         self.release_if_idle();
         match error {
             Some(e) => Err(e),
             None => Ok(written),
+        }
+    }
+
+    /// Opens a message sent as fragments while its data arrives (see
+    /// [`Outbound::push_fragment`]). As for a streamed frame, frames pushed
+    /// until its last fragment are held back and follow it.
+    pub fn begin_fragments(&mut self) {
+        let queue = self.queue();
+        assert!(queue.held.is_none(), "one stream at a time");
+        queue.held = Some(Lane::default());
+    }
+
+    /// Queues the next fragment of the message opened by
+    /// [`Outbound::begin_fragments`] (`buf[payload_start..]`, as in
+    /// [`Outbound::push_message`]), ahead of the frames held back; `fin`
+    /// ends the message and releases them.
+    pub fn push_fragment(&mut self, head: FrameHeader, buf: Vec<u8>, payload_start: usize) {
+        let queue = self.queue();
+        assert!(
+            queue.held.is_some(),
+            "push_fragment() needs begin_fragments()"
+        );
+        queue.out.push(framed(head, buf, payload_start));
+        if head.fin {
+            queue.release_held();
+        }
+    }
+
+    /// Gives up the message opened by [`Outbound::begin_fragments`]: the
+    /// frames held back follow the fragments sent so far (control frames
+    /// may come between fragments, RFC 6455 §5.4; a close ends it all).
+    pub fn abandon_fragments(&mut self) {
+        if let Some(queue) = self.queue.as_mut().filter(|q| q.held.is_some()) {
+            queue.release_held();
         }
     }
 
@@ -385,6 +413,28 @@ impl Outbound {
             None => Ok(done),
         }
     }
+}
+
+/// `buf[payload_start..]` as one frame with `head` (its length set from
+/// the payload): the header is written into the `MAX_HEADER_LEN` bytes
+/// reserved in front of the payload.
+fn framed(head: FrameHeader, mut buf: Vec<u8>, payload_start: usize) -> Chunk {
+    assert!(payload_start >= MAX_HEADER_LEN && payload_start <= buf.len());
+    let mut encoded = [0u8; MAX_HEADER_LEN];
+    let head_len = FrameHeader {
+        payload_len: (buf.len() - payload_start) as u64,
+        ..head
+    }
+    .encode(&mut encoded);
+    let start = payload_start - head_len;
+    // SAFETY: `start..payload_start` lies inside the buffer (asserted
+    // above). A raw write, not `&mut buf[..]`: a received message being
+    // echoed may still be borrowed by the app, and the header bytes are
+    // the only ones touched.
+    unsafe {
+        std::ptr::copy_nonoverlapping(encoded.as_ptr(), buf.as_mut_ptr().add(start), head_len);
+    }
+    Chunk::Owned { buf, start }
 }
 
 fn header(opcode: OpCode, len: u64) -> FrameHeader {
@@ -549,6 +599,44 @@ mod tests {
         assert_eq!(out.stream(&mut sink, b"def", true).unwrap(), 3);
         assert!(out.queue.is_none());
         assert_eq!(sink.taken, b"\x82\x06abcdef");
+    }
+
+    #[test]
+    fn fragments_go_out_in_order_with_held_frames_after_the_last() {
+        let mut out = Outbound::default();
+        out.begin_fragments();
+        out.push_frame(OpCode::Ping, b"");
+        let fragment = |payload: &[u8]| {
+            let mut buf = vec![0; MAX_HEADER_LEN];
+            buf.extend_from_slice(payload);
+            buf
+        };
+        let first = FrameHeader {
+            fin: false,
+            rsv: RSV1,
+            ..header(OpCode::Binary, 0)
+        };
+        out.push_fragment(first, fragment(b"ab"), MAX_HEADER_LEN);
+        assert!(out.is_streaming());
+        let middle = FrameHeader {
+            fin: false,
+            ..header(OpCode::Continuation, 0)
+        };
+        out.push_fragment(middle, fragment(b"cd"), MAX_HEADER_LEN);
+        out.push_fragment(
+            header(OpCode::Continuation, 0),
+            fragment(b""),
+            MAX_HEADER_LEN,
+        );
+        assert!(!out.is_streaming());
+        let mut sink = Trickle {
+            taken: Vec::new(),
+            per_call: 1000,
+            calls_left: 1000,
+        };
+        assert!(out.flush_to(&mut sink).unwrap());
+        assert!(out.queue.is_none());
+        assert_eq!(sink.taken, b"\x42\x02ab\x00\x02cd\x80\x00\x89\x00");
     }
 
     #[test]

@@ -57,7 +57,7 @@ impl Deflater {
         no_context_takeover: bool,
     ) -> Result<(), flate2::CompressError> {
         let base = out.len();
-        let result = self.compress_into(payload, out);
+        let result = self.compress_into(payload, out, true);
         if result.is_err() {
             out.truncate(base);
             self.zlib.reset();
@@ -67,26 +67,52 @@ impl Deflater {
         result
     }
 
+    /// Appends the compressed form of the next `part` of a message sent as
+    /// it arrives, to `out`: only what zlib has ready, which may be nothing,
+    /// until `last`, which flushes the rest and ends the message. The
+    /// message keeps this compressor until then, so it cannot be one that
+    /// other connections share. On error the compressor is reset and the
+    /// message cannot be finished.
+    pub fn compress_part(
+        &mut self,
+        part: &[u8],
+        out: &mut Vec<u8>,
+        last: bool,
+    ) -> Result<(), flate2::CompressError> {
+        let result = self.compress_into(part, out, last);
+        if result.is_err() {
+            self.zlib.reset();
+        }
+        result
+    }
+
     fn compress_into(
         &mut self,
         payload: &[u8],
         out: &mut Vec<u8>,
+        end_of_message: bool,
     ) -> Result<(), flate2::CompressError> {
+        // Before the end, zlib emits blocks as its buffers fill: no flush
+        // marker per part, and back-references across parts.
+        let flush = if end_of_message {
+            FlushCompress::Sync
+        } else {
+            FlushCompress::None
+        };
         let start = self.zlib.total_in();
         out.reserve(payload.len() / 2 + MIN_GROWTH);
         loop {
             let consumed = (self.zlib.total_in() - start) as usize;
-            self.zlib
-                .compress_vec(&payload[consumed..], out, FlushCompress::Sync)?;
+            self.zlib.compress_vec(&payload[consumed..], out, flush)?;
             let consumed = (self.zlib.total_in() - start) as usize;
-            // The flush is complete once all input is in and zlib left
+            // The call is complete once all input is in and zlib left
             // room unused in the output.
             if consumed == payload.len() && out.len() < out.capacity() {
                 break;
             }
             out.reserve(out.capacity().max(MIN_GROWTH));
         }
-        if out.ends_with(&SYNC_TAIL) {
+        if end_of_message && out.ends_with(&SYNC_TAIL) {
             out.truncate(out.len() - SYNC_TAIL.len());
         }
         Ok(())
@@ -249,6 +275,40 @@ mod tests {
         let mut out = Vec::new();
         deflater.compress(payload, &mut out, reset).unwrap();
         out
+    }
+
+    #[test]
+    fn a_message_compressed_in_parts_inflates_whole_and_keeps_the_context() {
+        let message = sample(300_000);
+        for bits in [9, 15] {
+            let mut deflater = Deflater::new(bits, 6);
+            let mut inflater = Inflater::new();
+            let mut wire = Vec::new();
+            let mut quiet_parts = 0;
+            let parts: Vec<&[u8]> = message.chunks(7_000).collect();
+            for (i, part) in parts.iter().enumerate() {
+                let before = wire.len();
+                let last = i + 1 == parts.len();
+                deflater.compress_part(part, &mut wire, last).unwrap();
+                quiet_parts += usize::from(wire.len() == before);
+            }
+            assert!(quiet_parts > 0, "zlib holds small parts back");
+            let whole = compress(&mut Deflater::new(bits, 6), &message, true).len();
+            assert!(
+                wire.len() <= whole + whole / 8,
+                "{bits}: {} vs {whole} bytes",
+                wire.len()
+            );
+            assert_eq!(inflater.inflate(&wire, 0, 1 << 20, false).unwrap(), message);
+            // The next message may refer to the streamed one.
+            let next = compress(&mut deflater, &message[..2000], false);
+            let fresh = compress(&mut Deflater::new(bits, 6), &message[..2000], true);
+            assert!(next.len() < fresh.len(), "{bits}: {} bytes", next.len());
+            assert_eq!(
+                inflater.inflate(&next, 0, 1 << 20, false).unwrap(),
+                &message[..2000]
+            );
+        }
     }
 
     #[test]
