@@ -3,7 +3,7 @@
 #
 #   bash benches/compare.sh [--quick] [--rounds R] [--duration SECS]
 #                           [--idle-conns N] [--idle-hold SECS]
-#                           [--workloads W,W...] [--rx-on-load-core]
+#                           [--workloads W,W...]
 #                           [--baseline FANOUT_BINARY] [-- FANOUT_FLAGS...]
 #
 # Builds fanout, benches/loadgen and benches/peer-tokio (release), then runs
@@ -17,11 +17,6 @@
 # --quick: 1 round, 2 s per run, small counts: a smoke test, not figures.
 # --workloads: a subset of echo-32B,echo-16KiB,echo-1MiB,broadcast-64B,
 #   broadcast-10k,idle.
-# --rx-on-load-core (root): on loopback the kernel runs the receiving side
-#   of every packet the server sends (the load generator's TCP receive path
-#   and its wake-up) on the sender's CPU, so it counts as server time; on a
-#   real network it runs on the client's machine. This steers it to the
-#   load generator's CPU (RPS on lo) for the run, then restores the setting.
 # --baseline BIN: the peer is another fanout binary (e.g. an earlier build)
 # instead of tokio-tungstenite, to show a change costs nothing; flags after
 # `--` go to the fanout under test only (e.g. `-- --compression shared`).
@@ -37,7 +32,6 @@ ECHO_CONNS=100
 SUBS=1000
 BIG_SUBS=10000
 QUICK=0
-RX_ON_LOAD_CORE=0
 ONLY=""
 BASELINE=""
 FANOUT_FLAGS=()
@@ -52,7 +46,6 @@ while [ $# -gt 0 ]; do
         --idle-hold) IDLE_HOLD=$2; shift ;;
         --baseline) BASELINE=$(realpath "$2"); shift ;;
         --workloads) ONLY=$2; shift ;;
-        --rx-on-load-core) RX_ON_LOAD_CORE=1 ;;
         --) shift; FANOUT_FLAGS=("$@"); break ;;
         -h|--help) usage ;;
         *) echo "compare.sh: unknown option $1" >&2; usage ;;
@@ -130,7 +123,6 @@ cleanup() {
     fi
     stop_server
     rm -rf "$WORK"
-    if [ -n "${RPS_SAVED:-}" ]; then echo "$RPS_SAVED" >"$RPS_FILE" || log "could not restore $RPS_FILE to $RPS_SAVED"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -173,17 +165,6 @@ if [ -n "$ONLY" ]; then
         case " ${WORKLOADS[*]} " in *" $w "*) ;; *) log "unknown workload $w"; exit 2 ;; esac
     done
     read -r -a WORKLOADS <<<"${ONLY//,/ }"
-fi
-RPS_FILE=/sys/class/net/lo/queues/rx-0/rps_cpus
-RPS_SAVED=""
-RX_NOTE="kernel defaults: loopback receive work runs on the sending CPU and counts as server time"
-if [ "$RX_ON_LOAD_CORE" = 1 ]; then
-    [ ${#PIN_LOAD[@]} -gt 0 ] || { log "--rx-on-load-core needs the pinned layout (taskset, 2 CPUs)"; exit 2; }
-    saved=$(cat "$RPS_FILE" 2>/dev/null) || { log "--rx-on-load-core: cannot read $RPS_FILE"; exit 2; }
-    # CPU 1's bit: where the load generator is pinned.
-    echo 2 >"$RPS_FILE" 2>/dev/null || { log "--rx-on-load-core: cannot write $RPS_FILE (needs root)"; exit 2; }
-    RPS_SAVED=$saved
-    RX_NOTE="--rx-on-load-core: loopback receive work steered to the load generator's CPU (RPS on lo)"
 fi
 declare -A NAME
 NAME[echo-32B]="echo, $ECHO_CONNS conns × 32 B text, 16 in flight"
@@ -278,8 +259,7 @@ fmt() { awk -v v="$1" 'BEGIN { if (v == "n/a") print v; else if (v >= 100) print
 
 {
     echo "fanout ${FANOUT_FLAGS[*]} vs $PEER_NAME: medians of $ROUNDS run(s) each, ${DURATION}s measured per run;"
-    echo "server on CPU 0, load generator on CPU 1; $(date -u +%Y-%m-%d), $(uname -r), $(nproc) CPUs;"
-    echo "$RX_NOTE."
+    echo "server on CPU 0, load generator on CPU 1; $(date -u +%Y-%m-%d), $(uname -r), $(nproc) CPUs."
     if [ "$QUICK" = 1 ]; then echo "QUICK SMOKE RUN: the figures below are not measurements."; fi
     echo
     echo "| workload | metric | fanout | $PEER_NAME | fanout/peer | target | raw TCP echo (floor) | floor/peer |"
