@@ -9,11 +9,12 @@
 # Builds fanout, benches/loadgen and benches/peer-tokio (release), then runs
 # every workload R times (default 5) against each server, alternating which
 # goes first, with a fresh server per run pinned to CPU 0 and the load
-# generator pinned to CPU 1. The echo workloads also run against the floor:
-# loadgen's own TCP echo without WebSocket, showing how much of the cost is
-# the kernel's. Prints the medians and the ratios fanout/peer and floor/peer
+# generator pinned to CPU 1. The echo and broadcast workloads also run
+# against a floor: loadgen's own TCP echo (tcp-echo-server) or fan-out
+# (tcp-fanout-server) without WebSocket, in a loop built like fanout's,
+# showing how much of the cost is the kernel's. Prints the medians and the ratios fanout/peer and floor/peer
 # as a markdown table (also written, with every raw summary line, under
-# target/compare/). A default run takes about 10 minutes on 2 cores (75 runs).
+# target/compare/). A default run takes about 12 minutes on 2 cores (85 runs).
 # --quick: 1 round, 2 s per run, small counts: a smoke test, not figures.
 # --workloads: a subset of echo-32B,echo-16KiB,echo-1MiB,broadcast-64B,
 #   broadcast-10k,idle.
@@ -127,7 +128,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# start_server fanout|peer|floor: sets SERVER_PID, PORT and IPORT.
+# start_server fanout|peer|floor WORKLOAD: sets SERVER_PID, PORT and IPORT.
 start_server() {
     : >"$WORK/server.out"
     local want
@@ -137,6 +138,10 @@ start_server() {
         # --no-sim: the peer has no market simulator either.
         RUST_LOG=warn "${PIN_SERVER[@]}" "$bin" --listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 \
             --no-sim --max-outbound-buffer 64MiB "${extra[@]}" >"$WORK/server.out" 2>>"$OUTDIR/server-stderr-$STAMP.log" &
+        want=2
+    elif [ "$1" = floor ] && [ "${2#broadcast}" != "$2" ]; then
+        "${PIN_SERVER[@]}" "$WORK/loadgen" tcp-fanout-server --listen 127.0.0.1:0 --publish-listen 127.0.0.1:0 \
+            >"$WORK/server.out" 2>>"$OUTDIR/server-stderr-$STAMP.log" &
         want=2
     elif [ "$1" = floor ]; then
         "${PIN_SERVER[@]}" "$WORK/loadgen" tcp-echo-server --listen 127.0.0.1:0 \
@@ -184,7 +189,12 @@ TARGET[idle]="≤ 0.3 KiB"
 broadcast_args() { # server subscribers in-flight timing...
     local server=$1 subs=$2 inflight=$3
     shift 3
-    if [ "$server" = fanout ] || [ -n "$BASELINE" ]; then
+    if [ "$server" = floor ]; then
+        # The floor: the same messages copied byte for byte over plain TCP
+        # (loadgen's tcp-fanout-server).
+        echo broadcast --url "tcp://127.0.0.1:$PORT/sub" --publish-url "tcp://127.0.0.1:$IPORT/pub" \
+            --subs "$subs" --size 64 --inflight "$inflight" "$@"
+    elif [ "$server" = fanout ] || [ -n "$BASELINE" ]; then
         echo broadcast --url "ws://127.0.0.1:$PORT/ws" --publish-url "ws://127.0.0.1:$IPORT/ws" \
             --subs "$subs" --size 64 --inflight "$inflight" "$@"
     else
@@ -211,7 +221,7 @@ loadgen_args() { # workload server
 
 run_one() { # workload server round
     local line rc=0
-    start_server "$2" || { echo "$1 $2 $3 FAILED server did not start" >>"$RESULTS"; stop_server; return; }
+    start_server "$2" "$1" || { echo "$1 $2 $3 FAILED server did not start" >>"$RESULTS"; stop_server; return; }
     # shellcheck disable=SC2046 # word splitting of the argument list is wanted
     "${PIN_LOAD[@]}" timeout 180 "$WORK/loadgen" $(loadgen_args "$1" "$2") --pid "$SERVER_PID" \
         >"$WORK/load.out" 2>"$WORK/load.err" &
@@ -228,12 +238,14 @@ run_one() { # workload server round
     log "round $3 $1 $2: ${line#loadgen }"
 }
 
-runs=$(((${#WORKLOADS[@]} * 2 + 3) * ROUNDS))
+floors=0
+for w in "${WORKLOADS[@]}"; do [ "$w" = idle ] || floors=$((floors + 1)); done
+runs=$(((${#WORKLOADS[@]} * 2 + floors) * ROUNDS))
 log "$runs runs: $ROUNDS round(s), ${DURATION}s per run; raw lines in $RESULTS"
 for round in $(seq "$ROUNDS"); do
     for w in "${WORKLOADS[@]}"; do
         if [ $((round % 2)) = 1 ]; then order="fanout peer"; else order="peer fanout"; fi
-        if [ "${w#echo}" != "$w" ]; then order="$order floor"; fi
+        if [ "$w" != idle ]; then order="$order floor"; fi
         for s in $order; do
             run_one "$w" "$s" "$round"
         done
@@ -262,7 +274,7 @@ fmt() { awk -v v="$1" 'BEGIN { if (v == "n/a") print v; else if (v >= 100) print
     echo "server on CPU 0, load generator on CPU 1; $(date -u +%Y-%m-%d), $(uname -r), $(nproc) CPUs."
     if [ "$QUICK" = 1 ]; then echo "QUICK SMOKE RUN: the figures below are not measurements."; fi
     echo
-    echo "| workload | metric | fanout | $PEER_NAME | fanout/peer | target | raw TCP echo (floor) | floor/peer |"
+    echo "| workload | metric | fanout | $PEER_NAME | fanout/peer | target | raw TCP floor | floor/peer |"
     echo "|---|---|---|---|---|---|---|---|"
     for w in "${WORKLOADS[@]}"; do
         if [ "$w" = idle ]; then
@@ -287,7 +299,7 @@ fmt() { awk -v v="$1" 'BEGIN { if (v == "n/a") print v; else if (v >= 100) print
             # The targets are ratios to tokio-tungstenite, not to a baseline.
             if [ -n "$BASELINE" ]; then t=""; fi
             floor="—" floor_ratio="—"
-            if [ "${w#echo}" != "$w" ]; then
+            if [ "$w" != idle ]; then
                 floor=$(median "$key" "$w" floor)
                 floor_ratio=$(ratio "$floor" "$p")
                 floor=$(fmt "$floor")

@@ -13,7 +13,12 @@
 //!   is a subscriber; the publisher sends the bare JSON string `"S…"` as a
 //!   text message to `/pub`, which the peer wraps in fanout's envelope.
 //!
-//! Subscribers get `{"type":"message",…,"data":"S…"}` from both servers.
+//! - the floor (`tcp://` URLs, against `loadgen tcp-fanout-server`): no
+//!   upgrade and no subscribe; the publisher sends, unmasked, the very frame
+//!   subscribers are to get, `{"type":"message","channel":"bench","data":"S…"}`,
+//!   and the server copies its bytes to every subscriber.
+//!
+//! Subscribers get `{"type":"message",…,"data":"S…"}` from every server.
 
 use std::time::{Duration, Instant};
 
@@ -52,11 +57,12 @@ fn parse_stamp(cap: &[u8]) -> Option<(u64, u64)> {
     Some((seq, ts))
 }
 
-/// Writes `v` as `digits.len()` decimal digits, masked for payload offset `at`.
+/// Writes `v` as `digits.len()` decimal digits, masked with `mask` for
+/// payload offset `at`.
 #[inline]
-fn put_digits(digits: &mut [u8], mut v: u64, at: usize) {
+fn put_digits(digits: &mut [u8], mut v: u64, at: usize, mask: [u8; 4]) {
     for i in (0..digits.len()).rev() {
-        digits[i] = (b'0' + (v % 10) as u8) ^ MASK[(at + i) & 3];
+        digits[i] = (b'0' + (v % 10) as u8) ^ mask[(at + i) & 3];
         v /= 10;
     }
 }
@@ -71,7 +77,9 @@ enum Phase {
 pub fn run(args: &Args) -> Result<String, String> {
     let url = args.url()?;
     let pub_url = args.publish_url()?;
-    let raw = args.raw;
+    // The floor has no WebSocket server: raw setup, unmasked frames.
+    let floor = url.raw_tcp;
+    let raw = args.raw || floor;
     if args.size < MIN_SIZE {
         return Err(format!("--size must be at least {MIN_SIZE} for broadcast (seq and timestamp)"));
     }
@@ -136,7 +144,9 @@ pub fn run(args: &Args) -> Result<String, String> {
         }
         s
     };
-    let payload = if raw {
+    let payload = if floor {
+        format!(r#"{{"type":"message","channel":"{CHANNEL}","data":"{content}"}}"#)
+    } else if raw {
         format!("\"{content}\"")
     } else {
         format!(r#"{{"type":"publish","channel":"{CHANNEL}","data":"{content}"}}"#)
@@ -144,8 +154,15 @@ pub fn run(args: &Args) -> Result<String, String> {
     let seq_at = payload.find('S').expect("stamp") + 1;
     let ts_at = seq_at + SEQ_DIGITS + 1;
     let mut frame = Vec::new();
-    ws::push_frame(&mut frame, ws::OP_TEXT, payload.as_bytes());
-    let hl = ws::header_len(payload.len());
+    let mask = if floor {
+        ws::push_unmasked_frame(&mut frame, ws::OP_TEXT, payload.as_bytes());
+        [0; 4]
+    } else {
+        ws::push_frame(&mut frame, ws::OP_TEXT, payload.as_bytes());
+        MASK
+    };
+    // The payload's offset in the frame: unmasked frames have no key.
+    let hl = frame.len() - payload.len();
     let k = args.inflight;
     net.conns[0].out.reserve(frame.len() * k + 256);
     for c in &mut net.conns[1..] {
@@ -220,8 +237,8 @@ pub fn run(args: &Args) -> Result<String, String> {
                 p.out.extend_from_slice(&frame);
                 let body = at + hl;
                 counts[(next_pub & ring_mask) as usize] = dead;
-                put_digits(&mut p.out[body + seq_at..body + seq_at + SEQ_DIGITS], next_pub, seq_at);
-                put_digits(&mut p.out[body + ts_at..body + ts_at + TS_DIGITS], ts, ts_at);
+                put_digits(&mut p.out[body + seq_at..body + seq_at + SEQ_DIGITS], next_pub, seq_at, mask);
+                put_digits(&mut p.out[body + ts_at..body + ts_at + TS_DIGITS], ts, ts_at, mask);
                 next_pub += 1;
                 if phase == Phase::Measure {
                     published += 1;
@@ -389,8 +406,8 @@ mod tests {
     #[test]
     fn stamp_roundtrip() {
         let mut d = *b"S0000000000T0000000000000000xx";
-        put_digits(&mut d[1..11], 42, 0);
-        put_digits(&mut d[12..28], 1_234_567, 0);
+        put_digits(&mut d[1..11], 42, 0, MASK);
+        put_digits(&mut d[12..28], 1_234_567, 0, MASK);
         // Unmask as the server would (offset 0 relative to `at` above).
         for (i, b) in d[1..11].iter_mut().enumerate() {
             *b ^= MASK[i & 3];

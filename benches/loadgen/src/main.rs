@@ -9,6 +9,7 @@ mod echo;
 mod net;
 mod stats;
 mod tcp_echo;
+mod tcp_fanout;
 mod tls;
 mod ws;
 
@@ -26,10 +27,15 @@ usage:
   loadgen broadcast --url ws://127.0.0.1:PORT/ws --publish-url ws://127.0.0.1:IPORT/ws
                [--subs N] [--size BYTES] [--inflight K] [--duration SECS]
                [--peer-protocol fanout|raw]
+               (tcp:// URLs for both: the floor, against tcp-fanout-server)
   loadgen connections --url ws[s]://127.0.0.1:PORT/echo --conns N [--hold SECS]
   loadgen tcp-echo-server --listen 127.0.0.1:PORT
                (the floor: a TCP echo without WebSocket; runs until killed;
                 drive it with `loadgen echo --url tcp://127.0.0.1:PORT`)
+  loadgen tcp-fanout-server --listen 127.0.0.1:PORT --publish-listen 127.0.0.1:IPORT
+               (the broadcast floor: every publisher's bytes copied to every
+                subscriber, no WebSocket; runs until killed; drive it with
+                `loadgen broadcast --url tcp://127.0.0.1:PORT --publish-url tcp://127.0.0.1:IPORT`)
 common: [--pid SERVER_PID] [--warmup SECS] [--drain SECS] [--connect-timeout SECS]
         [--concurrency N (connections being opened at once)]
         [--deflate fresh|takeover (offer permessage-deflate; connections: each
@@ -40,6 +46,7 @@ pub struct Args {
     pub mode: String,
     url: Option<String>,
     listen: Option<String>,
+    publish_listen: Option<String>,
     publish_url: Option<String>,
     tls_ca: Option<String>,
     pub conns: usize,
@@ -77,13 +84,14 @@ impl Args {
     fn parse(argv: Vec<String>) -> Result<Args, String> {
         let mut it = argv.into_iter();
         let mode = it.next().ok_or("no mode given")?;
-        if !["echo", "broadcast", "connections", "tcp-echo-server"].contains(&mode.as_str()) {
+        if !["echo", "broadcast", "connections", "tcp-echo-server", "tcp-fanout-server"].contains(&mode.as_str()) {
             return Err(format!("unknown mode `{mode}`"));
         }
         let mut a = Args {
             mode,
             url: None,
             listen: None,
+            publish_listen: None,
             publish_url: None,
             tls_ca: None,
             conns: 100,
@@ -135,6 +143,7 @@ impl Args {
             match flag.as_str() {
                 "--url" => a.url = Some(v),
                 "--listen" => a.listen = Some(v),
+                "--publish-listen" => a.publish_listen = Some(v),
                 "--publish-url" => a.publish_url = Some(v),
                 "--tls-ca" => a.tls_ca = Some(v),
                 "--conns" => a.conns = count(&v)?,
@@ -163,8 +172,8 @@ impl Args {
         // Refuse anything but loopback before any socket is opened.
         for url in [&a.url, &a.publish_url].into_iter().flatten() {
             let parsed = Url::parse(url)?;
-            if parsed.raw_tcp && a.mode != "echo" {
-                return Err(format!("{url}: tcp:// URLs are for the echo mode only"));
+            if parsed.raw_tcp && !["echo", "broadcast"].contains(&a.mode.as_str()) {
+                return Err(format!("{url}: tcp:// URLs are for the echo and broadcast modes"));
             }
             if parsed.wss && !["echo", "connections"].contains(&a.mode.as_str()) {
                 return Err(format!("{url}: wss:// URLs are for the echo and connections modes"));
@@ -175,6 +184,15 @@ impl Args {
             if parsed.raw_tcp && a.deflate.is_some() {
                 return Err(format!("{url}: --deflate needs a WebSocket (ws://) URL"));
             }
+        }
+        if a.mode == "broadcast" {
+            let tcp = |u: &Option<String>| u.as_deref().is_some_and(|u| u.starts_with("tcp://"));
+            if tcp(&a.url) != tcp(&a.publish_url) {
+                return Err("broadcast: --url and --publish-url are both tcp:// (the floor) or neither".into());
+            }
+        }
+        if a.mode == "tcp-fanout-server" && (a.listen.is_none() || a.publish_listen.is_none()) {
+            return Err("tcp-fanout-server needs --listen 127.0.0.1:PORT --publish-listen 127.0.0.1:IPORT".into());
         }
         if a.mode == "tcp-echo-server" && a.listen.is_none() {
             return Err("tcp-echo-server needs --listen 127.0.0.1:PORT".into());
@@ -307,6 +325,10 @@ fn main() -> ExitCode {
         "echo" => echo::run(&args),
         "broadcast" => broadcast::run(&args),
         "tcp-echo-server" => tcp_echo::run(args.listen.as_deref().unwrap_or_default()),
+        "tcp-fanout-server" => tcp_fanout::run(
+            args.listen.as_deref().unwrap_or_default(),
+            args.publish_listen.as_deref().unwrap_or_default(),
+        ),
         _ => connections::run(&args),
     };
     match result {

@@ -83,17 +83,6 @@ pub fn push_deflated_frame(out: &mut Vec<u8>, opcode: u8, compressed: &[u8]) {
     out[start] |= 0x40;
 }
 
-/// Offset of the payload in a frame built by `push_header`.
-pub fn header_len(len: usize) -> usize {
-    4 + if len < 126 {
-        2
-    } else if len <= 0xffff {
-        4
-    } else {
-        10
-    }
-}
-
 /// What the server sent, one complete unit at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
