@@ -372,26 +372,45 @@ fn hex_noise(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Bytes no compressor can shrink.
+fn noise(len: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
 impl DeflateClient {
-    /// The next data message, which must come compressed in several
-    /// fragments: how many, and the payload inflated.
-    fn recv_fragments(&mut self) -> (usize, Vec<u8>) {
-        if self.agreed("server_no_context_takeover") {
-            self.inflate.reset(false);
-        }
+    /// The next data message, a binary one in several fragments (RSV1 on
+    /// the first at most): how many, whether it came compressed, and the
+    /// payload (inflated).
+    fn recv_fragments(&mut self) -> (usize, bool, Vec<u8>) {
         let mut wire = Vec::new();
+        let mut compressed = false;
         for count in 1..=100_000 {
             let frame = read_frame(&mut self.stream).expect("a fragment");
-            let expected_b0 = match (count, frame.b0 & 0x80 != 0) {
-                (1, _) => 0x42,
-                (_, false) => 0x00,
-                (_, true) => 0x80,
-            };
-            assert_eq!(frame.b0 & 0x7f, expected_b0 & 0x7f, "fragment {count}");
-            wire.extend_from_slice(&frame.payload);
-            if frame.b0 & 0x80 != 0 {
-                return (count, inflate(&mut self.inflate, &wire));
+            if count == 1 {
+                assert_eq!(frame.b0 & 0x3f, 0x02, "a binary first fragment");
+                compressed = frame.b0 & 0x40 != 0;
+            } else {
+                assert_eq!(frame.b0 & 0x7f, 0x00, "continuation {count}, RSV1 clear");
             }
+            wire.extend_from_slice(&frame.payload);
+            if frame.b0 & 0x80 == 0 {
+                continue;
+            }
+            if !compressed {
+                return (count, false, wire);
+            }
+            if self.agreed("server_no_context_takeover") {
+                self.inflate.reset(false);
+            }
+            return (count, true, inflate(&mut self.inflate, &wire));
         }
         panic!("no final fragment");
     }
@@ -408,8 +427,9 @@ fn large_echo_streams_back_compressed(mode: &str, offer: &str) {
     let frame = client_frame(0x82, &payload);
     let mut writer = client.stream.try_clone().unwrap();
     let sender = std::thread::spawn(move || writer.write_all(&frame).unwrap());
-    let (fragments, echoed) = client.recv_fragments();
+    let (fragments, compressed, echoed) = client.recv_fragments();
     sender.join().unwrap();
+    assert!(compressed, "{mode}: the echo came uncompressed");
     assert!(
         echoed == payload,
         "{mode}: the echo differs ({} bytes)",
@@ -427,6 +447,52 @@ fn large_echo_streams_back_compressed(mode: &str, offer: &str) {
         client.send_text(&text);
         assert_eq!(client.recv(), (true, 1, text.into_bytes()), "{mode}");
     }
+}
+
+/// A large message that does not compress goes back uncompressed after a
+/// 16 KiB probe, whole or streamed, and the connection's context (where
+/// one was agreed) stays right for the messages after it.
+fn incompressible_messages_go_back_as_they_are(mode: &str) {
+    let server = TestServer::start(&["--compression", mode, "--read-buffer-size", "64KiB"]);
+    let mut client = DeflateClient::connect(server.addr, "/echo", "permessage-deflate");
+    let text = sample_text(3000);
+    client.send_text(&text);
+    assert_eq!(client.recv(), (true, 1, text.clone().into_bytes()));
+    // Whole (compressed by the client, so not streamed): 40 KiB of noise.
+    let whole = noise(40 << 10);
+    client.send_compressed(0x2, &whole, 1);
+    assert_eq!(client.recv(), (false, 2, whole), "{mode}");
+    // Streamed: 1 MiB of noise, uncompressed on the way in.
+    let big = noise(1 << 20);
+    let frame = client_frame(0x82, &big);
+    let mut writer = client.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || writer.write_all(&frame).unwrap());
+    let (fragments, compressed, echoed) = client.recv_fragments();
+    sender.join().unwrap();
+    assert!(!compressed, "{mode}: noise came back compressed");
+    assert!(
+        echoed == big,
+        "{mode}: the echo differs ({} bytes)",
+        echoed.len()
+    );
+    assert!(fragments > 1, "{mode}: {fragments} fragment(s)");
+    assert_eq!(
+        metric(server.addr, "fanout_deflate_incompressible_total"),
+        2.0
+    );
+    // The text compressed before and after: the context still matches.
+    client.send_text(&text);
+    assert_eq!(client.recv(), (true, 1, text.into_bytes()), "{mode}");
+}
+
+#[test]
+fn incompressible_messages_go_back_as_they_are_in_shared_mode() {
+    incompressible_messages_go_back_as_they_are("shared");
+}
+
+#[test]
+fn incompressible_messages_go_back_as_they_are_with_context_takeover() {
+    incompressible_messages_go_back_as_they_are("dedicated");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! context takeover.
 #![no_main]
 
-use fanout::ws::deflate::{Deflater, InflateError, Inflater};
+use fanout::ws::deflate::{Deflated, Deflater, InflateError, Inflater};
 use libfuzzer_sys::fuzz_target;
 
 const HEADROOM: usize = 14;
@@ -24,7 +24,13 @@ fuzz_target!(|data: &[u8]| {
         let mut inflater = Inflater::new();
         for _ in 0..2 {
             let mut wire = Vec::new();
-            deflater.compress(data, &mut wire, no_context_takeover).expect("compress");
+            let verdict = deflater.compress(data, &mut wire, no_context_takeover).expect("compress");
+            if verdict == Deflated::Incompressible {
+                // Sent as is: the peer inflates nothing, and our context
+                // starts afresh (the peer's old one is never referred to).
+                assert!(wire.is_empty());
+                continue;
+            }
             let out = inflater
                 .inflate(&wire, 0, data.len(), no_context_takeover)
                 .expect("what we compress inflates");

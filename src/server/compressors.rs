@@ -22,7 +22,7 @@ use std::collections::HashMap;
 
 use crate::metrics::Metrics;
 use crate::ws::decoder::MESSAGE_HEADROOM;
-use crate::ws::deflate::{Deflater, InflateError, Inflater};
+use crate::ws::deflate::{Deflated, Deflater, InflateError, Inflater};
 use crate::ws::extensions::DeflateParams;
 use crate::ws::SharedFrame;
 
@@ -63,6 +63,9 @@ pub struct DeflateStats {
     pub bytes_before_deflate: u64,
     pub bytes_after_deflate: u64,
     pub messages_inflated: u64,
+    /// Large messages sent uncompressed because their first bytes did
+    /// not shrink (see `ws::deflate::PROBE_LEN`).
+    pub messages_incompressible: u64,
 }
 
 impl Compressors {
@@ -104,6 +107,11 @@ impl Compressors {
             "fanout_deflate_output_bytes_total",
             "Payload bytes after compression.",
             self.stats.bytes_after_deflate,
+        );
+        m.counter(
+            "fanout_deflate_incompressible_total",
+            "Large messages sent uncompressed because their first 16 KiB did not shrink.",
+            self.stats.messages_incompressible,
         );
         m.counter(
             "fanout_inflate_messages_total",
@@ -162,9 +170,16 @@ impl Compressors {
                 .deflater
                 .get_or_insert_with(|| Deflater::new(params.server_window_bits, level))
         };
-        if let Err(e) = deflater.compress(payload, &mut out, fresh) {
-            log::warn!("conn {token}: deflate failed ({e}); sending uncompressed");
-            return None;
+        match deflater.compress(payload, &mut out, fresh) {
+            Ok(Deflated::Compressed) => {}
+            Ok(Deflated::Incompressible) => {
+                self.stats.messages_incompressible += 1;
+                return None;
+            }
+            Err(e) => {
+                log::warn!("conn {token}: deflate failed ({e}); sending uncompressed");
+                return None;
+            }
         }
         self.stats.messages_deflated += 1;
         self.stats.bytes_before_deflate += payload.len() as u64;
@@ -174,36 +189,41 @@ impl Compressors {
 
     /// The next part of a message connection `token` sends as it arrives,
     /// compressed into a buffer with `MESSAGE_HEADROOM` bytes in front; the
-    /// payload may be empty until zlib has a block ready. An error means
-    /// the message cannot be finished (zlib misused: not reachable from
-    /// input).
+    /// payload may be empty until zlib has a block ready. `None` when the
+    /// `first` part proved incompressible: the message goes out as is. An
+    /// error means the message cannot be finished (zlib misused: not
+    /// reachable from input).
     pub fn deflate_part(
         &mut self,
         token: usize,
         params: DeflateParams,
         part: &[u8],
+        first: bool,
         last: bool,
-    ) -> Result<Vec<u8>, flate2::CompressError> {
+    ) -> Result<Option<Vec<u8>>, flate2::CompressError> {
         let mut out = vec![0; MESSAGE_HEADROOM];
         let level = self.level;
         let new_deflater = || Deflater::new(params.server_window_bits, level);
         let result = if params.server_no_context_takeover {
             let deflater = self.streams.entry(token).or_insert_with(new_deflater);
-            let result = deflater.compress_part(part, &mut out, last);
-            if last || result.is_err() {
+            let result = deflater.compress_part(part, &mut out, first, last);
+            if last || !matches!(result, Ok(Deflated::Compressed)) {
                 self.streams.remove(&token);
             }
             result
         } else {
             let contexts = self.contexts.entry(token).or_default();
             let deflater = contexts.deflater.get_or_insert_with(new_deflater);
-            deflater.compress_part(part, &mut out, last)
+            deflater.compress_part(part, &mut out, first, last)
         };
-        result?;
+        if result? == Deflated::Incompressible {
+            self.stats.messages_incompressible += 1;
+            return Ok(None);
+        }
         self.stats.messages_deflated += u64::from(last);
         self.stats.bytes_before_deflate += part.len() as u64;
         self.stats.bytes_after_deflate += (out.len() - MESSAGE_HEADROOM) as u64;
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// The connection closed: its own zlib state goes.
@@ -326,7 +346,8 @@ mod tests {
         let mut wire = Vec::new();
         for (i, part) in text.as_bytes().chunks(1000).enumerate() {
             let last = (i + 1) * 1000 >= text.len();
-            let out = compressors.deflate_part(3, SHARED, part, last).unwrap();
+            let out = compressors.deflate_part(3, SHARED, part, i == 0, last);
+            let out = out.unwrap().expect("compressible");
             wire.extend_from_slice(&out[MESSAGE_HEADROOM..]);
             assert_eq!(compressors.streams.len(), usize::from(!last));
             // Other connections' messages go through the shared compressor
@@ -340,7 +361,9 @@ mod tests {
         let back = Inflater::new().inflate(&wire, 0, 1 << 20, true).unwrap();
         assert_eq!(back, text.as_bytes());
         assert_eq!(compressors.contexts.len(), 0);
-        compressors.deflate_part(5, SHARED, b"abc", false).unwrap();
+        compressors
+            .deflate_part(5, SHARED, b"abc", true, false)
+            .unwrap();
         compressors.forget(5);
         assert_eq!(
             compressors.streams.len(),

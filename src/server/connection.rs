@@ -54,10 +54,24 @@ pub struct Session {
     /// permessage-deflate as negotiated; any zlib state it needs is the
     /// loop's (see `Compressors`), not the connection's.
     pub deflate: Option<DeflateParams>,
-    /// /echo is sending a large message back compressed, in fragments as
-    /// it arrives: the opcode of the next fragment (`Binary` until the
-    /// first has gone, then `Continuation`).
-    pub deflating_echo: Option<OpCode>,
+    /// /echo is sending a large message back in fragments as it arrives,
+    /// to a client that negotiated permessage-deflate.
+    pub fragmented_echo: Option<FragmentedEcho>,
+}
+
+/// Where /echo is in sending a large message back in fragments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FragmentedEcho {
+    /// Nothing received yet: the first part decides whether the message is
+    /// worth compressing (see `ws::deflate::PROBE_LEN`).
+    Starting,
+    /// Compressing; zlib holds what it has, no fragment is out yet.
+    Compressing,
+    /// Compressing, and fragments are out: the next are continuations.
+    CompressingSent,
+    /// The first part did not compress: the rest goes as is, in
+    /// continuation frames.
+    Uncompressed,
 }
 
 #[derive(Debug)]

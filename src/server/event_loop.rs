@@ -15,7 +15,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use super::compressors::{BroadcastCache, Compressors};
-use super::connection::{Connection, Handshake, Phase, Session};
+use super::connection::{Connection, FragmentedEcho, Handshake, Phase, Session};
 use super::listener::{is_resource_exhaustion, Listener, ACCEPT_RETRY};
 use super::stats::Stats;
 use super::timers::{next_serial, Clock, Tick, Timer, TimerKey, Timers};
@@ -945,7 +945,7 @@ impl Core {
             close: CloseState::Open,
             close_deadline: None,
             discard_input: false,
-            deflating_echo: None,
+            fragmented_echo: None,
             next_ping: self.tick.after(self.config.ping_interval),
             deflate,
         });
@@ -1136,7 +1136,7 @@ impl Core {
         }
         if session.deflate.is_some() && self.compressors.worth_compressing(len as usize) {
             // The compressed length is unknown until the end: fragments.
-            session.deflating_echo = Some(OpCode::Binary);
+            session.fragmented_echo = Some(FragmentedEcho::Starting);
             conn.out.begin_fragments();
         } else {
             conn.out.begin_stream(OpCode::Binary, len);
@@ -1152,11 +1152,11 @@ impl Core {
         if !conn.out.is_streaming() {
             return;
         }
-        if let Some((params, opcode)) = conn
+        if let Some((params, state)) = conn
             .session_mut()
-            .and_then(|s| Some((s.deflate?, s.deflating_echo?)))
+            .and_then(|s| Some((s.deflate?, s.fragmented_echo?)))
         {
-            return self.deflate_echo_part(token, params, opcode, payload, last);
+            return self.fragmented_echo_part(token, params, state, payload, last);
         }
         match conn.stream_out(&mut self.tls, payload, last) {
             Ok(written) => self.stats.bytes_out += written as u64,
@@ -1172,52 +1172,70 @@ impl Core {
         }
     }
 
-    /// Compresses the next piece of a message /echo sends back in
-    /// fragments, and queues what zlib has ready as the next fragment.
-    fn deflate_echo_part(
+    /// The next piece of a message /echo sends back in fragments:
+    /// compressed, with what zlib has ready queued as the next fragment, or
+    /// as is once the first piece proved incompressible.
+    fn fragmented_echo_part(
         &mut self,
         token: usize,
         params: DeflateParams,
-        opcode: OpCode,
+        state: FragmentedEcho,
         part: &[u8],
         last: bool,
     ) {
-        let compressed = match self.compressors.deflate_part(token, params, part, last) {
-            Ok(compressed) => compressed,
-            Err(e) => {
-                // Half a compressed message cannot be finished any other
-                // way: the close follows its fragments sent so far.
-                error!("conn {token}: deflate failed mid-message: {e}");
-                self.conns[token].out.abandon_fragments();
-                let failure = Violation {
-                    code: CloseCode::INTERNAL_ERROR,
-                    reason: "compression failed",
-                };
-                return self.violation(token, failure);
+        use FragmentedEcho::*;
+        let (payload, rsv, opcode, next) = if state == Uncompressed {
+            (uncompressed(part), 0, OpCode::Continuation, Uncompressed)
+        } else {
+            let first = state == Starting;
+            match self
+                .compressors
+                .deflate_part(token, params, part, first, last)
+            {
+                Ok(None) => (uncompressed(part), 0, OpCode::Binary, Uncompressed),
+                Ok(Some(compressed)) if compressed.len() == MESSAGE_HEADROOM && !last => {
+                    if let Some(session) = self.conns[token].session_mut() {
+                        let held = if state == Starting {
+                            Compressing
+                        } else {
+                            state
+                        };
+                        session.fragmented_echo = Some(held);
+                    }
+                    return;
+                }
+                Ok(Some(compressed)) if state == CompressingSent => {
+                    (compressed, 0, OpCode::Continuation, CompressingSent)
+                }
+                Ok(Some(compressed)) => (compressed, RSV1, OpCode::Binary, CompressingSent),
+                Err(e) => {
+                    // Half a compressed message cannot be finished any
+                    // other way: the close follows its fragments sent so far.
+                    error!("conn {token}: deflate failed mid-message: {e}");
+                    self.conns[token].out.abandon_fragments();
+                    let failure = Violation {
+                        code: CloseCode::INTERNAL_ERROR,
+                        reason: "compression failed",
+                    };
+                    return self.violation(token, failure);
+                }
             }
         };
         if last {
             self.stats.messages_in += 1;
         }
-        if compressed.len() == MESSAGE_HEADROOM && !last {
-            return;
-        }
         let head = FrameHeader {
             fin: last,
-            rsv: if opcode == OpCode::Continuation {
-                0
-            } else {
-                RSV1
-            },
+            rsv,
             opcode,
             mask: None,
             payload_len: 0,
         };
         let conn = &mut self.conns[token];
         if let Some(session) = conn.session_mut() {
-            session.deflating_echo = (!last).then_some(OpCode::Continuation);
+            session.fragmented_echo = (!last).then_some(next);
         }
-        conn.out.push_fragment(head, compressed, MESSAGE_HEADROOM);
+        conn.out.push_fragment(head, payload, MESSAGE_HEADROOM);
         self.mark_dirty(token);
     }
 
@@ -1650,6 +1668,15 @@ fn open_conn<'c>(
         dirty.push(to);
     }
     open.then_some(conn)
+}
+
+/// `part` in a buffer with `MESSAGE_HEADROOM` bytes in front, for
+/// `Outbound::push_fragment`.
+fn uncompressed(part: &[u8]) -> Vec<u8> {
+    let mut buffer = Vec::with_capacity(MESSAGE_HEADROOM + part.len());
+    buffer.resize(MESSAGE_HEADROOM, 0);
+    buffer.extend_from_slice(part);
+    buffer
 }
 
 impl Outbox for Delivery<'_> {

@@ -20,6 +20,41 @@ pub const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 /// Output grows at least by this much at a time.
 const MIN_GROWTH: usize = 256;
 
+/// A message of at least twice this many bytes is tried on its first
+/// `PROBE_LEN` bytes before the rest: random or already compressed data
+/// (images, archives) costs zlib about 17 ms per MiB for nothing, and the
+/// loop serves no one else meanwhile.
+pub const PROBE_LEN: usize = 16 << 10;
+
+/// The probe must shrink by at least 1/`MIN_GAIN` for the rest to be
+/// compressed.
+const MIN_GAIN: usize = 16;
+
+/// What [`Deflater::compress`] and [`Deflater::compress_part`] made of
+/// their input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deflated {
+    /// Compressed into `out`.
+    Compressed,
+    /// Its first `PROBE_LEN` bytes hardly shrank: `out` is as it was, the
+    /// compressor reset (a later message refers to nothing before it), and
+    /// the message is to go out uncompressed.
+    Incompressible,
+}
+
+/// How far a call to zlib goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    /// Mid-message, no flush: zlib emits blocks as its buffers fill (no
+    /// marker per part, back-references across parts).
+    None,
+    /// Mid-message, a sync flush: everything so far is in `out`, so its
+    /// size can be judged; the stream goes on after it.
+    Probe,
+    /// The message ends: a sync flush, its `00 00 ff ff` removed.
+    End,
+}
+
 /// Compresses messages for one peer, or (without context takeover) for
 /// every peer that agreed on the same window.
 pub struct Deflater {
@@ -46,7 +81,8 @@ impl Deflater {
         }
     }
 
-    /// Appends `payload`, compressed as one message, to `out`. With
+    /// Appends `payload`, compressed as one message, to `out`, unless a
+    /// large one proves incompressible (see [`PROBE_LEN`]). With
     /// `no_context_takeover` the next message starts from an empty window.
     /// On error (zlib misused: not reachable from input) `out` is restored
     /// and the compressor reset, and the caller sends the message as is.
@@ -55,13 +91,9 @@ impl Deflater {
         payload: &[u8],
         out: &mut Vec<u8>,
         no_context_takeover: bool,
-    ) -> Result<(), flate2::CompressError> {
-        let base = out.len();
-        let result = self.compress_into(payload, out, true);
-        if result.is_err() {
-            out.truncate(base);
-            self.zlib.reset();
-        } else if no_context_takeover {
+    ) -> Result<Deflated, flate2::CompressError> {
+        let result = self.probe_then_compress(payload, out, Flush::End);
+        if no_context_takeover {
             self.zlib.reset();
         }
         result
@@ -73,31 +105,70 @@ impl Deflater {
     /// message keeps this compressor until then, so it cannot be one that
     /// other connections share. On error the compressor is reset and the
     /// message cannot be finished.
+    ///
+    /// The `first` part is probed like a whole message, and may be found
+    /// [`Deflated::Incompressible`]: nothing of the message is sent
+    /// compressed then.
     pub fn compress_part(
         &mut self,
         part: &[u8],
         out: &mut Vec<u8>,
+        first: bool,
         last: bool,
-    ) -> Result<(), flate2::CompressError> {
-        let result = self.compress_into(part, out, last);
+    ) -> Result<Deflated, flate2::CompressError> {
+        let flush = if last { Flush::End } else { Flush::None };
+        if first {
+            return self.probe_then_compress(part, out, flush);
+        }
+        let result = self.compress_into(part, out, flush);
         if result.is_err() {
             self.zlib.reset();
         }
-        result
+        result.map(|()| Deflated::Compressed)
+    }
+
+    /// Compresses `payload` into `out` up to `flush`, trying its first
+    /// `PROBE_LEN` bytes alone first when it is large. Restores `out` and
+    /// resets the compressor when it gives up, on an error or on a probe
+    /// that hardly shrank.
+    fn probe_then_compress(
+        &mut self,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+        flush: Flush,
+    ) -> Result<Deflated, flate2::CompressError> {
+        let base = out.len();
+        let mut verdict = Deflated::Compressed;
+        let result = if payload.len() >= 2 * PROBE_LEN {
+            self.compress_into(&payload[..PROBE_LEN], out, Flush::Probe)
+                .and_then(|()| {
+                    let probed = out.len() - base;
+                    if probed * MIN_GAIN > PROBE_LEN * (MIN_GAIN - 1) {
+                        verdict = Deflated::Incompressible;
+                        return Ok(());
+                    }
+                    self.compress_into(&payload[PROBE_LEN..], out, flush)
+                })
+        } else {
+            self.compress_into(payload, out, flush)
+        };
+        if result.is_err() || verdict == Deflated::Incompressible {
+            out.truncate(base);
+            self.zlib.reset();
+        }
+        result.map(|()| verdict)
     }
 
     fn compress_into(
         &mut self,
         payload: &[u8],
         out: &mut Vec<u8>,
-        end_of_message: bool,
+        flush: Flush,
     ) -> Result<(), flate2::CompressError> {
-        // Before the end, zlib emits blocks as its buffers fill: no flush
-        // marker per part, and back-references across parts.
-        let flush = if end_of_message {
-            FlushCompress::Sync
-        } else {
-            FlushCompress::None
+        let end_of_message = flush == Flush::End;
+        let flush = match flush {
+            Flush::None => FlushCompress::None,
+            Flush::Probe | Flush::End => FlushCompress::Sync,
         };
         let start = self.zlib.total_in();
         out.reserve(payload.len() / 2 + MIN_GROWTH);
@@ -273,7 +344,8 @@ mod tests {
 
     fn compress(deflater: &mut Deflater, payload: &[u8], reset: bool) -> Vec<u8> {
         let mut out = Vec::new();
-        deflater.compress(payload, &mut out, reset).unwrap();
+        let verdict = deflater.compress(payload, &mut out, reset).unwrap();
+        assert_eq!(verdict, Deflated::Compressed);
         out
     }
 
@@ -289,7 +361,8 @@ mod tests {
             for (i, part) in parts.iter().enumerate() {
                 let before = wire.len();
                 let last = i + 1 == parts.len();
-                deflater.compress_part(part, &mut wire, last).unwrap();
+                let verdict = deflater.compress_part(part, &mut wire, i == 0, last);
+                assert_eq!(verdict.unwrap(), Deflated::Compressed);
                 quiet_parts += usize::from(wire.len() == before);
             }
             assert!(quiet_parts > 0, "zlib holds small parts back");
@@ -309,6 +382,63 @@ mod tests {
                 &message[..2000]
             );
         }
+    }
+
+    /// Bytes no compressor can shrink.
+    fn noise(len: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_large_incompressible_message_is_given_up_after_its_probe() {
+        for reset in [true, false] {
+            let mut deflater = Deflater::new(15, 6);
+            let mut inflater = Inflater::new();
+            let first = compress(&mut deflater, &sample(3000), reset);
+            assert_eq!(
+                inflater.inflate(&first, 0, 1 << 20, reset).unwrap(),
+                sample(3000)
+            );
+            let mut out = b"kept".to_vec();
+            let verdict = deflater.compress(&noise(2 * PROBE_LEN), &mut out, reset);
+            assert_eq!(verdict.unwrap(), Deflated::Incompressible);
+            assert_eq!(out, b"kept", "nothing of it is left in the output");
+            // Below the probe's size it is compressed whatever it is.
+            let small = noise(2 * PROBE_LEN - 1);
+            let wire = compress(&mut deflater, &small, reset);
+            assert_eq!(inflater.inflate(&wire, 0, 1 << 20, reset).unwrap(), small);
+            // A large compressible one goes through, probe and all, and the
+            // peer's context (kept or not) still matches ours.
+            let large = sample(5 * PROBE_LEN);
+            let wire = compress(&mut deflater, &large, reset);
+            assert!(wire.len() < large.len() / 10, "{} bytes", wire.len());
+            assert_eq!(inflater.inflate(&wire, 0, 1 << 20, reset).unwrap(), large);
+        }
+    }
+
+    #[test]
+    fn a_stream_is_probed_on_its_first_part_only() {
+        let mut deflater = Deflater::new(15, 6);
+        let mut out = Vec::new();
+        let verdict = deflater.compress_part(&noise(3 * PROBE_LEN), &mut out, true, false);
+        assert_eq!((verdict.unwrap(), out.len()), (Deflated::Incompressible, 0));
+        // Compressible at first, noise later: the message is compressed.
+        let mut inflater = Inflater::new();
+        let message = [sample(2 * PROBE_LEN), noise(2 * PROBE_LEN)].concat();
+        let (head, tail) = message.split_at(2 * PROBE_LEN);
+        for (part, first, last) in [(head, true, false), (tail, false, true)] {
+            let verdict = deflater.compress_part(part, &mut out, first, last);
+            assert_eq!(verdict.unwrap(), Deflated::Compressed);
+        }
+        assert_eq!(inflater.inflate(&out, 0, 1 << 20, true).unwrap(), message);
     }
 
     #[test]
