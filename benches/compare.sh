@@ -53,6 +53,14 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+WORKLOADS=(echo-32B echo-16KiB echo-1MiB broadcast-64B broadcast-10k idle)
+if [ -n "$ONLY" ]; then
+    IFS=, read -r -a chosen <<<"$ONLY"
+    for w in "${chosen[@]}"; do
+        case " ${WORKLOADS[*]} " in *" $w "*) ;; *) echo "compare.sh: unknown workload $w" >&2; exit 2 ;; esac
+    done
+    WORKLOADS=("${chosen[@]}")
+fi
 if [ "$QUICK" = 1 ]; then
     ROUNDS=1 DURATION=2 WARMUP=0.5 IDLE_CONNS=1000 IDLE_HOLD=1 ECHO_CONNS=20 SUBS=100 BIG_SUBS=1000
 fi
@@ -164,13 +172,6 @@ start_server() {
 }
 
 # The workloads: name, then the loadgen arguments for each server.
-WORKLOADS=(echo-32B echo-16KiB echo-1MiB broadcast-64B broadcast-10k idle)
-if [ -n "$ONLY" ]; then
-    for w in ${ONLY//,/ }; do
-        case " ${WORKLOADS[*]} " in *" $w "*) ;; *) log "unknown workload $w"; exit 2 ;; esac
-    done
-    read -r -a WORKLOADS <<<"${ONLY//,/ }"
-fi
 declare -A NAME
 NAME[echo-32B]="echo, $ECHO_CONNS conns × 32 B text, 16 in flight"
 NAME[echo-16KiB]="echo, 10 conns × 16 KiB binary, 1 in flight"

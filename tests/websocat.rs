@@ -13,7 +13,7 @@ mod common;
 #[path = "support/tls.rs"]
 mod tls;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::OnceLock;
@@ -24,6 +24,9 @@ use tls::TestCert;
 
 /// The longest wait for one expected line.
 const LINE_WAIT: Duration = Duration::from_secs(10);
+
+/// The longest wait for websocat to be built (first use only).
+const INSTALL_WAIT: Duration = Duration::from_secs(1200);
 
 fn skipped() -> bool {
     let skip = std::env::var_os("FANOUT_SKIP_WEBSOCAT").is_some_and(|v| v == "1");
@@ -38,15 +41,37 @@ fn websocat() -> &'static str {
     static PATH: OnceLock<Result<String, String>> = OnceLock::new();
     let path = PATH.get_or_init(|| {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/websocat/install.sh");
-        let out = Command::new("sh")
+        let mut child = Command::new("sh")
             .arg(script)
+            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .output()
+            .spawn()
             .map_err(|e| format!("running {script}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("{script} failed ({})", out.status));
+        // Building it takes about a minute; a stuck download must not hang
+        // the suite.
+        let deadline = Instant::now() + INSTALL_WAIT;
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{script} took over {INSTALL_WAIT:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let mut path = String::new();
+        child
+            .stdout
+            .take()
+            .expect("piped")
+            .read_to_string(&mut path)
+            .map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("{script} failed ({status})"));
         }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        Ok(path.trim().to_owned())
     });
     match path {
         Ok(path) => path,

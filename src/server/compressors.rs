@@ -22,7 +22,7 @@ use std::collections::HashMap;
 
 use crate::metrics::Metrics;
 use crate::ws::decoder::MESSAGE_HEADROOM;
-use crate::ws::deflate::{Deflated, Deflater, InflateError, Inflater};
+use crate::ws::deflate::{Deflated, Deflater, InflateError, Inflater, PROBE_LEN};
 use crate::ws::extensions::DeflateParams;
 use crate::ws::SharedFrame;
 
@@ -53,6 +53,9 @@ pub struct Compressors {
     /// Compressors of messages being sent in parts, for connections
     /// without server context takeover.
     streams: HashMap<usize, Deflater>,
+    /// The first bytes of messages sent in parts, kept until there are
+    /// enough to judge whether they compress (the first part may be small).
+    probing: HashMap<usize, Vec<u8>>,
     /// Messages compressed, and their sizes before and after.
     pub stats: DeflateStats,
 }
@@ -77,6 +80,7 @@ impl Compressors {
             shared_inflater: None,
             contexts: HashMap::new(),
             streams: HashMap::new(),
+            probing: HashMap::new(),
             stats: DeflateStats::default(),
         }
     }
@@ -187,12 +191,10 @@ impl Compressors {
         Some(out)
     }
 
-    /// The next part of a message connection `token` sends as it arrives,
-    /// compressed into a buffer with `MESSAGE_HEADROOM` bytes in front; the
-    /// payload may be empty until zlib has a block ready. `None` when the
-    /// `first` part proved incompressible: the message goes out as is. An
-    /// error means the message cannot be finished (zlib misused: not
-    /// reachable from input).
+    /// The next part of a message connection `token` sends as it arrives
+    /// (`first`: nothing of it has been [`Part::Compressed`] yet). An error
+    /// means the message cannot be finished (zlib misused: not reachable
+    /// from input).
     pub fn deflate_part(
         &mut self,
         token: usize,
@@ -200,7 +202,38 @@ impl Compressors {
         part: &[u8],
         first: bool,
         last: bool,
-    ) -> Result<Option<Vec<u8>>, flate2::CompressError> {
+    ) -> Result<Part, flate2::CompressError> {
+        if !first {
+            return self.compress_part(token, params, part, false, last);
+        }
+        // The probe needs 2 * PROBE_LEN bytes (or the whole message): small
+        // first parts are kept until then.
+        let held = self.probing.get(&token).map_or(0, Vec::len);
+        if held + part.len() < 2 * PROBE_LEN && !last {
+            self.probing
+                .entry(token)
+                .or_default()
+                .extend_from_slice(part);
+            return Ok(Part::Held);
+        }
+        let mut first_bytes = self.probing.remove(&token).unwrap_or_default();
+        let start: &[u8] = if first_bytes.is_empty() {
+            part
+        } else {
+            first_bytes.extend_from_slice(part);
+            &first_bytes
+        };
+        self.compress_part(token, params, start, true, last)
+    }
+
+    fn compress_part(
+        &mut self,
+        token: usize,
+        params: DeflateParams,
+        part: &[u8],
+        first: bool,
+        last: bool,
+    ) -> Result<Part, flate2::CompressError> {
         let mut out = vec![0; MESSAGE_HEADROOM];
         let level = self.level;
         let new_deflater = || Deflater::new(params.server_window_bits, level);
@@ -218,19 +251,35 @@ impl Compressors {
         };
         if result? == Deflated::Incompressible {
             self.stats.messages_incompressible += 1;
-            return Ok(None);
+            out.truncate(MESSAGE_HEADROOM);
+            out.extend_from_slice(part);
+            return Ok(Part::Incompressible(out));
         }
         self.stats.messages_deflated += u64::from(last);
         self.stats.bytes_before_deflate += part.len() as u64;
         self.stats.bytes_after_deflate += (out.len() - MESSAGE_HEADROOM) as u64;
-        Ok(Some(out))
+        Ok(Part::Compressed(out))
     }
 
     /// The connection closed: its own zlib state goes.
     pub fn forget(&mut self, token: usize) {
         self.contexts.remove(&token);
         self.streams.remove(&token);
+        self.probing.remove(&token);
     }
+}
+
+/// What became of a part given to [`Compressors::deflate_part`]; each
+/// buffer has `MESSAGE_HEADROOM` bytes in front of its payload.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Part {
+    /// Kept until enough of the message is there to probe.
+    Held,
+    /// Compressed: what zlib has ready, possibly nothing yet.
+    Compressed(Vec<u8>),
+    /// The message does not compress: its bytes so far (those held, then
+    /// this part), to go out as they are, and so is the rest.
+    Incompressible(Vec<u8>),
 }
 
 /// The compressed forms of the last shared frame delivered, one per
@@ -342,14 +391,20 @@ mod tests {
     #[test]
     fn a_message_in_parts_has_its_own_compressor_until_its_end() {
         let mut compressors = Compressors::new(0, 6);
-        let text = message().repeat(100);
+        let text = message().repeat(200);
         let mut wire = Vec::new();
+        let mut started = false;
         for (i, part) in text.as_bytes().chunks(1000).enumerate() {
             let last = (i + 1) * 1000 >= text.len();
-            let out = compressors.deflate_part(3, SHARED, part, i == 0, last);
-            let out = out.unwrap().expect("compressible");
-            wire.extend_from_slice(&out[MESSAGE_HEADROOM..]);
-            assert_eq!(compressors.streams.len(), usize::from(!last));
+            match compressors.deflate_part(3, SHARED, part, !started, last) {
+                Ok(Part::Held) => assert!(!started && (i + 1) * 1000 < 2 * PROBE_LEN),
+                Ok(Part::Compressed(out)) => {
+                    started = true;
+                    wire.extend_from_slice(&out[MESSAGE_HEADROOM..]);
+                }
+                other => panic!("compressible: {other:?}"),
+            }
+            assert_eq!(compressors.streams.len(), usize::from(started && !last));
             // Other connections' messages go through the shared compressor
             // meanwhile, untouched by the open stream.
             let other = compressors.deflate(4, SHARED, b"x".repeat(500).as_slice());
@@ -362,7 +417,7 @@ mod tests {
         assert_eq!(back, text.as_bytes());
         assert_eq!(compressors.contexts.len(), 0);
         compressors
-            .deflate_part(5, SHARED, b"abc", true, false)
+            .deflate_part(5, SHARED, &[b'a'; 2 * PROBE_LEN], true, false)
             .unwrap();
         compressors.forget(5);
         assert_eq!(
@@ -370,6 +425,55 @@ mod tests {
             0,
             "a closed connection's stream goes"
         );
+    }
+
+    #[test]
+    fn small_first_parts_are_held_until_the_probe_can_judge_them() {
+        let mut compressors = Compressors::new(0, 6);
+        let mut x = 7u32;
+        let noise: Vec<u8> = (0..3 * PROBE_LEN)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                (x >> 16) as u8
+            })
+            .collect();
+        let mut sent = Vec::new();
+        for part in noise.chunks(1000) {
+            match compressors.deflate_part(9, DEDICATED, part, sent.is_empty(), false) {
+                Ok(Part::Held) => assert!(sent.is_empty()),
+                Ok(Part::Incompressible(raw)) => {
+                    assert!(sent.is_empty(), "judged once");
+                    sent = raw[MESSAGE_HEADROOM..].to_vec();
+                    // Judged at the first part that brings the total to the probe's size.
+                    let judged_at = (2 * PROBE_LEN).div_ceil(1000) * 1000;
+                    assert_eq!(sent.len(), judged_at);
+                    assert!(compressors.probing.is_empty());
+                }
+                other => panic!("{other:?}"),
+            }
+            if !sent.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(sent, &noise[..sent.len()]);
+        assert_eq!(compressors.stats.messages_incompressible, 1);
+        // A message shorter than the probe is judged by its last part.
+        let short = message();
+        let held = compressors.deflate_part(9, SHARED, &short.as_bytes()[..10], true, false);
+        assert_eq!(held.unwrap(), Part::Held);
+        let rest = compressors.deflate_part(9, SHARED, &short.as_bytes()[10..], true, true);
+        let Ok(Part::Compressed(wire)) = rest else {
+            panic!("{rest:?}")
+        };
+        let back = Inflater::new()
+            .inflate(&wire[MESSAGE_HEADROOM..], 0, 1 << 20, true)
+            .unwrap();
+        assert_eq!(back, short.as_bytes());
+        compressors
+            .deflate_part(9, SHARED, b"abc", true, false)
+            .unwrap();
+        compressors.forget(9);
+        assert!(compressors.probing.is_empty());
     }
 
     #[test]

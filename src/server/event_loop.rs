@@ -14,7 +14,7 @@ use log::{debug, error, info, warn};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use super::compressors::{BroadcastCache, Compressors};
+use super::compressors::{BroadcastCache, Compressors, Part};
 use super::connection::{Connection, FragmentedEcho, Handshake, Phase, Session};
 use super::listener::{is_resource_exhaustion, Listener, ACCEPT_RETRY};
 use super::stats::Stats;
@@ -1192,8 +1192,12 @@ impl Core {
                 .compressors
                 .deflate_part(token, params, part, first, last)
             {
-                Ok(None) => (uncompressed(part), 0, OpCode::Binary, Uncompressed),
-                Ok(Some(compressed)) if compressed.len() == MESSAGE_HEADROOM && !last => {
+                // Kept by the compressors until the probe can judge it.
+                Ok(Part::Held) => return,
+                Ok(Part::Incompressible(raw)) => (raw, 0, OpCode::Binary, Uncompressed),
+                Ok(Part::Compressed(compressed))
+                    if compressed.len() == MESSAGE_HEADROOM && !last =>
+                {
                     if let Some(session) = self.conns[token].session_mut() {
                         let held = if state == Starting {
                             Compressing
@@ -1204,10 +1208,12 @@ impl Core {
                     }
                     return;
                 }
-                Ok(Some(compressed)) if state == CompressingSent => {
+                Ok(Part::Compressed(compressed)) if state == CompressingSent => {
                     (compressed, 0, OpCode::Continuation, CompressingSent)
                 }
-                Ok(Some(compressed)) => (compressed, RSV1, OpCode::Binary, CompressingSent),
+                Ok(Part::Compressed(compressed)) => {
+                    (compressed, RSV1, OpCode::Binary, CompressingSent)
+                }
                 Err(e) => {
                     // Half a compressed message cannot be finished any
                     // other way: the close follows its fragments sent so far.

@@ -176,11 +176,14 @@ fn serve(subs_addr: SocketAddr, pubs_addr: SocketAddr) -> io::Result<String> {
                 gone.push(key);
             }
         }
-        for key in gone {
-            if let Some(mut conn) = conns.try_remove(key) {
-                let _ = poll.registry().deregister(&mut conn.stream);
-                subscribers.retain(|&s| s != key);
+        if !gone.is_empty() {
+            for key in gone {
+                if let Some(mut conn) = conns.try_remove(key) {
+                    let _ = poll.registry().deregister(&mut conn.stream);
+                }
             }
+            // Once per turn, before any key can be reused by an accept.
+            subscribers.retain(|&s| conns.contains(s));
         }
     }
 }
