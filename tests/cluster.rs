@@ -18,6 +18,8 @@ use tungstenite::{Message, WebSocket};
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const WAIT: Duration = Duration::from_secs(20);
 
+#[path = "support/bounded.rs"]
+mod bounded;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 

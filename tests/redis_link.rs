@@ -12,6 +12,8 @@ use mio::{Events, Poll, Token, Waker};
 const WAKE: Token = Token(1);
 const WAIT: Duration = Duration::from_secs(15);
 
+#[path = "support/bounded.rs"]
+mod bounded;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 

@@ -9,16 +9,19 @@
 //! `FANOUT_SKIP_WEBSOCAT=1` to skip on a machine that cannot build it (no
 //! access to crates.io).
 
+#[path = "support/bounded.rs"]
+mod bounded;
 mod common;
 #[path = "support/tls.rs"]
 mod tls;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use bounded::run_bounded;
 use common::TestServer;
 use tls::TestCert;
 
@@ -39,40 +42,10 @@ fn skipped() -> bool {
 /// websocat's path, building it the first time (once per test binary).
 fn websocat() -> &'static str {
     static PATH: OnceLock<Result<String, String>> = OnceLock::new();
-    let path = PATH.get_or_init(|| {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/websocat/install.sh");
-        let mut child = Command::new("sh")
-            .arg(script)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("running {script}: {e}"))?;
-        // Building it takes about a minute; a stuck download must not hang
-        // the suite.
-        let deadline = Instant::now() + INSTALL_WAIT;
-        let status = loop {
-            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{script} took over {INSTALL_WAIT:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        let mut path = String::new();
-        child
-            .stdout
-            .take()
-            .expect("piped")
-            .read_to_string(&mut path)
-            .map_err(|e| e.to_string())?;
-        if !status.success() {
-            return Err(format!("{script} failed ({status})"));
-        }
-        Ok(path.trim().to_owned())
-    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/websocat/install.sh");
+    // Building it takes about a minute; a stuck download must not hang the
+    // suite.
+    let path = PATH.get_or_init(|| run_bounded(Command::new("sh").arg(script), INSTALL_WAIT));
     match path {
         Ok(path) => path,
         Err(e) => panic!("websocat is not available: {e}"),

@@ -464,11 +464,7 @@ mod tests {
             o.push(c).unwrap();
         }
         let mut b = Vec::new();
-        let take = |b: &mut Vec<Command>| {
-            b.clear();
-            o.take_batch(10, Duration::ZERO, &stop, b);
-            o.done(b.len());
-        };
+        let take = |b: &mut Vec<Command>| next_batch(&o, &stop, b);
         take(&mut b);
         assert!(matches!(
             b[..],
@@ -483,6 +479,13 @@ mod tests {
         assert!(matches!(b[..], [Command::Who { request: 9, .. }]));
         take(&mut b);
         assert!(matches!(b[..], [Command::Presence { member: 4, .. }]));
+    }
+
+    /// The next batch the writer would take into `b`, marked done.
+    fn next_batch(o: &Outbox, stop: &AtomicBool, b: &mut Vec<Command>) {
+        b.clear();
+        o.take_batch(10, Duration::ZERO, stop, b);
+        o.done(b.len());
     }
 
     #[test]
@@ -505,11 +508,7 @@ mod tests {
         // Reads are failed during an outage; a claim waits for Redis.
         assert_eq!(o.take_reads().len(), 1);
         let mut b = Vec::new();
-        let take = |b: &mut Vec<Command>| {
-            b.clear();
-            o.take_batch(10, Duration::ZERO, &stop, b);
-            o.done(b.len());
-        };
+        let take = |b: &mut Vec<Command>| next_batch(&o, &stop, b);
         take(&mut b);
         assert!(matches!(b[..], [Command::NickRelease { member: 1, .. }]));
         take(&mut b);

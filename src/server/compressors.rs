@@ -71,6 +71,20 @@ pub struct DeflateStats {
     pub messages_incompressible: u64,
 }
 
+impl DeflateStats {
+    /// `input_len` bytes went into zlib and `out` (after its headroom) came
+    /// out; `message_done`: that ended a message.
+    fn count_deflated(&mut self, input_len: usize, out: &[u8], message_done: bool) {
+        self.messages_deflated += u64::from(message_done);
+        self.bytes_before_deflate += input_len as u64;
+        self.bytes_after_deflate += (out.len() - MESSAGE_HEADROOM) as u64;
+    }
+}
+
+fn new_deflater(params: DeflateParams, level: u32) -> Deflater {
+    Deflater::new(params.server_window_bits, level)
+}
+
 impl Compressors {
     pub fn new(threshold: usize, level: u32) -> Self {
         Self {
@@ -167,12 +181,9 @@ impl Compressors {
         let level = self.level;
         let deflater = if fresh {
             self.shared_deflaters[window_slot(params.server_window_bits)]
-                .get_or_insert_with(|| Box::new(Deflater::new(params.server_window_bits, level)))
+                .get_or_insert_with(|| Box::new(new_deflater(params, level)))
         } else {
-            let contexts = self.contexts.entry(token).or_default();
-            contexts
-                .deflater
-                .get_or_insert_with(|| Deflater::new(params.server_window_bits, level))
+            self.own_deflater(token, params)
         };
         match deflater.compress(payload, &mut out, fresh) {
             Ok(Deflated::Compressed) => {}
@@ -185,9 +196,7 @@ impl Compressors {
                 return None;
             }
         }
-        self.stats.messages_deflated += 1;
-        self.stats.bytes_before_deflate += payload.len() as u64;
-        self.stats.bytes_after_deflate += (out.len() - MESSAGE_HEADROOM) as u64;
+        self.stats.count_deflated(payload.len(), &out, true);
         Some(out)
     }
 
@@ -236,18 +245,19 @@ impl Compressors {
     ) -> Result<Part, flate2::CompressError> {
         let mut out = vec![0; MESSAGE_HEADROOM];
         let level = self.level;
-        let new_deflater = || Deflater::new(params.server_window_bits, level);
         let result = if params.server_no_context_takeover {
-            let deflater = self.streams.entry(token).or_insert_with(new_deflater);
+            let deflater = self
+                .streams
+                .entry(token)
+                .or_insert_with(|| new_deflater(params, level));
             let result = deflater.compress_part(part, &mut out, first, last);
             if last || !matches!(result, Ok(Deflated::Compressed)) {
                 self.streams.remove(&token);
             }
             result
         } else {
-            let contexts = self.contexts.entry(token).or_default();
-            let deflater = contexts.deflater.get_or_insert_with(new_deflater);
-            deflater.compress_part(part, &mut out, first, last)
+            self.own_deflater(token, params)
+                .compress_part(part, &mut out, first, last)
         };
         if result? == Deflated::Incompressible {
             self.stats.messages_incompressible += 1;
@@ -255,10 +265,17 @@ impl Compressors {
             out.extend_from_slice(part);
             return Ok(Part::Incompressible(out));
         }
-        self.stats.messages_deflated += u64::from(last);
-        self.stats.bytes_before_deflate += part.len() as u64;
-        self.stats.bytes_after_deflate += (out.len() - MESSAGE_HEADROOM) as u64;
+        self.stats.count_deflated(part.len(), &out, last);
         Ok(Part::Compressed(out))
+    }
+
+    /// Connection `token`'s own compressor (server context takeover).
+    fn own_deflater(&mut self, token: usize, params: DeflateParams) -> &mut Deflater {
+        let level = self.level;
+        let contexts = self.contexts.entry(token).or_default();
+        contexts
+            .deflater
+            .get_or_insert_with(|| new_deflater(params, level))
     }
 
     /// The connection closed: its own zlib state goes.

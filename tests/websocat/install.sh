@@ -30,7 +30,8 @@ if ! pkg-config --exists openssl 2>/dev/null; then
     fi
 fi
 
-"${CARGO:-cargo}" install websocat --version "$VERSION" --locked --root "$root" \
+# --quiet: the caller reads this output only once the build is over.
+"${CARGO:-cargo}" install --quiet websocat --version "$VERSION" --locked --root "$root" \
     --target-dir "$root/build" >&2
 rm -rf "$root/build"
 echo "$bin"

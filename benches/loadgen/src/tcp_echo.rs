@@ -18,21 +18,26 @@ struct Client {
     pending: Vec<u8>,
 }
 
-impl Client {
-    /// Writes `pending` until done or `WouldBlock`; false when the peer is gone.
-    fn flush(&mut self) -> bool {
-        let mut sent = 0;
-        while sent < self.pending.len() {
-            match self.stream.write(&self.pending[sent..]) {
-                Ok(0) => return false,
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return false,
-            }
+/// Writes `pending` to `stream` until done or `WouldBlock`, keeping what
+/// is left; false when the peer is gone.
+pub fn flush_pending(stream: &mut TcpStream, pending: &mut Vec<u8>) -> bool {
+    let mut sent = 0;
+    while sent < pending.len() {
+        match stream.write(&pending[sent..]) {
+            Ok(0) => return false,
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return false,
         }
-        self.pending.drain(..sent);
-        true
+    }
+    pending.drain(..sent);
+    true
+}
+
+impl Client {
+    fn flush(&mut self) -> bool {
+        flush_pending(&mut self.stream, &mut self.pending)
     }
 
     /// Reads what is there and echoes it; false when the peer is gone.

@@ -9,7 +9,7 @@
 //! tcp://...` drives it: the publisher sends the frames subscribers are
 //! to receive.
 
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read};
 use std::net::SocketAddr;
 
 use mio::net::{TcpListener, TcpStream};
@@ -34,18 +34,7 @@ struct Conn {
 impl Conn {
     /// Writes `pending` until done or `WouldBlock`; false when the peer is gone.
     fn flush(&mut self) -> bool {
-        let mut sent = 0;
-        while sent < self.pending.len() {
-            match self.stream.write(&self.pending[sent..]) {
-                Ok(0) => return false,
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return false,
-            }
-        }
-        self.pending.drain(..sent);
-        true
+        crate::tcp_echo::flush_pending(&mut self.stream, &mut self.pending)
     }
 }
 
