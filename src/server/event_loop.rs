@@ -15,7 +15,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use super::compressors::{BroadcastCache, Compressors, Part};
-use super::connection::{Connection, FragmentedEcho, Handshake, Phase, Session};
+use super::connection::{Connection, Expiry, FragmentedEcho, Handshake, Phase, Session, Timeouts};
 use super::listener::{is_resource_exhaustion, Listener, ACCEPT_RETRY};
 use super::stats::Stats;
 use super::timers::{next_serial, Clock, Tick, Timer, TimerKey, Timers};
@@ -32,7 +32,7 @@ use crate::ws::deflate::check_inflated_text;
 use crate::ws::extensions::DeflateParams;
 use crate::ws::frame::{FrameHeader, RSV1};
 use crate::ws::handshake::{self, Rejection, UpgradePolicy};
-use crate::ws::{CloseCode, CloseState, Decoder, Event, Limits, OpCode, Step, Violation};
+use crate::ws::{CloseCode, Decoder, Event, Limits, OpCode, Step, Violation};
 use std::collections::BTreeMap;
 
 const SIGNAL: Token = Token(usize::MAX);
@@ -53,6 +53,14 @@ const READ_BYTES_PER_TURN: usize = 1 << 20;
 /// by `READ_BYTES_PER_TURN` of ciphertext and by this many steps (each a
 /// ciphertext read or a plaintext hand-over).
 const TLS_STEPS_PER_TURN: usize = 256;
+
+/// Due timers handled in one loop iteration before the loop polls again.
+const TIMERS_PER_TURN: usize = 4096;
+
+/// Connections accepted from one listener in one loop iteration: a flood
+/// of connects is taken in batches, with every other socket, timer and
+/// signal served between them.
+const ACCEPTS_PER_TURN: usize = 1024;
 
 /// When a read loop may stop before the socket says `WouldBlock`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +134,9 @@ pub struct Server {
     read_buf: Vec<u8>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
     shutdown: ShutdownHandle,
+    /// Listeners that used their accept budget with connections still
+    /// waiting: accepted from again next turn, since no new edge may come.
+    accept_again: Vec<usize>,
     core: Core,
 }
 
@@ -239,6 +250,7 @@ impl Server {
             listeners,
             signals: None,
             shutdown,
+            accept_again: Vec::new(),
             core,
         })
     }
@@ -314,6 +326,9 @@ impl Server {
             for token in std::mem::take(&mut self.core.resume) {
                 self.read(token, Drain::UntilWouldBlock);
             }
+            for index in std::mem::take(&mut self.accept_again) {
+                self.accept(index);
+            }
             self.run_timers();
             self.core.flush_dirty();
             self.core.stats.loop_iterations += 1;
@@ -332,7 +347,10 @@ impl Server {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.core.resume.is_empty() || !self.core.dirty.is_empty() {
+        if !self.core.resume.is_empty()
+            || !self.core.dirty.is_empty()
+            || !self.accept_again.is_empty()
+        {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
@@ -442,7 +460,7 @@ impl Server {
             return;
         }
         let core = &mut self.core;
-        loop {
+        for _ in 0..ACCEPTS_PER_TURN {
             match listener.socket.accept() {
                 Ok((socket, peer)) => {
                     if core.pending_handshakes >= core.config.max_pending_handshakes {
@@ -481,6 +499,7 @@ impl Server {
                 Err(e) => debug!("accept on {} failed: {e}", listener.addr),
             }
         }
+        self.accept_again.push(index);
     }
 
     /// Reads until the socket is drained, the per-turn budget is used, or
@@ -659,7 +678,14 @@ impl Server {
             let (app, mut out) = self.core.app_and_outbox();
             app.on_timer(now, &mut out);
         }
-        while let Some((at, timer)) = self.core.timers.pop_due(self.core.tick) {
+        // Bounded, so that however many deadlines fall due at once (and
+        // whatever a handler re-arms), the loop polls again soon: signals
+        // and other sockets are served between batches. What is left is
+        // due at once, so the next poll does not sleep.
+        for _ in 0..TIMERS_PER_TURN {
+            let Some((at, timer)) = self.core.timers.pop_due(self.core.tick) else {
+                break;
+            };
             match timer {
                 Timer::ResumeAccept { listener } => {
                     if let Some(l) = self.listeners.get_mut(listener) {
@@ -822,7 +848,7 @@ impl Core {
         let conn = &mut self.conns[token];
         let _ = conn.flush_out(&mut self.tls);
         let reason = match &conn.phase {
-            Phase::Open(session) if session.close.is_open() => {
+            Phase::Open(session) if session.close_state().is_open() => {
                 "peer closed TCP without a close frame"
             }
             _ => "peer closed TCP",
@@ -938,17 +964,12 @@ impl Core {
         let Phase::Handshake(handshake) = &conn.phase else {
             unreachable!("upgrade is only called during the handshake");
         };
-        let open = Phase::Open(Session {
-            role: handshake.info.role,
+        let open = Phase::Open(Session::new(
             endpoint,
-            decoder: None,
-            close: CloseState::Open,
-            close_deadline: None,
-            discard_input: false,
-            fragmented_echo: None,
-            next_ping: self.tick.after(self.config.ping_interval),
+            handshake.info.role,
             deflate,
-        });
+            self.tick.after(self.config.ping_interval),
+        ));
         let Phase::Handshake(handshake) = std::mem::replace(&mut conn.phase, open) else {
             unreachable!("upgrade is only called during the handshake");
         };
@@ -997,8 +1018,7 @@ impl Core {
         if matches!(conn.phase, Phase::Handshake(_)) {
             self.pending_handshakes -= 1;
         }
-        let deadline = self.tick.after(self.config.close_timeout);
-        conn.phase = Phase::Responding { deadline };
+        let deadline = conn.phase.respond(self.tick, self.config.close_timeout);
         conn.out.push_bytes(response);
         self.mark_dirty(token);
         self.schedule(token, deadline);
@@ -1131,7 +1151,7 @@ impl Core {
         let Phase::Open(session) = &mut conn.phase else {
             return;
         };
-        if !session.close.is_open() {
+        if !session.close_state().is_open() {
             return;
         }
         if session.deflate.is_some() && self.compressors.worth_compressing(len as usize) {
@@ -1261,12 +1281,13 @@ impl Core {
             return false;
         };
         match event {
-            Event::Ping(payload) if session.close.is_open() => {
+            Event::Ping(payload) if session.close_state().is_open() => {
                 conn.out.push_frame(OpCode::Pong, payload);
                 self.mark_dirty(token);
             }
             Event::Close(received) => {
-                if session.close.peer_closed() {
+                let deadline = self.tick.after(self.config.close_timeout);
+                if session.on_peer_close(deadline) {
                     // §5.5.1: answer with a close frame, typically echoing the code.
                     let reply = received
                         .map(|(code, _)| code.0.to_be_bytes().to_vec())
@@ -1274,6 +1295,7 @@ impl Core {
                     conn.out.push_frame(OpCode::Close, &reply);
                 }
                 self.mark_dirty(token);
+                self.schedule(token, deadline);
                 return false;
             }
             // Pongs need nothing; a ping after our close frame is dropped.
@@ -1323,7 +1345,7 @@ impl Core {
         assembled: Option<Vec<u8>>,
         borrowed: &[u8],
     ) {
-        let open = matches!(&self.conns[token].phase, Phase::Open(s) if s.close.is_open());
+        let open = matches!(&self.conns[token].phase, Phase::Open(s) if s.close_state().is_open());
         if !open {
             // Data after our close frame is read and dropped (§5.5.1).
             return;
@@ -1380,9 +1402,22 @@ impl Core {
 
     fn on_timer(&mut self, token: usize) {
         let now = self.tick;
+        let timeouts = self.timeouts();
         let conn = &mut self.conns[token];
-        match &mut conn.phase {
-            Phase::Handshake(handshake) if handshake.deadline <= now => {
+        match conn.phase.on_timer(now, conn.last_heard, &timeouts) {
+            Expiry::Nothing => {}
+            Expiry::Ping => {
+                conn.out.push_frame(OpCode::Ping, b"");
+                self.mark_dirty(token);
+            }
+            Expiry::Idle => {
+                self.stats.idle_closes += 1;
+                self.stats.closes_sent += 1;
+                let reason = format!("idle timeout: nothing received for {:?}", timeouts.idle);
+                conn.queue_close_frame(CloseCode::POLICY_VIOLATION, &reason);
+                self.mark_dirty(token);
+            }
+            Expiry::Handshake => {
                 let tls_handshaking = conn
                     .tls
                     .is_some_and(|key| self.tls.get(key).is_handshaking());
@@ -1399,33 +1434,37 @@ impl Core {
                     "handshake not completed within {:?}",
                     self.config.handshake_timeout
                 );
+                // Schedules the response's own deadline.
                 return self.reject(token, Rejection::new(408, reason));
             }
-            Phase::Responding { deadline } if *deadline <= now => {
+            Expiry::Response => {
+                self.stats.response_timeouts += 1;
                 return self.drop_conn(token, "client did not read the HTTP response");
             }
-            Phase::Open(session) => {
-                if session.close_deadline.is_some_and(|at| at <= now) {
-                    return self.drop_conn(token, "no close frame from the peer in time");
-                }
-                if session.close.is_open() && now >= conn.last_heard.after(self.config.idle_timeout)
-                {
-                    self.stats.idle_closes += 1;
-                    let reason = format!(
-                        "idle timeout: nothing received for {:?}",
-                        self.config.idle_timeout
-                    );
-                    self.close(token, CloseCode::POLICY_VIOLATION, &reason);
-                } else if session.close.is_open() && now >= session.next_ping {
-                    session.next_ping = now.after(self.config.ping_interval);
-                    conn.out.push_frame(OpCode::Ping, b"");
-                    self.mark_dirty(token);
-                }
+            Expiry::Close => {
+                self.stats.close_timeouts += 1;
+                let reason = format!("closing handshake not finished within {:?}", timeouts.close);
+                return self.drop_conn(token, &reason);
             }
-            _ => {}
         }
-        let deadline = self.conns[token].next_deadline(self.config.idle_timeout);
+        let deadline = self.conns[token].next_deadline(timeouts.idle);
+        if deadline <= now {
+            // `Phase::on_timer` rules this out; if a future change breaks
+            // that, re-arming at a past deadline would spin this turn's
+            // timer loop forever, so the connection goes instead.
+            self.stats.timer_stalls += 1;
+            error!("conn {token}: a timer made no progress (deadline {deadline:?}, now {now:?}); dropping it");
+            return self.drop_conn(token, "timer made no progress");
+        }
         self.schedule(token, deadline);
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            ping_interval: self.config.ping_interval,
+            idle: self.config.idle_timeout,
+            close: self.config.close_timeout,
+        }
     }
 
     /// Writes every connection with output. Flushing can produce more
@@ -1668,7 +1707,7 @@ fn open_conn<'c>(
     to: ConnId,
 ) -> Option<&'c mut Connection> {
     let conn = conns.get_mut(to)?;
-    let open = matches!(&conn.phase, Phase::Open(s) if s.close.is_open());
+    let open = matches!(&conn.phase, Phase::Open(s) if s.close_state().is_open());
     if !conn.dirty && open {
         conn.dirty = true;
         dirty.push(to);

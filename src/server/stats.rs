@@ -17,6 +17,16 @@ pub struct Stats {
     pub accept_pauses: u64,
     pub protocol_errors: u64,
     pub idle_closes: u64,
+    /// Connections dropped because their closing handshake was not over
+    /// within the close timeout (no close frame from the peer, or the
+    /// peer did not read ours).
+    pub close_timeouts: u64,
+    /// Connections dropped because the client did not read its final
+    /// HTTP response within the close timeout.
+    pub response_timeouts: u64,
+    /// Connections dropped because a timer would have re-armed in the
+    /// past (a bug guard: always 0 unless a rule is broken).
+    pub timer_stalls: u64,
     pub closes_sent: u64,
     /// Times a peer's reads were paused because our replies to it piled up.
     pub read_pauses: u64,
@@ -82,6 +92,21 @@ impl Stats {
             "fanout_idle_closes_total",
             "Connections closed by the idle timeout.",
             self.idle_closes,
+        );
+        m.counter(
+            "fanout_close_timeouts_total",
+            "Connections dropped: the closing handshake was not over within --close-timeout.",
+            self.close_timeouts,
+        );
+        m.counter(
+            "fanout_response_timeouts_total",
+            "Connections dropped: an HTTP response was not read within --close-timeout.",
+            self.response_timeouts,
+        );
+        m.counter(
+            "fanout_timer_stalls_total",
+            "Connections dropped because a timer made no progress (a bug guard; should stay 0).",
+            self.timer_stalls,
         );
         m.counter(
             "fanout_closes_sent_total",
@@ -169,7 +194,8 @@ impl fmt::Display for Stats {
         write!(
             f,
             "upgrades={} rejections={:?} refused_on_accept={} accept_pauses={} protocol_errors={} \
-             idle_closes={} closes_sent={} read_pauses={} messages_in={} bytes_in={} bytes_out={} \
+             idle_closes={} close_timeouts={} response_timeouts={} timer_stalls={} \
+             closes_sent={} read_pauses={} messages_in={} bytes_in={} bytes_out={} \
              tls_handshakes={} tls_failures={:?}",
             self.upgrades,
             self.rejections,
@@ -177,6 +203,9 @@ impl fmt::Display for Stats {
             self.accept_pauses,
             self.protocol_errors,
             self.idle_closes,
+            self.close_timeouts,
+            self.response_timeouts,
+            self.timer_stalls,
             self.closes_sent,
             self.read_pauses,
             self.messages_in,

@@ -252,11 +252,19 @@ pub fn wait_for_eof(stream: &mut TcpStream, within: Duration) -> bool {
 /// The built `fanout` binary, started with loopback flags; killed on drop.
 pub struct ServerProcess {
     pub child: Child,
+    /// The first bound address (the implicit `--listen 127.0.0.1:0`).
     pub addr: SocketAddr,
+    /// Every bound address, in the order the server announced them: the
+    /// `--listen` ones first, then `--internal-listen`.
+    pub addrs: Vec<SocketAddr>,
 }
 
 impl ServerProcess {
     pub fn start(flags: &[&str]) -> ServerProcess {
+        let listeners = 1 + flags
+            .iter()
+            .filter(|f| matches!(**f, "--listen" | "--internal-listen"))
+            .count();
         let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
             .args(["--listen", "127.0.0.1:0"])
             .args(flags)
@@ -267,19 +275,27 @@ impl ServerProcess {
             .expect("spawn fanout");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let line = lines
-            .next()
-            .expect("fanout printed nothing")
-            .expect("read stdout");
-        let addr = line
-            .strip_prefix("fanout listening on ws://")
-            .or_else(|| line.strip_prefix("fanout listening on wss://"))
-            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-            .parse()
-            .unwrap();
+        let mut addrs = Vec::new();
+        while addrs.len() < listeners {
+            let line = lines
+                .next()
+                .expect("fanout printed fewer listening lines than it has listeners")
+                .expect("read stdout");
+            let addr: SocketAddr = line
+                .strip_prefix("fanout listening on ws://")
+                .or_else(|| line.strip_prefix("fanout listening on wss://"))
+                .unwrap_or_else(|| panic!("unexpected line: {line}"))
+                .parse()
+                .unwrap();
+            addrs.push(addr);
+        }
         // Keep draining stdout so later lines never meet a closed pipe.
         std::thread::spawn(move || for _ in lines.by_ref() {});
-        ServerProcess { child, addr }
+        ServerProcess {
+            child,
+            addr: addrs[0],
+            addrs,
+        }
     }
 
     /// Sends a signal and waits (at most 10 s) for the exit status.
