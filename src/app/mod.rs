@@ -44,7 +44,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ws::CloseCode;
 pub use crate::ws::SharedFrame;
-pub use routes::{resolve, Endpoint, Target};
+pub use routes::{resolve, Endpoint, Intake, Target};
 
 /// Identifies a WebSocket connection for as long as it is open. The server
 /// calls [`App::on_close`] before an id can be reused.

@@ -13,6 +13,30 @@ pub enum Endpoint {
     Kline,
 }
 
+/// How an endpoint takes the messages its clients send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intake {
+    /// Each whole message goes to the app.
+    App,
+    /// Every message goes straight back to its sender, handled by the
+    /// server without the app: a single-frame binary message too large for
+    /// one read of the read buffer (`--read-buffer-size`) is streamed back
+    /// as it arrives (the same frame on the wire, nothing buffered but what
+    /// the socket does not take at once; in fragments when compressed),
+    /// and a message received whole goes back in its own buffer, uncopied.
+    /// Text is always whole: it must be valid UTF-8 before any is echoed.
+    Reflect,
+}
+
+impl Endpoint {
+    pub fn intake(self) -> Intake {
+        match self {
+            Endpoint::Echo => Intake::Reflect,
+            Endpoint::Ws | Endpoint::Chat | Endpoint::Kline => Intake::App,
+        }
+    }
+}
+
 /// What a request path leads to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {

@@ -2,10 +2,9 @@
 //! readiness or the next deadline, accept and read until `WouldBlock`, run
 //! due timers, then write every connection that has output once.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read};
-use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,25 +14,26 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use super::compressors::{BroadcastCache, Compressors, Part};
-use super::connection::{Connection, Expiry, FragmentedEcho, Handshake, Phase, Session, Timeouts};
+use super::connection::{Connection, Expiry, FragmentedEcho, Handshake, Open, Phase};
 use super::listener::{is_resource_exhaustion, Listener, ACCEPT_RETRY};
 use super::stats::Stats;
 use super::timers::{next_serial, Clock, Tick, Timer, TimerKey, Timers};
 use super::tls_identity::TlsIdentity;
 use super::tls_session::{failure_reason, TlsReadError, TlsSession, TlsSessions};
 use crate::app::{
-    resolve, App, ConnId, ConnInfo, Endpoint, Message, Outbox, Role, SharedFrame, Target,
+    resolve, App, ConnId, ConnInfo, Endpoint, Intake, Message, Outbox, Role, SharedFrame, Target,
 };
 use crate::cluster::{LinkConfig, RedisLink};
 use crate::config::Config;
 use crate::metrics::{Labels, Metrics};
 use crate::ws::decoder::MESSAGE_HEADROOM;
-use crate::ws::deflate::check_inflated_text;
 use crate::ws::extensions::DeflateParams;
 use crate::ws::frame::{FrameHeader, RSV1};
 use crate::ws::handshake::{self, Rejection, UpgradePolicy};
-use crate::ws::{CloseCode, Decoder, Event, Limits, OpCode, Step, Violation};
-use std::collections::BTreeMap;
+use crate::ws::session::{Incoming, Payload};
+use crate::ws::{
+    self, CloseCode, Limits, OpCode, ReceiveMode, Received, Session, SessionConfig, Violation,
+};
 
 const SIGNAL: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -75,37 +75,10 @@ enum Drain {
     UntilWouldBlock,
 }
 
-/// Reads from `socket` into memory not yet initialized (so a large
-/// message buffer is not zeroed first just to be overwritten).
-fn recv_into(socket: &mio::net::TcpStream, room: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
-    // SAFETY: recv writes at most `room.len()` bytes into the buffer and
-    // reports how many; the descriptor is the socket's own.
-    let n = unsafe { libc::recv(socket.as_raw_fd(), room.as_mut_ptr().cast(), room.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
 /// Fixes the socket's SO_SNDBUF (which also turns off the kernel's
 /// autotuning of it for this socket).
 fn set_send_buffer(socket: &mio::net::TcpStream, size: usize) -> io::Result<()> {
-    let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
-    // SAFETY: setsockopt reads exactly `size_of::<c_int>()` bytes from a
-    // live local; the descriptor is the socket's own.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    socket2::SockRef::from(socket).set_send_buffer_size(size)
 }
 
 fn listener_token(index: usize) -> Token {
@@ -145,7 +118,8 @@ pub struct Server {
 struct Core {
     config: Config,
     policy: UpgradePolicy,
-    limits: Limits,
+    /// Limits and timeouts of every WebSocket session.
+    session_config: SessionConfig,
     conns: Slab<Connection>,
     /// TLS state of the connections that have it (see `Connection::tls`).
     tls: TlsSessions,
@@ -214,9 +188,14 @@ impl Server {
                 deflate: config.compression.policy(),
             },
             compressors: Compressors::new(config.compression_threshold, config.compression_level),
-            limits: Limits {
-                max_frame_size: config.max_frame_size.min(config.max_message_size) as u64,
-                max_message_size: config.max_message_size as u64,
+            session_config: SessionConfig {
+                limits: Limits {
+                    max_frame_size: config.max_frame_size.min(config.max_message_size) as u64,
+                    max_message_size: config.max_message_size as u64,
+                },
+                ping_interval: config.ping_interval,
+                idle_timeout: config.idle_timeout,
+                close_timeout: config.close_timeout,
             },
             conns: Slab::new(),
             tls: TlsSessions::default(),
@@ -530,15 +509,14 @@ impl Server {
             // The rest of a large frame goes straight into its message
             // buffer: no pass through the read buffer, no copy out of it.
             let direct = match &mut conn.phase {
-                Phase::Open(Session {
-                    decoder: Some(decoder),
-                    ..
-                }) => decoder.direct_space(self.read_buf.len()),
+                Phase::Open(open) => open.session.direct_space(self.read_buf.len()),
                 _ => None,
             };
             if let Some(room) = direct {
                 let wanted = room.len();
-                match recv_into(&conn.socket, room) {
+                // Into memory not yet initialized: a large message buffer
+                // is not zeroed first just to be overwritten.
+                match socket2::SockRef::from(&conn.socket).recv(room) {
                     Ok(0) => {
                         self.core.on_eof(token);
                         return;
@@ -716,7 +694,7 @@ impl Core {
         let (mut queued, mut deepest) = (0usize, 0usize);
         for (_, conn) in &self.conns {
             let (role, endpoint) = match &conn.phase {
-                Phase::Open(session) => (Some(session.role), endpoint_name(session.endpoint)),
+                Phase::Open(open) => (Some(open.role), endpoint_name(open.endpoint)),
                 Phase::Handshake(handshake) => (Some(handshake.info.role), "handshake"),
                 Phase::Responding { .. } => (None, "http"),
             };
@@ -848,9 +826,7 @@ impl Core {
         let conn = &mut self.conns[token];
         let _ = conn.flush_out(&mut self.tls);
         let reason = match &conn.phase {
-            Phase::Open(session) if session.close_state().is_open() => {
-                "peer closed TCP without a close frame"
-            }
+            Phase::Open(open) if open.session.can_send() => "peer closed TCP without a close frame",
             _ => "peer closed TCP",
         };
         self.drop_conn(token, reason);
@@ -964,12 +940,12 @@ impl Core {
         let Phase::Handshake(handshake) = &conn.phase else {
             unreachable!("upgrade is only called during the handshake");
         };
-        let open = Phase::Open(Session::new(
+        let open = Phase::Open(Open {
+            session: Session::new(ws::Role::Server, deflate, self.tick, &self.session_config),
             endpoint,
-            handshake.info.role,
-            deflate,
-            self.tick.after(self.config.ping_interval),
-        ));
+            role: handshake.info.role,
+            fragmented_echo: None,
+        });
         let Phase::Handshake(handshake) = std::mem::replace(&mut conn.phase, open) else {
             unreachable!("upgrade is only called during the handshake");
         };
@@ -1025,138 +1001,146 @@ impl Core {
     }
 
     fn websocket_input(&mut self, token: usize, input: &mut [u8]) {
-        let Some(session) = self.conns[token].session_mut() else {
-            return;
-        };
-        if session.discard_input {
-            return;
-        }
-        let endpoint = session.endpoint;
-        let deflate = session.deflate;
-        // Between messages a connection keeps no decoder: a fresh one on
-        // the stack costs less than the memory of one per idle connection.
-        let mut decoder = match session.decoder.take() {
-            Some(boxed) => DecoderSlot::Boxed(boxed),
-            None if deflate.is_some() => DecoderSlot::Stack(Decoder::with_deflate(self.limits)),
-            None => DecoderSlot::Stack(Decoder::new(self.limits)),
-        };
-        let decoder = &mut decoder;
-        // /echo streams a single-frame binary message too large for one
-        // read back as it arrives, instead of assembling it first.
-        let stream_min =
-            (endpoint == Endpoint::Echo).then_some(self.config.read_buffer_size as u64);
+        let (now, config) = (self.tick, self.session_config);
         let mut pos = 0;
         while pos < input.len() {
-            let decoded = match stream_min {
-                Some(min) => decoder.decode_streaming(&mut input[pos..], min),
-                None => decoder
-                    .decode(&mut input[pos..])
-                    .map(|(used, event)| (used, event.map(Step::Event))),
+            let Some((open, mut host)) = self
+                .conns
+                .get_mut(token)
+                .and_then(|conn| conn.session_and_host(&mut self.compressors, token))
+            else {
+                return;
             };
-            let (used, step) = match decoded {
-                Ok(decoded) => decoded,
-                Err(violation) => {
-                    self.violation(token, violation);
-                    break;
-                }
+            let intake = open.endpoint.intake();
+            let mode = match intake {
+                // Large single-frame binary messages go back as they
+                // arrive instead of being assembled first.
+                Intake::Reflect => ReceiveMode::Stream {
+                    min_len: self.config.read_buffer_size as u64,
+                },
+                Intake::App => ReceiveMode::Whole,
             };
+            let (used, received) =
+                open.session
+                    .receive(&mut input[pos..], mode, now, &config, &mut host);
             pos += used;
-            let event = match step {
-                None => break,
-                Some(Step::Event(event)) => event,
-                Some(Step::StreamStart { len }) => {
-                    self.echo_stream_start(token, len);
-                    continue;
-                }
-                Some(Step::Chunk { payload, last }) => {
-                    self.echo_stream_chunk(token, payload, last);
-                    continue;
-                }
+            let Some(received) = received else {
+                break;
             };
-            let (is_text, len) = match event {
-                Event::Text(text) => (true, text.len()),
-                Event::Binary(bytes) => (false, bytes.len()),
-                Event::Compressed { is_text, payload } => {
-                    if self.compressed_message(token, endpoint, is_text, payload) {
-                        continue;
-                    }
-                    break;
-                }
-                control => {
-                    if self.control_frame(token, control) {
-                        continue;
-                    }
-                    break;
-                }
-            };
-            // A message borrowed from `input` is the last bytes consumed;
-            // one assembled in the decoder is handed over.
-            let assembled = decoder.take_message();
-            let borrowed = if assembled.is_some() {
-                &[][..]
-            } else {
-                &input[pos - len..pos]
-            };
-            self.data_message(token, endpoint, is_text, assembled, borrowed);
+            self.on_received(token, intake, received);
         }
-        if let Some(session) = self.conns.get_mut(token).and_then(Connection::session_mut) {
-            if decoder.is_mid_message() && !session.discard_input {
-                session.decoder = Some(decoder.take().into_boxed());
-            }
+        if self.conns.get(token).is_some_and(|c| !c.out.is_empty()) {
+            // Pongs the session queued on its own.
+            self.mark_dirty(token);
         }
     }
 
     /// `filled` bytes were read straight into the connection's message
-    /// buffer (see [`Decoder::direct_space`]).
+    /// buffer (see [`Session::direct_space`]).
     fn direct_input(&mut self, token: usize, filled: usize) {
-        let Some(session) = self.conns[token].session_mut() else {
+        let (now, config) = (self.tick, self.session_config);
+        let Some((open, mut host)) =
+            self.conns[token].session_and_host(&mut self.compressors, token)
+        else {
             return;
         };
-        let endpoint = session.endpoint;
-        let Some(mut decoder) = session.decoder.take() else {
-            return;
-        };
+        let intake = open.endpoint.intake();
         // SAFETY: the read loop asked `direct_space` for room, made no other
-        // call on the decoder, and the socket initialized `filled` bytes.
-        let is_text = match unsafe { decoder.direct_filled(filled) } {
-            Err(violation) => return self.violation(token, violation),
-            Ok(None) => None,
-            Ok(Some(Event::Text(_))) => Some(true),
-            Ok(Some(Event::Binary(_))) => Some(false),
-            Ok(Some(Event::Compressed { is_text, payload })) => {
-                self.compressed_message(token, endpoint, is_text, payload);
-                return;
-            }
-            Ok(Some(other)) => unreachable!("direct reads complete only messages: {other:?}"),
-        };
-        match is_text {
-            Some(is_text) => {
-                let assembled = decoder.take_message();
-                self.data_message(token, endpoint, is_text, assembled, &[]);
-            }
-            None => {
-                if let Some(session) = self.conns[token].session_mut() {
-                    session.decoder = Some(decoder);
-                }
+        // call on the session, and the socket initialized `filled` bytes.
+        let received = unsafe { open.session.direct_filled(filled, now, &config, &mut host) };
+        if let Some(received) = received {
+            self.on_received(token, intake, received);
+        }
+    }
+
+    /// What the session handed out: a message for the app or to reflect,
+    /// part of a message reflected as it arrives, or the closing handshake
+    /// moving on.
+    fn on_received(&mut self, token: usize, intake: Intake, received: Received<'_>) {
+        match received {
+            Received::Message(message) => match intake {
+                Intake::Reflect => self.reflect(token, message),
+                Intake::App => self.app_message(token, message),
+            },
+            Received::StreamStart { len } => self.echo_stream_start(token, len),
+            Received::StreamChunk { payload, last } => self.echo_stream_chunk(token, payload, last),
+            Received::PeerClosed => self.closing(token),
+            Received::Violated(violation) => {
+                self.stats.protocol_errors += 1;
+                debug!(
+                    "conn {token}: failing with {}: {}",
+                    violation.code.0, violation.reason
+                );
+                self.stats.closes_sent += 1;
+                self.closing(token);
             }
         }
     }
 
-    /// A binary message being streamed back by /echo begins: its reply
-    /// frame's header is queued, or, with permessage-deflate, its reply is
-    /// to go out compressed in fragments (unless we already sent a close
-    /// frame: then the data is read and dropped, §5.5.1).
-    fn echo_stream_start(&mut self, token: usize, len: u64) {
-        let conn = &mut self.conns[token];
-        let Phase::Open(session) = &mut conn.phase else {
+    /// The session is closing (a close frame was queued or answered): its
+    /// output goes out this turn and its deadline is now the close's.
+    fn closing(&mut self, token: usize) {
+        self.mark_dirty(token);
+        if let Some(conn) = self.conns.get(token) {
+            let deadline = conn.next_deadline(self.config.idle_timeout);
+            self.schedule(token, deadline);
+        }
+    }
+
+    /// A whole message to a reflecting endpoint goes straight back: its own
+    /// buffer when it has one (no copy), else a copy of the bytes it
+    /// borrowed from the read buffer; compressed if that was agreed.
+    fn reflect(&mut self, token: usize, message: Incoming<'_>) {
+        self.stats.messages_in += 1;
+        let Some(conn) = open_conn(&mut self.conns, &mut self.dirty, token) else {
             return;
         };
-        if !session.close_state().is_open() {
+        let Phase::Open(open) = &conn.phase else {
             return;
+        };
+        let opcode = if message.is_text() {
+            OpCode::Text
+        } else {
+            OpCode::Binary
+        };
+        if let Some(params) = open.session.deflate() {
+            if let Some(buffer) = self.compressors.deflate(token, params, message.bytes()) {
+                conn.out.push_deflated(opcode, buffer, MESSAGE_HEADROOM);
+                return;
+            }
         }
-        if session.deflate.is_some() && self.compressors.worth_compressing(len as usize) {
+        match message.into_payload() {
+            Payload::Owned(buffer) => conn.out.push_message(opcode, buffer, MESSAGE_HEADROOM),
+            Payload::Borrowed(bytes) => conn.out.push_frame(opcode, bytes),
+        }
+    }
+
+    /// A whole message for the app.
+    fn app_message(&mut self, token: usize, message: Incoming<'_>) {
+        self.stats.messages_in += 1;
+        let Some(endpoint) = self.conns[token].open_mut().map(|open| open.endpoint) else {
+            return;
+        };
+        let now = self.now;
+        let (app, mut out) = self.app_and_outbox();
+        let message = match message.text() {
+            Some(text) => Message::Text(text),
+            None => Message::Binary(message.bytes()),
+        };
+        app.on_message(token, endpoint, message, now, &mut out);
+    }
+
+    /// A binary message being streamed back by a reflecting endpoint
+    /// begins: its reply frame's header is queued, or, with
+    /// permessage-deflate, its reply is to go out compressed in fragments.
+    fn echo_stream_start(&mut self, token: usize, len: u64) {
+        let conn = &mut self.conns[token];
+        let Phase::Open(open) = &mut conn.phase else {
+            return;
+        };
+        if open.session.deflate().is_some() && self.compressors.worth_compressing(len as usize) {
             // The compressed length is unknown until the end: fragments.
-            session.fragmented_echo = Some(FragmentedEcho::Starting);
+            open.fragmented_echo = Some(FragmentedEcho::Starting);
             conn.out.begin_fragments();
         } else {
             conn.out.begin_stream(OpCode::Binary, len);
@@ -1164,17 +1148,17 @@ impl Core {
         }
     }
 
-    /// The next piece of a message /echo streams back: written through at
-    /// once, or compressed into the next fragment. A close frame or ping
-    /// queued meanwhile waits for the message's end.
+    /// The next piece of a message streamed back: written through at once,
+    /// or compressed into the next fragment. A close frame or ping queued
+    /// meanwhile waits for the message's end.
     fn echo_stream_chunk(&mut self, token: usize, payload: &[u8], last: bool) {
         let conn = &mut self.conns[token];
         if !conn.out.is_streaming() {
             return;
         }
         if let Some((params, state)) = conn
-            .session_mut()
-            .and_then(|s| Some((s.deflate?, s.fragmented_echo?)))
+            .open_mut()
+            .and_then(|open| Some((open.session.deflate()?, open.fragmented_echo?)))
         {
             return self.fragmented_echo_part(token, params, state, payload, last);
         }
@@ -1192,9 +1176,9 @@ impl Core {
         }
     }
 
-    /// The next piece of a message /echo sends back in fragments:
-    /// compressed, with what zlib has ready queued as the next fragment, or
-    /// as is once the first piece proved incompressible.
+    /// The next piece of a message sent back in fragments: compressed,
+    /// with what zlib has ready queued as the next fragment, or as is once
+    /// the first piece proved incompressible.
     fn fragmented_echo_part(
         &mut self,
         token: usize,
@@ -1218,13 +1202,13 @@ impl Core {
                 Ok(Part::Compressed(compressed))
                     if compressed.len() == MESSAGE_HEADROOM && !last =>
                 {
-                    if let Some(session) = self.conns[token].session_mut() {
+                    if let Some(open) = self.conns[token].open_mut() {
                         let held = if state == Starting {
                             Compressing
                         } else {
                             state
                         };
-                        session.fragmented_echo = Some(held);
+                        open.fragmented_echo = Some(held);
                     }
                     return;
                 }
@@ -1243,7 +1227,14 @@ impl Core {
                         code: CloseCode::INTERNAL_ERROR,
                         reason: "compression failed",
                     };
-                    return self.violation(token, failure);
+                    let (now, config) = (self.tick, self.session_config);
+                    if let Some((open, mut host)) =
+                        self.conns[token].session_and_host(&mut self.compressors, token)
+                    {
+                        let failed = open.session.fail(failure, now, &config, &mut host);
+                        self.on_received(token, Intake::Reflect, failed);
+                    }
+                    return;
                 }
             }
         };
@@ -1258,164 +1249,36 @@ impl Core {
             payload_len: 0,
         };
         let conn = &mut self.conns[token];
-        if let Some(session) = conn.session_mut() {
-            session.fragmented_echo = (!last).then_some(next);
+        if let Some(open) = conn.open_mut() {
+            open.fragmented_echo = (!last).then_some(next);
         }
         conn.out.push_fragment(head, payload, MESSAGE_HEADROOM);
         self.mark_dirty(token);
     }
 
-    fn violation(&mut self, token: usize, violation: Violation) {
-        self.stats.protocol_errors += 1;
-        debug!(
-            "conn {token}: failing with {}: {}",
-            violation.code.0, violation.reason
-        );
-        self.fail(token, violation.code, violation.reason);
-    }
-
-    /// A control frame arrived; returns whether to go on decoding.
-    fn control_frame(&mut self, token: usize, event: Event<'_>) -> bool {
-        let conn = &mut self.conns[token];
-        let Phase::Open(session) = &mut conn.phase else {
-            return false;
-        };
-        match event {
-            Event::Ping(payload) if session.close_state().is_open() => {
-                conn.out.push_frame(OpCode::Pong, payload);
-                self.mark_dirty(token);
-            }
-            Event::Close(received) => {
-                let deadline = self.tick.after(self.config.close_timeout);
-                if session.on_peer_close(deadline) {
-                    // §5.5.1: answer with a close frame, typically echoing the code.
-                    let reply = received
-                        .map(|(code, _)| code.0.to_be_bytes().to_vec())
-                        .unwrap_or_default();
-                    conn.out.push_frame(OpCode::Close, &reply);
-                }
-                self.mark_dirty(token);
-                self.schedule(token, deadline);
-                return false;
-            }
-            // Pongs need nothing; a ping after our close frame is dropped.
-            _ => {}
-        }
-        true
-    }
-
-    /// A whole compressed message arrived: inflated within the message
-    /// size limit (1009 past it), its text checked (1007), then handled like
-    /// any message. Returns whether to go on decoding.
-    fn compressed_message(
-        &mut self,
-        token: usize,
-        endpoint: Endpoint,
-        is_text: bool,
-        compressed: &[u8],
-    ) -> bool {
-        let Some(params) = self.conns[token].session_mut().and_then(|s| s.deflate) else {
-            unreachable!("only a decoder with deflate returns compressed messages");
-        };
-        let limit = self.limits.max_message_size as usize;
-        let inflated = match self.compressors.inflate(token, params, compressed, limit) {
-            Ok(inflated) => inflated,
-            Err(error) => {
-                self.violation(token, error.violation());
-                return false;
-            }
-        };
-        if is_text {
-            if let Err(violation) = check_inflated_text(&inflated[MESSAGE_HEADROOM..]) {
-                self.violation(token, violation);
-                return false;
-            }
-        }
-        self.data_message(token, endpoint, is_text, Some(inflated), &[]);
-        true
-    }
-
-    /// A whole text or binary message arrived: either `assembled` (the
-    /// decoder's buffer, payload after `MESSAGE_HEADROOM`) or `borrowed`.
-    fn data_message(
-        &mut self,
-        token: usize,
-        endpoint: Endpoint,
-        is_text: bool,
-        assembled: Option<Vec<u8>>,
-        borrowed: &[u8],
-    ) {
-        let open = matches!(&self.conns[token].phase, Phase::Open(s) if s.close_state().is_open());
-        if !open {
-            // Data after our close frame is read and dropped (§5.5.1).
-            return;
-        }
-        self.stats.messages_in += 1;
-        let now = self.now;
-        let (app, mut out) = self.app_and_outbox();
-        let payload: &[u8] = match &assembled {
-            // SAFETY: the buffer's heap memory stays where it is and is
-            // neither written nor freed while `payload` is in use: `out`
-            // owns the buffer until the app's call returns, or moves it
-            // whole into this connection's queue if the app replies with
-            // exactly this message, and that queue is not flushed until the
-            // call returns (see `Delivery::lent`).
-            Some(buffer) => unsafe {
-                std::slice::from_raw_parts(
-                    buffer.as_ptr().add(MESSAGE_HEADROOM),
-                    buffer.len() - MESSAGE_HEADROOM,
-                )
-            },
-            None => borrowed,
-        };
-        let message = if is_text {
-            // SAFETY: the decoder returned these very bytes as `Event::Text`,
-            // or they were inflated from `Event::Compressed` and then
-            // validated, so they are UTF-8.
-            Message::Text(unsafe { std::str::from_utf8_unchecked(payload) })
-        } else {
-            Message::Binary(payload)
-        };
-        if let Some(buffer) = assembled {
-            out.lend(token, buffer);
-        }
-        app.on_message(token, endpoint, message, now, &mut out);
-    }
-
-    /// Fails the connection (§7.1.7): close frame, then ignore its input.
-    fn fail(&mut self, token: usize, code: CloseCode, reason: &str) {
-        if let Some(session) = self.conns[token].session_mut() {
-            session.discard_input = true;
-        }
-        self.close(token, code, reason);
-    }
-
     /// Starts the closing handshake from our side.
     fn close(&mut self, token: usize, code: CloseCode, reason: &str) {
-        let deadline = self.tick.after(self.config.close_timeout);
-        if let Some(deadline) = self.conns[token].begin_close(code, reason, deadline) {
+        let (now, config) = (self.tick, self.session_config);
+        let Some((open, mut host)) =
+            self.conns[token].session_and_host(&mut self.compressors, token)
+        else {
+            return;
+        };
+        if open.session.close(code, reason, now, &config, &mut host) {
             self.stats.closes_sent += 1;
-            self.mark_dirty(token);
-            self.schedule(token, deadline);
+            self.closing(token);
         }
     }
 
     fn on_timer(&mut self, token: usize) {
         let now = self.tick;
-        let timeouts = self.timeouts();
+        let config = self.session_config;
         let conn = &mut self.conns[token];
-        match conn.phase.on_timer(now, conn.last_heard, &timeouts) {
+        match conn.on_timer(now, &config, &mut self.compressors, token) {
             Expiry::Nothing => {}
-            Expiry::Ping => {
-                conn.out.push_frame(OpCode::Ping, b"");
-                self.mark_dirty(token);
-            }
             Expiry::Idle => {
                 self.stats.idle_closes += 1;
                 self.stats.closes_sent += 1;
-                let reason = format!("idle timeout: nothing received for {:?}", timeouts.idle);
-                conn.queue_close_frame(CloseCode::POLICY_VIOLATION, &reason);
-                self.mark_dirty(token);
             }
             Expiry::Handshake => {
                 let tls_handshaking = conn
@@ -1443,28 +1306,27 @@ impl Core {
             }
             Expiry::Close => {
                 self.stats.close_timeouts += 1;
-                let reason = format!("closing handshake not finished within {:?}", timeouts.close);
+                let reason = format!(
+                    "closing handshake not finished within {:?}",
+                    config.close_timeout
+                );
                 return self.drop_conn(token, &reason);
             }
         }
-        let deadline = self.conns[token].next_deadline(timeouts.idle);
+        if !self.conns[token].out.is_empty() {
+            // A ping or an idle close the session queued.
+            self.mark_dirty(token);
+        }
+        let deadline = self.conns[token].next_deadline(config.idle_timeout);
         if deadline <= now {
-            // `Phase::on_timer` rules this out; if a future change breaks
-            // that, re-arming at a past deadline would spin this turn's
-            // timer loop forever, so the connection goes instead.
+            // The session rules this out; if a future change breaks that,
+            // re-arming at a past deadline would spin this turn's timer
+            // loop, so the connection goes instead.
             self.stats.timer_stalls += 1;
             error!("conn {token}: a timer made no progress (deadline {deadline:?}, now {now:?}); dropping it");
             return self.drop_conn(token, "timer made no progress");
         }
         self.schedule(token, deadline);
-    }
-
-    fn timeouts(&self) -> Timeouts {
-        Timeouts {
-            ping_interval: self.config.ping_interval,
-            idle: self.config.idle_timeout,
-            close: self.config.close_timeout,
-        }
     }
 
     /// Writes every connection with output. Flushing can produce more
@@ -1497,7 +1359,7 @@ impl Core {
         match result {
             Ok(true) if conn.finished_after_flush() => return self.drop_conn(token, "closed"),
             Ok(true) => {
-                let failing = conn.session_mut().is_some_and(|s| s.discard_input);
+                let failing = conn.open_mut().is_some_and(|open| open.session.is_failed());
                 if failing && !conn.write_shut {
                     // Our close frame is out; the FIN tells the peer nothing follows.
                     conn.write_shut = true;
@@ -1535,11 +1397,13 @@ impl Core {
             config,
             stats,
             tick,
+            session_config,
             ..
         } = self;
         (
             app,
             Delivery {
+                session_config: *session_config,
                 conns,
                 tls,
                 dirty,
@@ -1547,7 +1411,6 @@ impl Core {
                 config,
                 stats,
                 tick: *tick,
-                lent: None,
                 compressors,
                 broadcast: BroadcastCache::default(),
             },
@@ -1565,58 +1428,15 @@ impl Core {
         }
         match conn.phase {
             Phase::Handshake(_) => self.pending_handshakes -= 1,
-            Phase::Open(session) => {
+            Phase::Open(open) => {
                 self.open_websockets -= 1;
-                if session.deflate.is_some() {
+                if open.session.deflate().is_some() {
                     self.compressors.forget(token);
                 }
                 let (app, mut out) = self.app_and_outbox();
-                app.on_close(token, session.endpoint, &mut out);
+                app.on_close(token, open.endpoint, &mut out);
             }
             Phase::Responding { .. } => {}
-        }
-    }
-}
-
-/// The decoder a connection is read with: its own while a message is
-/// partly received, else a fresh one.
-enum DecoderSlot {
-    Boxed(Box<Decoder>),
-    Stack(Decoder),
-    Taken,
-}
-
-impl DecoderSlot {
-    fn take(&mut self) -> Self {
-        std::mem::replace(self, DecoderSlot::Taken)
-    }
-
-    fn into_boxed(self) -> Box<Decoder> {
-        match self {
-            DecoderSlot::Boxed(boxed) => boxed,
-            DecoderSlot::Stack(decoder) => Box::new(decoder),
-            DecoderSlot::Taken => unreachable!("a decoder slot is used once"),
-        }
-    }
-}
-
-impl std::ops::Deref for DecoderSlot {
-    type Target = Decoder;
-    fn deref(&self) -> &Decoder {
-        match self {
-            DecoderSlot::Boxed(boxed) => boxed,
-            DecoderSlot::Stack(decoder) => decoder,
-            DecoderSlot::Taken => unreachable!("a decoder slot is used once"),
-        }
-    }
-}
-
-impl std::ops::DerefMut for DecoderSlot {
-    fn deref_mut(&mut self) -> &mut Decoder {
-        match self {
-            DecoderSlot::Boxed(boxed) => boxed,
-            DecoderSlot::Stack(decoder) => decoder,
-            DecoderSlot::Taken => unreachable!("a decoder slot is used once"),
         }
     }
 }
@@ -1624,7 +1444,7 @@ impl std::ops::DerefMut for DecoderSlot {
 /// What an open connection agreed for permessage-deflate.
 fn deflate_params(conn: &Connection) -> Option<DeflateParams> {
     match &conn.phase {
-        Phase::Open(session) => session.deflate,
+        Phase::Open(open) => open.session.deflate(),
         _ => None,
     }
 }
@@ -1640,6 +1460,7 @@ fn endpoint_name(endpoint: Endpoint) -> &'static str {
 
 /// The app's view of the connection table.
 struct Delivery<'a> {
+    session_config: SessionConfig,
     conns: &'a mut Slab<Connection>,
     tls: &'a mut TlsSessions,
     dirty: &'a mut Vec<usize>,
@@ -1647,41 +1468,12 @@ struct Delivery<'a> {
     config: &'a Config,
     stats: &'a mut Stats,
     tick: Tick,
-    /// A received message's buffer, lent to the app for one call (see
-    /// `Core::data_message`). Its connection's queue is not flushed during
-    /// the call, since the buffer may have moved into it while the app
-    /// still reads the message.
-    lent: Option<Lent>,
     compressors: &'a mut Compressors,
     /// A fan-out's compressed frames, so it compresses once per window.
     broadcast: BroadcastCache,
 }
 
-#[derive(Debug)]
-struct Lent {
-    conn: ConnId,
-    /// Taken when the app replies with the message itself.
-    buffer: Option<Vec<u8>>,
-}
-
 impl Delivery<'_> {
-    fn lend(&mut self, conn: ConnId, buffer: Vec<u8>) {
-        self.lent = Some(Lent {
-            conn,
-            buffer: Some(buffer),
-        });
-    }
-
-    /// The lent buffer, if `payload` is exactly its message and goes back
-    /// to the connection it came from.
-    fn reclaim(&mut self, to: ConnId, payload: &[u8]) -> Option<Vec<u8>> {
-        let lent = self.lent.as_mut().filter(|lent| lent.conn == to)?;
-        lent.buffer.take_if(|buffer| {
-            payload.as_ptr() == buffer.as_ptr().wrapping_add(MESSAGE_HEADROOM)
-                && payload.len() == buffer.len() - MESSAGE_HEADROOM
-        })
-    }
-
     /// The frame to queue for `to` in place of `frame` when `to` agreed to
     /// permessage-deflate and the frame is worth compressing.
     fn deflated_frame(
@@ -1707,7 +1499,7 @@ fn open_conn<'c>(
     to: ConnId,
 ) -> Option<&'c mut Connection> {
     let conn = conns.get_mut(to)?;
-    let open = matches!(&conn.phase, Phase::Open(s) if s.close_state().is_open());
+    let open = matches!(&conn.phase, Phase::Open(o) if o.session.can_send());
     if !conn.dirty && open {
         conn.dirty = true;
         dirty.push(to);
@@ -1738,7 +1530,6 @@ impl Outbox for Delivery<'_> {
 
     fn deliver(&mut self, to: ConnId, frame: &SharedFrame) -> bool {
         let limit = self.config.max_outbound_buffer;
-        let lent_here = self.lent.as_ref().is_some_and(|lent| lent.conn == to);
         // A connection that is gone or closing is not slow: nothing to report.
         let Some(conn) = open_conn(self.conns, self.dirty, to) else {
             return true;
@@ -1748,7 +1539,7 @@ impl Outbox for Delivery<'_> {
         let frame = deflated.as_ref().unwrap_or(frame);
         let conn = &mut self.conns[to];
         let mut written = 0;
-        if conn.out.len() + frame.bytes().len() > limit && !lent_here {
+        if conn.out.len() + frame.bytes().len() > limit {
             // The queue may be full only because this turn has not written
             // yet: give the socket what it takes before calling it slow.
             let before = conn.out.len();
@@ -1776,8 +1567,6 @@ impl Outbox for Delivery<'_> {
             return;
         };
         if let Some(params) = deflate_params(conn) {
-            // The lent buffer (if `payload` is it) stays lent: the app may
-            // still read it while this compressed copy is queued.
             if let Some(buffer) = self.compressors.deflate(to, params, payload) {
                 self.conns[to]
                     .out
@@ -1785,23 +1574,25 @@ impl Outbox for Delivery<'_> {
                 return;
             }
         }
-        // An echo: the received message's own buffer is queued, no copy.
-        let reclaimed = self.reclaim(to, payload);
-        let conn = &mut self.conns[to];
-        match reclaimed {
-            Some(buffer) => conn.out.push_message(opcode, buffer, MESSAGE_HEADROOM),
-            None => conn.out.push_frame(opcode, payload),
-        }
+        self.conns[to].out.push_frame(opcode, payload);
     }
 
     fn close(&mut self, to: ConnId, code: CloseCode, reason: &str) {
-        let deadline = self.tick.after(self.config.close_timeout);
-        let Some(conn) = self.open_conn(to) else {
+        let Some(conn) = open_conn(self.conns, self.dirty, to) else {
             return;
         };
-        let Some(at) = conn.begin_close(code, reason, deadline) else {
+        let Some((open, mut host)) = conn.session_and_host(self.compressors, to) else {
             return;
         };
+        let config = &self.session_config;
+        if !open
+            .session
+            .close(code, reason, self.tick, config, &mut host)
+        {
+            return;
+        }
+        self.stats.closes_sent += 1;
+        let at = conn.next_deadline(config.idle_timeout);
         if conn.wake_at.is_none_or(|w| at < w) {
             conn.wake_at = Some(at);
             let key = TimerKey::connection(to, conn.serial);

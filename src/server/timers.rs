@@ -2,58 +2,14 @@
 //! removed early; the owner checks on expiry whether the entry is still
 //! the one it is waiting for, so rescheduling costs one push.
 //!
-//! Times are [`Tick`]s, milliseconds since the loop started, half the size
-//! of an `Instant`: every connection keeps a few of them and has an entry
-//! in the heap, so they count in the memory an idle connection costs.
+//! Times are [`Tick`]s (see `ws::tick`): every connection keeps a few of
+//! them and has an entry in the heap, so their size counts in the memory
+//! an idle connection costs.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::num::NonZeroU64;
-use std::time::{Duration, Instant};
 
-/// A moment, in whole milliseconds since the loop's [`Clock`] started.
-/// The current time rounds down and a deadline is at least one whole
-/// millisecond more than its duration after it, so nothing fires before
-/// its full duration has passed (and at most 2 ms after).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Tick(NonZeroU64);
-
-impl Tick {
-    /// A deadline `d` after `self` (a rounded-down current time): the
-    /// duration rounded up, plus the millisecond `self` may have lost.
-    pub fn after(self, d: Duration) -> Tick {
-        let ms = d.as_nanos().div_ceil(1_000_000) + 1;
-        let ms = u64::try_from(ms).unwrap_or(u64::MAX);
-        Tick(self.0.saturating_add(ms))
-    }
-
-    fn millis(self) -> u64 {
-        self.0.get() - 1
-    }
-}
-
-/// Converts between `Instant` and [`Tick`].
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    epoch: Instant,
-}
-
-impl Clock {
-    pub fn new(epoch: Instant) -> Self {
-        Self { epoch }
-    }
-
-    /// `now`, rounded down to the millisecond.
-    pub fn tick(&self, now: Instant) -> Tick {
-        let ms = now.saturating_duration_since(self.epoch).as_millis();
-        let ms = u64::try_from(ms).unwrap_or(u64::MAX - 1);
-        Tick(NonZeroU64::MIN.saturating_add(ms))
-    }
-
-    pub fn instant(&self, tick: Tick) -> Instant {
-        self.epoch + Duration::from_millis(tick.millis())
-    }
-}
+pub use crate::ws::tick::{Clock, Tick};
 
 /// What a deadline is for: a connection, named by slab key and the serial
 /// number it was given so an entry for a closed connection never fires on
@@ -141,6 +97,8 @@ impl Timers {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use super::*;
 
     #[test]
@@ -180,18 +138,5 @@ mod tests {
         );
         assert_eq!(next_serial(u32::MAX), 1);
         assert_eq!(std::mem::size_of::<(Tick, TimerKey)>(), 16);
-    }
-
-    #[test]
-    fn ticks_round_deadlines_up_and_now_down() {
-        let epoch = Instant::now();
-        let clock = Clock::new(epoch);
-        let now = clock.tick(epoch + Duration::from_micros(2500));
-        assert_eq!(clock.instant(now), epoch + Duration::from_millis(2));
-        // Real now is 2.5 ms; due no earlier than 4 ms.
-        let deadline = now.after(Duration::from_micros(1500));
-        assert_eq!(clock.instant(deadline), epoch + Duration::from_millis(5));
-        assert!(clock.tick(epoch + Duration::from_micros(4999)) < deadline);
-        assert!(clock.tick(epoch + Duration::from_millis(5)) >= deadline);
     }
 }

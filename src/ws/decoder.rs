@@ -20,6 +20,7 @@ use std::mem::MaybeUninit;
 use super::close::{parse_close_payload, BadClose, CloseCode};
 use super::frame::{FrameHeader, HeaderError, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, RSV1};
 use super::mask::apply_mask;
+use super::session::Role;
 use super::utf8::{validate, Utf8Validator};
 
 /// Bytes kept free in front of an assembled message, so that whoever takes
@@ -167,6 +168,9 @@ enum Delivered {
 #[derive(Debug)]
 pub struct Decoder {
     limits: Limits,
+    /// The server role reads client frames, which must be masked; the
+    /// client role reads server frames, which must not be (§5.1).
+    expects_mask: bool,
     /// RSV bits an extension negotiated for this connection may set.
     allowed_rsv: u8,
     header_spill: [u8; MAX_HEADER_LEN],
@@ -190,6 +194,7 @@ impl Decoder {
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
+            expects_mask: true,
             allowed_rsv: 0,
             header_spill: [0; MAX_HEADER_LEN],
             header_spill_len: 0,
@@ -197,6 +202,21 @@ impl Decoder {
             message: None,
             control: Vec::new(),
             delivered: Delivered::Nothing,
+        }
+    }
+
+    /// A decoder for one side of a connection: `Role::Server` reads masked
+    /// client frames, `Role::Client` unmasked server frames; `deflate`
+    /// when permessage-deflate was agreed.
+    pub fn for_role(role: Role, limits: Limits, deflate: bool) -> Self {
+        let decoder = if deflate {
+            Self::with_deflate(limits)
+        } else {
+            Self::new(limits)
+        };
+        Self {
+            expects_mask: role == Role::Server,
+            ..decoder
         }
     }
 
@@ -374,7 +394,12 @@ impl Decoder {
         input: &[u8],
         stream_min: Option<u64>,
     ) -> Option<(usize, usize, bool, [u8; 4])> {
-        if self.frame.is_some() || self.header_spill_len != 0 || self.message.is_some() {
+        // The client role takes the general path: it is not a hot one.
+        if self.frame.is_some()
+            || self.header_spill_len != 0
+            || self.message.is_some()
+            || !self.expects_mask
+        {
             return None;
         }
         let (&b0, &b1) = (input.first()?, input.get(1)?);
@@ -563,12 +588,24 @@ impl Decoder {
             ));
         }
         // §5.1: "The server MUST close the connection upon receiving a
-        // frame that is not masked."
-        let Some(mask) = header.mask else {
-            return Err(violation(
-                CloseCode::PROTOCOL_ERROR,
-                "client frames must be masked",
-            ));
+        // frame that is not masked." and "A client MUST close a connection
+        // if it detects a masked frame." An unmasked frame is read with a
+        // zero key, which leaves it as it is.
+        let mask = match (header.mask, self.expects_mask) {
+            (Some(mask), true) => mask,
+            (None, false) => [0; 4],
+            (None, true) => {
+                return Err(violation(
+                    CloseCode::PROTOCOL_ERROR,
+                    "client frames must be masked",
+                ))
+            }
+            (Some(_), false) => {
+                return Err(violation(
+                    CloseCode::PROTOCOL_ERROR,
+                    "server frames must not be masked",
+                ))
+            }
         };
         if header.opcode.is_control() {
             // §5.5: "All control frames MUST have a payload length of 125

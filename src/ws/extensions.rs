@@ -48,7 +48,7 @@ pub struct DeflateParams {
 /// The window zlib uses when nothing limits it (32 KiB).
 pub const MAX_WINDOW_BITS: u8 = 15;
 
-const EXTENSION_NAME: &str = "permessage-deflate";
+pub const EXTENSION_NAME: &str = "permessage-deflate";
 
 /// Parses one element of the `Sec-WebSocket-Extensions` list. `None` when
 /// it names another extension; `Err` with the reason when it is a

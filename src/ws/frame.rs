@@ -12,6 +12,8 @@
 
 use byteorder::{BigEndian, ByteOrder};
 
+use super::mask::apply_mask;
+
 /// Longest possible header: 2 fixed bytes, 8 length bytes, 4 mask bytes.
 pub const MAX_HEADER_LEN: usize = 14;
 
@@ -175,6 +177,32 @@ pub fn write_frame(out: &mut Vec<u8>, opcode: OpCode, fin: bool, payload: &[u8])
     out.reserve(len + payload.len());
     out.extend_from_slice(&buf[..len]);
     out.extend_from_slice(payload);
+}
+
+/// Appends one complete frame as a client sends it, masked with `key`
+/// (§5.3: a fresh, unpredictable key for every frame).
+pub fn write_client_frame(
+    out: &mut Vec<u8>,
+    opcode: OpCode,
+    fin: bool,
+    rsv: u8,
+    payload: &[u8],
+    key: [u8; 4],
+) {
+    let header = FrameHeader {
+        fin,
+        rsv,
+        opcode,
+        mask: Some(key),
+        payload_len: payload.len() as u64,
+    };
+    let mut buf = [0u8; MAX_HEADER_LEN];
+    let len = header.encode(&mut buf);
+    out.reserve(len + payload.len());
+    out.extend_from_slice(&buf[..len]);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    apply_mask(&mut out[start..], key, 0);
 }
 
 /// A complete server frame encoded once and shared by every recipient's
