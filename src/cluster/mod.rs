@@ -2,6 +2,121 @@
 //! Redis server, as a self-contained part the event loop can drive without
 //! ever blocking on Redis.
 //!
+//! This page first says what nodes sharing one Redis server show their
+//! clients (how to start them is the README's "Running several nodes"), then
+//! how the link works. The app's side of the link is `src/app/cluster.rs`.
+//!
+//! # What goes through Redis
+//!
+//! Without `--redis` nothing leaves the process. With it:
+//!
+//! * **Channel publishes** (the `events` and `alerts` channels included) are
+//!   one Lua script call on Redis, which assigns the offset: offsets are the
+//!   same on every node and every node delivers every message to its own
+//!   subscribers once, in offset order (the shared stream `fanout:bus`, read
+//!   by every node). A publisher's ack is sent when its message has come back
+//!   from Redis, with that offset.
+//! * **`subscribe` with `since`** is served from the node's own backlog when
+//!   it reaches back far enough, else from Redis's per-channel stream (10000
+//!   messages per channel), so a client that reconnects to another node
+//!   resumes from its offset; too far back or ahead of the channel:
+//!   `not_recoverable`.
+//! * **Registration streams and the market**: events published on any node
+//!   reach every node's registered clients, filters and candles; an event
+//!   without `ts` is dated by its publish time, the same on every node.
+//!   Each node's own feed (the simulator, `--replay`) is published to all.
+//! * **Channel settings** made with `create` (`backlog`, `backlog_age`, who
+//!   may `publish`) apply on every node, with the creating node's defaults
+//!   for what the `create` left out. They are stored in Redis (the hash
+//!   `fanout:channels`) and announced on the bus in one script call; the
+//!   first `create` of a channel that reaches Redis wins, on every node, also
+//!   when two nodes create it at once: the `create` ack reports the settings
+//!   in force, with `"created": true` only for the winner (the others get
+//!   `"created": false` and the winner's settings). A node starting up or
+//!   reconnecting loads every definition before `/readyz` says `200`; a
+//!   channel that one node had already made with its defaults (a trusted
+//!   publish to a channel nobody created) takes the definition. A channel
+//!   never `create`d has each node's defaults (`--channel-backlog`,
+//!   `--channel-backlog-age`). A definition a node cannot apply (its
+//!   `--max-channels` reached) is logged and counted in
+//!   `fanout_redis_definitions_not_applied_total`.
+//! * **Chat**: lines of a room travel as the bus channel `#chat/ROOM`, so
+//!   users on different nodes talk in one room. A join replays the room's
+//!   last `--chat-history` lines from Redis (the channel's stream, so also
+//!   lines said before this node started), and the `members` of its ack are
+//!   the room's members on every node; the ack waits for both answers, and
+//!   lines said meanwhile follow the replay. The stream also holds the join,
+//!   leave and nick notices, which are not replayed: a join looks for its
+//!   lines among the room's latest 4 × `--chat-history` + 16 entries, so a
+//!   room busier with notices than with lines may replay fewer. Join, leave
+//!   and nick notices reach the room's members on every node, like lines.
+//!   `chat.who` (and `/who` on `/chat`) lists the room's members on every
+//!   node: each node keeps its members of each room in Redis
+//!   (`fanout:room:ROOM`) under a key that says it is alive, refreshed every
+//!   second; a node that stops takes its members with it at once, one that
+//!   dies without a word is dropped `--presence-ttl` (15s) after its last
+//!   refresh. `chat.rooms` and `/rooms` count the members of every room on
+//!   every live node the same way (the room names are kept in the set
+//!   `fanout:rooms`).
+//! * **Nicks** are unique across nodes (regardless of case): every member's
+//!   nick, guest nicks included, is reserved in Redis (`fanout:nick:NICK`)
+//!   under its node's alive key, so a node that stops frees its nicks at
+//!   once and one that dies frees them `--presence-ttl` after its last
+//!   refresh; leaving (disconnecting) or changing nick frees the old one.
+//!   `chat.nick` and `/nick` are answered once Redis decided; a nick held on
+//!   another node gets the same `conflict` "nick ann is taken" as on one
+//!   node. Guest nicks carry a per-node tag (`guest-3f0a-1`).
+//!
+//! # When Redis is unreachable
+//!
+//! Every node keeps serving its own clients and logs one warning; `/readyz`
+//! answers `503` and `/metrics` shows the outage (`fanout_redis_up 0`,
+//! `fanout_redis_outages_total`, `fanout_redis_down_seconds`,
+//! `fanout_redis_reconnects_total`, `fanout_redis_lag_seconds`, queue
+//! depths). The link reconnects with backoff. Meanwhile:
+//!
+//! * A publish is delivered at once to the node's own subscribers with
+//!   `"offset": null, "local": true` (its ack says the same), and queued for
+//!   Redis (up to 10000): after reconnection it reaches the other nodes, and
+//!   its own node does not deliver it twice.
+//! * A `create` makes the channel on its node at once (`"local": true`) and
+//!   is sent to Redis after reconnection; if another node's `create` of the
+//!   same channel got there first, that one's settings replace it
+//!   (`fanout_redis_local_definitions_overridden_total`). When the queue is
+//!   full a `create` is refused (`unavailable`) rather than made on one node
+//!   only.
+//! * `chat.who` answers with the node's own members and `"local": true`
+//!   (`/who` adds "this node only"), and so does a `chat.join` ack, which
+//!   then replays the lines this node has seen (`/join` adds "this node
+//!   only"), and `chat.rooms` (`/rooms`); presence changes are queued, and
+//!   after reconnection each node writes its members again.
+//! * A nick change is decided by the node alone, answered with `"local":
+//!   true` (`/nick` says "on this node only"), and its reservation is
+//!   queued. After reconnection (and after Redis lost its data) every node
+//!   reserves all its members' nicks again, and the first reservation of a
+//!   nick Redis records wins: a member whose nick a member of another node
+//!   holds by then is renamed to a fresh guest nick and told so, with
+//!   `{"type":"chat.renamed","nick":"guest-3f0a-7","previous":"ann","message":…}`
+//!   (`/chat`: `! nick ann is taken on another node: you are now
+//!   guest-3f0a-7`), counted in `fanout_redis_nick_conflicts_total`. So a
+//!   nick held in Redis through the outage by a node that stayed connected
+//!   keeps it, and of two members who took one nick on two nodes during an
+//!   outage the one whose node reaches Redis first keeps it.
+//!
+//! Messages that cannot go through (the queue overflowed, Redis refused
+//! them, or the bus was trimmed before a node read them) are counted in
+//! `fanout_redis_lost_total{reason=...}` (presence changes in
+//! `fanout_redis_presence_lost_total`) and logged once; never dropped
+//! silently. If Redis restarts without its data, offsets start again from
+//! 1, the nodes empty their backlogs, and they store their channel
+//! definitions and chat members in Redis again (all nodes hold the same
+//! definitions, so the same ones win); a publish the link resends because it
+//! could not tell whether it was applied is recognised by every node
+//! (origin, process run, sequence number) and not delivered twice
+//! (`fanout_redis_duplicates_total`).
+//!
+//! The rest of this page is the link itself.
+//!
 //! # Threads and hand-over
 //!
 //! [`RedisLink::start`] spawns two threads, each with its own Redis
