@@ -14,9 +14,16 @@
 //! [`metrics`].
 //!
 //! ```text
-//! src/ws/       the protocol, sans-IO: bytes in, events and bytes out
+//! src/ws/       the protocol, sans-IO: bytes and time in, events and bytes out
+//!   session.rs         one connection after the upgrade, either role: the
+//!                      close handshake and its deadline, ping and idle,
+//!                      failing on a violation, control-frame answers,
+//!                      inflating, streamed receiving (tests beside it in
+//!                      session_tests.rs, a client and a server in memory)
 //!   handshake.rs       HTTP upgrade parsing (httparse), validation, responses
-//!   frame.rs           frame header decode/encode (byteorder)
+//!   client_handshake.rs the client's upgrade request and §4.1's checks of
+//!                      the answer
+//!   frame.rs           frame header decode/encode (byteorder), client masking
 //!   mask.rs            unmasking, a machine word at a time
 //!   utf8.rs            UTF-8 validation that resumes across chunks
 //!   decoder.rs         frames to messages, every receive rule and limit
@@ -24,9 +31,19 @@
 //!   deflate.rs         per-message deflate/inflate (flate2, zlib-rs backend)
 //!   close.rs           close codes and payloads
 //!   close_handshake.rs the closing handshake state
-//! src/server/   the mio shell: poll loop, slab of connections, timers, queues,
-//!               TLS sessions (rustls) and certificate loading,
-//!               the loop's zlib state (compressors.rs)
+//!   tick.rs            millisecond ticks: the time sessions are given
+//! src/server/   the mio shell
+//!   event_loop.rs      poll, accept, read (plain and the TLS pump), timers,
+//!                      flush, the slab, shutdown: plumbing only
+//!   event_loop/http.rs the request head, the upgrade, plain HTTP answers
+//!                      (page, healthz, readyz, metrics)
+//!   event_loop/websocket.rs  an upgraded connection's bytes through its session
+//!   event_loop/reflect.rs    /echo's reflection (streamed, fragmented, compressed)
+//!   event_loop/delivery.rs   the app's Outbox over the connection table
+//!   connection.rs      a connection's phases and their deadlines
+//!   outbound.rs        the write queue; timers.rs the deadline heap;
+//!   compressors.rs     the loop's zlib state; tls_*.rs rustls sessions and
+//!                      certificates; listener.rs; stats.rs the loop's counters
 //! src/app/      what each endpoint does; knows connection ids, not sockets
 //! src/cluster/  the Redis link for scale-out (two threads, a mio Waker)
 //! src/config.rs every flag, its default, and the config file
