@@ -15,9 +15,9 @@ use redis::{Client, Connection, ErrorKind, RedisError, Script, Value};
 use super::backoff::Backoff;
 use super::protocol::{
     self, alive_key, channel_key, dedup_key, nick_key, offset_key, presence_field, room_key,
-    BusItem, History, PublishReply, StreamId, ALIVE_PREFIX, BUS_KEY, BUS_SEQ_KEY, DEDUP_TTL_SECS,
-    DEFINE_LUA, DEFINITIONS_KEY, EPOCH_KEY, NICK_CLAIM_LUA, NICK_RELEASE_LUA, PUBLISH_LUA,
-    ROOMS_KEY, ROOMS_LUA, WHO_LUA,
+    BusItem, History, PublishReply, ReplyError, StreamId, ALIVE_PREFIX, BUS_KEY, BUS_SEQ_KEY,
+    DEDUP_TTL_SECS, DEFINE_LUA, DEFINITIONS_KEY, EPOCH_KEY, NICK_CLAIM_LUA, NICK_RELEASE_LUA,
+    PUBLISH_LUA, ROOMS_KEY, ROOMS_LUA, WHO_LUA,
 };
 use super::queues::{Command, Inbox, Outbox};
 
@@ -94,12 +94,9 @@ impl LinkConfig {
         }
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), LinkConfigError> {
         if !protocol::valid_node_id(&self.node_id) {
-            return Err(format!(
-                "node id {:?}: expected 1 to 64 ASCII letters, digits, '_', '-', '.'",
-                self.node_id
-            ));
+            return Err(LinkConfigError::NodeId(self.node_id.clone()));
         }
         for (name, v) in [
             ("stream_maxlen", self.stream_maxlen),
@@ -109,7 +106,7 @@ impl LinkConfig {
             ("batch", self.batch),
         ] {
             if v == 0 {
-                return Err(format!("{name} must be at least 1"));
+                return Err(LinkConfigError::Zero(name));
             }
         }
         let hour = Duration::from_secs(3600);
@@ -122,17 +119,166 @@ impl LinkConfig {
             ("presence_ttl", self.presence_ttl),
         ] {
             if v > hour {
-                return Err(format!("{name} must be at most an hour"));
+                return Err(LinkConfigError::OverAnHour(name));
             }
         }
         if self.read_block < Duration::from_millis(1) || self.io_timeout < Duration::from_millis(1)
         {
-            return Err("read_block and io_timeout must be at least 1 ms".into());
+            return Err(LinkConfigError::TimeoutBelowOneMs);
         }
         if self.presence_ttl < Duration::from_secs(1) {
-            return Err("presence_ttl must be at least 1 s".into());
+            return Err(LinkConfigError::PresenceTtlBelowOneSecond);
         }
         Ok(())
+    }
+}
+
+/// A [`LinkConfig`] that [`RedisLink::start`] refuses (as an
+/// [`io::ErrorKind::InvalidInput`] error carrying this one).
+#[derive(Debug)]
+pub enum LinkConfigError {
+    /// `node_id` is not 1 to 64 of the allowed characters.
+    NodeId(String),
+    /// This count setting is 0.
+    Zero(&'static str),
+    /// This duration setting is over an hour.
+    OverAnHour(&'static str),
+    /// `read_block` or `io_timeout` is under a millisecond.
+    TimeoutBelowOneMs,
+    /// `presence_ttl` is under a second.
+    PresenceTtlBelowOneSecond,
+    /// The `redis` crate refused the URL.
+    Url { url: String, source: RedisError },
+}
+
+impl fmt::Display for LinkConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkConfigError::NodeId(id) => write!(
+                f,
+                "node id {id:?}: expected 1 to 64 ASCII letters, digits, '_', '-', '.'"
+            ),
+            LinkConfigError::Zero(name) => write!(f, "{name} must be at least 1"),
+            LinkConfigError::OverAnHour(name) => write!(f, "{name} must be at most an hour"),
+            LinkConfigError::TimeoutBelowOneMs => {
+                f.write_str("read_block and io_timeout must be at least 1 ms")
+            }
+            LinkConfigError::PresenceTtlBelowOneSecond => {
+                f.write_str("presence_ttl must be at least 1 s")
+            }
+            LinkConfigError::Url { url, source } => write!(f, "redis url {url:?}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for LinkConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LinkConfigError::Url { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// Why a read ([`RedisLink::history`], [`RedisLink::recent`],
+/// [`RedisLink::who`], [`RedisLink::rooms`]) or a nick claim got no
+/// answer from Redis. Its text is what clients are told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    /// Redis was unreachable: reads are answered at once during an outage.
+    Down,
+    /// The connection broke during the request (the `redis` crate's
+    /// message).
+    Connection(String),
+    /// Redis answered with an error (out of memory, a key of the wrong
+    /// type, ...).
+    Redis(String),
+    /// Redis answered something that is not the expected reply.
+    Reply(ReplyError),
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestError::Down => f.write_str("redis link is down"),
+            RequestError::Connection(why) => write!(f, "redis link: {why}"),
+            RequestError::Redis(why) => f.write_str(why),
+            RequestError::Reply(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for RequestError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RequestError::Reply(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<ReplyError> for RequestError {
+    fn from(e: ReplyError) -> Self {
+        RequestError::Reply(e)
+    }
+}
+
+impl RequestError {
+    /// A failed command: a broken connection or Redis's refusal.
+    fn of(e: &RedisError) -> RequestError {
+        if is_connection_error(e) {
+            RequestError::Connection(e.to_string())
+        } else {
+            RequestError::Redis(e.to_string())
+        }
+    }
+}
+
+/// Why a link thread could not (re)connect; its text is the reason logged
+/// and sent in [`Inbound::Down`].
+#[derive(Debug)]
+enum ConnectError {
+    /// Connecting or a command of the set-up failed.
+    Redis(RedisError),
+    /// Loading a script failed.
+    ScriptLoad(RedisError),
+    /// Setting this run's alive key failed.
+    SetAlive(RedisError),
+    /// A set-up reply was not what was expected.
+    Reply(ReplyError),
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectError::Redis(e) => e.fmt(f),
+            ConnectError::ScriptLoad(e) => write!(f, "SCRIPT LOAD: {e}"),
+            ConnectError::SetAlive(e) => write!(f, "SET alive: {e}"),
+            ConnectError::Reply(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConnectError::Redis(e) | ConnectError::ScriptLoad(e) | ConnectError::SetAlive(e) => {
+                Some(e)
+            }
+            ConnectError::Reply(e) => Some(e),
+        }
+    }
+}
+
+impl From<RedisError> for ConnectError {
+    fn from(e: RedisError) -> Self {
+        ConnectError::Redis(e)
+    }
+}
+
+impl From<ReplyError> for ConnectError {
+    fn from(e: ReplyError) -> Self {
+        ConnectError::Reply(e)
     }
 }
 
@@ -173,20 +319,20 @@ pub enum Inbound {
     History {
         request: u64,
         channel: String,
-        result: Result<History, String>,
+        result: Result<History, RequestError>,
     },
     /// The answer to [`RedisLink::who`]: the nicks of the room's members
     /// on every live node, sorted.
     Who {
         request: u64,
         room: String,
-        result: Result<Vec<String>, String>,
+        result: Result<Vec<String>, RequestError>,
     },
     /// The answer to [`RedisLink::rooms`]: every room with members on a
     /// live node and how many, sorted by room.
     Rooms {
         request: u64,
-        result: Result<Vec<(String, u64)>, String>,
+        result: Result<Vec<(String, u64)>, RequestError>,
     },
     /// The answer to [`RedisLink::claim_nick`]: whether the nick is this
     /// member's now (false: a member of a live node holds it). Never an
@@ -194,7 +340,7 @@ pub enum Inbound {
     Nick {
         request: u64,
         nick: String,
-        result: Result<bool, String>,
+        result: Result<bool, RequestError>,
     },
     /// Both connections are up (first connect, or after a `Down`).
     Up,
@@ -448,22 +594,22 @@ impl Shared {
     }
 
     /// Answers a read (history, who) with an error.
-    fn fail_read(&self, cmd: Command, why: &str) {
+    fn fail_read(&self, cmd: Command, why: RequestError) {
         match cmd {
             Command::Who { request, room } => self.inbox.push_control(Inbound::Who {
                 request,
                 room,
-                result: Err(why.to_string()),
+                result: Err(why),
             }),
             Command::Rooms { request } => self.inbox.push_control(Inbound::Rooms {
                 request,
-                result: Err(why.to_string()),
+                result: Err(why),
             }),
-            history => self.answer_history(history, Err(why.to_string())),
+            history => self.answer_history(history, Err(why)),
         }
     }
 
-    fn answer_history(&self, cmd: Command, result: Result<History, String>) {
+    fn answer_history(&self, cmd: Command, result: Result<History, RequestError>) {
         if let Command::History {
             request, channel, ..
         } = cmd
@@ -583,7 +729,7 @@ fn open(
 
 /// `SET epoch NX` + `GET epoch` in one transaction; answers the epoch
 /// generation after recording what Redis holds.
-fn sync_epoch(sh: &Shared, con: &mut Connection) -> Result<u64, String> {
+fn sync_epoch(sh: &Shared, con: &mut Connection) -> Result<u64, ConnectError> {
     let candidate = format!("{:016x}", protocol::random_u64());
     let reply = redis::pipe()
         .atomic()
@@ -594,8 +740,7 @@ fn sync_epoch(sh: &Shared, con: &mut Connection) -> Result<u64, String> {
         .ignore()
         .cmd("GET")
         .arg(EPOCH_KEY)
-        .query::<Value>(con)
-        .map_err(|e| e.to_string())?;
+        .query::<Value>(con)?;
     Ok(sh.note_epoch(protocol::parse_epoch(reply)?))
 }
 
@@ -634,10 +779,14 @@ impl RedisLink {
     /// [`Inbound::Up`] / [`Inbound::Down`]). `waker` is woken whenever
     /// inbound items become available.
     pub fn start(config: LinkConfig, waker: Arc<mio::Waker>) -> io::Result<RedisLink> {
-        let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
+        let invalid = |e: LinkConfigError| io::Error::new(io::ErrorKind::InvalidInput, e);
         config.check().map_err(invalid)?;
-        let client = Client::open(config.url.as_str())
-            .map_err(|e| invalid(format!("redis url {:?}: {e}", config.url)))?;
+        let client = Client::open(config.url.as_str()).map_err(|source| {
+            invalid(LinkConfigError::Url {
+                url: config.url.clone(),
+                source,
+            })
+        })?;
         let addr = client.get_connection_info().addr().to_string();
         let sh = Arc::new(Shared {
             addr,
@@ -1023,7 +1172,7 @@ impl Writer {
         if self.down {
             let deadline = Instant::now() + self.backoff.next_delay();
             while !self.sh.stopping() && Instant::now() < deadline {
-                self.fail_reads("redis link is down");
+                self.fail_reads(RequestError::Down);
                 self.sh.report_overflow();
                 self.sh.outbox.sleep_until(deadline, &self.sh.stop);
             }
@@ -1035,28 +1184,27 @@ impl Writer {
             Ok(()) => true,
             Err(reason) => {
                 self.down = true;
-                self.sh.conn_down(Side::Writer, &reason);
+                self.sh.conn_down(Side::Writer, &reason.to_string());
                 false
             }
         }
     }
 
-    fn try_connect(&mut self) -> Result<(), String> {
+    fn try_connect(&mut self) -> Result<(), ConnectError> {
         let result = (|| {
-            let mut con = open(&self.sh, &self.client, "writer", self.sh.cfg.io_timeout)
-                .map_err(|e| e.to_string())?;
+            let mut con = open(&self.sh, &self.client, "writer", self.sh.cfg.io_timeout)?;
             for script in [&self.script, &self.define_script] {
                 script
                     .prepare_invoke()
                     .load(&mut con)
-                    .map_err(|e| format!("SCRIPT LOAD: {e}"))?;
+                    .map_err(ConnectError::ScriptLoad)?;
             }
             sync_epoch(&self.sh, &mut con)?;
             // Alive before any presence of this run is (re)written; a
             // refusal (out of memory) is the heartbeat's to report.
             match set_alive(&mut con, &self.alive_key, self.sh.cfg.presence_ttl) {
                 Err(e) if is_connection_error(&e) || is_unavailable(&e) => {
-                    return Err(format!("SET alive: {e}"))
+                    return Err(ConnectError::SetAlive(e))
                 }
                 _ => {}
             }
@@ -1097,7 +1245,7 @@ impl Writer {
     }
 
     /// Answers queued reads with an error (Redis unreachable).
-    fn fail_reads(&mut self, why: &str) {
+    fn fail_reads(&mut self, why: RequestError) {
         if matches!(
             self.batch.first(),
             Some(Command::History { .. } | Command::Who { .. } | Command::Rooms { .. })
@@ -1105,10 +1253,10 @@ impl Writer {
             let cmd = self.batch.remove(0);
             self.dseqs.clear();
             self.sh.outbox.done(1);
-            self.sh.fail_read(cmd, why);
+            self.sh.fail_read(cmd, why.clone());
         }
         for cmd in self.sh.outbox.take_reads() {
-            self.sh.fail_read(cmd, why);
+            self.sh.fail_read(cmd, why.clone());
         }
     }
 
@@ -1176,14 +1324,17 @@ impl Writer {
             .arg(offset_key(channel))
             .query::<Value>(con);
         let result = match reply {
-            Ok(v) if newest => protocol::parse_recent_reply(v),
-            Ok(v) => protocol::parse_history_reply(v, after_offset, limit),
-            Err(e) if is_connection_error(&e) => {
-                let why = format!("redis link: {e}");
-                self.connection_failed(&e);
+            Ok(v) if newest => protocol::parse_recent_reply(v).map_err(RequestError::from),
+            Ok(v) => {
+                protocol::parse_history_reply(v, after_offset, limit).map_err(RequestError::from)
+            }
+            Err(e) => {
+                let why = RequestError::of(&e);
+                if is_connection_error(&e) {
+                    self.connection_failed(&e);
+                }
                 Err(why)
             }
-            Err(e) => Err(e.to_string()),
         };
         let cmd = self.batch.remove(0);
         self.dseqs.clear();
@@ -1205,13 +1356,14 @@ impl Writer {
             .arg(ALIVE_PREFIX)
             .invoke::<Value>(con);
         let result = match reply {
-            Ok(v) => protocol::parse_who(v),
-            Err(e) if is_connection_error(&e) => {
-                let why = format!("redis link: {e}");
-                self.connection_failed(&e);
+            Ok(v) => protocol::parse_who(v).map_err(RequestError::from),
+            Err(e) => {
+                let why = RequestError::of(&e);
+                if is_connection_error(&e) {
+                    self.connection_failed(&e);
+                }
                 Err(why)
             }
-            Err(e) => Err(e.to_string()),
         };
         let Command::Who { request, room } = self.batch.remove(0) else {
             return;
@@ -1236,13 +1388,14 @@ impl Writer {
             .arg(room_key(""))
             .invoke::<Value>(con);
         let result = match reply {
-            Ok(v) => protocol::parse_rooms(v),
-            Err(e) if is_connection_error(&e) => {
-                let why = format!("redis link: {e}");
-                self.connection_failed(&e);
+            Ok(v) => protocol::parse_rooms(v).map_err(RequestError::from),
+            Err(e) => {
+                let why = RequestError::of(&e);
+                if is_connection_error(&e) {
+                    self.connection_failed(&e);
+                }
                 Err(why)
             }
-            Err(e) => Err(e.to_string()),
         };
         let Command::Rooms { request } = self.batch.remove(0) else {
             return;
@@ -1279,7 +1432,7 @@ impl Writer {
             .arg(ALIVE_PREFIX)
             .invoke::<Value>(con);
         let result = match reply {
-            Ok(v) => protocol::parse_nick_claim(v),
+            Ok(v) => protocol::parse_nick_claim(v).map_err(RequestError::from),
             Err(e) if is_connection_error(&e) => return self.connection_failed(&e),
             Err(e) if is_unavailable(&e) => {
                 self.conn = None;
@@ -1287,7 +1440,7 @@ impl Writer {
                 self.sh.conn_down(Side::Writer, &e.to_string());
                 return;
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(RequestError::Redis(e.to_string())),
         };
         let Command::NickClaim { request, nick, .. } = self.batch.remove(0) else {
             return;
@@ -1651,13 +1804,13 @@ impl Reader {
             Ok(()) => true,
             Err(reason) => {
                 self.down = true;
-                self.sh.conn_down(Side::Reader, &reason);
+                self.sh.conn_down(Side::Reader, &reason.to_string());
                 false
             }
         }
     }
 
-    fn try_connect(&mut self) -> Result<(), String> {
+    fn try_connect(&mut self) -> Result<(), ConnectError> {
         let cfg = &self.sh.cfg;
         let result = (|| {
             let mut con = open(
@@ -1665,8 +1818,7 @@ impl Reader {
                 &self.client,
                 "reader",
                 cfg.read_block + cfg.io_timeout,
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
             let generation = sync_epoch(&self.sh, &mut con)?;
             let position = redis::pipe()
                 .atomic()
@@ -1680,8 +1832,7 @@ impl Reader {
                 .arg(BUS_SEQ_KEY)
                 .cmd("HGETALL")
                 .arg(DEFINITIONS_KEY)
-                .query::<Value>(&mut con)
-                .map_err(|e| e.to_string())?;
+                .query::<Value>(&mut con)?;
             let position = protocol::parse_bus_position(position)?;
             Ok((con, generation, position))
         })();

@@ -151,5 +151,8 @@ mod link;
 pub mod protocol;
 mod queues;
 
-pub use link::{Full, Inbound, LinkConfig, LinkState, LinkStats, LostKind, RedisLink, MAX_HISTORY};
-pub use protocol::{History, HistoryEntry};
+pub use link::{
+    Full, Inbound, LinkConfig, LinkConfigError, LinkState, LinkStats, LostKind, RedisLink,
+    RequestError, MAX_HISTORY,
+};
+pub use protocol::{History, HistoryEntry, ReplyError};

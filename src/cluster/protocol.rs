@@ -5,7 +5,34 @@
 //! [`redis::Value`] and these functions turn values into link types,
 //! answering `Err` (never panicking) on anything unexpected.
 
+use std::fmt;
+
 use redis::Value;
+
+/// A Redis reply of a shape fanout does not expect (a key written by
+/// another program, a Redis that answers differently, a bug): the message
+/// names the command or entry and what was wrong, never the data itself.
+/// Unlike a [`redis::RedisError`] it says nothing about the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyError {
+    message: String,
+}
+
+impl ReplyError {
+    pub fn new(message: impl Into<String>) -> ReplyError {
+        ReplyError {
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ReplyError {}
 
 /// The shared bus stream every node reads (`XREAD BLOCK`).
 pub const BUS_KEY: &str = "fanout:bus";
@@ -204,11 +231,14 @@ return 0
 "#;
 
 /// The reply of [`NICK_CLAIM_LUA`]: whether the nick is the claimant's.
-pub fn parse_nick_claim(v: Value) -> Result<bool, String> {
+pub fn parse_nick_claim(v: Value) -> Result<bool, ReplyError> {
     match v {
         Value::Int(1) => Ok(true),
         Value::Int(0) => Ok(false),
-        other => Err(format!("nick claim: expected 0 or 1, got {}", kind(&other))),
+        other => Err(ReplyError::new(format!(
+            "nick claim: expected 0 or 1, got {}",
+            kind(&other)
+        ))),
     }
 }
 
@@ -249,22 +279,33 @@ return out
 "#;
 
 /// The reply of [`ROOMS_LUA`]: (room, members) sorted by room.
-pub fn parse_rooms(v: Value) -> Result<Vec<(String, u64)>, String> {
+pub fn parse_rooms(v: Value) -> Result<Vec<(String, u64)>, ReplyError> {
     let items = match v {
         Value::Array(items) => items,
         Value::Nil => return Ok(Vec::new()),
-        other => return Err(format!("rooms: expected an array, got {}", kind(&other))),
+        other => {
+            return Err(ReplyError::new(format!(
+                "rooms: expected an array, got {}",
+                kind(&other)
+            )))
+        }
     };
     if items.len() % 2 != 0 {
-        return Err("rooms: an odd number of items".into());
+        return Err(ReplyError::new("rooms: an odd number of items"));
     }
     let mut rooms = Vec::with_capacity(items.len() / 2);
     let mut items = items.into_iter();
     while let (Some(room), Some(count)) = (items.next(), items.next()) {
-        let room = string_of(room).ok_or("rooms: a room name is not a string")?;
+        let room =
+            string_of(room).ok_or_else(|| ReplyError::new("rooms: a room name is not a string"))?;
         let count = match count {
             Value::Int(n) if n >= 0 => n as u64,
-            other => return Err(format!("rooms: a count is {}", kind(&other))),
+            other => {
+                return Err(ReplyError::new(format!(
+                    "rooms: a count is {}",
+                    kind(&other)
+                )))
+            }
         };
         rooms.push((room, count));
     }
@@ -273,15 +314,20 @@ pub fn parse_rooms(v: Value) -> Result<Vec<(String, u64)>, String> {
 }
 
 /// The reply of [`WHO_LUA`]: the nicks, sorted.
-pub fn parse_who(v: Value) -> Result<Vec<String>, String> {
+pub fn parse_who(v: Value) -> Result<Vec<String>, ReplyError> {
     let items = match v {
         Value::Array(items) | Value::Set(items) => items,
         Value::Nil => return Ok(Vec::new()),
-        other => return Err(format!("who: expected an array, got {}", kind(&other))),
+        other => {
+            return Err(ReplyError::new(format!(
+                "who: expected an array, got {}",
+                kind(&other)
+            )))
+        }
     };
     let mut nicks = items
         .into_iter()
-        .map(|item| string_of(item).ok_or_else(|| "who: a nick is not a string".to_string()))
+        .map(|item| string_of(item).ok_or_else(|| ReplyError::new("who: a nick is not a string")))
         .collect::<Result<Vec<_>, _>>()?;
     nicks.sort();
     Ok(nicks)
@@ -427,38 +473,47 @@ fn u64_of_bytes(b: &[u8]) -> Option<u64> {
 
 /// The reply to `XRANGE`/`XREVRANGE`, or one stream's entries inside an
 /// `XREAD` reply: `[[id, [field, value, ...]], ...]`.
-pub fn parse_entries(v: Value) -> Result<Vec<RawEntry>, String> {
+pub fn parse_entries(v: Value) -> Result<Vec<RawEntry>, ReplyError> {
     let items = match v {
         Value::Array(items) | Value::Set(items) => items,
         Value::Nil => return Ok(Vec::new()),
         other => {
-            return Err(format!(
+            return Err(ReplyError::new(format!(
                 "stream entries: expected an array, got {}",
                 kind(&other)
-            ))
+            )))
         }
     };
     let mut out = Vec::with_capacity(items.len());
     for item in items {
         let Value::Array(pair) = item else {
-            return Err("stream entry: expected [id, fields]".into());
+            return Err(ReplyError::new("stream entry: expected [id, fields]"));
         };
         let mut pair = pair.into_iter();
         let (Some(id), Some(fields), None) = (pair.next(), pair.next(), pair.next()) else {
-            return Err("stream entry: expected exactly [id, fields]".into());
+            return Err(ReplyError::new(
+                "stream entry: expected exactly [id, fields]",
+            ));
         };
-        let id = string_of(id).ok_or("stream entry: the ID is not a string")?;
+        let id =
+            string_of(id).ok_or_else(|| ReplyError::new("stream entry: the ID is not a string"))?;
         let fields = match fields {
             Value::Array(flat) => {
                 if flat.len() % 2 != 0 {
-                    return Err(format!("stream entry {id}: odd number of field items"));
+                    return Err(ReplyError::new(format!(
+                        "stream entry {id}: odd number of field items"
+                    )));
                 }
                 let mut fields = Vec::with_capacity(flat.len() / 2);
                 let mut it = flat.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
                     match (bytes_of(k), bytes_of(v)) {
                         (Some(k), Some(v)) => fields.push((k, v)),
-                        _ => return Err(format!("stream entry {id}: a field is not a string")),
+                        _ => {
+                            return Err(ReplyError::new(format!(
+                                "stream entry {id}: a field is not a string"
+                            )))
+                        }
                     }
                 }
                 fields
@@ -468,7 +523,11 @@ pub fn parse_entries(v: Value) -> Result<Vec<RawEntry>, String> {
                 for (k, v) in pairs {
                     match (bytes_of(k), bytes_of(v)) {
                         (Some(k), Some(v)) => fields.push((k, v)),
-                        _ => return Err(format!("stream entry {id}: a field is not a string")),
+                        _ => {
+                            return Err(ReplyError::new(format!(
+                                "stream entry {id}: a field is not a string"
+                            )))
+                        }
                     }
                 }
                 fields
@@ -476,10 +535,10 @@ pub fn parse_entries(v: Value) -> Result<Vec<RawEntry>, String> {
             // A deleted entry still listed (XREADGROUP history) has no fields.
             Value::Nil => Vec::new(),
             other => {
-                return Err(format!(
+                return Err(ReplyError::new(format!(
                     "stream entry {id}: expected a field array, got {}",
                     kind(&other)
-                ))
+                )))
             }
         };
         out.push(RawEntry { id, fields });
@@ -490,7 +549,7 @@ pub fn parse_entries(v: Value) -> Result<Vec<RawEntry>, String> {
 /// The reply to `XREAD ... STREAMS key id`: `nil` on timeout, otherwise
 /// `[[key, entries]]` (RESP2) or `{key: entries}` (RESP3). Answers the
 /// entries of `key` only.
-pub fn parse_xread(v: Value, key: &str) -> Result<Vec<RawEntry>, String> {
+pub fn parse_xread(v: Value, key: &str) -> Result<Vec<RawEntry>, ReplyError> {
     let streams: Vec<(Value, Value)> = match v {
         Value::Nil => return Ok(Vec::new()),
         Value::Map(pairs) => pairs,
@@ -498,17 +557,22 @@ pub fn parse_xread(v: Value, key: &str) -> Result<Vec<RawEntry>, String> {
             let mut pairs = Vec::with_capacity(items.len());
             for item in items {
                 let Value::Array(kv) = item else {
-                    return Err("XREAD: expected [key, entries]".into());
+                    return Err(ReplyError::new("XREAD: expected [key, entries]"));
                 };
                 let mut kv = kv.into_iter();
                 let (Some(k), Some(e), None) = (kv.next(), kv.next(), kv.next()) else {
-                    return Err("XREAD: expected exactly [key, entries]".into());
+                    return Err(ReplyError::new("XREAD: expected exactly [key, entries]"));
                 };
                 pairs.push((k, e));
             }
             pairs
         }
-        other => return Err(format!("XREAD: expected an array, got {}", kind(&other))),
+        other => {
+            return Err(ReplyError::new(format!(
+                "XREAD: expected an array, got {}",
+                kind(&other)
+            )))
+        }
     };
     let mut out = Vec::new();
     for (k, entries) in streams {
@@ -521,15 +585,19 @@ pub fn parse_xread(v: Value, key: &str) -> Result<Vec<RawEntry>, String> {
 
 /// A decimal field of a stream entry; the error names the entry's kind,
 /// its ID and the field.
-fn number_field(raw: &RawEntry, kind: &str, name: &str) -> Result<u64, String> {
-    raw.field(name)
-        .and_then(u64_of_bytes)
-        .ok_or_else(|| format!("{kind} entry {}: missing or bad field {name}", raw.id))
+fn number_field(raw: &RawEntry, kind: &str, name: &str) -> Result<u64, ReplyError> {
+    raw.field(name).and_then(u64_of_bytes).ok_or_else(|| {
+        ReplyError::new(format!(
+            "{kind} entry {}: missing or bad field {name}",
+            raw.id
+        ))
+    })
 }
 
 /// Checks a bus entry: every field present and well-formed.
-pub fn bus_entry(mut raw: RawEntry) -> Result<BusEntry, String> {
-    let id = StreamId::parse(&raw.id).ok_or_else(|| format!("bus entry {}: bad ID", raw.id))?;
+pub fn bus_entry(mut raw: RawEntry) -> Result<BusEntry, ReplyError> {
+    let id = StreamId::parse(&raw.id)
+        .ok_or_else(|| ReplyError::new(format!("bus entry {}: bad ID", raw.id)))?;
     let num = |raw: &RawEntry, name: &str| number_field(raw, "bus", name);
     let offset = num(&raw, "off")?;
     let origin_seq = num(&raw, "seq")?;
@@ -550,15 +618,16 @@ pub fn bus_entry(mut raw: RawEntry) -> Result<BusEntry, String> {
 
 /// Checks any bus entry: a definition announcement has a `def` field,
 /// anything else must be a message.
-pub fn bus_item(raw: RawEntry) -> Result<BusItem, String> {
+pub fn bus_item(raw: RawEntry) -> Result<BusItem, ReplyError> {
     if raw.field("def").is_none() {
         return bus_entry(raw).map(BusItem::Message);
     }
     definition_entry(raw).map(BusItem::Definition)
 }
 
-fn definition_entry(mut raw: RawEntry) -> Result<DefinitionEntry, String> {
-    let id = StreamId::parse(&raw.id).ok_or_else(|| format!("bus entry {}: bad ID", raw.id))?;
+fn definition_entry(mut raw: RawEntry) -> Result<DefinitionEntry, ReplyError> {
+    let id = StreamId::parse(&raw.id)
+        .ok_or_else(|| ReplyError::new(format!("bus entry {}: bad ID", raw.id)))?;
     let num = |raw: &RawEntry, name: &str| number_field(raw, "definition", name);
     let origin_seq = num(&raw, "seq")?;
     let bseq = num(&raw, "bseq")?;
@@ -566,10 +635,10 @@ fn definition_entry(mut raw: RawEntry) -> Result<DefinitionEntry, String> {
         0 => false,
         1 => true,
         other => {
-            return Err(format!(
+            return Err(ReplyError::new(format!(
                 "definition entry {}: field created is {other}, expected 0 or 1",
                 raw.id
-            ))
+            )))
         }
     };
     let channel = text_field(&mut raw, "ch")?;
@@ -589,13 +658,13 @@ fn definition_entry(mut raw: RawEntry) -> Result<DefinitionEntry, String> {
 /// The reply to `HGETALL` of the definitions hash: (channel, definition)
 /// pairs. A pair that is not UTF-8 is left out and counted in the answer's
 /// second part.
-pub fn parse_definitions(v: Value) -> Result<(Vec<(String, String)>, u64), String> {
+pub fn parse_definitions(v: Value) -> Result<(Vec<(String, String)>, u64), ReplyError> {
     let pairs: Vec<(Value, Value)> = match v {
         Value::Nil => return Ok((Vec::new(), 0)),
         Value::Map(pairs) => pairs,
         Value::Array(flat) => {
             if flat.len() % 2 != 0 {
-                return Err("definitions: odd number of hash items".into());
+                return Err(ReplyError::new("definitions: odd number of hash items"));
             }
             let mut pairs = Vec::with_capacity(flat.len() / 2);
             let mut it = flat.into_iter();
@@ -605,10 +674,10 @@ pub fn parse_definitions(v: Value) -> Result<(Vec<(String, String)>, u64), Strin
             pairs
         }
         other => {
-            return Err(format!(
+            return Err(ReplyError::new(format!(
                 "definitions: expected a hash, got {}",
                 kind(&other)
-            ))
+            )))
         }
     };
     let mut out = Vec::with_capacity(pairs.len());
@@ -622,17 +691,27 @@ pub fn parse_definitions(v: Value) -> Result<(Vec<(String, String)>, u64), Strin
     Ok((out, unreadable))
 }
 
-fn text_field(raw: &mut RawEntry, name: &str) -> Result<String, String> {
+fn text_field(raw: &mut RawEntry, name: &str) -> Result<String, ReplyError> {
     raw.take_field(name)
         .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| format!("entry {}: missing or non-UTF-8 field {name}", raw.id))
+        .ok_or_else(|| {
+            ReplyError::new(format!(
+                "entry {}: missing or non-UTF-8 field {name}",
+                raw.id
+            ))
+        })
 }
 
 /// Checks a channel-stream entry (ID `0-<offset>`).
-pub fn history_entry(mut raw: RawEntry) -> Result<HistoryEntry, String> {
+pub fn history_entry(mut raw: RawEntry) -> Result<HistoryEntry, ReplyError> {
     let offset = match StreamId::parse(&raw.id) {
         Some(StreamId { ms: 0, seq }) if seq > 0 => seq,
-        _ => return Err(format!("channel entry {}: not an offset ID", raw.id)),
+        _ => {
+            return Err(ReplyError::new(format!(
+                "channel entry {}: not an offset ID",
+                raw.id
+            )))
+        }
     };
     let origin_seq = number_field(&raw, "channel", "seq")?;
     let origin = text_field(&mut raw, "origin")?;
@@ -646,7 +725,7 @@ pub fn history_entry(mut raw: RawEntry) -> Result<HistoryEntry, String> {
 }
 
 /// An integer reply (`GET` of a counter: nil means 0).
-pub fn parse_count(v: Value) -> Result<u64, String> {
+pub fn parse_count(v: Value) -> Result<u64, ReplyError> {
     match v {
         Value::Nil => Ok(0),
         Value::Int(i) if i >= 0 => Ok(i as u64),
@@ -654,7 +733,7 @@ pub fn parse_count(v: Value) -> Result<u64, String> {
             let desc = kind(&other);
             bytes_of(other)
                 .and_then(|b| u64_of_bytes(&b))
-                .ok_or_else(|| format!("expected a counter, got {desc}"))
+                .ok_or_else(|| ReplyError::new(format!("expected a counter, got {desc}")))
         }
     }
 }
@@ -739,23 +818,23 @@ pub fn history(
 }
 
 /// Splits the reply of a `MULTI`/`EXEC` pipeline into its `n` results.
-fn exec_results(v: Value, n: usize, what: &str) -> Result<Vec<Value>, String> {
+fn exec_results(v: Value, n: usize, what: &str) -> Result<Vec<Value>, ReplyError> {
     match v {
         Value::Array(items) if items.len() == n => Ok(items),
-        other => Err(format!(
+        other => Err(ReplyError::new(format!(
             "{what}: expected {n} results, got {}",
             kind(&other)
-        )),
+        ))),
     }
 }
 
 /// The reply to `MULTI; XRANGE ch 0-<after+1> + COUNT limit; GET offset; EXEC`.
 /// The reply of a channel's latest messages (`XREVRANGE` and the offset
 /// counter in one `MULTI`): the entries oldest first.
-pub fn parse_recent_reply(v: Value) -> Result<History, String> {
+pub fn parse_recent_reply(v: Value) -> Result<History, ReplyError> {
     let mut items = exec_results(v, 2, "recent history")?.into_iter();
     let (Some(entries), Some(counter)) = (items.next(), items.next()) else {
-        return Err("recent history: missing results".into());
+        return Err(ReplyError::new("recent history: missing results"));
     };
     let mut entries = parse_entries(entries)?
         .into_iter()
@@ -770,10 +849,14 @@ pub fn parse_recent_reply(v: Value) -> Result<History, String> {
     })
 }
 
-pub fn parse_history_reply(v: Value, after_offset: u64, limit: usize) -> Result<History, String> {
+pub fn parse_history_reply(
+    v: Value,
+    after_offset: u64,
+    limit: usize,
+) -> Result<History, ReplyError> {
     let mut items = exec_results(v, 2, "history")?.into_iter();
     let (Some(entries), Some(counter)) = (items.next(), items.next()) else {
-        return Err("history: missing results".into());
+        return Err(ReplyError::new("history: missing results"));
     };
     let entries = parse_entries(entries)?
         .into_iter()
@@ -799,17 +882,16 @@ pub struct BusPosition {
 
 /// The reply to `MULTI; XREVRANGE bus + - COUNT 1; GET bus-seq; HGETALL
 /// definitions; EXEC`.
-pub fn parse_bus_position(v: Value) -> Result<BusPosition, String> {
+pub fn parse_bus_position(v: Value) -> Result<BusPosition, ReplyError> {
     let mut items = exec_results(v, 3, "bus position")?.into_iter();
     let (Some(top), Some(counter), Some(definitions)) = (items.next(), items.next(), items.next())
     else {
-        return Err("bus position: missing results".into());
+        return Err(ReplyError::new("bus position: missing results"));
     };
     let bseq = parse_count(counter)?;
     let id = match parse_entries(top)?.first() {
-        Some(e) => {
-            StreamId::parse(&e.id).ok_or_else(|| format!("bus position: bad ID {}", e.id))?
-        }
+        Some(e) => StreamId::parse(&e.id)
+            .ok_or_else(|| ReplyError::new(format!("bus position: bad ID {}", e.id)))?,
         None => StreamId { ms: 0, seq: 0 },
     };
     let (definitions, unreadable) = parse_definitions(definitions)?;
@@ -823,12 +905,12 @@ pub fn parse_bus_position(v: Value) -> Result<BusPosition, String> {
 
 /// The reply to `MULTI; SET epoch candidate NX; GET epoch; EXEC` (the `SET`
 /// result ignored): the epoch now in Redis.
-pub fn parse_epoch(v: Value) -> Result<String, String> {
+pub fn parse_epoch(v: Value) -> Result<String, ReplyError> {
     let mut items = exec_results(v, 1, "epoch")?.into_iter();
     items
         .next()
         .and_then(string_of)
-        .ok_or_else(|| "epoch: not a string".to_string())
+        .ok_or_else(|| ReplyError::new("epoch: not a string"))
 }
 
 /// A short name for a value's type, for error messages (never the data).
@@ -1330,12 +1412,15 @@ mod tests {
                 .collect();
             let raw = parse_entries(Value::Array(vec![entry("3-1", &broken)])).unwrap();
             let e = bus_item(raw[0].clone()).unwrap_err();
-            assert!(e.contains(name), "{name}={bad}: {e}");
+            assert!(e.to_string().contains(name), "{name}={bad}: {e}");
         }
         let without_channel: Vec<(&str, &str)> =
             fields.iter().copied().filter(|(k, _)| *k != "ch").collect();
         let raw = parse_entries(Value::Array(vec![entry("3-1", &without_channel)])).unwrap();
-        assert!(bus_item(raw[0].clone()).unwrap_err().contains("ch"));
+        assert_eq!(
+            bus_item(raw[0].clone()).unwrap_err().to_string(),
+            "entry 3-1: missing or non-UTF-8 field ch"
+        );
 
         // RESP3 map, RESP2 flat array, nil, and the shapes that are errors.
         let map = Value::Map(vec![(bulk("a"), bulk("1")), (bulk("b"), bulk("2"))]);
