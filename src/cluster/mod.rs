@@ -147,12 +147,22 @@
 //! (`lost_at_shutdown`).
 
 mod backoff;
+mod connection;
+mod errors;
+mod inbound;
 mod link;
+mod link_config;
 pub mod protocol;
 mod queues;
+mod reader;
+mod shared;
+mod status;
+mod warn;
+mod writer;
 
-pub use link::{
-    Full, Inbound, LinkConfig, LinkConfigError, LinkState, LinkStats, LostKind, RedisLink,
-    RequestError, MAX_HISTORY,
-};
+pub use errors::{Full, RequestError};
+pub use inbound::{Inbound, LostKind};
+pub use link::{RedisLink, MAX_HISTORY};
+pub use link_config::{LinkConfig, LinkConfigError};
 pub use protocol::{History, HistoryEntry, ReplyError};
+pub use status::{LinkState, LinkStats};

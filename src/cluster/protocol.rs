@@ -5,34 +5,9 @@
 //! [`redis::Value`] and these functions turn values into link types,
 //! answering `Err` (never panicking) on anything unexpected.
 
-use std::fmt;
-
 use redis::Value;
 
-/// A Redis reply of a shape fanout does not expect (a key written by
-/// another program, a Redis that answers differently, a bug): the message
-/// names the command or entry and what was wrong, never the data itself.
-/// Unlike a [`redis::RedisError`] it says nothing about the connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplyError {
-    message: String,
-}
-
-impl ReplyError {
-    pub fn new(message: impl Into<String>) -> ReplyError {
-        ReplyError {
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for ReplyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for ReplyError {}
+pub use super::errors::ReplyError;
 
 /// The shared bus stream every node reads (`XREAD BLOCK`).
 pub const BUS_KEY: &str = "fanout:bus";

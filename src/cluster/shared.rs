@@ -1,0 +1,216 @@
+//! [`Shared`]: what the handle and the two threads share (settings,
+//! queues, status, counters), with the transitions of the link's state
+//! and the answers pushed to the loop. One place for everything that
+//! crosses threads.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::errors::RequestError;
+use super::inbound::{Inbound, LostKind};
+use super::link_config::LinkConfig;
+use super::protocol::{self, History};
+use super::queues::{Command, Inbox, Outbox};
+use super::status::{add, millis, Counters, LinkState, LinkStats, Side, Status};
+
+pub(super) struct Shared {
+    pub(super) cfg: LinkConfig,
+    /// `host:port` (no credentials), for logs.
+    pub(super) addr: String,
+    /// Random per process: publishes of a restarted node never collide with
+    /// the dedup state of its previous run.
+    pub(super) instance: String,
+    pub(super) stop: AtomicBool,
+    /// The reader has taken its start position on the bus: until then the
+    /// writer holds publishes back, so that the node's own reader sees
+    /// every message published after `start`.
+    pub(super) reader_ready: AtomicBool,
+    pub(super) outbox: Outbox,
+    pub(super) inbox: Inbox,
+    pub(super) status: Mutex<Status>,
+    pub(super) c: Counters,
+    /// Queue-full losses not yet reported as `Inbound::Lost`.
+    pub(super) overflow: AtomicU64,
+    pub(super) next_seq: AtomicU64,
+    pub(super) next_request: AtomicU64,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub(super) fn new(cfg: LinkConfig, addr: String, waker: Arc<mio::Waker>) -> Shared {
+        Shared {
+            addr,
+            instance: format!("{:016x}", protocol::random_u64()),
+            stop: AtomicBool::new(false),
+            reader_ready: AtomicBool::new(false),
+            outbox: Outbox::new(cfg.outbound_queue),
+            inbox: Inbox::new(cfg.inbound_queue, waker),
+            status: Mutex::new(Status {
+                writer_up: false,
+                reader_up: false,
+                state: LinkState::Connecting,
+                epoch: None,
+                epoch_gen: 0,
+                outages: 0,
+                resets: 0,
+                down_since: None,
+                down_total: Duration::ZERO,
+            }),
+            c: Counters::default(),
+            overflow: AtomicU64::new(0),
+            next_seq: AtomicU64::new(0),
+            next_request: AtomicU64::new(0),
+            cfg,
+        }
+    }
+
+    pub(super) fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    pub(super) fn conn_up(&self, side: Side) {
+        let mut s = lock(&self.status);
+        match side {
+            Side::Writer => s.writer_up = true,
+            Side::Reader => s.reader_up = true,
+        }
+        if s.writer_up && s.reader_up && s.state != LinkState::Up && !self.stopping() {
+            match s.down_since.take() {
+                Some(since) => {
+                    let outage = since.elapsed();
+                    s.down_total += outage;
+                    log::info!(
+                        "redis link to {} is up again after {:.1} s",
+                        self.addr,
+                        outage.as_secs_f64()
+                    );
+                }
+                None => log::info!(
+                    "redis link to {} is up (node {})",
+                    self.addr,
+                    self.cfg.node_id
+                ),
+            }
+            s.state = LinkState::Up;
+            self.inbox.push_control(Inbound::Up);
+        }
+    }
+
+    pub(super) fn conn_down(&self, side: Side, reason: &str) {
+        let mut s = lock(&self.status);
+        match side {
+            Side::Writer => s.writer_up = false,
+            Side::Reader => s.reader_up = false,
+        }
+        if matches!(s.state, LinkState::Up | LinkState::Connecting) && !self.stopping() {
+            s.state = LinkState::Down;
+            s.outages += 1;
+            s.down_since = Some(Instant::now());
+            log::warn!(
+                "redis link to {} is down ({reason}); local clients are still served, \
+                 publishes are queued (up to {}), reconnecting with backoff",
+                self.addr,
+                self.cfg.outbound_queue
+            );
+            self.inbox.push_control(Inbound::Down {
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    /// Records the epoch now in Redis; a change means Redis lost its data.
+    /// Answers the epoch generation.
+    pub(super) fn note_epoch(&self, epoch: String) -> u64 {
+        let mut s = lock(&self.status);
+        match &s.epoch {
+            Some(old) if *old == epoch => {}
+            Some(_) => {
+                s.epoch = Some(epoch);
+                s.epoch_gen += 1;
+                s.resets += 1;
+                log::warn!(
+                    "redis at {} lost its data (restart without persistence or flush): \
+                     channel offsets start again from 1, earlier history is gone",
+                    self.addr
+                );
+                self.inbox.push_control(Inbound::Reset);
+            }
+            None => s.epoch = Some(epoch),
+        }
+        s.epoch_gen
+    }
+
+    pub(super) fn lost(&self, count: u64, kind: LostKind) {
+        if count > 0 {
+            self.inbox.push_control(Inbound::Lost { count, kind });
+        }
+    }
+
+    pub(super) fn report_overflow(&self) {
+        let n = self.overflow.swap(0, Ordering::AcqRel);
+        self.lost(n, LostKind::QueueFull);
+    }
+
+    /// Answers a read (history, who) with an error.
+    pub(super) fn fail_read(&self, cmd: Command, why: RequestError) {
+        match cmd {
+            Command::Who { request, room } => self.inbox.push_control(Inbound::Who {
+                request,
+                room,
+                result: Err(why),
+            }),
+            Command::Rooms { request } => self.inbox.push_control(Inbound::Rooms {
+                request,
+                result: Err(why),
+            }),
+            history => self.answer_history(history, Err(why)),
+        }
+    }
+
+    pub(super) fn answer_history(&self, cmd: Command, result: Result<History, RequestError>) {
+        if let Command::History {
+            request, channel, ..
+        } = cmd
+        {
+            add(&self.c.history_answered, 1);
+            self.inbox.push_control(Inbound::History {
+                request,
+                channel,
+                result,
+            });
+        }
+    }
+
+    pub(super) fn stats(&self) -> LinkStats {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let s = lock(&self.status);
+        let down = s.down_since.map(|t| t.elapsed()).unwrap_or_default();
+        LinkStats {
+            state: s.state,
+            published: load(&self.c.published),
+            defined: load(&self.c.defined),
+            received: self.inbox.messages_in(),
+            lost_queue_full: load(&self.c.lost_queue_full),
+            lost_rejected: load(&self.c.lost_rejected),
+            lost_bus_gap: load(&self.c.lost_bus_gap),
+            lost_at_shutdown: load(&self.c.lost_at_shutdown),
+            malformed: load(&self.c.malformed),
+            duplicates: load(&self.c.duplicates),
+            history_answered: load(&self.c.history_answered),
+            presence_lost: load(&self.c.presence_lost),
+            outbound_queued: self.outbox.len(),
+            inbound_queued: self.inbox.len(),
+            lag_ms: load(&self.c.lag_ms),
+            reconnects: load(&self.c.reconnects),
+            connect_failures: load(&self.c.connect_failures),
+            outages: s.outages,
+            resets: s.resets,
+            down_ms: millis(down),
+            down_total_ms: millis(s.down_total + down),
+        }
+    }
+}
