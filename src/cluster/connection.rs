@@ -86,14 +86,60 @@ pub(super) fn set_alive(
         .query::<Value>(con)
 }
 
-/// Sleeps `d` in short steps, returning early when the link stops.
-pub(super) fn nap(sh: &Shared, d: Duration) {
-    let deadline = Instant::now() + d;
+/// Sleeps until `deadline` in short steps, returning early when the link
+/// stops.
+pub(super) fn nap_until(sh: &Shared, deadline: Instant) {
     while !sh.stopping() {
         let now = Instant::now();
         if now >= deadline {
             return;
         }
         std::thread::sleep((deadline - now).min(TICK / 2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_classified() {
+        let io = RedisError::from(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "gone"));
+        assert!(is_connection_error(&io));
+        assert!(!is_unavailable(&io));
+        let parse = RedisError::from((ErrorKind::Parse, "bad reply"));
+        assert!(is_connection_error(&parse));
+        for code in [
+            "LOADING",
+            "READONLY",
+            "MASTERDOWN",
+            "TRYAGAIN",
+            "BUSY",
+            "CLUSTERDOWN",
+        ] {
+            let e = redis::make_extension_error(code.into(), None);
+            assert!(!is_connection_error(&e), "{code}");
+            assert!(is_unavailable(&e), "{code}");
+        }
+        for code in ["OOM", "WRONGTYPE", "NOSCRIPT"] {
+            let e = redis::make_extension_error(code.into(), None);
+            assert!(!is_connection_error(&e), "{code}");
+            assert!(!is_unavailable(&e), "{code}");
+        }
+    }
+
+    #[test]
+    fn nap_ends_at_the_deadline_or_at_stop() {
+        let (sh, _poll) = super::super::shared::tests::shared(super::super::LinkConfig::new(
+            "redis://127.0.0.1:6379",
+            "test-node",
+        ));
+        let start = Instant::now();
+        nap_until(&sh, start + Duration::from_millis(30));
+        assert!(start.elapsed() >= Duration::from_millis(30));
+        sh.stop.store(true, std::sync::atomic::Ordering::Release);
+        let start = Instant::now();
+        nap_until(&sh, start + Duration::from_secs(30));
+        assert!(start.elapsed() < Duration::from_secs(1));
     }
 }

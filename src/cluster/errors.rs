@@ -149,3 +149,49 @@ impl fmt::Display for Full {
 }
 
 impl std::error::Error for Full {}
+
+#[cfg(test)]
+mod tests {
+    use redis::ErrorKind;
+
+    use super::*;
+
+    #[test]
+    fn request_errors_read_as_before() {
+        assert_eq!(RequestError::Down.to_string(), "redis link is down");
+        let broken = RedisError::from((ErrorKind::Io, "broken pipe"));
+        let e = RequestError::of(&broken);
+        assert!(matches!(e, RequestError::Connection(_)), "{e:?}");
+        assert_eq!(e.to_string(), format!("redis link: {broken}"));
+        let oom = redis::make_extension_error("OOM".into(), Some("no memory".into()));
+        let e = RequestError::of(&oom);
+        assert!(matches!(e, RequestError::Redis(_)), "{e:?}");
+        assert_eq!(e.to_string(), oom.to_string());
+        let e = RequestError::from(ReplyError::new("who: a nick is not a string"));
+        assert_eq!(e.to_string(), "who: a nick is not a string");
+        assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
+    fn connect_errors_say_which_step_failed() {
+        let e = || RedisError::from((ErrorKind::Io, "connection refused"));
+        assert_eq!(ConnectError::Redis(e()).to_string(), e().to_string());
+        assert_eq!(
+            ConnectError::ScriptLoad(e()).to_string(),
+            format!("SCRIPT LOAD: {}", e())
+        );
+        assert_eq!(
+            ConnectError::SetAlive(e()).to_string(),
+            format!("SET alive: {}", e())
+        );
+        assert_eq!(
+            ConnectError::from(ReplyError::new("epoch: not a string")).to_string(),
+            "epoch: not a string"
+        );
+    }
+
+    #[test]
+    fn full_reads_as_before() {
+        assert_eq!(Full.to_string(), "redis link outbound queue is full");
+    }
+}

@@ -291,3 +291,131 @@ impl fmt::Debug for RedisLink {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::errors::RequestError;
+    use crate::cluster::inbound::LostKind;
+
+    /// A link to a port where nothing listens (connections are refused at
+    /// once): what it does without Redis.
+    fn unreachable(outbound_queue: usize) -> (RedisLink, mio::Poll) {
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let mut cfg = LinkConfig::new("redis://127.0.0.1:1", "test-node");
+        cfg.outbound_queue = outbound_queue;
+        cfg.reconnect_min = Duration::from_millis(20);
+        cfg.reconnect_max = Duration::from_millis(50);
+        cfg.io_timeout = Duration::from_millis(200);
+        cfg.shutdown_timeout = Duration::from_secs(2);
+        (RedisLink::start(cfg, waker).unwrap(), poll)
+    }
+
+    /// Everything drained until an item matches `want` (panics after 5 s).
+    fn drain_until(link: &RedisLink, want: impl Fn(&Inbound) -> bool) -> Vec<Inbound> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut seen = Vec::new();
+        while !seen.iter().any(&want) {
+            assert!(Instant::now() < deadline, "not seen in time: {seen:?}");
+            std::thread::sleep(Duration::from_millis(5));
+            seen.extend(link.drain());
+        }
+        seen
+    }
+
+    #[test]
+    fn a_bad_config_is_refused_before_any_thread_starts() {
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let mut cfg = LinkConfig::new("redis://127.0.0.1:1", "test-node");
+        cfg.batch = 0;
+        let e = RedisLink::start(cfg, waker.clone()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(e.to_string(), "batch must be at least 1");
+        let inner = e
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<LinkConfigError>());
+        assert!(
+            matches!(inner, Some(LinkConfigError::Zero("batch"))),
+            "{e:?}"
+        );
+        let cfg = LinkConfig::new("http://127.0.0.1:1", "test-node");
+        let e = RedisLink::start(cfg, waker).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(
+            e.to_string()
+                .starts_with("redis url \"http://127.0.0.1:1\": "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_outbound_queue_is_bounded_and_losses_are_counted() {
+        let (link, _poll) = unreachable(3);
+        assert_eq!(link.publish("prices", "1".into()), Ok(1));
+        assert_eq!(link.publish("prices", "2".into()), Ok(2));
+        assert_eq!(link.define("prices", "{}".into()), Ok(3));
+        assert_eq!(link.publish("prices", "3".into()), Err(Full));
+        // A refused definition is the caller's to report: not counted.
+        assert_eq!(link.define("news", "{}".into()), Err(Full));
+        assert_eq!(link.presence("ops", 1, Some("ann")), Err(Full));
+        assert_eq!(link.release_nick(1, "ann"), Err(Full));
+        assert_eq!(link.claim_nick(1, "ann", None), Err(Full));
+        assert_eq!(link.history("prices", 0, 10), Err(Full));
+        let stats = link.stats();
+        assert_eq!(stats.outbound_queued, 3);
+        assert_eq!(stats.lost_queue_full, 1);
+        assert_eq!(stats.presence_lost, 3);
+        // The writer reports the queue-full loss while it waits for Redis.
+        let lost = Inbound::Lost {
+            count: 1,
+            kind: LostKind::QueueFull,
+        };
+        drain_until(&link, |i| *i == lost);
+        // Publishes and definitions never sent are counted at shutdown.
+        let stats = link.shutdown();
+        assert_eq!(stats.state, LinkState::Stopped);
+        assert_eq!(stats.lost_at_shutdown, 3);
+    }
+
+    #[test]
+    fn reads_are_answered_at_once_while_down() {
+        let (link, _poll) = unreachable(100);
+        let seen = drain_until(&link, |i| matches!(i, Inbound::Down { .. }));
+        assert!(
+            matches!(&seen[..], [Inbound::Down { reason }] if !reason.is_empty()),
+            "{seen:?}"
+        );
+        assert_eq!(link.state(), LinkState::Down);
+        let who = link.who("ops").unwrap();
+        let history = link.history("prices", 5, 10).unwrap();
+        let rooms = link.rooms().unwrap();
+        let answers = drain_until(&link, |i| matches!(i, Inbound::Rooms { .. }));
+        // All three, in the order asked.
+        assert_eq!(
+            answers,
+            [
+                Inbound::Who {
+                    request: who,
+                    room: "ops".into(),
+                    result: Err(RequestError::Down)
+                },
+                Inbound::History {
+                    request: history,
+                    channel: "prices".into(),
+                    result: Err(RequestError::Down)
+                },
+                Inbound::Rooms {
+                    request: rooms,
+                    result: Err(RequestError::Down)
+                },
+            ]
+        );
+        let stats = link.stats();
+        assert_eq!(stats.history_answered, 1);
+        assert!(stats.connect_failures >= 2, "{stats:?}");
+        assert_eq!(stats.outages, 1);
+        assert_eq!(stats.outbound_queued, 0);
+    }
+}

@@ -155,3 +155,53 @@ impl std::error::Error for LinkConfigError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> LinkConfig {
+        LinkConfig::new("redis://127.0.0.1:6379", "edge-1")
+    }
+
+    #[test]
+    fn defaults_pass() {
+        config().check().unwrap();
+    }
+
+    #[test]
+    fn each_setting_is_checked_and_named() {
+        let refused = |change: fn(&mut LinkConfig)| {
+            let mut c = config();
+            change(&mut c);
+            c.check().unwrap_err().to_string()
+        };
+        assert_eq!(
+            refused(|c| c.node_id = "no spaces".into()),
+            "node id \"no spaces\": expected 1 to 64 ASCII letters, digits, '_', '-', '.'"
+        );
+        assert_eq!(refused(|c| c.batch = 0), "batch must be at least 1");
+        assert_eq!(
+            refused(|c| c.outbound_queue = 0),
+            "outbound_queue must be at least 1"
+        );
+        assert_eq!(
+            refused(|c| c.reconnect_max = Duration::from_secs(3601)),
+            "reconnect_max must be at most an hour"
+        );
+        assert_eq!(
+            refused(|c| c.io_timeout = Duration::from_micros(999)),
+            "read_block and io_timeout must be at least 1 ms"
+        );
+        assert_eq!(
+            refused(|c| c.presence_ttl = Duration::from_millis(999)),
+            "presence_ttl must be at least 1 s"
+        );
+        let mut c = config();
+        c.inbound_queue = 0;
+        assert!(matches!(
+            c.check(),
+            Err(LinkConfigError::Zero("inbound_queue"))
+        ));
+    }
+}

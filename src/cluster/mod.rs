@@ -155,6 +155,7 @@ mod link_config;
 pub mod protocol;
 mod queues;
 mod reader;
+mod reconnect;
 mod shared;
 mod status;
 mod warn;

@@ -6,15 +6,15 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use redis::{Client, Connection, RedisError, Value};
+use redis::{Client, Connection, Value};
 
-use super::backoff::Backoff;
-use super::connection::{is_connection_error, nap, open, sync_epoch};
+use super::connection::{nap_until, open, sync_epoch};
 use super::errors::ConnectError;
 use super::inbound::{Inbound, LostKind};
 use super::protocol::{self, BusItem, StreamId, BUS_KEY, BUS_SEQ_KEY, DEFINITIONS_KEY};
+use super::reconnect::{Reconnect, ReconnectState};
 use super::shared::Shared;
 use super::status::{add, millis, Side};
 use super::warn::RateLimited;
@@ -25,9 +25,7 @@ pub(super) struct Reader {
     sh: Arc<Shared>,
     client: Client,
     conn: Option<Connection>,
-    backoff: Backoff,
-    down: bool,
-    connected_before: bool,
+    reconnect: ReconnectState,
     /// The last bus entry read; `None` before the first connection.
     last_id: Option<StreamId>,
     /// Its bus sequence number (gap detection).
@@ -42,9 +40,7 @@ impl Reader {
         Reader {
             client,
             conn: None,
-            backoff: Backoff::new(sh.cfg.reconnect_min, sh.cfg.reconnect_max, seed),
-            down: false,
-            connected_before: false,
+            reconnect: ReconnectState::new(Side::Reader, &sh.cfg, seed),
             last_id: None,
             last_bseq: 0,
             epoch_gen: 0,
@@ -61,117 +57,6 @@ impl Reader {
             }
             self.read_once();
         }
-    }
-
-    fn connect(&mut self) -> bool {
-        if self.down {
-            nap(&self.sh, self.backoff.next_delay());
-            if self.sh.stopping() {
-                return false;
-            }
-        }
-        match self.try_connect() {
-            Ok(()) => true,
-            Err(reason) => {
-                self.down = true;
-                self.sh.conn_down(Side::Reader, &reason.to_string());
-                false
-            }
-        }
-    }
-
-    fn try_connect(&mut self) -> Result<(), ConnectError> {
-        let cfg = &self.sh.cfg;
-        let result = (|| {
-            let mut con = open(
-                &self.sh,
-                &self.client,
-                "reader",
-                cfg.read_block + cfg.io_timeout,
-            )?;
-            let generation = sync_epoch(&self.sh, &mut con)?;
-            let position = redis::pipe()
-                .atomic()
-                .cmd("XREVRANGE")
-                .arg(BUS_KEY)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1)
-                .cmd("GET")
-                .arg(BUS_SEQ_KEY)
-                .cmd("HGETALL")
-                .arg(DEFINITIONS_KEY)
-                .query::<Value>(&mut con)?;
-            let position = protocol::parse_bus_position(position)?;
-            Ok((con, generation, position))
-        })();
-        match result {
-            Ok((con, generation, position)) => {
-                let protocol::BusPosition {
-                    top,
-                    bseq: counter,
-                    definitions,
-                    unreadable,
-                } = position;
-                if unreadable > 0 {
-                    add(&self.sh.c.malformed, unreadable);
-                    self.malformed_warn.warn(format_args!(
-                        "redis reader: {unreadable} channel definition(s) in {DEFINITIONS_KEY} are not UTF-8; skipped"
-                    ));
-                }
-                match self.last_id {
-                    // First connection: only messages from now on.
-                    None => {
-                        self.last_id = Some(top);
-                        self.last_bseq = counter;
-                    }
-                    // The bus started over (Redis lost its data): everything
-                    // on it is new to this reader.
-                    Some(_) if generation != self.epoch_gen || counter < self.last_bseq => {
-                        self.last_id = Some(StreamId { ms: 0, seq: 0 });
-                        self.last_bseq = 0;
-                    }
-                    // Otherwise resume after the last entry read.
-                    Some(_) => {}
-                }
-                self.epoch_gen = generation;
-                // Read in the same transaction as the position: every
-                // definition is either in here or on the bus after it.
-                self.sh
-                    .inbox
-                    .push_control(Inbound::Definitions { definitions });
-                self.conn = Some(con);
-                self.sh.reader_ready.store(true, Ordering::Release);
-                if self.connected_before {
-                    add(&self.sh.c.reconnects, 1);
-                }
-                self.connected_before = true;
-                self.down = false;
-                self.backoff.reset();
-                self.sh.conn_up(Side::Reader);
-                Ok(())
-            }
-            Err(e) => {
-                add(&self.sh.c.connect_failures, 1);
-                Err(e)
-            }
-        }
-    }
-
-    fn failed(&mut self, e: &RedisError) {
-        self.conn = None;
-        if self.sh.stopping() {
-            return;
-        }
-        if is_connection_error(e) {
-            match self.try_connect() {
-                Ok(()) => return,
-                Err(again) => log::debug!("redis reader: {e}; reconnecting: {again}"),
-            }
-        }
-        self.down = true;
-        self.sh.conn_down(Side::Reader, &e.to_string());
     }
 
     fn read_once(&mut self) {
@@ -194,7 +79,7 @@ impl Reader {
             .query::<Value>(con);
         match reply {
             Ok(v) => self.deliver(v),
-            Err(e) => self.failed(&e),
+            Err(e) => self.connection_failed(&e),
         }
     }
 
@@ -283,5 +168,85 @@ impl Reader {
         }
         self.sh.inbox.push_messages(&mut self.staged, &self.sh.stop);
         self.staged.clear();
+    }
+}
+
+impl Reconnect for Reader {
+    fn shared(&self) -> &Shared {
+        &self.sh
+    }
+
+    fn reconnect_state(&mut self) -> &mut ReconnectState {
+        &mut self.reconnect
+    }
+
+    /// Checks the epoch and takes the reader's place on the bus: where it
+    /// starts or resumes, and the definitions snapshot of that moment.
+    fn establish(&mut self) -> Result<(), ConnectError> {
+        let cfg = &self.sh.cfg;
+        let mut con = open(
+            &self.sh,
+            &self.client,
+            "reader",
+            cfg.read_block + cfg.io_timeout,
+        )?;
+        let generation = sync_epoch(&self.sh, &mut con)?;
+        let position = redis::pipe()
+            .atomic()
+            .cmd("XREVRANGE")
+            .arg(BUS_KEY)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("GET")
+            .arg(BUS_SEQ_KEY)
+            .cmd("HGETALL")
+            .arg(DEFINITIONS_KEY)
+            .query::<Value>(&mut con)?;
+        let protocol::BusPosition {
+            top,
+            bseq: counter,
+            definitions,
+            unreadable,
+        } = protocol::parse_bus_position(position)?;
+        if unreadable > 0 {
+            add(&self.sh.c.malformed, unreadable);
+            self.malformed_warn.warn(format_args!(
+                "redis reader: {unreadable} channel definition(s) in {DEFINITIONS_KEY} are not UTF-8; skipped"
+            ));
+        }
+        match self.last_id {
+            // First connection: only messages from now on.
+            None => {
+                self.last_id = Some(top);
+                self.last_bseq = counter;
+            }
+            // The bus started over (Redis lost its data): everything
+            // on it is new to this reader.
+            Some(_) if generation != self.epoch_gen || counter < self.last_bseq => {
+                self.last_id = Some(StreamId { ms: 0, seq: 0 });
+                self.last_bseq = 0;
+            }
+            // Otherwise resume after the last entry read.
+            Some(_) => {}
+        }
+        self.epoch_gen = generation;
+        // Read in the same transaction as the position: every
+        // definition is either in here or on the bus after it.
+        self.sh
+            .inbox
+            .push_control(Inbound::Definitions { definitions });
+        self.conn = Some(con);
+        self.sh.reader_ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn drop_connection(&mut self) {
+        self.conn = None;
+    }
+
+    fn wait_until(&mut self, deadline: Instant) {
+        nap_until(&self.sh, deadline);
     }
 }

@@ -214,3 +214,173 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    /// A `Shared` as `RedisLink::start` makes it, with a real waker (no
+    /// Redis needed: nothing here does I/O). Keep the `Poll` alive.
+    pub(in crate::cluster) fn shared(cfg: LinkConfig) -> (Shared, mio::Poll) {
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        (Shared::new(cfg, "127.0.0.1:6379".into(), waker), poll)
+    }
+
+    fn config() -> LinkConfig {
+        LinkConfig::new("redis://127.0.0.1:6379", "test-node")
+    }
+
+    fn drained(sh: &Shared) -> Vec<Inbound> {
+        sh.inbox.drain().into_iter().collect()
+    }
+
+    fn state(sh: &Shared) -> LinkState {
+        lock(&sh.status).state
+    }
+
+    #[test]
+    fn the_link_is_up_when_both_connections_are() {
+        let (sh, _poll) = shared(config());
+        assert_eq!(state(&sh), LinkState::Connecting);
+        sh.conn_up(Side::Writer);
+        assert_eq!(state(&sh), LinkState::Connecting);
+        assert_eq!(drained(&sh), []);
+        sh.conn_up(Side::Reader);
+        assert_eq!(state(&sh), LinkState::Up);
+        assert_eq!(drained(&sh), [Inbound::Up]);
+        // Up again while up: nothing new.
+        sh.conn_up(Side::Reader);
+        assert_eq!(drained(&sh), []);
+        assert_eq!(sh.stats().outages, 0);
+    }
+
+    #[test]
+    fn an_outage_is_reported_once_and_timed() {
+        let (sh, _poll) = shared(config());
+        sh.conn_up(Side::Writer);
+        sh.conn_up(Side::Reader);
+        drained(&sh);
+        sh.conn_down(Side::Reader, "connection refused");
+        assert_eq!(state(&sh), LinkState::Down);
+        // The other connection failing too is the same outage.
+        sh.conn_down(Side::Writer, "broken pipe");
+        sh.conn_down(Side::Reader, "connection refused");
+        assert_eq!(
+            drained(&sh),
+            [Inbound::Down {
+                reason: "connection refused".into()
+            }]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        let during = sh.stats();
+        assert_eq!((during.state, during.outages), (LinkState::Down, 1));
+        assert!(during.down_ms >= 20, "{during:?}");
+        // Both must come back.
+        sh.conn_up(Side::Writer);
+        assert_eq!(state(&sh), LinkState::Down);
+        sh.conn_up(Side::Reader);
+        assert_eq!(drained(&sh), [Inbound::Up]);
+        let after = sh.stats();
+        assert_eq!(
+            (after.state, after.outages, after.down_ms),
+            (LinkState::Up, 1, 0)
+        );
+        assert!(after.down_total_ms >= 20, "{after:?}");
+    }
+
+    #[test]
+    fn a_failed_first_connection_is_an_outage() {
+        let (sh, _poll) = shared(config());
+        sh.conn_down(Side::Writer, "connection refused");
+        assert_eq!(state(&sh), LinkState::Down);
+        assert_eq!(sh.stats().outages, 1);
+        assert!(matches!(drained(&sh)[..], [Inbound::Down { .. }]));
+    }
+
+    #[test]
+    fn nothing_changes_once_stopping() {
+        let (sh, _poll) = shared(config());
+        sh.conn_up(Side::Writer);
+        sh.conn_up(Side::Reader);
+        drained(&sh);
+        sh.stop.store(true, Ordering::Release);
+        sh.conn_down(Side::Writer, "shutting down");
+        assert_eq!(state(&sh), LinkState::Up);
+        assert_eq!(drained(&sh), []);
+    }
+
+    #[test]
+    fn an_epoch_change_is_a_reset() {
+        let (sh, _poll) = shared(config());
+        assert_eq!(sh.note_epoch("aaaa".into()), 0);
+        assert_eq!(sh.note_epoch("aaaa".into()), 0);
+        assert_eq!(drained(&sh), []);
+        assert_eq!(sh.note_epoch("bbbb".into()), 1);
+        assert_eq!(drained(&sh), [Inbound::Reset]);
+        assert_eq!(sh.note_epoch("bbbb".into()), 1);
+        assert_eq!(sh.note_epoch("cccc".into()), 2);
+        assert_eq!(sh.stats().resets, 2);
+    }
+
+    #[test]
+    fn queue_full_losses_are_reported_in_one_sum() {
+        let (sh, _poll) = shared(config());
+        sh.report_overflow();
+        assert_eq!(drained(&sh), []);
+        add(&sh.overflow, 3);
+        sh.report_overflow();
+        sh.report_overflow();
+        assert_eq!(
+            drained(&sh),
+            [Inbound::Lost {
+                count: 3,
+                kind: LostKind::QueueFull
+            }]
+        );
+    }
+
+    #[test]
+    fn failed_reads_are_answered_with_the_reason() {
+        let (sh, _poll) = shared(config());
+        sh.fail_read(
+            Command::Who {
+                request: 1,
+                room: "ops".into(),
+            },
+            RequestError::Down,
+        );
+        sh.fail_read(Command::Rooms { request: 2 }, RequestError::Down);
+        sh.fail_read(
+            Command::History {
+                request: 3,
+                channel: "prices".into(),
+                after_offset: 7,
+                limit: 10,
+                newest: false,
+            },
+            RequestError::Connection("broken pipe".into()),
+        );
+        let answers = drained(&sh);
+        assert_eq!(
+            answers,
+            [
+                Inbound::Who {
+                    request: 1,
+                    room: "ops".into(),
+                    result: Err(RequestError::Down)
+                },
+                Inbound::Rooms {
+                    request: 2,
+                    result: Err(RequestError::Down)
+                },
+                Inbound::History {
+                    request: 3,
+                    channel: "prices".into(),
+                    result: Err(RequestError::Connection("broken pipe".into()))
+                },
+            ]
+        );
+        assert_eq!(sh.stats().history_answered, 1);
+    }
+}

@@ -91,6 +91,16 @@ pub(super) enum Side {
     Reader,
 }
 
+impl Side {
+    /// For logs: "redis writer: ...".
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Side::Writer => "writer",
+            Side::Reader => "reader",
+        }
+    }
+}
+
 pub(super) struct Status {
     pub(super) writer_up: bool,
     pub(super) reader_up: bool,

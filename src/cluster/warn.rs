@@ -37,3 +37,25 @@ impl RateLimited {
         self.suppressed = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeats_within_the_interval_are_counted_not_logged() {
+        let mut w = RateLimited::new();
+        w.warn(format_args!("first"));
+        let logged_at = w.last.expect("the first one is logged");
+        assert_eq!(w.suppressed, 0);
+        w.warn(format_args!("second"));
+        w.warn(format_args!("third"));
+        assert_eq!((w.last, w.suppressed), (Some(logged_at), 2));
+        // Once the interval has passed the next one is logged (with the
+        // count) and the count starts over.
+        w.last = Some(Instant::now() - WARN_INTERVAL);
+        w.warn(format_args!("fourth"));
+        assert_eq!(w.suppressed, 0);
+        assert!(w.last.unwrap() > logged_at);
+    }
+}

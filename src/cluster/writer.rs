@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use redis::{Client, Connection, ErrorKind, RedisError, Script, Value};
 
-use super::backoff::Backoff;
 use super::connection::{is_connection_error, is_unavailable, open, set_alive, sync_epoch, TICK};
 use super::errors::{ConnectError, RequestError};
 use super::inbound::{Inbound, LostKind};
@@ -19,6 +18,7 @@ use super::protocol::{
     NICK_CLAIM_LUA, NICK_RELEASE_LUA, PUBLISH_LUA, ROOMS_KEY, ROOMS_LUA, WHO_LUA,
 };
 use super::queues::Command;
+use super::reconnect::{Reconnect, ReconnectState};
 use super::shared::Shared;
 use super::status::{add, Side};
 use super::warn::RateLimited;
@@ -41,10 +41,7 @@ pub(super) struct Writer {
     nick_script: Script,
     /// This node run's alive key (chat presence).
     alive_key: String,
-    backoff: Backoff,
-    /// Reported down; the next connect waits for the backoff first.
-    down: bool,
-    connected_before: bool,
+    reconnect: ReconnectState,
     /// Commands taken from the outbox, not finished yet.
     batch: Vec<Command>,
     /// Per publish in `batch`: the dedup sequence it was last sent with, 0
@@ -69,9 +66,7 @@ impl Writer {
             nick_script: Script::new(NICK_CLAIM_LUA),
             rooms_script: Script::new(ROOMS_LUA),
             alive_key: alive_key(&sh.cfg.node_id, &sh.instance),
-            backoff: Backoff::new(sh.cfg.reconnect_min, sh.cfg.reconnect_max, seed),
-            down: false,
-            connected_before: false,
+            reconnect: ReconnectState::new(Side::Writer, &sh.cfg, seed),
             batch: Vec::new(),
             dseqs: Vec::new(),
             next_dseq: 0,
@@ -125,84 +120,6 @@ impl Writer {
         }
     }
 
-    /// Connects (after the backoff delay when down). Answers whether the
-    /// writer is connected.
-    fn connect(&mut self) -> bool {
-        if self.down {
-            let deadline = Instant::now() + self.backoff.next_delay();
-            while !self.sh.stopping() && Instant::now() < deadline {
-                self.fail_reads(RequestError::Down);
-                self.sh.report_overflow();
-                self.sh.outbox.sleep_until(deadline, &self.sh.stop);
-            }
-            if self.sh.stopping() {
-                return false;
-            }
-        }
-        match self.try_connect() {
-            Ok(()) => true,
-            Err(reason) => {
-                self.down = true;
-                self.sh.conn_down(Side::Writer, &reason.to_string());
-                false
-            }
-        }
-    }
-
-    fn try_connect(&mut self) -> Result<(), ConnectError> {
-        let result = (|| {
-            let mut con = open(&self.sh, &self.client, "writer", self.sh.cfg.io_timeout)?;
-            for script in [&self.script, &self.define_script] {
-                script
-                    .prepare_invoke()
-                    .load(&mut con)
-                    .map_err(ConnectError::ScriptLoad)?;
-            }
-            sync_epoch(&self.sh, &mut con)?;
-            // Alive before any presence of this run is (re)written; a
-            // refusal (out of memory) is the heartbeat's to report.
-            match set_alive(&mut con, &self.alive_key, self.sh.cfg.presence_ttl) {
-                Err(e) if is_connection_error(&e) || is_unavailable(&e) => {
-                    return Err(ConnectError::SetAlive(e))
-                }
-                _ => {}
-            }
-            Ok(con)
-        })();
-        match result {
-            Ok(con) => {
-                self.conn = Some(con);
-                self.last_heartbeat = Instant::now();
-                if self.connected_before {
-                    add(&self.sh.c.reconnects, 1);
-                }
-                self.connected_before = true;
-                self.down = false;
-                self.backoff.reset();
-                self.sh.conn_up(Side::Writer);
-                Ok(())
-            }
-            Err(e) => {
-                add(&self.sh.c.connect_failures, 1);
-                Err(e)
-            }
-        }
-    }
-
-    /// The connection broke: one immediate retry (a stale connection after
-    /// a quick Redis restart is not an outage), else report down.
-    fn connection_failed(&mut self, e: &RedisError) {
-        self.conn = None;
-        if self.sh.stopping() {
-            return;
-        }
-        if let Err(again) = self.try_connect() {
-            log::debug!("redis writer: {e}; reconnecting: {again}");
-            self.down = true;
-            self.sh.conn_down(Side::Writer, &e.to_string());
-        }
-    }
-
     /// Answers queued reads with an error (Redis unreachable).
     fn fail_reads(&mut self, why: RequestError) {
         if matches!(
@@ -233,11 +150,7 @@ impl Writer {
             Ok(_) => {}
             Err(e) if is_connection_error(&e) => self.connection_failed(&e),
             // LOADING and the like: Redis is there but cannot serve yet.
-            Err(e) if is_unavailable(&e) => {
-                self.conn = None;
-                self.down = true;
-                self.sh.conn_down(Side::Writer, &e.to_string());
-            }
+            Err(e) if is_unavailable(&e) => self.went_down(&e.to_string()),
             // Out of memory and the like refuse this write, not the link:
             // publishes are judged one by one.
             Err(e) => self.rejected_warn.warn(format_args!(
@@ -393,12 +306,7 @@ impl Writer {
         let result = match reply {
             Ok(v) => protocol::parse_nick_claim(v).map_err(RequestError::from),
             Err(e) if is_connection_error(&e) => return self.connection_failed(&e),
-            Err(e) if is_unavailable(&e) => {
-                self.conn = None;
-                self.down = true;
-                self.sh.conn_down(Side::Writer, &e.to_string());
-                return;
-            }
+            Err(e) if is_unavailable(&e) => return self.went_down(&e.to_string()),
             Err(e) => Err(RequestError::Redis(e.to_string())),
         };
         let Command::NickClaim { request, nick, .. } = self.batch.remove(0) else {
@@ -667,9 +575,7 @@ impl Writer {
         self.sh.outbox.done(finished);
         if let Some(why) = transient {
             // LOADING, READONLY, ...: this server cannot take writes now.
-            self.conn = None;
-            self.down = true;
-            self.sh.conn_down(Side::Writer, &why);
+            self.went_down(&why);
         }
     }
 
@@ -720,6 +626,53 @@ impl Writer {
             log::warn!(
                 "redis link: {left} queued publish(es) and definition(s) were not sent before shutdown"
             );
+        }
+    }
+}
+
+impl Reconnect for Writer {
+    fn shared(&self) -> &Shared {
+        &self.sh
+    }
+
+    fn reconnect_state(&mut self) -> &mut ReconnectState {
+        &mut self.reconnect
+    }
+
+    /// Loads the scripts, checks the epoch and sets the alive key.
+    fn establish(&mut self) -> Result<(), ConnectError> {
+        let mut con = open(&self.sh, &self.client, "writer", self.sh.cfg.io_timeout)?;
+        for script in [&self.script, &self.define_script] {
+            script
+                .prepare_invoke()
+                .load(&mut con)
+                .map_err(ConnectError::ScriptLoad)?;
+        }
+        sync_epoch(&self.sh, &mut con)?;
+        // Alive before any presence of this run is (re)written; a
+        // refusal (out of memory) is the heartbeat's to report.
+        match set_alive(&mut con, &self.alive_key, self.sh.cfg.presence_ttl) {
+            Err(e) if is_connection_error(&e) || is_unavailable(&e) => {
+                return Err(ConnectError::SetAlive(e))
+            }
+            _ => {}
+        }
+        self.conn = Some(con);
+        self.last_heartbeat = Instant::now();
+        Ok(())
+    }
+
+    fn drop_connection(&mut self) {
+        self.conn = None;
+    }
+
+    /// Reads queued meanwhile are answered at once with
+    /// [`RequestError::Down`]; queue-full losses keep being reported.
+    fn wait_until(&mut self, deadline: Instant) {
+        while !self.sh.stopping() && Instant::now() < deadline {
+            self.fail_reads(RequestError::Down);
+            self.sh.report_overflow();
+            self.sh.outbox.sleep_until(deadline, &self.sh.stop);
         }
     }
 }
