@@ -10,6 +10,7 @@ use redis::{Client, Connection, ErrorKind, RedisError, Value};
 use super::errors::ConnectError;
 use super::protocol::{self, EPOCH_KEY};
 use super::shared::Shared;
+use super::streams;
 
 /// The longest a link thread sleeps before looking at the stop flag.
 pub(super) const TICK: Duration = Duration::from_millis(100);
@@ -69,7 +70,7 @@ pub(super) fn sync_epoch(sh: &Shared, con: &mut Connection) -> Result<u64, Conne
         .cmd("GET")
         .arg(EPOCH_KEY)
         .query::<Value>(con)?;
-    Ok(sh.note_epoch(protocol::parse_epoch(reply)?))
+    Ok(sh.note_epoch(streams::parse_epoch(reply)?))
 }
 
 /// Sets a node run's alive key for `ttl` (whole seconds, at least 1).

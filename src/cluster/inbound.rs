@@ -3,7 +3,7 @@
 //! so the loop has one `match` for all of Redis.
 
 use super::errors::RequestError;
-use super::protocol::History;
+use super::streams::History;
 
 /// What the link hands to the event loop (see [`RedisLink::drain`]).
 #[derive(Debug, Clone, PartialEq, Eq)]

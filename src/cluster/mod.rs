@@ -158,12 +158,13 @@ mod reader;
 mod reconnect;
 mod shared;
 mod status;
+mod streams;
 mod warn;
 mod writer;
 
-pub use errors::{Full, RequestError};
+pub use errors::{Full, ReplyError, RequestError};
 pub use inbound::{Inbound, LostKind};
 pub use link::{RedisLink, MAX_HISTORY};
 pub use link_config::{LinkConfig, LinkConfigError};
-pub use protocol::{History, HistoryEntry, ReplyError};
 pub use status::{LinkState, LinkStats};
+pub use streams::{History, HistoryEntry};

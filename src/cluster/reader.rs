@@ -13,10 +13,11 @@ use redis::{Client, Connection, Value};
 use super::connection::{nap_until, open, sync_epoch};
 use super::errors::ConnectError;
 use super::inbound::{Inbound, LostKind};
-use super::protocol::{self, BusItem, StreamId, BUS_KEY, BUS_SEQ_KEY, DEFINITIONS_KEY};
+use super::protocol::{BUS_KEY, BUS_SEQ_KEY, DEFINITIONS_KEY};
 use super::reconnect::{Reconnect, ReconnectState};
 use super::shared::Shared;
 use super::status::{add, millis, Side};
+use super::streams::{self, BusItem, StreamId};
 use super::warn::RateLimited;
 
 /// The reader thread: `XREAD BLOCK` on the bus from the last seen ID, on
@@ -84,7 +85,7 @@ impl Reader {
     }
 
     fn deliver(&mut self, v: Value) {
-        let entries = match protocol::parse_xread(v, BUS_KEY) {
+        let entries = match streams::parse_xread(v, BUS_KEY) {
             Ok(entries) => entries,
             Err(why) => {
                 self.malformed_warn.warn(format_args!(
@@ -116,7 +117,7 @@ impl Reader {
                 self.conn = None;
                 break;
             };
-            match protocol::bus_item(raw) {
+            match streams::bus_item(raw) {
                 Ok(item) => {
                     let bseq = item.bseq();
                     if bseq > self.last_bseq.saturating_add(1) {
@@ -204,12 +205,12 @@ impl Reconnect for Reader {
             .cmd("HGETALL")
             .arg(DEFINITIONS_KEY)
             .query::<Value>(&mut con)?;
-        let protocol::BusPosition {
+        let streams::BusPosition {
             top,
             bseq: counter,
             definitions,
             unreadable,
-        } = protocol::parse_bus_position(position)?;
+        } = streams::parse_bus_position(position)?;
         if unreadable > 0 {
             add(&self.sh.c.malformed, unreadable);
             self.malformed_warn.warn(format_args!(

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use super::errors::RequestError;
 use super::inbound::{Inbound, LostKind};
 use super::link_config::LinkConfig;
-use super::protocol::{self, History};
+use super::protocol;
 use super::queues::{Command, Inbox, Outbox};
 use super::status::{add, millis, Counters, LinkState, LinkStats, Side, Status};
+use super::streams::History;
 
 pub(super) struct Shared {
     pub(super) cfg: LinkConfig,

@@ -21,6 +21,7 @@ use super::queues::Command;
 use super::reconnect::{Reconnect, ReconnectState};
 use super::shared::Shared;
 use super::status::{add, Side};
+use super::streams;
 use super::warn::RateLimited;
 
 /// How often the writer refreshes its node run's alive key (which also
@@ -196,9 +197,9 @@ impl Writer {
             .arg(offset_key(channel))
             .query::<Value>(con);
         let result = match reply {
-            Ok(v) if newest => protocol::parse_recent_reply(v).map_err(RequestError::from),
+            Ok(v) if newest => streams::parse_recent_reply(v).map_err(RequestError::from),
             Ok(v) => {
-                protocol::parse_history_reply(v, after_offset, limit).map_err(RequestError::from)
+                streams::parse_history_reply(v, after_offset, limit).map_err(RequestError::from)
             }
             Err(e) => {
                 let why = RequestError::of(&e);
