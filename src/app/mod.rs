@@ -1479,7 +1479,7 @@ impl App {
             } => {
                 let Some(resume) = cluster.resumes.remove(&request) else {
                     if let Some(join) = cluster.join_parts.remove(&request) {
-                        let recent = result.map_err(|e| e.to_string()).map(|h| {
+                        let recent = result.map(|h| {
                             let room = channel.strip_prefix(CHAT_PREFIX).unwrap_or_default();
                             let (lines, malformed) = cluster::chat_history(room, &h.entries);
                             if malformed > 0 {
@@ -1579,10 +1579,10 @@ impl App {
                 result,
             } => {
                 if let Some(waiting) = cluster.whos.remove(&request) {
-                    self.answer_who(waiting, result.map_err(|e| e.to_string()), out);
+                    self.answer_who(waiting, result, out);
                 } else if let Some(join) = cluster.join_parts.remove(&request) {
                     if let Some(waiting) = cluster.joins.get_mut(&join) {
-                        waiting.members = Some(result.map_err(|e| e.to_string()));
+                        waiting.members = Some(result);
                     }
                     self.try_finish_join(join, out);
                 }
@@ -1591,10 +1591,10 @@ impl App {
                 request,
                 nick,
                 result,
-            } => self.on_nick_answer(request, nick, result.map_err(|e| e.to_string()), out),
+            } => self.on_nick_answer(request, nick, result, out),
             Inbound::Rooms { request, result } => {
                 if let Some((reply, plain)) = cluster.rooms_waiting.remove(&request) {
-                    self.answer_rooms(reply, plain, result.map_err(|e| e.to_string()), out);
+                    self.answer_rooms(reply, plain, result, out);
                 }
             }
             Inbound::Up => {

@@ -38,7 +38,9 @@ impl std::error::Error for ReplyError {}
 
 /// Why a read ([`RedisLink::history`], [`RedisLink::recent`],
 /// [`RedisLink::who`], [`RedisLink::rooms`]) or a nick claim got no
-/// answer from Redis. Its text is what clients are told.
+/// answer from Redis. The writer hands its text to the loop as the `Err`
+/// of [`Inbound`](super::Inbound)'s answers (the app takes a `String`
+/// there), and that text is what clients are told.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestError {
     /// Redis was unreachable: reads are answered at once during an outage.

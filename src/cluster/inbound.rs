@@ -2,7 +2,6 @@
 //! definitions, answers to requests, up/down/reset, losses), in one type
 //! so the loop has one `match` for all of Redis.
 
-use super::errors::RequestError;
 use super::streams::History;
 
 /// What the link hands to the event loop (see [`RedisLink::drain`]).
@@ -42,20 +41,20 @@ pub enum Inbound {
     History {
         request: u64,
         channel: String,
-        result: Result<History, RequestError>,
+        result: Result<History, String>,
     },
     /// The answer to [`RedisLink::who`]: the nicks of the room's members
     /// on every live node, sorted.
     Who {
         request: u64,
         room: String,
-        result: Result<Vec<String>, RequestError>,
+        result: Result<Vec<String>, String>,
     },
     /// The answer to [`RedisLink::rooms`]: every room with members on a
     /// live node and how many, sorted by room.
     Rooms {
         request: u64,
-        result: Result<Vec<(String, u64)>, RequestError>,
+        result: Result<Vec<(String, u64)>, String>,
     },
     /// The answer to [`RedisLink::claim_nick`]: whether the nick is this
     /// member's now (false: a member of a live node holds it). Never an
@@ -63,7 +62,7 @@ pub enum Inbound {
     Nick {
         request: u64,
         nick: String,
-        result: Result<bool, RequestError>,
+        result: Result<bool, String>,
     },
     /// Both connections are up (first connect, or after a `Down`).
     Up,

@@ -295,7 +295,6 @@ impl fmt::Debug for RedisLink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::errors::RequestError;
     use crate::cluster::inbound::LostKind;
 
     /// A link to a port where nothing listens (connections are refused at
@@ -399,16 +398,16 @@ mod tests {
                 Inbound::Who {
                     request: who,
                     room: "ops".into(),
-                    result: Err(RequestError::Down)
+                    result: Err("redis link is down".into())
                 },
                 Inbound::History {
                     request: history,
                     channel: "prices".into(),
-                    result: Err(RequestError::Down)
+                    result: Err("redis link is down".into())
                 },
                 Inbound::Rooms {
                     request: rooms,
-                    result: Err(RequestError::Down)
+                    result: Err("redis link is down".into())
                 },
             ]
         );

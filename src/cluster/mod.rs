@@ -162,7 +162,7 @@ mod streams;
 mod warn;
 mod writer;
 
-pub use errors::{Full, ReplyError, RequestError};
+pub use errors::{Full, ReplyError};
 pub use inbound::{Inbound, LostKind};
 pub use link::{RedisLink, MAX_HISTORY};
 pub use link_config::{LinkConfig, LinkConfigError};

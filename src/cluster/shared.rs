@@ -162,11 +162,11 @@ impl Shared {
             Command::Who { request, room } => self.inbox.push_control(Inbound::Who {
                 request,
                 room,
-                result: Err(why),
+                result: Err(why.to_string()),
             }),
             Command::Rooms { request } => self.inbox.push_control(Inbound::Rooms {
                 request,
-                result: Err(why),
+                result: Err(why.to_string()),
             }),
             history => self.answer_history(history, Err(why)),
         }
@@ -181,7 +181,7 @@ impl Shared {
             self.inbox.push_control(Inbound::History {
                 request,
                 channel,
-                result,
+                result: result.map_err(|e| e.to_string()),
             });
         }
     }
@@ -369,16 +369,16 @@ pub(super) mod tests {
                 Inbound::Who {
                     request: 1,
                     room: "ops".into(),
-                    result: Err(RequestError::Down)
+                    result: Err("redis link is down".into())
                 },
                 Inbound::Rooms {
                     request: 2,
-                    result: Err(RequestError::Down)
+                    result: Err("redis link is down".into())
                 },
                 Inbound::History {
                     request: 3,
                     channel: "prices".into(),
-                    result: Err(RequestError::Connection("broken pipe".into()))
+                    result: Err("redis link: broken pipe".into())
                 },
             ]
         );

@@ -246,7 +246,7 @@ impl Writer {
         self.sh.inbox.push_control(Inbound::Who {
             request,
             room,
-            result,
+            result: result.map_err(|e| e.to_string()),
         });
     }
 
@@ -275,9 +275,10 @@ impl Writer {
         };
         self.dseqs.clear();
         self.sh.outbox.done(1);
-        self.sh
-            .inbox
-            .push_control(Inbound::Rooms { request, result });
+        self.sh.inbox.push_control(Inbound::Rooms {
+            request,
+            result: result.map_err(|e| e.to_string()),
+        });
     }
 
     /// A nick claim. A broken connection leaves it first in the batch, so
@@ -318,7 +319,7 @@ impl Writer {
         self.sh.inbox.push_control(Inbound::Nick {
             request,
             nick,
-            result,
+            result: result.map_err(|e| e.to_string()),
         });
     }
 
