@@ -36,8 +36,8 @@ impl fmt::Display for ReplyError {
 
 impl std::error::Error for ReplyError {}
 
-/// Why a read ([`RedisLink::history`], [`RedisLink::recent`],
-/// [`RedisLink::who`], [`RedisLink::rooms`]) or a nick claim got no
+/// Why a read ([`RedisLink::history`](super::RedisLink::history), [`RedisLink::recent`](super::RedisLink::recent),
+/// [`RedisLink::who`](super::RedisLink::who), [`RedisLink::rooms`](super::RedisLink::rooms)) or a nick claim got no
 /// answer from Redis. The writer hands its text to the loop as the `Err`
 /// of [`Inbound`](super::Inbound)'s answers (the app takes a `String`
 /// there), and that text is what clients are told.
@@ -93,7 +93,7 @@ impl RequestError {
 }
 
 /// Why a link thread could not (re)connect; its text is the reason logged
-/// and sent in [`Inbound::Down`].
+/// and sent in [`Inbound::Down`](super::Inbound::Down).
 #[derive(Debug)]
 pub(super) enum ConnectError {
     /// Connecting or a command of the set-up failed.

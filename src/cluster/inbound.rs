@@ -4,7 +4,7 @@
 
 use super::streams::History;
 
-/// What the link hands to the event loop (see [`RedisLink::drain`]).
+/// What the link hands to the event loop (see [`RedisLink::drain`](super::RedisLink::drain)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
     /// A message from the bus, from any node including this one (skip your
@@ -19,7 +19,7 @@ pub enum Inbound {
         origin_seq: u64,
         payload: String,
     },
-    /// A channel definition announced on the bus (by [`RedisLink::define`]
+    /// A channel definition announced on the bus (by [`RedisLink::define`](super::RedisLink::define)
     /// on any node, this one included): `definition` is the one in force,
     /// the first Redis recorded for the channel, the same in every
     /// announcement of the channel (until Redis loses its data).
@@ -37,26 +37,26 @@ pub enum Inbound {
     /// data reset); later ones come as [`Inbound::Definition`]. Sent before
     /// the [`Inbound::Up`] it precedes.
     Definitions { definitions: Vec<(String, String)> },
-    /// The answer to [`RedisLink::history`].
+    /// The answer to [`RedisLink::history`](super::RedisLink::history).
     History {
         request: u64,
         channel: String,
         result: Result<History, String>,
     },
-    /// The answer to [`RedisLink::who`]: the nicks of the room's members
+    /// The answer to [`RedisLink::who`](super::RedisLink::who): the nicks of the room's members
     /// on every live node, sorted.
     Who {
         request: u64,
         room: String,
         result: Result<Vec<String>, String>,
     },
-    /// The answer to [`RedisLink::rooms`]: every room with members on a
+    /// The answer to [`RedisLink::rooms`](super::RedisLink::rooms): every room with members on a
     /// live node and how many, sorted by room.
     Rooms {
         request: u64,
         result: Result<Vec<(String, u64)>, String>,
     },
-    /// The answer to [`RedisLink::claim_nick`]: whether the nick is this
+    /// The answer to [`RedisLink::claim_nick`](super::RedisLink::claim_nick): whether the nick is this
     /// member's now (false: a member of a live node holds it). Never an
     /// error for an outage: the claim waits for Redis.
     Nick {
@@ -80,7 +80,7 @@ pub enum Inbound {
 /// Why messages were lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LostKind {
-    /// `publish` found the outbound queue full (it also answered [`Full`]).
+    /// `publish` found the outbound queue full (it also answered [`Full`](super::Full)).
     /// Reported in batches, as counted since the last report.
     QueueFull,
     /// Redis refused this node's publish or definition `origin_seq` (out of

@@ -9,7 +9,7 @@ use redis::RedisError;
 
 use super::protocol;
 
-/// Settings of a [`RedisLink`]. [`LinkConfig::new`] fills in defaults.
+/// Settings of a [`RedisLink`](super::RedisLink). [`LinkConfig::new`] fills in defaults.
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
     /// `redis://[:PASSWORD@]HOST:PORT[/DB]` (`rediss://` is refused: no TLS
@@ -23,13 +23,13 @@ pub struct LinkConfig {
     pub stream_maxlen: usize,
     /// Bus stream bound (`MAXLEN ~`): how far a reader may fall behind (or
     /// be disconnected) before it misses messages, which it then reports as
-    /// [`LostKind::BusGap`].
+    /// [`LostKind::BusGap`](super::LostKind::BusGap).
     pub bus_maxlen: usize,
     /// First reconnect delay; it doubles up to `reconnect_max`.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     /// Publishes and history requests waiting for Redis, including the
-    /// batch in flight. Beyond it `publish` answers [`Full`].
+    /// batch in flight. Beyond it `publish` answers [`Full`](super::Full).
     pub outbound_queue: usize,
     /// Bus messages waiting for the event loop to `drain`. When full, the
     /// reader pauses (Redis holds the backlog in the bus).
@@ -109,8 +109,8 @@ impl LinkConfig {
     }
 }
 
-/// A [`LinkConfig`] that [`RedisLink::start`] refuses (as an
-/// [`io::ErrorKind::InvalidInput`] error carrying this one).
+/// A [`LinkConfig`] that [`RedisLink::start`](super::RedisLink::start) refuses (as an
+/// [`InvalidInput`](std::io::ErrorKind::InvalidInput) error carrying this one).
 #[derive(Debug)]
 pub enum LinkConfigError {
     /// `node_id` is not 1 to 64 of the allowed characters.

@@ -145,6 +145,24 @@
 //! running node. Shutdown flushes queued publishes for up to half of
 //! `shutdown_timeout` when connected and counts the rest
 //! (`lost_at_shutdown`).
+//!
+//! # Files
+//!
+//! | file | what |
+//! |---|---|
+//! | `link.rs` | [`RedisLink`], the loop's non-blocking handle |
+//! | `link_config.rs` | [`LinkConfig`], its defaults and checks |
+//! | `inbound.rs` | [`Inbound`], what the link hands the loop |
+//! | `errors.rs` | [`ReplyError`], [`Full`] and the link's private error types |
+//! | `status.rs` | [`LinkState`] and [`LinkStats`], the state from both connections |
+//! | `shared.rs` | what the handle and both threads share |
+//! | `queues.rs` | the bounded outbox and inbox |
+//! | `writer.rs`, `reader.rs` | the two threads |
+//! | `reconnect.rs` | backoff, retry and up/down book-keeping, for both threads |
+//! | `connection.rs` | opening a connection, epoch check, error classes |
+//! | `backoff.rs`, `warn.rs` | reconnect delays; rate-limited warnings |
+//! | [`protocol`] | key names, Lua scripts and their replies |
+//! | `streams.rs` | stream entries, history and the transactions around them |
 
 mod backoff;
 mod connection;

@@ -81,7 +81,7 @@ pub struct BusEntry {
     pub payload: String,
 }
 
-/// A bus entry announcing a channel definition (written by [`DEFINE_LUA`]).
+/// A bus entry announcing a channel definition (written by [`DEFINE_LUA`](super::protocol::DEFINE_LUA)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DefinitionEntry {
     pub id: StreamId,
