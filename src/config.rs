@@ -3,8 +3,10 @@
 //! command line win over the file.
 
 use std::ffi::OsString;
+use std::fmt;
+use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::parser::ValueSource;
@@ -329,36 +331,34 @@ impl Config {
         let Some(path) = matches.get_one::<PathBuf>("config") else {
             return Ok(Config::from_arg_matches(&matches)?);
         };
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::File(format!("cannot read config file {}: {e}", path.display()))
-        })?;
+        let file_error = |problem| ConfigError::File(ConfigFileError::new(path, problem));
+        let text = std::fs::read_to_string(path).map_err(|e| file_error(FileProblem::Read(e)))?;
         let file_args = file_to_args(&text, &command, |id| {
             matches.value_source(id) == Some(ValueSource::CommandLine)
         })
-        .map_err(|e| ConfigError::File(format!("config file {}: {e}", path.display())))?;
+        .map_err(file_error)?;
         let mut merged = vec![args.first().cloned().unwrap_or_else(|| "fanout".into())];
         merged.extend(file_args.into_iter().map(OsString::from));
         merged.extend(args.into_iter().skip(1));
-        let matches = command.try_get_matches_from(merged).map_err(|e| {
-            ConfigError::File(format!("config file {}: {}", path.display(), e.render()))
-        })?;
+        let matches = command
+            .try_get_matches_from(merged)
+            .map_err(|e| file_error(FileProblem::Value(e)))?;
         Ok(Config::from_arg_matches(&matches)?)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks what clap cannot: combinations of flags and value ranges.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         if self.listen.is_empty() && self.internal_listen.is_empty() {
-            return Err("at least one --listen or --internal-listen address is needed".into());
+            return Err(InvalidConfig::NoListener);
         }
         if self.metrics_internal_only && self.internal_listen.is_empty() {
-            return Err(
-                "--metrics-internal-only needs an --internal-listen to serve metrics on".into(),
-            );
+            return Err(InvalidConfig::MetricsWithoutInternalListener);
         }
         if self
             .socket_send_buffer
             .is_some_and(|n| !(4096..=1 << 30).contains(&n))
         {
-            return Err("--socket-send-buffer must be between 4KiB and 1GiB".into());
+            return Err(InvalidConfig::SocketSendBuffer);
         }
         for (cert_flag, cert, key_flag, key) in [
             ("--tls-cert", &self.tls_cert, "--tls-key", &self.tls_key),
@@ -370,49 +370,52 @@ impl Config {
             ),
         ] {
             match (cert, key) {
-                (Some(_), None) => return Err(format!("{cert_flag} needs {key_flag} too")),
-                (None, Some(_)) => return Err(format!("{key_flag} needs {cert_flag} too")),
+                (Some(_), None) => {
+                    return Err(InvalidConfig::Unpaired {
+                        given: cert_flag,
+                        missing: key_flag,
+                    })
+                }
+                (None, Some(_)) => {
+                    return Err(InvalidConfig::Unpaired {
+                        given: key_flag,
+                        missing: cert_flag,
+                    })
+                }
                 _ => {}
             }
         }
         if self.read_buffer_size < 4096 {
-            return Err("--read-buffer-size must be at least 4KiB".into());
+            return Err(InvalidConfig::ReadBufferSize);
         }
         if !(self.replay_speed > 0.0 && self.replay_speed.is_finite()) {
-            return Err("--replay-speed must be a positive number".into());
+            return Err(InvalidConfig::ReplaySpeed);
         }
         let rate_ok = |rate: f64| (0.0..=100_000.0).contains(&rate);
         if !rate_ok(self.sim_trades_per_sec) || !rate_ok(self.sim_events_per_sec) {
-            return Err(
-                "--sim-trades-per-sec and --sim-events-per-sec must be between 0 and 100000".into(),
-            );
+            return Err(InvalidConfig::SimRates);
         }
         if self.kline_intervals.is_empty() {
-            return Err("--kline-intervals needs at least one interval".into());
+            return Err(InvalidConfig::NoKlineIntervals);
         }
         for interval in &self.kline_intervals {
             crate::app::market::kline::Interval::parse(interval.trim())
-                .map_err(|e| format!("--kline-intervals: {e}"))?;
+                .map_err(InvalidConfig::KlineInterval)?;
         }
         if let Some(url) = &self.redis {
             if !url.starts_with("redis://") {
-                return Err(format!("--redis {url:?}: expected redis://HOST:PORT[/DB]"));
+                return Err(InvalidConfig::RedisUrl(url.clone()));
             }
         }
         if self.presence_ttl < Duration::from_secs(1)
             || self.presence_ttl > Duration::from_secs(3600)
             || self.presence_ttl.subsec_nanos() != 0
         {
-            return Err(format!(
-                "--presence-ttl {}: expected whole seconds from 1s to 1h",
-                humantime::format_duration(self.presence_ttl)
-            ));
+            return Err(InvalidConfig::PresenceTtl(self.presence_ttl));
         }
         if let Some(id) = &self.node_id {
             if !crate::cluster::protocol::valid_node_id(id) {
-                return Err(format!(
-                    "--node-id {id:?}: expected 1 to 64 of A-Z a-z 0-9 _ . -"
-                ));
+                return Err(InvalidConfig::NodeId(id.clone()));
             }
         }
         for (name, value) in [
@@ -423,12 +426,91 @@ impl Config {
             ("--registration-timeout", self.registration_timeout),
         ] {
             if value.is_zero() {
-                return Err(format!("{name} must be greater than zero"));
+                return Err(InvalidConfig::ZeroTimeout(name));
             }
         }
         Ok(())
     }
 }
+
+/// A configuration that parsed but cannot run: [`Config::validate`]. Each
+/// message names the flag (which is also the config-file key).
+#[derive(Debug, Clone, PartialEq)]
+pub enum InvalidConfig {
+    /// Neither `--listen` nor `--internal-listen`.
+    NoListener,
+    /// `--metrics-internal-only` without an internal listener.
+    MetricsWithoutInternalListener,
+    /// `--socket-send-buffer` outside 4 KiB..=1 GiB.
+    SocketSendBuffer,
+    /// A TLS certificate without its key or the other way round: `given`
+    /// needs `missing` too.
+    Unpaired {
+        given: &'static str,
+        missing: &'static str,
+    },
+    /// `--read-buffer-size` below 4 KiB.
+    ReadBufferSize,
+    /// `--replay-speed` not a positive finite number.
+    ReplaySpeed,
+    /// A simulated rate outside 0..=100000.
+    SimRates,
+    /// `--kline-intervals` empty.
+    NoKlineIntervals,
+    /// An interval of `--kline-intervals` that does not parse (the
+    /// parser's message).
+    KlineInterval(String),
+    /// `--redis` not a `redis://` URL.
+    RedisUrl(String),
+    /// `--presence-ttl` not whole seconds from 1 s to 1 h.
+    PresenceTtl(Duration),
+    /// `--node-id` with characters or a length that cannot be a key part.
+    NodeId(String),
+    /// This timeout flag is zero.
+    ZeroTimeout(&'static str),
+}
+
+impl fmt::Display for InvalidConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InvalidConfig::NoListener => {
+                f.write_str("at least one --listen or --internal-listen address is needed")
+            }
+            InvalidConfig::MetricsWithoutInternalListener => f.write_str(
+                "--metrics-internal-only needs an --internal-listen to serve metrics on",
+            ),
+            InvalidConfig::SocketSendBuffer => {
+                f.write_str("--socket-send-buffer must be between 4KiB and 1GiB")
+            }
+            InvalidConfig::Unpaired { given, missing } => write!(f, "{given} needs {missing} too"),
+            InvalidConfig::ReadBufferSize => {
+                f.write_str("--read-buffer-size must be at least 4KiB")
+            }
+            InvalidConfig::ReplaySpeed => f.write_str("--replay-speed must be a positive number"),
+            InvalidConfig::SimRates => f.write_str(
+                "--sim-trades-per-sec and --sim-events-per-sec must be between 0 and 100000",
+            ),
+            InvalidConfig::NoKlineIntervals => {
+                f.write_str("--kline-intervals needs at least one interval")
+            }
+            InvalidConfig::KlineInterval(why) => write!(f, "--kline-intervals: {why}"),
+            InvalidConfig::RedisUrl(url) => {
+                write!(f, "--redis {url:?}: expected redis://HOST:PORT[/DB]")
+            }
+            InvalidConfig::PresenceTtl(ttl) => write!(
+                f,
+                "--presence-ttl {}: expected whole seconds from 1s to 1h",
+                humantime::format_duration(*ttl)
+            ),
+            InvalidConfig::NodeId(id) => {
+                write!(f, "--node-id {id:?}: expected 1 to 64 of A-Z a-z 0-9 _ . -")
+            }
+            InvalidConfig::ZeroTimeout(name) => write!(f, "{name} must be greater than zero"),
+        }
+    }
+}
+
+impl std::error::Error for InvalidConfig {}
 
 /// Why the configuration could not be read.
 #[derive(Debug)]
@@ -437,7 +519,7 @@ pub enum ConfigError {
     /// clap prints and exits on with the conventional status.
     Cli(clap::Error),
     /// A problem in the config file, naming the file and the key.
-    File(String),
+    File(ConfigFileError),
 }
 
 impl From<clap::Error> for ConfigError {
@@ -446,11 +528,96 @@ impl From<clap::Error> for ConfigError {
     }
 }
 
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::Cli(e) => write!(f, "{}", e.render()),
-            ConfigError::File(message) => f.write_str(message),
+            ConfigError::File(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Cli(e) => Some(e),
+            ConfigError::File(e) => e.source(),
+        }
+    }
+}
+
+/// `--config FILE` could not be used: which file, and what was wrong.
+#[derive(Debug)]
+pub struct ConfigFileError {
+    path: PathBuf,
+    problem: FileProblem,
+}
+
+impl ConfigFileError {
+    fn new(path: &Path, problem: FileProblem) -> ConfigFileError {
+        ConfigFileError {
+            path: path.to_owned(),
+            problem,
+        }
+    }
+
+    /// The config file in question.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What was wrong with it.
+    pub fn problem(&self) -> &FileProblem {
+        &self.problem
+    }
+}
+
+/// What was wrong with a config file.
+#[derive(Debug)]
+pub enum FileProblem {
+    /// It could not be read.
+    Read(io::Error),
+    /// It is not TOML (the parser's message).
+    Toml(String),
+    /// A key that is no long flag name.
+    UnknownKey(String),
+    /// A value of a type no flag takes (a table, a date, ...).
+    UnsupportedValue { key: String, value: String },
+    /// A value the flag's own parser refused (clap's rendered error names
+    /// the flag).
+    Value(clap::Error),
+}
+
+impl fmt::Display for ConfigFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = self.path.display();
+        match &self.problem {
+            FileProblem::Read(e) => write!(f, "cannot read config file {path}: {e}"),
+            problem => write!(f, "config file {path}: {problem}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigFileError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.problem {
+            FileProblem::Read(e) => Some(e),
+            FileProblem::Value(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for FileProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FileProblem::Read(e) => e.fmt(f),
+            FileProblem::Toml(message) => f.write_str(message),
+            FileProblem::UnknownKey(key) => write!(f, "unknown key `{key}`"),
+            FileProblem::UnsupportedValue { key, value } => {
+                write!(f, "key `{key}` has an unsupported value {value}")
+            }
+            FileProblem::Value(e) => write!(f, "{}", e.render()),
         }
     }
 }
@@ -461,16 +628,16 @@ fn file_to_args(
     text: &str,
     command: &clap::Command,
     given_on_command_line: impl Fn(&str) -> bool,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, FileProblem> {
     let table: toml::Table = text
         .parse()
-        .map_err(|e: toml::de::Error| e.message().to_owned())?;
+        .map_err(|e: toml::de::Error| FileProblem::Toml(e.message().to_owned()))?;
     let mut args = Vec::new();
     for (key, value) in table {
         let arg = command
             .get_arguments()
             .find(|a| a.get_long() == Some(key.as_str()) && key != "config")
-            .ok_or_else(|| format!("unknown key `{key}`"))?;
+            .ok_or_else(|| FileProblem::UnknownKey(key.clone()))?;
         if given_on_command_line(arg.get_id().as_str()) {
             continue;
         }
@@ -489,7 +656,12 @@ fn file_to_args(
                 (toml::Value::String(s), _) => args.push(format!("{flag}={s}")),
                 (toml::Value::Integer(n), _) => args.push(format!("{flag}={n}")),
                 (toml::Value::Float(x), _) => args.push(format!("{flag}={x}")),
-                (other, _) => return Err(format!("key `{key}` has an unsupported value {other}")),
+                (other, _) => {
+                    return Err(FileProblem::UnsupportedValue {
+                        key,
+                        value: other.to_string(),
+                    })
+                }
             }
         }
     }
@@ -497,21 +669,34 @@ fn file_to_args(
 }
 
 /// Parses 64 hex digits (a SHA-256 digest).
-pub fn parse_sha256_hex(text: &str) -> Result<[u8; 32], String> {
+pub fn parse_sha256_hex(text: &str) -> Result<[u8; 32], NotSha256Hex> {
     let text = text.trim();
     if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err("expected 64 hex digits (the output of sha256sum)".into());
+        return Err(NotSha256Hex);
     }
     let mut digest = [0u8; 32];
     for (i, byte) in digest.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+        // Cannot fail: 64 ASCII hex digits were checked above.
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| NotSha256Hex)?;
     }
     Ok(digest)
 }
 
+/// `--publisher-key-sha256` is not 64 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotSha256Hex;
+
+impl fmt::Display for NotSha256Hex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("expected 64 hex digits (the output of sha256sum)")
+    }
+}
+
+impl std::error::Error for NotSha256Hex {}
+
 /// Parses `65536`, `64KiB`, `16MiB`, `1GiB` (also `k`, `M`, `G` as binary
 /// multiples, since these are buffer sizes).
-pub fn parse_size(text: &str) -> Result<usize, String> {
+pub fn parse_size(text: &str) -> Result<usize, SizeError> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -519,22 +704,45 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
     let (digits, unit) = text.split_at(split);
     let number: usize = digits
         .parse()
-        .map_err(|_| format!("`{text}` is not a size like 65536, 64KiB or 16MiB"))?;
+        .map_err(|_| SizeError::NotASize(text.to_owned()))?;
     let multiplier: usize = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "unknown size unit in `{text}` (use B, KiB, MiB or GiB)"
-            ))
-        }
+        _ => return Err(SizeError::UnknownUnit(text.to_owned())),
     };
     number
         .checked_mul(multiplier)
-        .ok_or_else(|| format!("size `{text}` is too large"))
+        .ok_or_else(|| SizeError::TooLarge(text.to_owned()))
 }
+
+/// A size flag's value that [`parse_size`] refused; each holds the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SizeError {
+    /// No number in front.
+    NotASize(String),
+    /// A unit other than B, KiB, MiB, GiB (or k, M, G).
+    UnknownUnit(String),
+    /// More than `usize` holds.
+    TooLarge(String),
+}
+
+impl fmt::Display for SizeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SizeError::NotASize(text) => {
+                write!(f, "`{text}` is not a size like 65536, 64KiB or 16MiB")
+            }
+            SizeError::UnknownUnit(text) => {
+                write!(f, "unknown size unit in `{text}` (use B, KiB, MiB or GiB)")
+            }
+            SizeError::TooLarge(text) => write!(f, "size `{text}` is too large"),
+        }
+    }
+}
+
+impl std::error::Error for SizeError {}
 
 #[cfg(test)]
 mod tests {
@@ -572,8 +780,78 @@ mod tests {
         assert_eq!(parse_size("64KiB"), Ok(65536));
         assert_eq!(parse_size("16MiB"), Ok(16 << 20));
         assert_eq!(parse_size("2 k"), Ok(2048));
-        assert!(parse_size("12 parsecs").is_err());
-        assert!(parse_size("KiB").is_err());
+        assert_eq!(
+            parse_size("12 parsecs"),
+            Err(SizeError::UnknownUnit("12 parsecs".into()))
+        );
+        assert_eq!(parse_size("KiB"), Err(SizeError::NotASize("KiB".into())));
+        assert_eq!(
+            parse_size("99999999999999999999G"),
+            Err(SizeError::NotASize("99999999999999999999G".into()))
+        );
+        assert_eq!(
+            parse_size("17179869184G"),
+            Err(SizeError::TooLarge("17179869184G".into()))
+        );
+    }
+
+    /// The messages users see (clap prints them after the flag, `main`
+    /// after `fanout: `) are the ones from before the errors were typed.
+    #[test]
+    fn error_messages_are_unchanged() {
+        let cases: [(Box<dyn std::error::Error>, &str); 8] = [
+            (
+                Box::new(SizeError::NotASize("x".into())),
+                "`x` is not a size like 65536, 64KiB or 16MiB",
+            ),
+            (
+                Box::new(SizeError::UnknownUnit("2 q".into())),
+                "unknown size unit in `2 q` (use B, KiB, MiB or GiB)",
+            ),
+            (
+                Box::new(SizeError::TooLarge("9G".into())),
+                "size `9G` is too large",
+            ),
+            (
+                Box::new(NotSha256Hex),
+                "expected 64 hex digits (the output of sha256sum)",
+            ),
+            (
+                Box::new(InvalidConfig::PresenceTtl(Duration::from_millis(1500))),
+                "--presence-ttl 1s 500ms: expected whole seconds from 1s to 1h",
+            ),
+            (
+                Box::new(InvalidConfig::RedisUrl("h:1".into())),
+                "--redis \"h:1\": expected redis://HOST:PORT[/DB]",
+            ),
+            (
+                Box::new(InvalidConfig::ZeroTimeout("--idle-timeout")),
+                "--idle-timeout must be greater than zero",
+            ),
+            (
+                Box::new(InvalidConfig::KlineInterval("bad".into())),
+                "--kline-intervals: bad",
+            ),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message);
+        }
+        let c = Config::from_args(["fanout", "--idle-timeout", "0s"]).unwrap();
+        assert_eq!(
+            c.validate(),
+            Err(InvalidConfig::ZeroTimeout("--idle-timeout"))
+        );
+        let c = Config::from_args([
+            "fanout",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-internal-only",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "--metrics-internal-only needs an --internal-listen to serve metrics on"
+        );
     }
 
     fn with_file(contents: &str, extra: &[&str]) -> Result<Config, String> {
@@ -619,23 +897,30 @@ mod tests {
         assert_eq!(c.node_id(), "edge-1");
         assert!(c.validate().is_ok());
         let c = with_file(file, &["--node-id", "no spaces"]).unwrap();
-        assert!(c.validate().unwrap_err().contains("--node-id"));
+        assert_eq!(
+            c.validate().unwrap_err(),
+            InvalidConfig::NodeId("no spaces".into())
+        );
+        assert!(c.validate().unwrap_err().to_string().contains("--node-id"));
         let c = with_file("redis = \"localhost:6379\"\n", &[]).unwrap();
-        assert!(c.validate().unwrap_err().contains("--redis"));
+        assert!(c.validate().unwrap_err().to_string().contains("--redis"));
     }
 
     #[test]
     fn tls_files_come_in_pairs() {
         let c = with_file("tls-cert = \"/etc/fanout/cert.pem\"\n", &[]).unwrap();
         assert_eq!(c.tls_cert, Some(PathBuf::from("/etc/fanout/cert.pem")));
-        assert_eq!(c.validate().unwrap_err(), "--tls-cert needs --tls-key too");
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "--tls-cert needs --tls-key too"
+        );
         let c = with_file(
             "tls-cert = \"c.pem\"\ntls-key = \"k.pem\"\ninternal-tls-key = \"k.pem\"\n",
             &[],
         )
         .unwrap();
         assert_eq!(
-            c.validate().unwrap_err(),
+            c.validate().unwrap_err().to_string(),
             "--internal-tls-key needs --internal-tls-cert too"
         );
         let c = with_file("tls-cert = \"c.pem\"\ntls-key = \"k.pem\"\n", &[]).unwrap();
@@ -669,5 +954,42 @@ mod tests {
         let missing =
             Config::from_args(["fanout", "--config", "/nonexistent/fanout.toml"]).unwrap_err();
         assert!(missing.to_string().contains("/nonexistent/fanout.toml"));
+        let ConfigError::File(missing) = missing else {
+            panic!("{missing}");
+        };
+        assert_eq!(missing.path(), Path::new("/nonexistent/fanout.toml"));
+        assert!(matches!(missing.problem(), FileProblem::Read(_)));
+        assert!(std::error::Error::source(&missing).is_some());
+        assert!(missing
+            .to_string()
+            .starts_with("cannot read config file /nonexistent/fanout.toml: "));
+    }
+
+    #[test]
+    fn file_errors_are_typed() {
+        let problem = |contents: &str| match with_file_inner(contents, &[]) {
+            Err(ConfigError::File(e)) => {
+                assert!(e.to_string().starts_with("config file "), "{e}");
+                e.problem
+            }
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            matches!(problem("max-conections = 5\n"), FileProblem::UnknownKey(k) if k == "max-conections")
+        );
+        assert!(matches!(problem("listen = ["), FileProblem::Toml(_)));
+        assert!(matches!(
+            problem("listen = { a = 1 }\n"),
+            FileProblem::UnsupportedValue { key, .. } if key == "listen"
+        ));
+        assert!(matches!(
+            problem("max-connections = \"lots\"\n"),
+            FileProblem::Value(_)
+        ));
+        // The command line is not the file's fault.
+        assert!(matches!(
+            with_file_inner("", &["--max-connections", "lots"]),
+            Err(ConfigError::Cli(_))
+        ));
     }
 }

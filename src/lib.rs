@@ -164,6 +164,9 @@
 //!   the ratio is that of the whole message), and its first 32 KiB are held
 //!   until they have all arrived, to be probed.
 
+// Every unsafe block says why it is sound, in a `// SAFETY:` comment.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod app;
 pub mod cluster;
 pub mod config;

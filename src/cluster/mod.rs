@@ -260,11 +260,44 @@
 //! running node. Shutdown flushes queued publishes for up to half of
 //! `shutdown_timeout` when connected and counts the rest
 //! (`lost_at_shutdown`).
+//!
+//! # Files
+//!
+//! | file | what |
+//! |---|---|
+//! | `link.rs` | [`RedisLink`], the loop's non-blocking handle |
+//! | `link_config.rs` | [`LinkConfig`], its defaults and checks |
+//! | `inbound.rs` | [`Inbound`], what the link hands the loop |
+//! | `errors.rs` | [`ReplyError`], [`Full`] and the link's private error types |
+//! | `status.rs` | [`LinkState`] and [`LinkStats`], the state from both connections |
+//! | `shared.rs` | what the handle and both threads share |
+//! | `queues.rs` | the bounded outbox and inbox |
+//! | `writer.rs`, `reader.rs` | the two threads |
+//! | `reconnect.rs` | backoff, retry and up/down book-keeping, for both threads |
+//! | `connection.rs` | opening a connection, epoch check, error classes |
+//! | `backoff.rs`, `warn.rs` | reconnect delays; rate-limited warnings |
+//! | [`protocol`] | key names, Lua scripts and their replies |
+//! | `streams.rs` | stream entries, history and the transactions around them |
 
 mod backoff;
+mod connection;
+mod errors;
+mod inbound;
 mod link;
+mod link_config;
 pub mod protocol;
 mod queues;
+mod reader;
+mod reconnect;
+mod shared;
+mod status;
+mod streams;
+mod warn;
+mod writer;
 
-pub use link::{Full, Inbound, LinkConfig, LinkState, LinkStats, LostKind, RedisLink, MAX_HISTORY};
-pub use protocol::{History, HistoryEntry};
+pub use errors::{Full, ReplyError};
+pub use inbound::{Inbound, LostKind};
+pub use link::{RedisLink, MAX_HISTORY};
+pub use link_config::{LinkConfig, LinkConfigError};
+pub use status::{LinkState, LinkStats};
+pub use streams::{History, HistoryEntry};

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::link::Inbound;
+use super::inbound::Inbound;
 
 /// A request for the writer thread.
 #[derive(Debug)]
