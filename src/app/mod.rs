@@ -4,20 +4,14 @@
 //! many recipients is encoded once as a [`SharedFrame`] and handed to each.
 
 mod auth;
-pub mod channel_definition;
-pub mod channel_name;
 pub mod channels;
 pub mod chat;
-pub mod chat_command;
-pub mod chat_nicks;
-pub mod chat_presence;
-pub mod cluster;
 mod echo;
-pub mod event_filter;
-pub mod event_stream;
+pub mod events;
 pub mod market;
 pub mod protocol;
 pub mod routes;
+pub mod scale_out;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,18 +21,18 @@ use log::{debug, info, warn};
 use serde_json::{json, Map, Value};
 
 use self::auth::KeyRing;
-use self::channel_definition::ChannelDefinition;
+use self::channels::definition::ChannelDefinition;
 use self::channels::{Apply, ChannelLimits, Channels, Published, SettingsSource};
+use self::chat::nicks::{ClaimOutcome, ClaimState, NickChange, PendingClaim};
+use self::chat::presence::{who_line, JoinRequest, PresenceRelay};
 use self::chat::{Chat, LineKind};
-use self::chat_nicks::{ClaimOutcome, ClaimState, NickChange, PendingClaim};
-use self::chat_presence::{who_line, JoinRequest, PresenceRelay};
-use self::cluster::{Cluster, JoinWaiting, Reply, Resume, WhoWaiting, CHAT_PREFIX};
-use self::event_stream::{Event, EventStreams};
-use self::market::legacy::{self, LegacyCommand};
+use self::events::stream::{EventStreams, StreamEvent};
+use self::market::kline_text::{self, TextCommand};
 use self::market::Market;
 use self::protocol::{
     ack, error, parse_request, ChannelSettings, Command, ErrorCode, ProtocolError, Request,
 };
+use self::scale_out::{JoinWaiting, Reply, Resume, ScaleOut, WhoWaiting, CHAT_PREFIX};
 use crate::cluster::{Inbound, RedisLink, MAX_HISTORY};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -139,7 +133,7 @@ pub struct App {
     streams: EventStreams,
     market: Market,
     /// Scale-out over Redis (`--redis`), when on.
-    cluster: Option<Cluster>,
+    cluster: Option<ScaleOut>,
     pub stats: AppStats,
 }
 
@@ -235,9 +229,9 @@ impl App {
             );
             return self.send_error(conn, &None, &e, out);
         };
-        if let Some(command) = legacy::parse(text) {
+        if let Some(command) = kline_text::parse(text) {
             self.streams.on_other_request(conn);
-            return self.legacy_kline(conn, command, out);
+            return self.kline_text_command(conn, command, out);
         }
         match parse_request(text) {
             Ok(request) => {
@@ -256,8 +250,8 @@ impl App {
     /// `/kline`: only the old K-line service's plain-text commands.
     fn on_kline_message(&mut self, conn: ConnId, message: Message<'_>, out: &mut impl Outbox) {
         match message {
-            Message::Text(text) => match legacy::parse(text) {
-                Some(command) => self.legacy_kline(conn, command, out),
+            Message::Text(text) => match kline_text::parse(text) {
+                Some(command) => self.kline_text_command(conn, command, out),
                 None => {
                     let e = ProtocolError::new(
                         ErrorCode::UnknownType,
@@ -274,10 +268,17 @@ impl App {
         }
     }
 
-    fn legacy_kline(&mut self, conn: ConnId, command: LegacyCommand<'_>, out: &mut impl Outbox) {
+    fn kline_text_command(
+        &mut self,
+        conn: ConnId,
+        command: TextCommand<'_>,
+        out: &mut impl Outbox,
+    ) {
         match command {
-            LegacyCommand::Subscribe(interval) => self.market.legacy_subscribe(conn, interval, out),
-            LegacyCommand::Unsubscribe => self.market.legacy_unsubscribe(conn),
+            TextCommand::Subscribe(interval) => {
+                self.market.kline_text_subscribe(conn, interval, out)
+            }
+            TextCommand::Unsubscribe => self.market.kline_text_unsubscribe(conn),
         }
     }
 
@@ -419,7 +420,7 @@ impl App {
             }
             Command::ChatWho { room } if self.cluster.is_some() => {
                 // No room can have such a name: not worth asking Redis.
-                if !chat_command::valid_room(&room) {
+                if !chat::command::valid_room(&room) {
                     return Err(ProtocolError::new(
                         ErrorCode::NotFound,
                         format!("no room named `{room}`"),
@@ -667,7 +668,7 @@ impl App {
     /// channel (offsets, backlog, subscribers), the registration streams,
     /// and the market (candles, filters, alerts, whose firings go to their
     /// owners and to the `alerts` channel). With a cluster, through Redis
-    /// first (see [`cluster`]).
+    /// first (see [`scale_out`]).
     fn publish_event(
         &mut self,
         fields: Map<String, Value>,
@@ -696,7 +697,7 @@ impl App {
         let Value::Object(fields) = data else {
             return;
         };
-        let event = Event::new(fields);
+        let event = StreamEvent::new(fields);
         self.streams.publish(&event, out);
         let json =
             std::str::from_utf8(event.frame.payload()).expect("events are encoded from JSON text");
@@ -749,13 +750,13 @@ impl App {
         self.chat.guest_tag = Some(format!("{tag:04x}"));
         self.chat.relay = Some(Vec::new());
         self.chat.presence = Some(PresenceRelay::default());
-        self.cluster = Some(Cluster::new(link));
+        self.cluster = Some(ScaleOut::new(link));
     }
 
     /// None without a cluster; else whether its link is up and what came
     /// with it is applied (`/readyz`).
     pub fn cluster_ready(&self) -> Option<bool> {
-        self.cluster.as_ref().map(Cluster::is_ready)
+        self.cluster.as_ref().map(ScaleOut::is_ready)
     }
 
     fn reply_to(&self, conn: ConnId, id: Option<Value>) -> Option<Reply> {
@@ -827,7 +828,7 @@ impl App {
     /// Scale-out nick change: reserved in Redis, and answered when Redis
     /// decided (answers None). While the link is not up this node decides
     /// alone and answers at once (`"local": true`); the claim waits for
-    /// Redis, which may later rename the member (see [`chat_nicks`]).
+    /// Redis, which may later rename the member (see [`chat::nicks`]).
     fn claim_nick(
         &mut self,
         conn: ConnId,
@@ -877,7 +878,7 @@ impl App {
             }
         }
         let extra = self.chat.apply_rename(conn, nick, out);
-        Ok(Some(chat_nicks::mark_local(extra)))
+        Ok(Some(chat::nicks::mark_local(extra)))
     }
 
     /// Tells a member who asked for a nick that it is not theirs.
@@ -910,12 +911,12 @@ impl App {
         match (plain, local) {
             (true, true) => out.reply(
                 reply.conn,
-                Message::Text(&chat_nicks::local_nick_line(nick)),
+                Message::Text(&chat::nicks::local_nick_line(nick)),
             ),
             (true, false) => {}
             (false, local) => {
                 let extra = if local {
-                    chat_nicks::mark_local(extra)
+                    chat::nicks::mark_local(extra)
                 } else {
                     extra
                 };
@@ -956,7 +957,7 @@ impl App {
             }
         };
         let holds = open && self.chat.nick_of(conn) == Some(nick.as_str());
-        match chat_nicks::outcome(&claim.state, granted, open, holds) {
+        match chat::nicks::outcome(&claim.state, granted, open, holds) {
             ClaimOutcome::Settled => {}
             ClaimOutcome::Grant => {
                 if let Err(e) = self.grant_nick(&claim.reply, &nick, plain, false, out) {
@@ -985,7 +986,7 @@ impl App {
         let conn = reply.conn;
         let guest = self.chat.fresh_guest();
         self.chat.apply_rename(conn, &guest, out);
-        let notice = chat_nicks::lost_nick_notice(lost, &guest, self.chat.is_plain(conn));
+        let notice = chat::nicks::lost_nick_notice(lost, &guest, self.chat.is_plain(conn));
         out.reply(conn, Message::Text(&notice));
         let cluster = self.cluster.as_mut().expect("called with a cluster");
         cluster.stats.nick_conflicts += 1;
@@ -1292,7 +1293,7 @@ impl App {
     ) {
         let ts = unix_millis();
         let cluster = self.cluster.as_mut().expect("relay needs a cluster");
-        let payload = cluster::message_payload(&cluster.run, ts, &data);
+        let payload = scale_out::message_payload(&cluster.run, ts, &data);
         if !cluster.publish(channel, payload, reply.clone()) {
             return;
         }
@@ -1322,7 +1323,7 @@ impl App {
                 .as_mut()
                 .expect("chat relays only with a cluster");
             let channel = format!("{CHAT_PREFIX}{}", line.room);
-            let payload = cluster::chat_payload(&cluster.run, &line);
+            let payload = scale_out::chat_payload(&cluster.run, &line);
             if cluster.publish(&channel, payload, None) {
                 self.chat.deliver(line, out);
             }
@@ -1355,7 +1356,7 @@ impl App {
                     };
                     match self.claim_nick(conn, &nick, reply, true, out) {
                         Ok(Some(_)) => {
-                            out.reply(conn, Message::Text(&chat_nicks::local_nick_line(&nick)))
+                            out.reply(conn, Message::Text(&chat::nicks::local_nick_line(&nick)))
                         }
                         Ok(None) => {}
                         Err(e) => out.reply(conn, Message::Text(&format!("! {}", e.message))),
@@ -1429,7 +1430,7 @@ impl App {
                 payload,
             } => {
                 log::trace!("bus: {channel} #{offset} from {origin}/{origin_seq}");
-                if cluster.is_duplicate(&origin, &cluster::payload_run(&payload), origin_seq) {
+                if cluster.is_duplicate(&origin, &scale_out::payload_run(&payload), origin_seq) {
                     debug!("bus: skipped a second copy of {origin}'s message {origin_seq} on `{channel}`");
                     return;
                 }
@@ -1440,7 +1441,7 @@ impl App {
                 };
                 let local = pending.as_ref().is_some_and(|p| p.local);
                 if let Some(room) = channel.strip_prefix(CHAT_PREFIX) {
-                    match cluster::parse_chat_payload(room, &payload) {
+                    match scale_out::parse_chat_payload(room, &payload) {
                         Some(mut line) if !local => {
                             line.offset = Some(offset);
                             self.chat.deliver(line, out)
@@ -1450,7 +1451,7 @@ impl App {
                     }
                     return;
                 }
-                let Some((ts, data)) = cluster::parse_message_payload(&payload) else {
+                let Some((ts, data)) = scale_out::parse_message_payload(&payload) else {
                     return cluster.malformed(&channel, "not a channel message");
                 };
                 let mode = if local {
@@ -1481,7 +1482,7 @@ impl App {
                     if let Some(join) = cluster.join_parts.remove(&request) {
                         let recent = result.map(|h| {
                             let room = channel.strip_prefix(CHAT_PREFIX).unwrap_or_default();
-                            let (lines, malformed) = cluster::chat_history(room, &h.entries);
+                            let (lines, malformed) = scale_out::chat_history(room, &h.entries);
                             if malformed > 0 {
                                 cluster.malformed(&channel, "not a chat line");
                             }
@@ -1516,7 +1517,7 @@ impl App {
                             .entries
                             .iter()
                             .filter_map(|e| {
-                                let (ts, data) = cluster::parse_message_payload(&e.payload)?;
+                                let (ts, data) = scale_out::parse_message_payload(&e.payload)?;
                                 Some(channels::message_frame(&channel, Some(e.offset), ts, &data))
                             })
                             .collect();

@@ -26,7 +26,7 @@
 //!   (`"created": false`). Nodes load every definition when their link
 //!   comes up, and `/readyz` says ready only once they are applied. A
 //!   channel never `create`d has each node's defaults.
-//! * chat presence ([`super::chat_presence`]): each node writes its room
+//! * chat presence ([`super::chat::presence`]): each node writes its room
 //!   members to Redis as they join, leave and change nick, and again after
 //!   every reconnect and data reset (another node may have removed them
 //!   while this node's alive key had expired); `chat.who` and `/who` ask
@@ -39,7 +39,7 @@
 //!   meanwhile are held and follow the replay, without those it replayed
 //!   (told by offset). Redis unreachable: this node's history and members,
 //!   `"local": true`.
-//! * nicks ([`super::chat_nicks`]): every member's nick is reserved in
+//! * nicks ([`super::chat::nicks`]): every member's nick is reserved in
 //!   Redis under the node's alive key; `chat.nick` and `/nick` are
 //!   answered when Redis decided (while the link is down: by this node
 //!   alone, `"local": true`, and settled when it is back).
@@ -82,10 +82,10 @@ use std::collections::HashMap;
 use log::{info, warn};
 use serde_json::{json, Value};
 
-use super::channel_definition::ChannelDefinition;
+use super::channels::definition::ChannelDefinition;
+use super::chat::nicks::PendingClaim;
+use super::chat::presence::PresenceChange;
 use super::chat::{ChatLine, LineKind};
-use super::chat_nicks::PendingClaim;
-use super::chat_presence::PresenceChange;
 use super::ConnId;
 use crate::cluster::{Full, HistoryEntry, LinkState, LostKind, RedisLink};
 
@@ -171,7 +171,7 @@ struct Warned {
     nick_claim_failed: bool,
 }
 
-pub struct Cluster {
+pub struct ScaleOut {
     pub link: RedisLink,
     pub node_id: String,
     pub pending: HashMap<u64, Pending>,
@@ -203,9 +203,9 @@ pub struct Cluster {
     synced: bool,
 }
 
-impl std::fmt::Debug for Cluster {
+impl std::fmt::Debug for ScaleOut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster")
+        f.debug_struct("ScaleOut")
             .field("node_id", &self.node_id)
             .field("pending", &self.pending.len())
             .field("resumes", &self.resumes.len())
@@ -213,9 +213,9 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
-impl Cluster {
-    pub fn new(link: RedisLink) -> Cluster {
-        Cluster {
+impl ScaleOut {
+    pub fn new(link: RedisLink) -> ScaleOut {
+        ScaleOut {
             node_id: link.node_id().to_owned(),
             link,
             pending: HashMap::new(),
@@ -392,7 +392,7 @@ impl Cluster {
     }
 }
 
-/// The bus payload of a channel message (`run`: [`Cluster::run`]).
+/// The bus payload of a channel message (`run`: [`ScaleOut::run`]).
 pub fn message_payload(run: &str, ts: u64, data: &Value) -> String {
     json!({ "i": run, "ts": ts, "data": data }).to_string()
 }

@@ -6,15 +6,19 @@
 //! Slow consumers: lines that do not fit a member's queue are dropped for
 //! that member and counted; when its queue drains it is told how many.
 
+pub mod command;
+pub mod nicks;
+pub mod presence;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
 
 use log::debug;
 use serde_json::{json, Value};
 
-use super::chat_command::{parse_line, valid_nick, valid_room, ChatInput, HELP};
-use super::chat_nicks::{guest_nick, NickChange};
-use super::chat_presence::{who_line, JoinRequest, PresenceChange, PresenceRelay, WhoRequest};
+use self::command::{parse_line, valid_nick, valid_room, ChatInput, HELP};
+use self::nicks::{guest_nick, NickChange};
+use self::presence::{who_line, JoinRequest, PresenceChange, PresenceRelay, WhoRequest};
 use super::protocol::{ErrorCode, ProtocolError};
 use super::{unix_millis, ConnId, Message, Outbox};
 use crate::ws::SharedFrame;
