@@ -327,6 +327,13 @@ impl Channels {
         )
     }
 
+    /// The offset a single node gives the next message of `name` (it
+    /// numbers its channels itself; with Redis, Redis does): 1 for a
+    /// channel not made yet, which [`Channels::apply`] then makes.
+    pub fn next_offset(&self, name: &str) -> u64 {
+        self.channels.get(name).map_or(1, |c| c.next_offset)
+    }
+
     /// Checks that this publisher may publish to `name`, creating the
     /// channel for a trusted one.
     pub fn authorize(&mut self, name: &str, trusted: bool) -> Result<(), ProtocolError> {

@@ -20,7 +20,7 @@
 
 use serde_json::{json, Value};
 
-use crate::app::scale_out::Reply;
+use crate::app::bus::Reply;
 use crate::app::ConnId;
 
 /// A nick reservation the chat asks the link for.
