@@ -488,3 +488,66 @@ fn a_single_node_numbers_its_own_messages() {
     assert_eq!(delivered_to(&out, SUBSCRIBER)[1]["offset"], 2);
     assert_eq!(app.cluster_ready(), None);
 }
+
+#[test]
+fn a_nick_change_waits_for_redis_and_is_decided_here_when_the_link_goes_down() {
+    let mut app = App::new(&Config::default(), Instant::now()).unwrap();
+    let link = FakeLink::new(LinkState::Up);
+    app.attach_transport(Box::new(link.clone()));
+    let mut out = RecordingOutbox::default();
+    open(&mut app, 1, Role::Public, &mut out);
+    open(&mut app, 2, Role::Public, &mut out);
+    send(
+        &mut app,
+        1,
+        r#"{"type":"chat.nick","nick":"ann","id":1}"#,
+        &mut out,
+    );
+    send(
+        &mut app,
+        2,
+        r#"{"type":"chat.nick","nick":"bob","id":2}"#,
+        &mut out,
+    );
+    assert!(replies_to(&out, 1).is_empty() && replies_to(&out, 2).is_empty());
+    let claims = link.script().claims.clone();
+    let claim = |nick: &str| claims.iter().find(|c| c.1 == nick).unwrap().2;
+
+    link.script().inbound.push(Inbound::Nick {
+        request: claim("ann"),
+        nick: "ann".into(),
+        result: Ok(true),
+    });
+    app.on_cluster(Instant::now(), &mut out);
+    let acks = replies_to(&out, 1);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(
+        (&acks[0]["request"], &acks[0]["nick"]),
+        (&json!("chat.nick"), &json!("ann"))
+    );
+    assert!(acks[0].get("local").is_none());
+
+    // The link goes down before bob's claim is answered: this node decides.
+    link.script().inbound.push(Inbound::Down {
+        reason: "connection refused".into(),
+    });
+    app.on_cluster(Instant::now(), &mut out);
+    let acks = replies_to(&out, 2);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(
+        (&acks[0]["nick"], &acks[0]["local"]),
+        (&json!("bob"), &json!(true))
+    );
+
+    // Back up, Redis says another node's member holds bob: renamed, told.
+    link.script().inbound.push(Inbound::Nick {
+        request: claim("bob"),
+        nick: "bob".into(),
+        result: Ok(false),
+    });
+    app.on_cluster(Instant::now(), &mut out);
+    let replies = replies_to(&out, 2);
+    assert_eq!(replies.len(), 2);
+    assert_eq!(replies[1]["type"], "chat.renamed");
+    assert_eq!(replies[1]["previous"], "bob");
+}
