@@ -6,7 +6,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::event_filter::EventFilters;
+use super::events::filter::EventFilters;
 
 /// Stable, machine-readable error codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -75,7 +75,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 
 use super::filter_expr::Filter;
-use crate::app::event_filter::{parse_decimal, AMOUNT_FIELD};
+use crate::app::events::filter::{parse_decimal, AMOUNT_FIELD};
 use crate::app::protocol::{ErrorCode, ProtocolError};
 
 /// Cooldown when the request gives none.

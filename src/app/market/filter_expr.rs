@@ -64,7 +64,7 @@ use std::collections::HashSet;
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
-use crate::app::event_filter::parse_decimal;
+use crate::app::events::filter::parse_decimal;
 use crate::app::protocol::{ErrorCode, ProtocolError};
 
 /// Deepest nesting of nodes; the root is at level 1.

@@ -338,7 +338,7 @@ impl Candle {
     /// prices as JSON floats (the nearest f64 to the exact decimal, so
     /// `45000` is written `45000.0`), the start in Unix seconds and the
     /// interval in seconds. It has no symbol, volume or closed flag.
-    pub fn to_legacy_json(&self, interval: Interval) -> String {
+    pub fn to_kline_text_json(&self, interval: Interval) -> String {
         // Decimal's Display is a plain decimal literal, and parsing it is
         // correctly rounded, unlike `Decimal::to_f64`.
         let float = |d: Decimal| d.to_string().parse::<f64>().unwrap_or_default();
@@ -1323,25 +1323,25 @@ mod tests {
     }
 
     #[test]
-    fn legacy_message_has_the_kline_service_shape() {
+    fn kline_text_message_has_the_kline_service_shape() {
         let mut series = Series::new(iv("5m"), 10);
         series.apply(&trade("0.001", "1", 1_748_465_400_000));
         series.apply(&trade("0.0010010979158340965", "1", 1_748_465_401_000));
         series.apply(&trade("0.001001096106439179", "1", 1_748_465_402_000));
         let c = series.current().unwrap();
         assert_eq!(
-            c.to_legacy_json(iv("5m")),
+            c.to_kline_text_json(iv("5m")),
             r#"{"open":0.001,"high":0.0010010979158340965,"low":0.001,"close":0.001001096106439179,"unix_timestamp":1748465400,"time_window_seconds":300}"#
         );
     }
 
     #[test]
-    fn legacy_message_writes_whole_and_extreme_prices_as_floats() {
+    fn kline_text_message_writes_whole_and_extreme_prices_as_floats() {
         let mut series = Series::new(iv("1s"), 10);
         series.apply(&trade("45000", "1", 1_000));
         series.apply(&trade("100000000000000000000", "1", 1_001));
         series.apply(&trade("0.000000000000000001", "1", 1_002));
-        let text = series.current().unwrap().to_legacy_json(iv("1s"));
+        let text = series.current().unwrap().to_kline_text_json(iv("1s"));
         assert_eq!(
             text,
             r#"{"open":45000.0,"high":1e+20,"low":1e-18,"close":1e-18,"unix_timestamp":1,"time_window_seconds":1}"#

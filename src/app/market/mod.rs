@@ -14,7 +14,7 @@
 pub mod alert;
 pub mod filter_expr;
 pub mod kline;
-pub mod legacy;
+pub mod kline_text;
 pub mod replay;
 pub mod sim;
 
@@ -44,7 +44,7 @@ type SeriesKey = (String, u64);
 struct KlineSub {
     conn: ConnId,
     /// The old plain-text service's shape instead of `{"type":"kline",…}`.
-    legacy: bool,
+    kline_text: bool,
     throttle: Duration,
     last_sent: Option<Instant>,
     /// An update was held back by the throttle; the latest state is owed.
@@ -53,8 +53,8 @@ struct KlineSub {
 
 #[derive(Debug, Default)]
 struct ConnMarket {
-    /// The legacy subscription, if any (one at a time, like the original).
-    legacy: Option<SeriesKey>,
+    /// The `/kline` text-protocol subscription, if any (one at a time, like the original).
+    kline_text: Option<SeriesKey>,
     filters: Vec<(String, Filter)>,
     alerts: Vec<Alert>,
     dropped: u64,
@@ -187,7 +187,7 @@ impl Market {
         let interval = self.interval("interval", interval)?;
         let key = (symbol.to_owned(), interval.secs);
         let subs = self.subs.entry(key.clone()).or_default();
-        if subs.iter().any(|s| s.conn == conn && !s.legacy) {
+        if subs.iter().any(|s| s.conn == conn && !s.kline_text) {
             return Err(ProtocolError::new(
                 ErrorCode::Conflict,
                 format!("already subscribed to {symbol} {}", interval.name()),
@@ -195,7 +195,7 @@ impl Market {
         }
         subs.push(KlineSub {
             conn,
-            legacy: false,
+            kline_text: false,
             throttle: Duration::from_millis(throttle_ms),
             last_sent: None,
             pending: false,
@@ -243,12 +243,12 @@ impl Market {
         Ok(json!({ "symbol": symbol, "interval": interval.name() }))
     }
 
-    fn remove_sub(&mut self, conn: ConnId, key: &SeriesKey, legacy: bool) -> bool {
+    fn remove_sub(&mut self, conn: ConnId, key: &SeriesKey, kline_text: bool) -> bool {
         let Some(subs) = self.subs.get_mut(key) else {
             return false;
         };
         let before = subs.len();
-        subs.retain(|s| !(s.conn == conn && s.legacy == legacy));
+        subs.retain(|s| !(s.conn == conn && s.kline_text == kline_text));
         let removed = subs.len() != before;
         if subs.is_empty() {
             self.subs.remove(key);
@@ -256,9 +256,9 @@ impl Market {
         removed
     }
 
-    /// `sub-1m` and friends: replaces the connection's legacy subscription
+    /// `sub-1m` and friends: replaces the connection's `/kline` text-protocol subscription
     /// and sends the open candle right away.
-    pub fn legacy_subscribe(&mut self, conn: ConnId, interval: &str, out: &mut impl Outbox) {
+    pub fn kline_text_subscribe(&mut self, conn: ConnId, interval: &str, out: &mut impl Outbox) {
         let interval = match self.interval("interval", interval) {
             Ok(interval) => interval,
             Err(e) => {
@@ -267,27 +267,27 @@ impl Market {
                 return out.reply(conn, Message::Text(&reply.to_string()));
             }
         };
-        self.legacy_unsubscribe(conn);
+        self.kline_text_unsubscribe(conn);
         let key = (self.default_symbol.clone(), interval.secs);
         self.subs.entry(key.clone()).or_default().push(KlineSub {
             conn,
-            legacy: true,
+            kline_text: true,
             throttle: Duration::ZERO,
             last_sent: None,
             pending: false,
         });
-        self.conns.entry(conn).or_default().legacy = Some(key);
+        self.conns.entry(conn).or_default().kline_text = Some(key);
         let current = self
             .book
             .series(&self.default_symbol, interval)
             .and_then(|s| s.current());
         if let Some(candle) = current {
-            out.reply(conn, Message::Text(&candle.to_legacy_json(interval)));
+            out.reply(conn, Message::Text(&candle.to_kline_text_json(interval)));
         }
     }
 
-    pub fn legacy_unsubscribe(&mut self, conn: ConnId) {
-        if let Some(key) = self.conns.get_mut(&conn).and_then(|c| c.legacy.take()) {
+    pub fn kline_text_unsubscribe(&mut self, conn: ConnId) {
+        if let Some(key) = self.conns.get_mut(&conn).and_then(|c| c.kline_text.take()) {
             self.remove_sub(conn, &key, true);
         }
     }
@@ -514,7 +514,7 @@ impl Market {
             return;
         };
         let mut modern: Option<SharedFrame> = None;
-        let mut legacy: Option<SharedFrame> = None;
+        let mut kline_text: Option<SharedFrame> = None;
         for sub in subs.iter_mut() {
             if !final_state && !sub.throttle.is_zero() {
                 if let Some(last) = sub.last_sent {
@@ -531,8 +531,9 @@ impl Market {
                     }
                 }
             }
-            let frame = if sub.legacy {
-                legacy.get_or_insert_with(|| SharedFrame::text(&candle.to_legacy_json(interval)))
+            let frame = if sub.kline_text {
+                kline_text
+                    .get_or_insert_with(|| SharedFrame::text(&candle.to_kline_text_json(interval)))
             } else {
                 modern.get_or_insert_with(|| {
                     SharedFrame::text(&candle.to_json(&key.0, interval).to_string())
@@ -632,7 +633,7 @@ impl Market {
             let Some(sub) = self
                 .subs
                 .get_mut(&key)
-                .and_then(|subs| subs.iter_mut().find(|s| s.conn == conn && !s.legacy))
+                .and_then(|subs| subs.iter_mut().find(|s| s.conn == conn && !s.kline_text))
             else {
                 continue;
             };

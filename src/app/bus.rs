@@ -1,4 +1,21 @@
-//! Scale-out: the app's side of the Redis link ([`crate::cluster`]).
+//! The bus: how what every node must see alike (channel messages, channel
+//! definitions, chat lines, presence and nicks) gets to every node. One
+//! path for both set-ups: the app hands a message to the [`Bus`] and gets
+//! back one [`Route`]:
+//!
+//! * [`Bus::Local`], a single node: [`Route::Here`], the node numbers the
+//!   message itself (the channel's next offset) and delivers it now;
+//! * [`Bus::Redis`], scale-out over Redis ([`RedisBus`], over the
+//!   [`crate::cluster::RedisLink`] transport): [`Route::Pending`], Redis
+//!   numbers it and the ack waits for it to come back on the bus, or
+//!   [`Route::Fallback`] while the link cannot take it (delivered here
+//!   alone, unnumbered).
+//!
+//! Everything waiting for Redis (publishes and definitions by
+//! `origin_seq`, reads and nick claims by request, joins) is in one table
+//! of the [`RedisBus`], keyed by [`Ticket`].
+//!
+//! # Scale-out
 //!
 //! With `--redis`, everything that several nodes must see alike travels
 //! through the Redis bus and is applied by every node, the publishing one
@@ -26,7 +43,7 @@
 //!   (`"created": false`). Nodes load every definition when their link
 //!   comes up, and `/readyz` says ready only once they are applied. A
 //!   channel never `create`d has each node's defaults.
-//! * chat presence ([`super::chat_presence`]): each node writes its room
+//! * chat presence ([`super::chat::presence`]): each node writes its room
 //!   members to Redis as they join, leave and change nick, and again after
 //!   every reconnect and data reset (another node may have removed them
 //!   while this node's alive key had expired); `chat.who` and `/who` ask
@@ -39,12 +56,12 @@
 //!   meanwhile are held and follow the replay, without those it replayed
 //!   (told by offset). Redis unreachable: this node's history and members,
 //!   `"local": true`.
-//! * nicks ([`super::chat_nicks`]): every member's nick is reserved in
+//! * nicks ([`super::chat::nicks`]): every member's nick is reserved in
 //!   Redis under the node's alive key; `chat.nick` and `/nick` are
 //!   answered when Redis decided (while the link is down: by this node
 //!   alone, `"local": true`, and settled when it is back).
 //!
-//! # While the link is not up
+//! ## While the link is not up
 //!
 //! Local service continues: a publish is delivered to this node's
 //! subscribers at once with `"offset": null, "local": true` (its ack says
@@ -68,7 +85,7 @@
 //! definitions it holds again; they are the same on every node, so the
 //! same ones win.
 //!
-//! # Exactly once
+//! ## Exactly once
 //!
 //! Every payload carries `"i"`, a random id of the publishing process; a
 //! node's messages come in `origin_seq` order, so a message whose
@@ -82,15 +99,151 @@ use std::collections::HashMap;
 use log::{info, warn};
 use serde_json::{json, Value};
 
-use super::channel_definition::ChannelDefinition;
-use super::chat::{ChatLine, LineKind};
-use super::chat_nicks::PendingClaim;
-use super::chat_presence::PresenceChange;
+use super::channels::definition::ChannelDefinition;
+use super::chat::nicks::PendingClaim;
+use super::chat::presence::PresenceChange;
+use super::chat::redis::{JoinWaiting, WhoWaiting};
 use super::ConnId;
-use crate::cluster::{Full, HistoryEntry, LinkState, LostKind, RedisLink};
+use crate::cluster::{Full, Inbound, LinkState, LinkStats, LostKind, RedisLink};
 
-/// Prefix of the bus channels that carry chat rooms.
-pub const CHAT_PREFIX: &str = "#chat/";
+/// Where this node's messages go to reach every node.
+#[derive(Debug)]
+pub enum Bus {
+    /// A single node: nowhere else.
+    Local,
+    /// Scale-out over Redis (`--redis`).
+    Redis(Box<RedisBus>),
+}
+
+/// What became of a channel message handed to a bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// A single node: the caller numbers it (the channel's next offset)
+    /// and applies it now.
+    Here,
+    /// Queued for Redis, which numbers it; it is applied, and its ack
+    /// sent, when it comes back on the bus.
+    Pending,
+    /// The link is not up or its queue is full: the caller delivers it on
+    /// this node alone, unnumbered (`"offset": null, "local": true`).
+    Fallback,
+}
+
+/// Takes channel messages: [`Bus`] whichever kind it is, or a
+/// [`RedisBus`] directly (while applying what Redis handed over, which
+/// may publish alerts).
+pub trait MessageBus {
+    /// Offers a channel message published at `ts` (ms since the epoch).
+    /// `reply` names who waits for its ack, asked only if the message
+    /// goes through Redis (a single node acks at once: no bookkeeping).
+    fn send(
+        &mut self,
+        channel: &str,
+        ts: u64,
+        data: &Value,
+        reply: impl FnOnce() -> Option<Reply>,
+    ) -> Route;
+}
+
+impl MessageBus for Bus {
+    fn send(
+        &mut self,
+        channel: &str,
+        ts: u64,
+        data: &Value,
+        reply: impl FnOnce() -> Option<Reply>,
+    ) -> Route {
+        match self {
+            Bus::Local => Route::Here,
+            Bus::Redis(redis) => redis.send(channel, ts, data, reply),
+        }
+    }
+}
+
+impl MessageBus for RedisBus {
+    fn send(
+        &mut self,
+        channel: &str,
+        ts: u64,
+        data: &Value,
+        reply: impl FnOnce() -> Option<Reply>,
+    ) -> Route {
+        let payload = message_payload(&self.run, ts, data);
+        self.publish(channel, payload, reply())
+    }
+}
+
+impl Bus {
+    /// The Redis bus, for what only it has (readiness, metrics).
+    pub fn redis(&self) -> Option<&RedisBus> {
+        match self {
+            Bus::Local => None,
+            Bus::Redis(redis) => Some(redis),
+        }
+    }
+}
+
+/// What the Redis bus needs of its link: [`RedisLink`] in production; unit
+/// tests put a fake in its place to script Redis's answers. Every call
+/// only queues (never blocks); answers come back through `drain`.
+pub trait Transport: Send {
+    fn node_id(&self) -> &str;
+    fn state(&self) -> LinkState;
+    fn stats(&self) -> LinkStats;
+    fn publish(&self, channel: &str, payload: String) -> Result<u64, Full>;
+    fn define(&self, channel: &str, definition: String) -> Result<u64, Full>;
+    fn presence(&self, room: &str, member: u64, nick: Option<&str>) -> Result<(), Full>;
+    fn claim_nick(&self, member: u64, nick: &str, previous: Option<&str>) -> Result<u64, Full>;
+    fn release_nick(&self, member: u64, nick: &str) -> Result<(), Full>;
+    fn who(&self, room: &str) -> Result<u64, Full>;
+    fn rooms(&self) -> Result<u64, Full>;
+    fn history(&self, channel: &str, after_offset: u64, limit: usize) -> Result<u64, Full>;
+    fn recent(&self, channel: &str, limit: usize) -> Result<u64, Full>;
+    /// Everything that arrived since the last call, oldest first.
+    fn drain(&self) -> Vec<Inbound>;
+}
+
+impl Transport for RedisLink {
+    fn node_id(&self) -> &str {
+        RedisLink::node_id(self)
+    }
+    fn state(&self) -> LinkState {
+        RedisLink::state(self)
+    }
+    fn stats(&self) -> LinkStats {
+        RedisLink::stats(self)
+    }
+    fn publish(&self, channel: &str, payload: String) -> Result<u64, Full> {
+        RedisLink::publish(self, channel, payload)
+    }
+    fn define(&self, channel: &str, definition: String) -> Result<u64, Full> {
+        RedisLink::define(self, channel, definition)
+    }
+    fn presence(&self, room: &str, member: u64, nick: Option<&str>) -> Result<(), Full> {
+        RedisLink::presence(self, room, member, nick)
+    }
+    fn claim_nick(&self, member: u64, nick: &str, previous: Option<&str>) -> Result<u64, Full> {
+        RedisLink::claim_nick(self, member, nick, previous)
+    }
+    fn release_nick(&self, member: u64, nick: &str) -> Result<(), Full> {
+        RedisLink::release_nick(self, member, nick)
+    }
+    fn who(&self, room: &str) -> Result<u64, Full> {
+        RedisLink::who(self, room)
+    }
+    fn rooms(&self) -> Result<u64, Full> {
+        RedisLink::rooms(self)
+    }
+    fn history(&self, channel: &str, after_offset: u64, limit: usize) -> Result<u64, Full> {
+        RedisLink::history(self, channel, after_offset, limit)
+    }
+    fn recent(&self, channel: &str, limit: usize) -> Result<u64, Full> {
+        RedisLink::recent(self, channel, limit)
+    }
+    fn drain(&self) -> Vec<Inbound> {
+        RedisLink::drain(self).collect()
+    }
+}
 
 /// Who is waiting for an ack.
 #[derive(Debug, Clone)]
@@ -117,28 +270,40 @@ pub struct Resume {
     pub since: u64,
 }
 
-/// A `who` waiting for Redis's answer.
-#[derive(Debug)]
-pub struct WhoWaiting {
-    pub reply: Reply,
-    pub room: String,
-    /// A plain-text `/who` (else a JSON `chat.who`).
-    pub plain: bool,
+/// The key of something waiting for Redis. The link numbers publishes and
+/// definitions (`origin_seq`) apart from reads and nick claims (request
+/// ids), and a join is two reads, so each has its own kind of key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Ticket {
+    /// A publish or definition, by the `origin_seq` the link answered.
+    Seq(u64),
+    /// A history, `who` or rooms read, or a nick claim, by request id.
+    Request(u64),
+    /// A join waiting for its two reads, by join number.
+    Join(u64),
 }
 
-/// A join waiting for Redis: the room's latest lines and its members on
-/// every node (each None until answered; an error: this node's instead).
+/// Something waiting for Redis.
 #[derive(Debug)]
-pub struct JoinWaiting {
-    pub reply: Reply,
-    pub room: String,
-    pub recent: Option<Result<(Vec<ChatLine>, u64), String>>,
-    pub members: Option<Result<Vec<String>, String>>,
+pub enum Waiting {
+    Publish(Pending),
+    Definition(Pending),
+    Resume(Resume),
+    Who(WhoWaiting),
+    /// `chat.rooms` (or, `plain`, a `/rooms`).
+    Rooms {
+        reply: Reply,
+        plain: bool,
+    },
+    Join(JoinWaiting),
+    /// One of the two reads of the join it names.
+    JoinPart(u64),
+    NickClaim(PendingClaim),
 }
 
 /// App-level counters of the scale-out.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct ClusterStats {
+pub struct BusStats {
     /// Messages delivered by this node alone while the link was not up.
     pub local_deliveries: u64,
     pub lost_queue_full: u64,
@@ -171,25 +336,15 @@ struct Warned {
     nick_claim_failed: bool,
 }
 
-pub struct Cluster {
-    pub link: RedisLink,
+/// Scale-out over Redis: the link, and this node's bookkeeping of what
+/// goes through it.
+pub struct RedisBus {
+    link: Box<dyn Transport>,
     pub node_id: String,
-    pub pending: HashMap<u64, Pending>,
-    /// This node's channel definitions on their way through Redis, by
-    /// `origin_seq`.
-    pub definitions: HashMap<u64, Pending>,
-    pub resumes: HashMap<u64, Resume>,
-    pub whos: HashMap<u64, WhoWaiting>,
-    /// `chat.rooms` (or, `true`, plain `/rooms`) waiting for Redis.
-    pub rooms_waiting: HashMap<u64, (Reply, bool)>,
-    /// Joins waiting for Redis, by join number; `join_parts` maps the
-    /// history and `who` requests to it.
-    pub joins: HashMap<u64, JoinWaiting>,
-    pub join_parts: HashMap<u64, u64>,
-    pub next_join: u64,
-    /// Nick claims on their way through Redis, by request.
-    pub nick_claims: HashMap<u64, PendingClaim>,
-    pub stats: ClusterStats,
+    /// Everything waiting for Redis, in one table.
+    waiting: HashMap<Ticket, Waiting>,
+    next_join: u64,
+    pub stats: BusStats,
     /// This process's run, in every bus payload it sends (`"i"`), so that
     /// duplicates can be told by (origin, run, origin_seq).
     pub run: String,
@@ -203,36 +358,72 @@ pub struct Cluster {
     synced: bool,
 }
 
-impl std::fmt::Debug for Cluster {
+impl std::fmt::Debug for RedisBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster")
+        f.debug_struct("RedisBus")
             .field("node_id", &self.node_id)
-            .field("pending", &self.pending.len())
-            .field("resumes", &self.resumes.len())
+            .field("waiting", &self.waiting.len())
             .finish()
     }
 }
 
-impl Cluster {
-    pub fn new(link: RedisLink) -> Cluster {
-        Cluster {
+impl RedisBus {
+    pub fn new(link: Box<dyn Transport>) -> RedisBus {
+        RedisBus {
             node_id: link.node_id().to_owned(),
             link,
-            pending: HashMap::new(),
-            definitions: HashMap::new(),
-            resumes: HashMap::new(),
-            whos: HashMap::new(),
-            rooms_waiting: HashMap::new(),
-            nick_claims: HashMap::new(),
-            joins: HashMap::new(),
-            join_parts: HashMap::new(),
+            waiting: HashMap::new(),
             next_join: 0,
-            stats: ClusterStats::default(),
+            stats: BusStats::default(),
             run: format!("{:016x}", crate::cluster::protocol::random_u64()),
             seen: HashMap::new(),
             warned: Warned::default(),
             was_down: false,
             synced: false,
+        }
+    }
+
+    /// The link, to queue reads and claims on (the answer's request id
+    /// then goes into [`RedisBus::wait`]).
+    pub fn link(&self) -> &dyn Transport {
+        &*self.link
+    }
+
+    /// Notes what waits for Redis's answer to `ticket`.
+    pub fn wait(&mut self, ticket: Ticket, waiting: Waiting) {
+        self.waiting.insert(ticket, waiting);
+    }
+
+    /// What waited for `ticket`, which Redis answered.
+    pub fn take(&mut self, ticket: Ticket) -> Option<Waiting> {
+        self.waiting.remove(&ticket)
+    }
+
+    pub fn get_mut(&mut self, ticket: Ticket) -> Option<&mut Waiting> {
+        self.waiting.get_mut(&ticket)
+    }
+
+    /// A number for a join, which waits under [`Ticket::Join`].
+    pub fn next_join(&mut self) -> u64 {
+        let key = self.next_join;
+        self.next_join += 1;
+        key
+    }
+
+    /// The nick claims on their way through Redis, by request.
+    pub fn nick_claims(&self) -> impl Iterator<Item = (u64, &PendingClaim)> {
+        self.waiting
+            .iter()
+            .filter_map(|(ticket, waiting)| match (ticket, waiting) {
+                (Ticket::Request(request), Waiting::NickClaim(claim)) => Some((*request, claim)),
+                _ => None,
+            })
+    }
+
+    pub fn nick_claim_mut(&mut self, request: u64) -> Option<&mut PendingClaim> {
+        match self.waiting.get_mut(&Ticket::Request(request)) {
+            Some(Waiting::NickClaim(claim)) => Some(claim),
+            _ => None,
         }
     }
 
@@ -256,7 +447,10 @@ impl Cluster {
         reply: Option<Reply>,
     ) -> Result<(), Full> {
         let seq = self.link.define(channel, definition.encode())?;
-        self.definitions.insert(seq, Pending { local, reply });
+        self.wait(
+            Ticket::Seq(seq),
+            Waiting::Definition(Pending { local, reply }),
+        );
         Ok(())
     }
 
@@ -290,28 +484,26 @@ impl Cluster {
         }
     }
 
-    /// Queues a publish. Answers whether the caller must deliver it locally
-    /// now (the link is not up, or its queue is full).
-    pub fn publish(&mut self, channel: &str, payload: String, reply: Option<Reply>) -> bool {
+    /// Queues a bus payload (a channel message or a chat line): pending
+    /// when the link is up, else (not up, or its queue is full) to be
+    /// delivered here at once by the caller.
+    pub fn publish(&mut self, channel: &str, payload: String, reply: Option<Reply>) -> Route {
         let up = self.is_up();
         match self.link.publish(channel, payload) {
             Ok(seq) => {
                 let local = !up;
-                self.pending.insert(
-                    seq,
-                    Pending {
-                        local,
-                        reply: if local { None } else { reply },
-                    },
-                );
+                let reply = if local { None } else { reply };
+                self.wait(Ticket::Seq(seq), Waiting::Publish(Pending { local, reply }));
                 if local {
                     self.stats.local_deliveries += 1;
+                    Route::Fallback
+                } else {
+                    Route::Pending
                 }
-                local
             }
             Err(_) => {
                 self.stats.local_deliveries += 1;
-                true
+                Route::Fallback
             }
         }
     }
@@ -319,10 +511,12 @@ impl Cluster {
     pub fn on_up(&mut self) {
         self.synced = true;
         if std::mem::take(&mut self.was_down) {
-            info!(
-                "redis link up again: resuming cluster delivery ({} publish(es) in flight)",
-                self.pending.len()
-            );
+            let in_flight = self
+                .waiting
+                .values()
+                .filter(|w| matches!(w, Waiting::Publish(_)))
+                .count();
+            info!("redis link up again: resuming cluster delivery ({in_flight} publish(es) in flight)");
         }
     }
 
@@ -357,13 +551,10 @@ impl Cluster {
             warn!("{count} cluster message(s) lost: {what}; counted in fanout_redis_lost_total (logged once)");
         }
         match kind {
-            LostKind::Rejected { origin_seq } => match self.pending.remove(&origin_seq) {
-                Some(p) => p.reply.map(|r| (r, "message")),
-                None => self
-                    .definitions
-                    .remove(&origin_seq)
-                    .and_then(|p| p.reply)
-                    .map(|r| (r, "channel definition")),
+            LostKind::Rejected { origin_seq } => match self.take(Ticket::Seq(origin_seq))? {
+                Waiting::Publish(p) => p.reply.map(|r| (r, "message")),
+                Waiting::Definition(p) => p.reply.map(|r| (r, "channel definition")),
+                _ => None,
             },
             _ => None,
         }
@@ -392,7 +583,7 @@ impl Cluster {
     }
 }
 
-/// The bus payload of a channel message (`run`: [`Cluster::run`]).
+/// The bus payload of a channel message (`run`: [`RedisBus::run`]).
 pub fn message_payload(run: &str, ts: u64, data: &Value) -> String {
     json!({ "i": run, "ts": ts, "data": data }).to_string()
 }
@@ -417,94 +608,16 @@ pub fn parse_message_payload(payload: &str) -> Option<(u64, Value)> {
     Some((ts, data))
 }
 
-/// The chat lines of a room's history from Redis (with their offsets);
-/// entries that are not chat lines are skipped and counted by the caller.
-pub fn chat_history(room: &str, entries: &[HistoryEntry]) -> (Vec<ChatLine>, usize) {
-    let mut malformed = 0;
-    let lines = entries
-        .iter()
-        .filter_map(|e| {
-            let line = parse_chat_payload(room, &e.payload).map(|mut line| {
-                line.offset = Some(e.offset);
-                line
-            });
-            malformed += usize::from(line.is_none());
-            line
-        })
-        .collect();
-    (lines, malformed)
-}
-
-pub fn chat_payload(run: &str, line: &ChatLine) -> String {
-    json!({ "i": run, "kind": line.kind.as_str(), "nick": line.nick, "text": line.text, "ts": line.ts })
-        .to_string()
-}
-
-pub fn parse_chat_payload(room: &str, payload: &str) -> Option<ChatLine> {
-    let v: Value = serde_json::from_str(payload).ok()?;
-    Some(ChatLine {
-        room: room.to_owned(),
-        nick: v.get("nick")?.as_str()?.to_owned(),
-        text: v.get("text")?.as_str()?.to_owned(),
-        kind: LineKind::parse(v.get("kind")?.as_str()?)?,
-        ts: v.get("ts")?.as_u64()?,
-        offset: None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn payloads_round_trip() {
+    fn message_payloads_round_trip() {
         let data = json!({"type": "trade", "price": "1.5"});
         let p = message_payload("r1", 42, &data);
         assert_eq!(parse_message_payload(&p), Some((42, data)));
         assert_eq!(payload_run(&p), "r1");
-        let line = ChatLine {
-            room: "lobby".into(),
-            nick: "ann".into(),
-            text: "hi".into(),
-            kind: LineKind::Me,
-            ts: 7,
-            offset: None,
-        };
-        assert_eq!(
-            parse_chat_payload("lobby", &chat_payload("r2", &line)),
-            Some(line)
-        );
         assert_eq!(parse_message_payload("nope"), None);
-    }
-
-    #[test]
-    fn chat_history_keeps_offsets_and_counts_what_is_not_a_line() {
-        let line = ChatLine {
-            room: "ops".into(),
-            nick: "ann".into(),
-            text: "hi".into(),
-            kind: LineKind::Say,
-            ts: 7,
-            offset: None,
-        };
-        let entry = |offset, payload: String| HistoryEntry {
-            offset,
-            origin: "node-a".into(),
-            origin_seq: 1,
-            payload,
-        };
-        let entries = [
-            entry(4, chat_payload("r", &line)),
-            entry(5, "{\"kind\":\"shout\"}".into()),
-        ];
-        let (lines, malformed) = chat_history("ops", &entries);
-        assert_eq!(malformed, 1);
-        assert_eq!(
-            lines,
-            vec![ChatLine {
-                offset: Some(4),
-                ..line
-            }]
-        );
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use super::protocol::PublishPolicy;
+use crate::app::protocol::PublishPolicy;
 
 /// The largest `backlog` a `create` may ask for (also checked on
 /// definitions read from Redis: another node's word is not trusted to be

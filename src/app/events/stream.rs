@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use log::{debug, info};
 use serde_json::{json, Map, Value};
 
-use super::event_filter::EventFilters;
-use super::{ConnId, Message, Outbox};
+use super::filter::EventFilters;
+use crate::app::{ConnId, Message, Outbox};
 use crate::ws::{CloseCode, SharedFrame};
 
 /// The exact welcome text clients of the original service match on.
@@ -32,17 +32,17 @@ pub const WELCOME: &str = r#"{"type":"welcome","message":"Please send registrati
 
 /// A published event: its fields for filtering and its frame, encoded once.
 #[derive(Debug)]
-pub struct Event {
+pub struct StreamEvent {
     pub fields: Map<String, Value>,
     pub frame: SharedFrame,
 }
 
-impl Event {
-    pub fn new(fields: Map<String, Value>) -> Arc<Event> {
+impl StreamEvent {
+    pub fn new(fields: Map<String, Value>) -> Arc<StreamEvent> {
         // A map of JSON values always serializes; no copy of it is needed.
         let json = serde_json::to_string(&fields).expect("JSON maps serialize");
         let frame = SharedFrame::text(&json);
-        Arc::new(Event { fields, frame })
+        Arc::new(StreamEvent { fields, frame })
     }
 }
 
@@ -50,7 +50,7 @@ impl Event {
 enum StreamClient {
     Waiting {
         serial: u64,
-        queue: VecDeque<Arc<Event>>,
+        queue: VecDeque<Arc<StreamEvent>>,
         dropped: u64,
     },
     Registered {
@@ -134,7 +134,7 @@ impl EventStreams {
         }
     }
 
-    pub fn publish(&mut self, event: &Arc<Event>, out: &mut impl Outbox) {
+    pub fn publish(&mut self, event: &Arc<StreamEvent>, out: &mut impl Outbox) {
         let mut slow = Vec::new();
         for (conn, client) in self.clients.iter_mut() {
             match client {
@@ -205,8 +205,8 @@ mod tests {
     use super::*;
     use crate::app::tests::RecordingOutbox;
 
-    fn event(v: Value) -> Arc<Event> {
-        Event::new(v.as_object().unwrap().clone())
+    fn event(v: Value) -> Arc<StreamEvent> {
+        StreamEvent::new(v.as_object().unwrap().clone())
     }
 
     fn filters(v: Value) -> EventFilters {

@@ -7,6 +7,9 @@
 //! `dropped` notice naming the channel and the offset range it missed, so it
 //! can resubscribe with `since` and fill the gap from the backlog.
 
+pub mod definition;
+pub mod name;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -14,8 +17,8 @@ use log::debug;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::channel_definition::{ChannelDefinition, MAX_BACKLOG, MAX_BACKLOG_AGE_SECS};
-use super::channel_name::{is_pattern, pattern_matches, validate_name, validate_pattern};
+use self::definition::{ChannelDefinition, MAX_BACKLOG, MAX_BACKLOG_AGE_SECS};
+use self::name::{is_pattern, pattern_matches, validate_name, validate_pattern};
 use super::protocol::{ChannelSettings, ErrorCode, ProtocolError, PublishPolicy};
 use super::{unix_millis, ConnId, Outbox};
 use crate::ws::SharedFrame;
@@ -322,6 +325,13 @@ impl Channels {
             Apply::Deliver,
             out,
         )
+    }
+
+    /// The offset a single node gives the next message of `name` (it
+    /// numbers its channels itself; with Redis, Redis does): 1 for a
+    /// channel not made yet, which [`Channels::apply`] then makes.
+    pub fn next_offset(&self, name: &str) -> u64 {
+        self.channels.get(name).map_or(1, |c| c.next_offset)
     }
 
     /// Checks that this publisher may publish to `name`, creating the

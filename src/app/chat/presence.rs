@@ -5,8 +5,8 @@
 //! asks Redis, which answers for live runs only (see
 //! [`crate::cluster::protocol::WHO_LUA`]).
 
-use super::chat_nicks::NickChange;
-use super::ConnId;
+use super::nicks::NickChange;
+use crate::app::ConnId;
 
 /// A member's presence in a room changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +24,7 @@ pub struct WhoRequest {
     pub room: String,
 }
 
-/// A join waiting for Redis (see [`super::chat::Chat::begin_join`]): the
+/// A join waiting for Redis (see [`super::Chat::begin_join`]): the
 /// room's latest lines and members on every node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JoinRequest {

@@ -20,8 +20,8 @@
 
 use serde_json::{json, Value};
 
-use super::cluster::Reply;
-use super::ConnId;
+use crate::app::bus::Reply;
+use crate::app::ConnId;
 
 /// A nick reservation the chat asks the link for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,7 +151,7 @@ mod tests {
         assert_eq!(guest_nick(None, 3), "guest-3");
         let tagged = guest_nick(Some("a3f9"), u64::MAX);
         assert_eq!(tagged, format!("guest-a3f9-{}", u64::MAX));
-        assert!(crate::app::chat_command::valid_nick(&guest_nick(
+        assert!(crate::app::chat::command::valid_nick(&guest_nick(
             Some("a3f9"),
             999_999_999
         )));

@@ -10,7 +10,7 @@ use std::str::FromStr;
 use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 
-use super::protocol::{ErrorCode, ProtocolError};
+use crate::app::protocol::{ErrorCode, ProtocolError};
 
 /// Event fields that name an account; an event matches `account_ids` when
 /// any of them holds one of the ids.

@@ -4,22 +4,22 @@
 //! `{"open":…,"high":…,"low":…,"close":…,"unix_timestamp":…,"time_window_seconds":…}`.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LegacyCommand<'a> {
+pub enum TextCommand<'a> {
     /// `sub-<interval>`: the interval text after the dash.
     Subscribe(&'a str),
     Unsubscribe,
 }
 
-/// Recognises a legacy command; surrounding whitespace (a trailing newline
+/// Recognises a `/kline` text command; surrounding whitespace (a trailing newline
 /// from `websocat`) is ignored.
-pub fn parse(text: &str) -> Option<LegacyCommand<'_>> {
+pub fn parse(text: &str) -> Option<TextCommand<'_>> {
     let text = text.trim();
     if text == "unsub" {
-        return Some(LegacyCommand::Unsubscribe);
+        return Some(TextCommand::Unsubscribe);
     }
     text.strip_prefix("sub-")
         .filter(|i| !i.is_empty())
-        .map(LegacyCommand::Subscribe)
+        .map(TextCommand::Subscribe)
 }
 
 #[cfg(test)]
@@ -28,9 +28,9 @@ mod tests {
 
     #[test]
     fn commands() {
-        assert_eq!(parse("sub-1m"), Some(LegacyCommand::Subscribe("1m")));
-        assert_eq!(parse("sub-5m\n"), Some(LegacyCommand::Subscribe("5m")));
-        assert_eq!(parse("unsub"), Some(LegacyCommand::Unsubscribe));
+        assert_eq!(parse("sub-1m"), Some(TextCommand::Subscribe("1m")));
+        assert_eq!(parse("sub-5m\n"), Some(TextCommand::Subscribe("5m")));
+        assert_eq!(parse("unsub"), Some(TextCommand::Unsubscribe));
         assert_eq!(parse("sub-"), None);
         assert_eq!(parse("{\"type\":\"list\"}"), None);
     }

@@ -6,15 +6,21 @@
 //! Slow consumers: lines that do not fit a member's queue are dropped for
 //! that member and counted; when its queue drains it is told how many.
 
+pub mod command;
+pub mod nicks;
+mod plain;
+pub mod presence;
+pub mod redis;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
 
 use log::debug;
 use serde_json::{json, Value};
 
-use super::chat_command::{parse_line, valid_nick, valid_room, ChatInput, HELP};
-use super::chat_nicks::{guest_nick, NickChange};
-use super::chat_presence::{who_line, JoinRequest, PresenceChange, PresenceRelay, WhoRequest};
+use self::command::{valid_nick, valid_room};
+use self::nicks::{guest_nick, NickChange};
+use self::presence::{JoinRequest, PresenceChange, PresenceRelay};
 use super::protocol::{ErrorCode, ProtocolError};
 use super::{unix_millis, ConnId, Message, Outbox};
 use crate::ws::SharedFrame;
@@ -180,17 +186,17 @@ pub struct Chat {
     pub dropped_total: u64,
     /// Scale-out: lines are collected here for the Redis bus instead of
     /// being delivered; the bus hands them back through [`Chat::deliver`].
-    pub relay: Option<Vec<ChatLine>>,
+    relay: Option<Vec<ChatLine>>,
     /// Scale-out: the history of rooms said in on other nodes that have no
     /// member here (at most `max_rooms` of them), so that whoever joins
     /// one here replays it.
     unjoined: HashMap<String, VecDeque<Arc<Line>>>,
     /// Scale-out: presence changes, nick reservations and plain `/who`
     /// requests for Redis.
-    pub presence: Option<PresenceRelay>,
+    presence: Option<PresenceRelay>,
     /// Scale-out: part of every guest nick, drawn per process run, so that
     /// guests of different nodes never share a nick.
-    pub guest_tag: Option<String>,
+    guest_tag: Option<String>,
 }
 
 impl Chat {
@@ -236,6 +242,16 @@ impl Chat {
         self.members.get_mut(&conn).expect("inserted above")
     }
 
+    /// Scale-out (`--redis`): from now on lines, presence changes, nick
+    /// reservations and the requests Redis answers are collected for the
+    /// bus ([`redis`]) instead of being settled here; guest nicks carry
+    /// `guest_tag`, drawn per process run.
+    pub fn enable_scale_out(&mut self, guest_tag: String) {
+        self.guest_tag = Some(guest_tag);
+        self.relay = Some(Vec::new());
+        self.presence = Some(PresenceRelay::default());
+    }
+
     /// How many lines a join replays at most.
     pub fn history_len(&self) -> usize {
         self.history_len
@@ -252,170 +268,21 @@ impl Chat {
         }
     }
 
-    /// A `/chat` client connected: greet it and put it in the lobby.
-    pub fn on_plain_open(&mut self, conn: ConnId, out: &mut impl Outbox) {
-        let nick = self.ensure_member(conn, ChatFormat::Plain).nick.clone();
-        let greeting = format!(
-            "* welcome to fanout chat: you are {nick} in [{DEFAULT_ROOM}]. Type to talk; {HELP}"
-        );
-        out.reply(conn, Message::Text(&greeting));
-        // The lobby always exists, so joining it cannot fail.
-        let _ = self.join(conn, DEFAULT_ROOM, out, |_| String::new());
-    }
-
-    /// One `/chat` message: each line is said or run as a command. Problems
-    /// are answered with a `! ` line; nothing here disconnects.
-    pub fn on_plain_message(&mut self, conn: ConnId, message: Message<'_>, out: &mut impl Outbox) {
-        let Message::Text(text) = message else {
-            return tell(out, conn, "! binary messages are not chat: send text lines");
-        };
-        let lines: Vec<&str> = text
-            .split('\n')
-            .map(|l| l.strip_suffix('\r').unwrap_or(l))
-            .collect();
-        // A trailing newline (websocat sends one per line) is not an empty line.
-        let lines = match lines.split_last() {
-            Some((last, rest)) if last.is_empty() && !rest.is_empty() => rest,
-            _ => &lines[..],
-        };
-        for line in lines {
-            self.plain_line(conn, line, out);
-        }
-    }
-
-    fn plain_line(&mut self, conn: ConnId, line: &str, out: &mut impl Outbox) {
-        if line.trim().is_empty() {
-            return tell(out, conn, "! empty line: type something to say, or /help");
-        }
-        if line.len() > self.max_line {
-            return tell(
-                out,
-                conn,
-                &format!(
-                    "! line too long: {} bytes, at most {}",
-                    line.len(),
-                    self.max_line
-                ),
-            );
-        }
-        if has_control_characters(line) {
-            return tell(
-                out,
-                conn,
-                "! control characters (escape sequences, carriage returns) are not allowed",
-            );
-        }
-        let current_room = self
-            .members
-            .get(&conn)
-            .and_then(|m| m.rooms.first().cloned());
-        let result = match parse_line(line) {
-            ChatInput::Say(text) => {
-                self.say_here(conn, current_room.as_deref(), text, LineKind::Say, out)
-            }
-            ChatInput::Me(text) => {
-                self.say_here(conn, current_room.as_deref(), text, LineKind::Me, out)
-            }
-            ChatInput::Nick(nick) => match self.presence.is_some() {
-                // Scale-out: Redis decides; the answer comes later.
-                true => self.check_rename(conn, nick).map(|()| {
-                    if let Some(presence) = self.presence.as_mut() {
-                        presence.nicks.push(NickChange::Claim {
-                            conn,
-                            nick: nick.to_owned(),
-                            asked: true,
-                        });
-                    }
-                }),
-                false => self.rename(conn, nick, out).map(|_| ()),
-            },
-            ChatInput::Join(room) => {
-                if current_room.as_deref() == Some(room) {
-                    Err(conflict(format!("you are already in [{room}]")))
-                } else {
-                    let joined = self.join(conn, room, out, |_| String::new());
-                    if joined.is_ok() {
-                        if let Some(old) = current_room {
-                            self.leave(conn, &old, out);
-                        }
-                    }
-                    joined.map(|_| ())
-                }
-            }
-            ChatInput::Leave => match current_room {
-                Some(room) => {
-                    self.leave(conn, &room, out);
-                    tell(
-                        out,
-                        conn,
-                        &format!("* you left [{room}]; /join ROOM to talk again"),
-                    );
-                    Ok(())
-                }
-                None => Err(not_in_a_room()),
-            },
-            ChatInput::Rooms => {
-                match self.presence.as_mut() {
-                    Some(presence) => presence.rooms.push(conn),
-                    None => tell(out, conn, &rooms_line(&self.room_counts(), false)),
-                }
-                Ok(())
-            }
-            ChatInput::Who => match current_room {
-                Some(room) => {
-                    match self.presence.as_mut() {
-                        Some(presence) => presence.who.push(WhoRequest { conn, room }),
-                        None => tell(out, conn, &who_line(&room, &self.who(&room), false)),
-                    }
-                    Ok(())
-                }
-                None => Err(not_in_a_room()),
-            },
-            ChatInput::Help => {
-                tell(out, conn, &format!("* {HELP}"));
-                Ok(())
-            }
-            ChatInput::Invalid(usage) => Err(ProtocolError::new(ErrorCode::BadRequest, usage)),
-            ChatInput::Unknown(command) => Err(ProtocolError::new(
-                ErrorCode::UnknownType,
-                format!("unknown command /{command}; /help lists them"),
-            )),
-        };
-        if let Err(error) = result {
-            tell(out, conn, &format!("! {}", error.message));
-        }
-    }
-
-    fn say_here(
-        &mut self,
-        conn: ConnId,
-        room: Option<&str>,
-        text: &str,
-        kind: LineKind,
-        out: &mut impl Outbox,
-    ) -> Result<(), ProtocolError> {
-        match room {
-            Some(room) => self.say(conn, room, text, kind, out),
-            None => Err(ProtocolError::new(
-                ErrorCode::NotFound,
-                "you are not in a room: /join ROOM",
-            )),
-        }
-    }
-
     /// Joins `room` (creating it), tells the joiner (`json_intro` builds
     /// the JSON client's acknowledgement from the join details), replays
     /// the room's history and announces the join to the room. Scale-out:
-    /// the telling and replaying wait for Redis ([`Chat::begin_join`]).
+    /// the telling and replaying wait for Redis ([`Chat::begin_join`]; `id`
+    /// is then the JSON client's request id, for its acknowledgement).
     pub fn join(
         &mut self,
         conn: ConnId,
         room: &str,
+        id: &Option<Value>,
         out: &mut impl Outbox,
         json_intro: impl FnOnce(&Value) -> String,
     ) -> Result<(), ProtocolError> {
         if self.presence.is_some() {
-            return self.begin_join(conn, room, None, out);
+            return self.begin_join(conn, room, id.clone(), out);
         }
         let (nick, format, history) = self.enter(conn, room)?;
         let info = json!({ "room": room, "nick": nick, "members": self.who(room), "replayed": history.len() });

@@ -5,7 +5,7 @@
 //! final `>` segment matches one or more (NATS conventions): `trades.*`
 //! matches `trades.btc` but not `trades.btc.usd`; `trades.>` matches both.
 
-use super::protocol::{ErrorCode, ProtocolError};
+use crate::app::protocol::{ErrorCode, ProtocolError};
 
 pub const MAX_NAME_LEN: usize = 128;
 
