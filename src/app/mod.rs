@@ -23,7 +23,6 @@ mod auth;
 pub mod bus;
 pub mod channels;
 pub mod chat;
-mod echo;
 pub mod events;
 pub mod market;
 mod metrics;
@@ -230,7 +229,9 @@ impl App {
     ) {
         let node = &mut self.node;
         match endpoint {
-            Endpoint::Echo => echo::on_message(conn, message, out),
+            // Never called for it: the server sends a reflecting
+            // endpoint's messages straight back (see `Intake::Reflect`).
+            Endpoint::Echo => debug_assert!(false, "/echo's messages are not the app's"),
             Endpoint::Chat => node.chat.on_plain_message(conn, message, out),
             Endpoint::Ws => node.on_ws_message(&mut self.bus, conn, message, now, out),
             Endpoint::Kline => node.on_kline_message(conn, message, out),
