@@ -40,12 +40,29 @@
 //!   event_loop/websocket.rs  an upgraded connection's bytes through its session
 //!   event_loop/reflect.rs    /echo's reflection (streamed, fragmented, compressed)
 //!   event_loop/delivery.rs   the app's Outbox over the connection table
+//!   event_loop/signals.rs    SIGHUP reloads, graceful shutdown
 //!   connection.rs      a connection's phases and their deadlines
 //!   outbound.rs        the write queue; timers.rs the deadline heap;
 //!   compressors.rs     the loop's zlib state; tls_*.rs rustls sessions and
 //!                      certificates; listener.rs; stats.rs the loop's counters
 //! src/app/      what each endpoint does; knows connection ids, not sockets
-//! src/cluster/  the Redis link for scale-out (two threads, a mio Waker)
+//!   mod.rs             App: the server's calls in, dispatched per endpoint
+//!   routes.rs          which path is which endpoint, and how it takes messages
+//!   router.rs          /ws requests: parse, authorise (auth.rs), call a
+//!                      domain, reply; protocol.rs the JSON shapes and errors
+//!   publishing.rs      the one path every publish and event takes
+//!   bus.rs             one path for one node and many: a local bus numbers
+//!                      messages itself, the Redis one waits for Redis
+//!                      (scale_out.rs applies what comes back)
+//!   channels/          pub/sub: names and patterns, definitions, backlogs
+//!   chat/              rooms, nicks, presence, /chat's text client, and
+//!                      chat's own Redis coordination (chat/redis.rs)
+//!   events/            the registration protocol's streams and filters
+//!   market/            simulator and replay feeds, K-lines (and the /kline
+//!                      text protocol), filter expressions, alerts
+//!   metrics.rs         the app's part of /metrics
+//! src/cluster/  a generic Redis transport for scale-out (two threads, a mio
+//!               Waker); its file map is in its module docs
 //! src/config.rs every flag, its default, and the config file
 //! src/metrics.rs the Prometheus text exposition
 //! ```
