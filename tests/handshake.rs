@@ -356,6 +356,47 @@ fn status_405_carries_allow_get() {
     server.stop().unwrap();
 }
 
+/// The plain paths answer `GET` and `HEAD` (the head alone, with the
+/// body's length), in HTTP/1.1 and 1.0 alike, and refuse every other
+/// method with `405` and `Allow: GET, HEAD`.
+#[test]
+fn plain_paths_answer_get_and_head_and_refuse_other_methods() {
+    let server = TestServer::start(&[]);
+    for path in ["/", "/healthz", "/readyz", "/metrics"] {
+        for version in ["1.1", "1.0"] {
+            let get = format!("GET {path} HTTP/{version}\r\nHost: test\r\n\r\n");
+            let response = exchange(server.addr, get.as_bytes());
+            assert_eq!(
+                response.status_line, "HTTP/1.1 200 OK",
+                "GET {path} {version}"
+            );
+            let length: usize = response.header("Content-Length").unwrap().parse().unwrap();
+            assert!(length > 0 && response.body.len() == length, "{response:?}");
+
+            let head = get.replacen("GET", "HEAD", 1);
+            let response = exchange(server.addr, head.as_bytes());
+            assert_eq!(
+                response.status_line, "HTTP/1.1 200 OK",
+                "HEAD {path} {version}"
+            );
+            assert!(response.body.is_empty(), "HEAD {path}: {response:?}");
+            assert!(response.header("Content-Length").is_some_and(|l| l != "0"));
+            assert!(response.closed);
+        }
+        for method in ["POST", "PUT", "DELETE", "OPTIONS"] {
+            let request =
+                format!("{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n");
+            let response = exchange(server.addr, request.as_bytes());
+            assert_rejection(&response, 405, &format!("{path} answers GET and HEAD only"));
+            assert_eq!(response.header("Allow"), Some("GET, HEAD"));
+        }
+    }
+    // An upgrade needs HTTP/1.1 (RFC 6455 §4.1).
+    let response = exchange(server.addr, replace("HTTP/1.1", "HTTP/1.0").as_bytes());
+    assert_rejection(&response, 400, "a WebSocket handshake requires HTTP/1.1");
+    server.stop().unwrap();
+}
+
 #[test]
 fn status_431_for_a_complete_oversized_head() {
     let server = TestServer::start(&["--max-header-bytes", "1KiB"]);

@@ -60,7 +60,7 @@ impl Rejection {
         }
     }
 
-    fn with_header(mut self, name: &'static str, value: &'static str) -> Self {
+    pub fn with_header(mut self, name: &'static str, value: &'static str) -> Self {
         self.extra_headers.push((name, value));
         self
     }

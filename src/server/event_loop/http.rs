@@ -91,16 +91,24 @@ impl Core {
             Ok(Some((_, consumed))) if consumed > max => return self.reject(token, too_large()),
             Ok(Some(found)) => found,
         };
-        match resolve(&request_head.path) {
+        let target = resolve(&request_head.path);
+        let plain = !matches!(target, Target::WebSocket(_) | Target::NotFound);
+        let head_only = request_head.method == "HEAD";
+        if plain && request_head.method != "GET" && !head_only {
+            let reason = format!("{} answers GET and HEAD only", request_head.path);
+            let rejection = Rejection::new(405, reason).with_header("Allow", "GET, HEAD");
+            return self.reject(token, rejection);
+        }
+        match target {
             Target::Page => {
                 let page = crate::app::PAGE_HTML.as_bytes();
                 let response = handshake::http_response(200, &[], "text/html; charset=utf-8", page);
-                self.respond(token, &response, "web page");
+                self.respond(token, head_or_whole(&response, head_only), "web page");
             }
             Target::Health => {
                 let response =
                     handshake::http_response(200, &[], "text/plain; charset=utf-8", b"ok\n");
-                self.respond(token, &response, "health check");
+                self.respond(token, head_or_whole(&response, head_only), "health check");
             }
             Target::Ready if self.stopping_at.is_some() => {
                 self.reject(token, Rejection::new(503, "shutting down"));
@@ -113,7 +121,11 @@ impl Core {
                 // cluster link also requires it to be up.
                 let response =
                     handshake::http_response(200, &[], "text/plain; charset=utf-8", b"ready\n");
-                self.respond(token, &response, "readiness check");
+                self.respond(
+                    token,
+                    head_or_whole(&response, head_only),
+                    "readiness check",
+                );
             }
             Target::Metrics
                 if self.config.metrics_internal_only && handshake.info.role != Role::Internal =>
@@ -131,7 +143,7 @@ impl Core {
                     "text/plain; version=0.0.4; charset=utf-8",
                     text.as_bytes(),
                 );
-                self.respond(token, &response, "metrics");
+                self.respond(token, head_or_whole(&response, head_only), "metrics");
             }
             Target::NotFound => {
                 let reason = format!("no endpoint at {}", request_head.path);
@@ -239,4 +251,17 @@ fn endpoint_name(endpoint: Endpoint) -> &'static str {
         Endpoint::Chat => "chat",
         Endpoint::Kline => "kline",
     }
+}
+
+/// A response as a `HEAD` request gets it: the head only, with the
+/// `Content-Length` the body would have (RFC 9110 §9.3.2).
+fn head_or_whole(response: &[u8], head_only: bool) -> &[u8] {
+    if !head_only {
+        return response;
+    }
+    let end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(response.len(), |at| at + 4);
+    &response[..end]
 }
