@@ -529,9 +529,18 @@ fn public_clients_cannot_publish_or_create_without_a_key() {
         list["channels"][0]["offset"], 0,
         "nothing was published: {list}"
     );
-    // Without configured keys, auth cannot succeed, and says why.
+    // Without configured keys, auth cannot succeed, and says why; the
+    // failures count as anywhere else: the third closes with 1008.
     let message = public.fails(json!({"type":"auth","key":"anything"}), "auth_failed");
     assert!(message.contains("no publisher keys"), "{message}");
+    assert!(message.contains("2 attempt(s) left"), "{message}");
+    public.fails(json!({"type":"auth","key":"again"}), "auth_failed");
+    let message = public.fails(json!({"type":"auth","key":"third"}), "auth_failed");
+    assert!(message.contains("too many failures, closing"), "{message}");
+    match public.next_text(Duration::from_secs(5)) {
+        Err(json_client::Ended::Closed(Some(frame))) => assert_eq!(u16::from(frame.code), 1008),
+        other => panic!("expected a 1008 close, got {other:?}"),
+    }
 }
 
 #[test]
