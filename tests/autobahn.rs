@@ -8,11 +8,22 @@
 //! `.ci/autobahn/expected.json` (OK, or INFORMATIONAL where the suite only
 //! informs): no FAILED, NON-STRICT, UNIMPLEMENTED or missing case.
 
-mod common;
-#[path = "support/tls.rs"]
-mod tls;
+// A test binary of its own, not a module of tests/integration: its three
+// wstest runs keep both cores busy for about 10 minutes. In the integration
+// binary they would sort first and take libtest's test threads (one per
+// core by default), so the other tests would queue behind them, or run
+// beside them on a saturated machine, timing-sensitive ones included
+// (backpressure, close and handshake timeouts): no time saved, only flakes
+// risked. Cargo runs test binaries one after the other, so here they run on
+// their own, and `cargo test --release --test integration` is everything
+// else. The price is one more link of the crate. The helpers are the same
+// folder as the integration tests', mounted by path.
+#[path = "integration/support/mod.rs"]
+mod support;
 
 use std::process::Command;
+
+use support::{common, tls};
 
 #[test]
 fn autobahn_fuzzingclient_cases_1_to_13() {

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up what the browser test (tests/browser.rs) needs:
+# Sets up what the browser test (tests/integration/browser.rs) needs:
 #   - Debian's `chromium` (apt-get, as root or through sudo -n) when
 #     /usr/bin/chromium is missing; never a browser download of Playwright's
 #     own (`npx playwright install` needs hosts the test machines cannot reach);

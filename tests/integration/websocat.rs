@@ -9,11 +9,7 @@
 //! `FANOUT_SKIP_WEBSOCAT=1` to skip on a machine that cannot build it (no
 //! access to crates.io).
 
-#[path = "support/bounded.rs"]
-mod bounded;
-mod common;
-#[path = "support/tls.rs"]
-mod tls;
+use crate::support::{bounded, common, tls};
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};

@@ -12,10 +12,7 @@ use mio::{Events, Poll, Token, Waker};
 const WAKE: Token = Token(1);
 const WAIT: Duration = Duration::from_secs(15);
 
-#[path = "support/bounded.rs"]
-mod bounded;
-#[path = "support/redis_server.rs"]
-mod redis_server;
+use crate::support::redis_server;
 
 use redis_server::*;
 

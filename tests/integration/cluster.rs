@@ -3,9 +3,7 @@
 //! `tests/redis/start-redis.sh`, installed with apt when missing, killed and
 //! reaped at the end). Every wait is bounded.
 
-mod common;
-#[path = "support/json_client.rs"]
-mod json_client;
+use crate::support::{common, json_client, redis_server};
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -17,11 +15,6 @@ use tungstenite::{Message, WebSocket};
 
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const WAIT: Duration = Duration::from_secs(20);
-
-#[path = "support/bounded.rs"]
-mod bounded;
-#[path = "support/redis_server.rs"]
-mod redis_server;
 
 use redis_server::*;
 

@@ -1,6 +1,6 @@
 //! A throwaway `redis-server` on a free loopback port for the Redis tests:
 //! installed with apt by `tests/redis/start-redis.sh` when missing, killed
-//! and reaped on drop. Shared by tests/redis_link.rs and tests/cluster.rs.
+//! and reaped on drop. Shared by the `redis_link` and `cluster` tests.
 #![allow(dead_code)]
 
 use std::fs::File;
@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::bounded::run_bounded;
+use super::bounded::run_bounded;
 
 pub fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/redis/start-redis.sh")

@@ -6,7 +6,7 @@
 //! target/python-venv; about 10 s the first time, with access to PyPI). Set
 //! `FANOUT_SKIP_PYTHON=1` to skip on a machine without Python or network.
 
-mod common;
+use crate::support::common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
