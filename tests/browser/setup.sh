@@ -45,6 +45,11 @@ is_ready() {
     [[ -f $dest/node_modules/playwright-core/package.json ]]
 }
 
+# --check: exit 0 if everything is in place (nothing to install), 1 if not.
+if [[ ${1:-} == --check ]]; then
+  if is_ready; then exit 0; else exit 1; fi
+fi
+
 if is_ready; then
   report
   exit 0

@@ -7,7 +7,10 @@
 //! Some tests drive external programs (Chromium, a Python client,
 //! redis-server, websocat), installed on first use by the scripts in
 //! tests/browser, tests/python, tests/redis and tests/websocat, which these
-//! modules find from `CARGO_MANIFEST_DIR`.
+//! modules find from `CARGO_MANIFEST_DIR`. Each such suite says once on
+//! stderr what it installs and why, and has a skip switch
+//! (`FANOUT_SKIP_BROWSER=1`, `FANOUT_SKIP_PYTHON=1`, `FANOUT_SKIP_REDIS=1`,
+//! `FANOUT_SKIP_WEBSOCAT=1`): see `support::external`.
 
 mod support;
 

@@ -5,6 +5,7 @@
 
 pub mod bounded;
 pub mod common;
+pub mod external;
 pub mod json_client;
 pub mod redis_server;
 pub mod tls;
