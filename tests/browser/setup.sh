@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up what the browser test (tests/browser.rs) needs:
+# Sets up what the browser test (tests/integration/browser.rs) needs:
 #   - Debian's `chromium` (apt-get, as root or through sudo -n) when
 #     /usr/bin/chromium is missing; never a browser download of Playwright's
 #     own (`npx playwright install` needs hosts the test machines cannot reach);
@@ -44,6 +44,11 @@ is_ready() {
     [[ -f $stamp && "$(cat "$stamp")" == "$want_stamp" ]] &&
     [[ -f $dest/node_modules/playwright-core/package.json ]]
 }
+
+# --check: exit 0 if everything is in place (nothing to install), 1 if not.
+if [[ ${1:-} == --check ]]; then
+  if is_ready; then exit 0; else exit 1; fi
+fi
 
 if is_ready; then
   report

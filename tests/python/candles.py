@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Independent K-line candles for a replay file, for tests/replay.rs.
+"""Independent K-line candles for a replay file, for tests/integration/replay.rs.
 
 Reads an NDJSON replay file and prints, as JSON on stdout, the OHLCV
 candles fanout must have computed from it, per symbol and interval, plus

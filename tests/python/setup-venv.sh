@@ -33,6 +33,11 @@ is_ready() {
     "$venv/bin/python" -c 'import websocket' 2>/dev/null
 }
 
+# --check: exit 0 if everything is in place (nothing to install), 1 if not.
+if [[ ${1:-} == --check ]]; then
+  if is_ready; then exit 0; else exit 1; fi
+fi
+
 if is_ready; then
   echo "$venv/bin/python"
   exit 0

@@ -1,6 +1,8 @@
 #!/bin/sh
 # Redis for the tests: Debian's redis-server, on loopback only.
 #
+#   start-redis.sh check            exit 0 if redis-server is installed
+#                                   (nothing to install), 1 if not
 #   start-redis.sh install          install redis-server with apt if it is
 #                                   missing; print its path
 #   start-redis.sh run PORT DIR     exec redis-server on 127.0.0.1:PORT with
@@ -43,6 +45,9 @@ install_server() {
 }
 
 case "${1:-}" in
+check)
+    find_server >/dev/null
+    ;;
 install)
     install_server
     find_server
@@ -56,7 +61,7 @@ run)
         --logfile '' --loglevel warning
     ;;
 *)
-    echo "usage: start-redis.sh install | run PORT DIR" >&2
+    echo "usage: start-redis.sh check | install | run PORT DIR" >&2
     exit 2
     ;;
 esac

@@ -2,7 +2,8 @@
 # websocat for the tests: the real client the README's chat sessions use,
 # built from crates.io into target/websocat on first use.
 #
-#   install.sh      build it unless it is there; print its path
+#   install.sh          build it unless it is there; print its path
+#   install.sh --check  exit 0 if it is there (nothing to build), 1 if not
 #
 # Its wss:// support (native-tls) links OpenSSL: libssl-dev and pkg-config
 # are installed with apt when missing (needs root; `apt-get update` only
@@ -13,7 +14,16 @@ VERSION=1.14.1
 root="$(cd "$(dirname "$0")/../.." && pwd)/target/websocat"
 bin="$root/bin/websocat"
 
-if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -qx "websocat $VERSION"; then
+installed() {
+    [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -qx "websocat $VERSION"
+}
+
+if [ "${1:-}" = --check ]; then
+    installed
+    exit
+fi
+
+if installed; then
     echo "$bin"
     exit 0
 fi

@@ -3,7 +3,7 @@
 //! request head, origins, subprotocols, the connection limit, and that one
 //! misbehaving client does not hold up the others.
 
-mod common;
+use crate::support::common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};

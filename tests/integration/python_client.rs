@@ -3,10 +3,12 @@
 //! (tests/python/registration_client.py).
 //!
 //! The venv comes from tests/python/setup-venv.sh (cached in
-//! target/python-venv; about 10 s the first time, with access to PyPI). Set
+//! target/python-venv; about 10 s the first time, with access to PyPI, said
+//! on stderr when it happens: `support::external`). Set
 //! `FANOUT_SKIP_PYTHON=1` to skip on a machine without Python or network.
 
-mod common;
+use crate::support::common;
+use crate::support::external::{self, in_place};
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -32,11 +34,7 @@ fn repo() -> &'static Path {
 }
 
 fn skip() -> bool {
-    if std::env::var_os("FANOUT_SKIP_PYTHON").is_some_and(|v| v == "1") {
-        eprintln!("FANOUT_SKIP_PYTHON=1: skipping the Python client test");
-        return true;
-    }
-    false
+    external::PYTHON.skipped()
 }
 
 /// A child process that is killed and reaped however the test ends.
@@ -92,10 +90,14 @@ fn venv_python() -> PathBuf {
     static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     PYTHON
         .get_or_init(|| {
+            let script = repo().join("tests/python/setup-venv.sh");
+            if !in_place(Command::new("bash").arg(&script).arg("--check")) {
+                external::PYTHON.announce_install();
+            }
             let started = Instant::now();
             let mut child = Reaped(
                 Command::new("bash")
-                    .arg(repo().join("tests/python/setup-venv.sh"))
+                    .arg(&script)
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())

@@ -6,9 +6,7 @@
 //! internal listener with explicit event times, so every candle is known
 //! in advance; the simulator is off except in the test that is about it.
 
-mod common;
-#[path = "support/json_client.rs"]
-mod json_client;
+use crate::support::{common, json_client};
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

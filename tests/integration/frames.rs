@@ -3,7 +3,7 @@
 //! code, size limits checked on the header alone, pings, and the timers
 //! (idle close, close timeout).
 
-mod common;
+use crate::support::common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;

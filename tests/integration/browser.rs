@@ -4,10 +4,12 @@
 //! `tests/browser/setup.sh` installs both on first use (chromium with
 //! apt-get when /usr/bin/chromium is missing, playwright-core with `npm ci`
 //! into target/browser-test; about half a minute the first time, a no-op
-//! after). This test then starts the `fanout` binary with its simulated
-//! market feed, and runs `tests/browser/page_test.mjs` against it: candles
-//! drawn and updating, a canvas that is not blank, events and a filter, the
-//! symbol and interval pickers, a chat line echoed. Halfway through, the
+//! after; said on stderr when it happens: `support::external`;
+//! `FANOUT_SKIP_BROWSER=1` skips the test). This test then starts the
+//! `fanout` binary with its simulated market feed, and runs
+//! `tests/browser/page_test.mjs` against it: candles drawn and updating, a
+//! canvas that is not blank, events and a filter, the symbol and interval
+//! pickers, a chat line echoed. Halfway through, the
 //! script prints `RESTART`: the test stops the server, starts a new one on
 //! the same port and says so on the script's stdin, and the script checks
 //! that the page reconnected and shows candles, events and chat again.
@@ -25,6 +27,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
+
+use crate::support::external::{in_place, BROWSER};
 
 const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
 /// First-time setup may apt-get chromium (~100 MB of packages).
@@ -180,6 +184,9 @@ fn tail(path: &Path) -> String {
 /// Runs setup.sh (bounded) and returns its KEY=VALUE report.
 fn setup() -> Result<Vec<(String, String)>, String> {
     let script = Path::new(MANIFEST_DIR).join("tests/browser/setup.sh");
+    if !in_place(Command::new("bash").arg(&script).arg("--check")) {
+        BROWSER.announce_install();
+    }
     let started = Instant::now();
     // coreutils `timeout` signals setup.sh's whole process group (apt, npm).
     let output = Command::new("timeout")
@@ -295,8 +302,7 @@ fn drive(report: &[(String, String)], server: &mut Fanout, dir: &Path) -> Result
 
 #[test]
 fn page_draws_candles_filters_events_chats_and_reconnects() {
-    if std::env::var_os("FANOUT_SKIP_BROWSER").is_some() {
-        eprintln!("SKIPPED: FANOUT_SKIP_BROWSER is set; the browser test did not run");
+    if BROWSER.skipped() {
         return;
     }
     let report = setup().unwrap_or_else(|e| panic!("browser test setup: {e}"));

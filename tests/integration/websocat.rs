@@ -7,13 +7,11 @@
 //! read line by line on a thread. Every wait has a deadline, and every child
 //! is killed and reaped when its session is dropped. Set
 //! `FANOUT_SKIP_WEBSOCAT=1` to skip on a machine that cannot build it (no
-//! access to crates.io).
+//! access to crates.io); the build says so on stderr when it starts
+//! (`support::external`).
 
-#[path = "support/bounded.rs"]
-mod bounded;
-mod common;
-#[path = "support/tls.rs"]
-mod tls;
+use crate::support::external::{in_place, WEBSOCAT};
+use crate::support::{bounded, common, tls};
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -32,11 +30,7 @@ const LINE_WAIT: Duration = Duration::from_secs(10);
 const INSTALL_WAIT: Duration = Duration::from_secs(1200);
 
 fn skipped() -> bool {
-    let skip = std::env::var_os("FANOUT_SKIP_WEBSOCAT").is_some_and(|v| v == "1");
-    if skip {
-        eprintln!("FANOUT_SKIP_WEBSOCAT=1: skipping the websocat sessions");
-    }
-    skip
+    WEBSOCAT.skipped()
 }
 
 /// websocat's path, building it the first time (once per test binary).
@@ -45,7 +39,12 @@ fn websocat() -> &'static str {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/websocat/install.sh");
     // Building it takes about a minute; a stuck download must not hang the
     // suite.
-    let path = PATH.get_or_init(|| run_bounded(Command::new("sh").arg(script), INSTALL_WAIT));
+    let path = PATH.get_or_init(|| {
+        if !in_place(Command::new("sh").arg(script).arg("--check")) {
+            WEBSOCAT.announce_install();
+        }
+        run_bounded(Command::new("sh").arg(script), INSTALL_WAIT)
+    });
     match path {
         Ok(path) => path,
         Err(e) => panic!("websocat is not available: {e}"),

@@ -1,6 +1,6 @@
 //! `GET /metrics` (Prometheus text) and `GET /readyz` on a real server.
 
-mod common;
+use crate::support::common;
 
 use std::collections::HashMap;
 

@@ -1,4 +1,4 @@
-mod common;
+use crate::support::common;
 
 use common::*;
 use tungstenite::Message;

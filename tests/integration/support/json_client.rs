@@ -1,7 +1,7 @@
 //! A tungstenite client for fanout's JSON protocol (`/ws`, `/kline`) and
 //! the checks every JSON test makes of a reply: shared by the channel and
 //! market tests. Each test file adds its own domain helpers in its own
-//! `impl JsonClient` block. Needs the including file's `mod common;`.
+//! `impl JsonClient` block. Uses `support::common`.
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpStream};
@@ -29,7 +29,7 @@ pub struct JsonClient {
 impl JsonClient {
     /// Upgrades a new loopback connection on `path`.
     pub fn connect_path(addr: SocketAddr, path: &str) -> JsonClient {
-        let stream = crate::common::connect_tcp(addr);
+        let stream = super::common::connect_tcp(addr);
         let (ws, _) = tungstenite::client(format!("ws://{addr}{path}"), stream).expect("handshake");
         JsonClient { ws }
     }

@@ -1,11 +1,10 @@
 //! Scale-out end to end: two or three in-process fanout nodes with
 //! `--redis` against one real `redis-server` on loopback (started by
 //! `tests/redis/start-redis.sh`, installed with apt when missing, killed and
-//! reaped at the end). Every wait is bounded.
+//! reaped at the end). Every wait is bounded. `FANOUT_SKIP_REDIS=1` skips
+//! the tests that need redis-server.
 
-mod common;
-#[path = "support/json_client.rs"]
-mod json_client;
+use crate::support::{common, json_client, redis_server};
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -17,11 +16,6 @@ use tungstenite::{Message, WebSocket};
 
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const WAIT: Duration = Duration::from_secs(20);
-
-#[path = "support/bounded.rs"]
-mod bounded;
-#[path = "support/redis_server.rs"]
-mod redis_server;
 
 use redis_server::*;
 
@@ -158,6 +152,9 @@ fn numbered(range: std::ops::RangeInclusive<u64>) -> Vec<(Value, Value)> {
 
 #[test]
 fn a_publish_on_one_node_reaches_every_node_in_order_exactly_once_with_the_same_offsets() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let a = Node::start(&redis, "node-a", &[]);
     let b = Node::start(&redis, "node-b", &[]);
@@ -209,6 +206,9 @@ fn a_publish_on_one_node_reaches_every_node_in_order_exactly_once_with_the_same_
 
 #[test]
 fn a_client_that_reconnects_to_another_node_resumes_from_its_offset() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let a = Node::start(&redis, "node-a", &[]);
     // No local backlog on B: `since` is served from Redis.
@@ -248,6 +248,9 @@ fn a_client_that_reconnects_to_another_node_resumes_from_its_offset() {
 
 #[test]
 fn registration_streams_and_chat_span_nodes() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let a = Node::start(&redis, "node-a", &[]);
     let b = Node::start(&redis, "node-b", &[]);
@@ -327,6 +330,9 @@ fn registration_streams_and_chat_span_nodes() {
 
 #[test]
 fn candles_match_across_nodes_for_the_same_trades() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let a = Node::start(&redis, "node-a", &[]);
     let b = Node::start(&redis, "node-b", &[]);
@@ -375,6 +381,9 @@ fn candles_match_across_nodes_for_the_same_trades() {
 
 #[test]
 fn nodes_keep_serving_through_a_redis_outage_and_recover() {
+    if redis_server::skipped() {
+        return;
+    }
     let mut redis = RedisServer::start();
     let a = Node::start(&redis, "node-a", &[]);
     let b = Node::start(&redis, "node-b", &[]);
@@ -519,6 +528,9 @@ fn public_publish(node: &Node, channel: &str) -> Value {
 
 #[test]
 fn channel_settings_made_on_one_node_apply_on_every_node_and_on_nodes_started_later() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let a = Node::start(&redis, "node-a", &[]);
     let b = Node::start(&redis, "node-b", &[]);
@@ -593,6 +605,9 @@ fn channel_settings_made_on_one_node_apply_on_every_node_and_on_nodes_started_la
 
 #[test]
 fn concurrent_creates_with_different_settings_converge_on_one_winner() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let a = Node::start(&redis, "node-a", &[]);
     let b = Node::start(&redis, "node-b", &[]);
@@ -632,6 +647,9 @@ fn concurrent_creates_with_different_settings_converge_on_one_winner() {
 
 #[test]
 fn creates_during_a_redis_outage_are_local_then_reconciled_on_every_node() {
+    if redis_server::skipped() {
+        return;
+    }
     let mut redis = RedisServer::start();
     let a = Node::start(&redis, "node-a", &[]);
     let b = Node::start(&redis, "node-b", &[]);
@@ -787,6 +805,9 @@ fn plain_who(ws: &mut WebSocket<TcpStream>) -> String {
 
 #[test]
 fn chat_who_lists_the_members_on_every_node() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let a = Node::start(&redis, "node-a", &[]);
     let b = Node::start(&redis, "node-b", &["--presence-ttl", "1s"]);
@@ -902,6 +923,9 @@ fn wait_nick(client: &mut Client, wanted: &str) -> Value {
 
 #[test]
 fn a_nick_is_held_by_one_member_across_nodes_until_it_is_released() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let a = Node::start(&redis, "node-a", &[]);
     let b = Node::start(&redis, "node-b", &[]);
@@ -959,6 +983,9 @@ fn a_nick_is_held_by_one_member_across_nodes_until_it_is_released() {
 
 #[test]
 fn a_dead_nodes_nicks_expire_with_its_presence() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let a = Node::start(&redis, "node-a", &[]);
     let url = redis.url();
@@ -1007,6 +1034,9 @@ fn a_dead_nodes_nicks_expire_with_its_presence() {
 
 #[test]
 fn nicks_taken_during_a_redis_outage_are_local_then_reconciled() {
+    if redis_server::skipped() {
+        return;
+    }
     let mut redis = RedisServer::start();
     let a = Node::start(&redis, "node-a", &[]);
     let b = Node::start(&redis, "node-b", &[]);
@@ -1070,6 +1100,9 @@ fn nicks_taken_during_a_redis_outage_are_local_then_reconciled() {
 
 #[test]
 fn a_join_replays_the_rooms_lines_from_redis_and_lists_every_nodes_members() {
+    if redis_server::skipped() {
+        return;
+    }
     let mut redis = RedisServer::start();
     let a = Node::start(&redis, "node-a", &["--chat-history", "3"]);
     let mut ann = Client::connect(a.public());
@@ -1159,6 +1192,9 @@ fn rooms(client: &mut Client) -> (Vec<(String, u64)>, bool) {
 
 #[test]
 fn room_counts_include_every_nodes_members() {
+    if redis_server::skipped() {
+        return;
+    }
     let mut redis = RedisServer::start();
     let a = Node::start(&redis, "node-a", &[]);
     let b = Node::start(&redis, "node-b", &[]);

@@ -4,9 +4,7 @@
 //! subscriber that never reads (against the real binary, with its memory
 //! measured) while another one receives every message.
 
-mod common;
-#[path = "support/json_client.rs"]
-mod json_client;
+use crate::support::{common, json_client};
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};

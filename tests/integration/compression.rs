@@ -7,7 +7,7 @@
 //! The client side is written here from flate2 directly (raw deflate, sync
 //! flush, tail removed and restored), not with the server's own wrappers.
 
-mod common;
+use crate::support::common;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};

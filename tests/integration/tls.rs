@@ -4,9 +4,7 @@
 //! files at start-up, a certificate reload on SIGHUP, and backpressure on
 //! a TLS client that stops reading.
 
-mod common;
-#[path = "support/tls.rs"]
-mod tls;
+use crate::support::{common, tls};
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;

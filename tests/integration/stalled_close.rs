@@ -11,11 +11,7 @@
 //! (counted), and exits 0 on SIGTERM. Against the real binary, so a hang
 //! fails the test instead of hanging it.
 
-mod common;
-#[path = "support/json_client.rs"]
-mod json_client;
-#[path = "support/tls.rs"]
-mod tls;
+use crate::support::{common, json_client, tls};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,7 +1,7 @@
 //! The real `fanout` binary: command line, config file, signals and
 //! several listen addresses.
 
-mod common;
+use crate::support::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -9,9 +9,7 @@
 //! before the first trade is due, and from the history after the replay.
 //! The server's log must name every bad line and end with the summary.
 
-mod common;
-#[path = "support/json_client.rs"]
-mod json_client;
+use crate::support::json_client;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};

@@ -9,7 +9,7 @@
 //! with a sentinel event that matches every filter in play, so "exactly these
 //! events" is checked without sleeping.
 
-mod common;
+use crate::support::common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -3,7 +3,7 @@
 //! reading it) without hurting anyone else, and gets every reply once it
 //! reads again; many short-lived connections leave the server healthy.
 
-mod common;
+use crate::support::common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;

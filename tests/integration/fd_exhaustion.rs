@@ -1,7 +1,7 @@
 //! The server out of file descriptors: accepting pauses instead of
 //! spinning or crashing, and resumes when descriptors free up.
 
-mod common;
+use crate::support::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

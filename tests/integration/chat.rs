@@ -6,7 +6,7 @@
 //!
 //! Every read has a timeout and every loop a bound, so nothing can hang.
 
-mod common;
+use crate::support::common;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};

@@ -1,7 +1,8 @@
 //! `cluster::RedisLink` against a real `redis-server` on loopback: each
 //! test starts its own server on a free port (installed with apt by
 //! `tests/redis/start-redis.sh` when missing) and kills it at the end.
-//! Every wait is bounded.
+//! Every wait is bounded. `FANOUT_SKIP_REDIS=1` skips the tests that need
+//! redis-server.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,10 +13,7 @@ use mio::{Events, Poll, Token, Waker};
 const WAKE: Token = Token(1);
 const WAIT: Duration = Duration::from_secs(15);
 
-#[path = "support/bounded.rs"]
-mod bounded;
-#[path = "support/redis_server.rs"]
-mod redis_server;
+use crate::support::redis_server;
 
 use redis_server::*;
 
@@ -179,6 +177,9 @@ fn both_up(a: &mut Node, b: &mut Node) {
 
 #[test]
 fn a_message_from_one_node_reaches_both_once_in_order_with_the_same_offsets() {
+    if redis_server::skipped() {
+        return;
+    }
     let t0 = Instant::now();
     let redis = RedisServer::start();
     let mut a = Node::with(&redis.url(), "a");
@@ -242,6 +243,9 @@ fn a_message_from_one_node_reaches_both_once_in_order_with_the_same_offsets() {
 
 #[test]
 fn concurrent_publishers_get_distinct_increasing_offsets_and_one_order() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let mut a = Node::with(&redis.url(), "a");
     let mut b = Node::with(&redis.url(), "b");
@@ -300,6 +304,9 @@ fn concurrent_publishers_get_distinct_increasing_offsets_and_one_order() {
 
 #[test]
 fn history_after_an_offset_returns_exactly_the_later_messages() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let mut cfg = fast(LinkConfig::new(redis.url(), "a"));
     cfg.stream_maxlen = 10;
@@ -383,6 +390,9 @@ fn history_after_an_offset_returns_exactly_the_later_messages() {
 /// Kill Redis, publish into the outage, restart it with its data.
 #[test]
 fn redis_killed_and_restarted_with_its_data() {
+    if redis_server::skipped() {
+        return;
+    }
     let mut redis = RedisServer::start();
     let mut cfg_a = fast(LinkConfig::new(redis.url(), "a"));
     cfg_a.outbound_queue = 5;
@@ -494,6 +504,9 @@ fn redis_killed_and_restarted_with_its_data() {
 /// Kill Redis and start it empty: the nodes see a reset and go on.
 #[test]
 fn redis_restarted_without_its_data_is_a_reset() {
+    if redis_server::skipped() {
+        return;
+    }
     let mut redis = RedisServer::start();
     let mut a = Node::with(&redis.url(), "a");
     let mut b = Node::with(&redis.url(), "b");
@@ -570,6 +583,9 @@ fn redis_restarted_without_its_data_is_a_reset() {
 /// Connections killed again and again under load: no loss, no duplicate.
 #[test]
 fn connections_killed_under_load_lose_and_duplicate_nothing() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let mut a = Node::with(&redis.url(), "a");
     let mut b = Node::with(&redis.url(), "b");
@@ -646,6 +662,9 @@ fn connections_killed_under_load_lose_and_duplicate_nothing() {
 /// A reader that falls behind past the bus bound reports the exact gap.
 #[test]
 fn a_reader_behind_the_trimmed_bus_counts_what_it_missed() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let mut cfg = fast(LinkConfig::new(redis.url(), "a"));
     cfg.bus_maxlen = 10;
@@ -690,6 +709,9 @@ fn a_reader_behind_the_trimmed_bus_counts_what_it_missed() {
 
 #[test]
 fn a_link_started_before_redis_reports_down_then_up() {
+    if redis_server::skipped() {
+        return;
+    }
     let port = free_port();
     let url = format!("redis://127.0.0.1:{port}/");
     let mut a = Node::with(&url, "a");
@@ -742,6 +764,9 @@ fn bad_configs_are_refused() {
 /// reported, skipped, repaired; nothing else stops.
 #[test]
 fn refusals_and_foreign_entries_are_counted_and_the_rest_goes_on() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let mut a = Node::with(&redis.url(), "a");
     let mut b = Node::with(&redis.url(), "b");
@@ -850,6 +875,9 @@ fn snapshots(node: &Node) -> Vec<Vec<(String, String)>> {
 
 #[test]
 fn the_first_definition_of_a_channel_wins_on_every_node_and_later_links_load_it() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let mut a = Node::with(&redis.url(), "a");
     let mut b = Node::with(&redis.url(), "b");
@@ -935,6 +963,9 @@ fn the_first_definition_of_a_channel_wins_on_every_node_and_later_links_load_it(
 
 #[test]
 fn a_redis_out_of_memory_refuses_writes_but_the_link_stays_up() {
+    if redis_server::skipped() {
+        return;
+    }
     let redis = RedisServer::start();
     let mut a = Node::with(&redis.url(), "a");
     a.expect("Up", has_up);
