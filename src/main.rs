@@ -39,6 +39,13 @@ fn main() -> ExitCode {
         // Not println!: a closed stdout must not take the server down.
         let _ = writeln!(std::io::stdout(), "fanout listening on {url}");
     }
+    for line in server.describe_listeners() {
+        if line.contains("every interface") {
+            log::warn!("{line}");
+        } else {
+            log::info!("{line}");
+        }
+    }
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

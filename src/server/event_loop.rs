@@ -238,6 +238,38 @@ impl Server {
         self.listeners.iter().map(Listener::url).collect()
     }
 
+    /// What each listener is for, one line each, for the start-up log:
+    /// public or internal, where the page and the WebSockets are, and a
+    /// warning when a listener is open to the network.
+    pub fn describe_listeners(&self) -> Vec<String> {
+        let metrics_public = !self.core.config.metrics_internal_only;
+        self.listeners
+            .iter()
+            .map(|listener| {
+                let url = listener.url();
+                let http = url.replacen("ws", "http", 1);
+                let mut line = match listener.role {
+                    Role::Public => format!(
+                        "public listener {url}: the page at {http}/, WebSockets on /ws, /chat, \
+                         /kline and /echo{}",
+                        if metrics_public { ", /metrics" } else { "" }
+                    ),
+                    Role::Internal => format!(
+                        "internal listener {url}: trusted publishers on /ws (create, publish, \
+                         events), /metrics"
+                    ),
+                };
+                if listener.addr.ip().is_unspecified() {
+                    line.push_str(
+                        " — bound to every interface, so reachable from the network; \
+                         --listen 127.0.0.1:PORT keeps it on this machine",
+                    );
+                }
+                line
+            })
+            .collect()
+    }
+
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.shutdown.clone()
     }

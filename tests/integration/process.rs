@@ -499,3 +499,58 @@ fn two_listen_addresses_both_serve() {
     unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
     assert_eq!(server.wait_exit(Duration::from_secs(10)).code(), Some(0));
 }
+
+/// The start-up log says which listener is public and which internal,
+/// where the page is, and warns when a listener is open to the network.
+#[test]
+fn start_up_says_what_each_listener_is_for() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args([
+            "--listen",
+            "0.0.0.0:0",
+            "--internal-listen",
+            "127.0.0.1:0",
+            "--no-sim",
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fanout");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut public, mut internal) = (None, None);
+    while public.is_none() || internal.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no listener lines within 10 s (public {public:?}, internal {internal:?})");
+        };
+        if line.contains("public listener ws://0.0.0.0:") {
+            public = Some(line);
+        } else if line.contains("internal listener ws://127.0.0.1:") {
+            internal = Some(line);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let public = public.unwrap();
+    assert!(public.contains("WARN"), "{public}");
+    assert!(public.contains("the page at http://0.0.0.0:"), "{public}");
+    assert!(public.contains("reachable from the network"), "{public}");
+    let internal = internal.unwrap();
+    assert!(internal.contains("trusted publishers"), "{internal}");
+    assert!(
+        !internal.contains("reachable from the network"),
+        "{internal}"
+    );
+}
