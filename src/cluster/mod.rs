@@ -158,7 +158,7 @@
 //! | `fanout:room:{room}` | hash | chat presence: field `{node}:{instance}/{member}`, value the member's nick |
 //! | `fanout:rooms` | set | chat rooms that have had a member since they were last found empty (added with each presence `HSET`; [`protocol::ROOMS_LUA`] removes a room once no live run has a member in it) |
 //! | `fanout:nick:{nick}` | string | chat nick reservation (the nick lowercased): the holder's `{node}:{instance}/{member}`; void once that run's alive key is gone |
-//! | `fanout:alive:{node}:{instance}` | string | exists while that node run lives: set with `EX presence_ttl` every second, deleted at shutdown |
+//! | `fanout:alive:{node}:{instance}` | string | exists while that node run lives: set with `EX alive_ttl` every second, deleted at shutdown |
 //! | `fanout:epoch` | string | random, set once (`SET NX`); a change means Redis lost its data |
 //! | `fanout:node:{node}:{instance}` | string | a node run's last applied dedup sequence (expires after a day) |
 //!
@@ -201,7 +201,7 @@
 //! `fanout:room:{room}`, as they join, leave and change nick) under its
 //! run's alive key. [`RedisLink::who`] runs [`protocol::WHO_LUA`]: the
 //! room's nicks whose run's alive key exists; fields of runs whose key is
-//! gone (the node died; `presence_ttl` after its last refresh) are removed
+//! gone (the node died; `alive_ttl` after its last refresh) are removed
 //! on the way. A node's `who` runs after its own earlier presence changes.
 //! [`RedisLink::rooms`] runs [`protocol::ROOMS_LUA`] over `fanout:rooms`
 //! the same way and answers every room's count of live members.

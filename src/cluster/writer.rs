@@ -147,7 +147,7 @@ impl Writer {
             return;
         };
         self.last_heartbeat = Instant::now();
-        match set_alive(con, &self.alive_key, self.sh.cfg.presence_ttl) {
+        match set_alive(con, &self.alive_key, self.sh.cfg.alive_ttl) {
             Ok(_) => {}
             Err(e) if is_connection_error(&e) => self.connection_failed(&e),
             // LOADING and the like: Redis is there but cannot serve yet.
@@ -157,7 +157,7 @@ impl Writer {
             Err(e) => self.rejected_warn.warn(format_args!(
                 "redis link: node {} could not refresh its chat presence ({e}); other nodes \
                  stop listing its members after {:?}",
-                self.sh.cfg.node_id, self.sh.cfg.presence_ttl
+                self.sh.cfg.node_id, self.sh.cfg.alive_ttl
             )),
         }
     }
@@ -617,7 +617,7 @@ impl Writer {
             .filter(|c| matches!(c, Command::Publish { .. } | Command::Define { .. }))
             .count() as u64;
         // This run's room members are gone with it, at once (not after
-        // presence_ttl).
+        // alive_ttl).
         if let Some(con) = self.conn.as_mut() {
             if let Err(e) = redis::cmd("DEL").arg(&self.alive_key).query::<Value>(con) {
                 log::debug!("redis writer: could not clear the alive key at shutdown: {e}");
@@ -653,7 +653,7 @@ impl Reconnect for Writer {
         sync_epoch(&self.sh, &mut con)?;
         // Alive before any presence of this run is (re)written; a
         // refusal (out of memory) is the heartbeat's to report.
-        match set_alive(&mut con, &self.alive_key, self.sh.cfg.presence_ttl) {
+        match set_alive(&mut con, &self.alive_key, self.sh.cfg.alive_ttl) {
             Err(e) if is_connection_error(&e) || is_unavailable(&e) => {
                 return Err(ConnectError::SetAlive(e))
             }
