@@ -445,15 +445,15 @@ mod tests {
         ));
     }
 
-    /// Idempotent writes; `member` is the first word, to tell them apart.
-    fn writes(member: u64) -> Command {
+    /// Idempotent writes; `tag` is the first word, to tell them apart.
+    fn writes(tag: u64) -> Command {
         Command::Writes {
             what: "test write(s)",
-            commands: vec![vec![member.to_string()]],
+            commands: vec![vec![tag.to_string()]],
         }
     }
 
-    fn member_of(c: &Command) -> Option<u64> {
+    fn tag_of(c: &Command) -> Option<u64> {
         match c {
             Command::Writes { commands, .. } => commands[0][0].parse().ok(),
             _ => None,
@@ -483,16 +483,13 @@ mod tests {
         let mut b = Vec::new();
         let take = |b: &mut Vec<Command>| next_batch(&o, &stop, b);
         take(&mut b);
-        assert_eq!(
-            b.iter().map(member_of).collect::<Vec<_>>(),
-            [Some(1), Some(2)]
-        );
+        assert_eq!(b.iter().map(tag_of).collect::<Vec<_>>(), [Some(1), Some(2)]);
         take(&mut b);
         assert!(matches!(b[..], [Command::Publish { id: 3, .. }]));
         take(&mut b);
         assert!(matches!(b[..], [Command::Script { request: 9, .. }]));
         take(&mut b);
-        assert_eq!(b.iter().map(member_of).collect::<Vec<_>>(), [Some(4)]);
+        assert_eq!(b.iter().map(tag_of).collect::<Vec<_>>(), [Some(4)]);
     }
 
     /// The next batch the writer would take into `b`, marked done.
@@ -523,7 +520,7 @@ mod tests {
         let mut b = Vec::new();
         let take = |b: &mut Vec<Command>| next_batch(&o, &stop, b);
         take(&mut b);
-        assert_eq!(b.iter().map(member_of).collect::<Vec<_>>(), [Some(1)]);
+        assert_eq!(b.iter().map(tag_of).collect::<Vec<_>>(), [Some(1)]);
         take(&mut b);
         assert!(matches!(
             b[..],
@@ -534,7 +531,7 @@ mod tests {
             }]
         ));
         take(&mut b);
-        assert_eq!(b.iter().map(member_of).collect::<Vec<_>>(), [Some(2)]);
+        assert_eq!(b.iter().map(tag_of).collect::<Vec<_>>(), [Some(2)]);
         take(&mut b);
         assert!(b.is_empty());
     }
