@@ -56,7 +56,8 @@
 //!                      (scale_out.rs applies what comes back)
 //!   channels/          pub/sub: names and patterns, definitions, backlogs
 //!   chat/              rooms, nicks, presence, /chat's text client, and
-//!                      chat's own Redis coordination (chat/redis.rs)
+//!                      chat's own Redis coordination (chat/redis/: its
+//!                      keys, Lua scripts and replies in scripts.rs)
 //!   events/            the registration protocol's streams and filters
 //!   market/            simulator and replay feeds, K-lines (and the /kline
 //!                      text protocol), filter expressions, alerts

@@ -102,9 +102,12 @@ use serde_json::{json, Value};
 use super::channels::definition::ChannelDefinition;
 use super::chat::nicks::PendingClaim;
 use super::chat::presence::PresenceChange;
+use super::chat::redis::scripts::{self, PRESENCE_WRITES};
 use super::chat::redis::{JoinWaiting, WhoWaiting};
 use super::ConnId;
-use crate::cluster::{Full, Inbound, LinkState, LinkStats, LostKind, RedisLink};
+use crate::cluster::{
+    Full, Inbound, LinkState, LinkStats, LostKind, RedisLink, ScriptCall, ScriptMode, WriteCommand,
+};
 
 /// Where this node's messages go to reach every node.
 #[derive(Debug)]
@@ -192,11 +195,9 @@ pub trait Transport: Send {
     fn stats(&self) -> LinkStats;
     fn publish(&self, channel: &str, payload: String) -> Result<u64, Full>;
     fn define(&self, channel: &str, definition: String) -> Result<u64, Full>;
-    fn presence(&self, room: &str, member: u64, nick: Option<&str>) -> Result<(), Full>;
-    fn claim_nick(&self, member: u64, nick: &str, previous: Option<&str>) -> Result<u64, Full>;
-    fn release_nick(&self, member: u64, nick: &str) -> Result<(), Full>;
-    fn who(&self, room: &str) -> Result<u64, Full>;
-    fn rooms(&self) -> Result<u64, Full>;
+    fn alive_id(&self) -> String;
+    fn script(&self, call: ScriptCall, mode: ScriptMode) -> Result<u64, Full>;
+    fn write(&self, what: &'static str, commands: Vec<WriteCommand>) -> Result<(), Full>;
     fn history(&self, channel: &str, after_offset: u64, limit: usize) -> Result<u64, Full>;
     fn recent(&self, channel: &str, limit: usize) -> Result<u64, Full>;
     /// Everything that arrived since the last call, oldest first.
@@ -219,20 +220,14 @@ impl Transport for RedisLink {
     fn define(&self, channel: &str, definition: String) -> Result<u64, Full> {
         RedisLink::define(self, channel, definition)
     }
-    fn presence(&self, room: &str, member: u64, nick: Option<&str>) -> Result<(), Full> {
-        RedisLink::presence(self, room, member, nick)
+    fn alive_id(&self) -> String {
+        RedisLink::alive_id(self)
     }
-    fn claim_nick(&self, member: u64, nick: &str, previous: Option<&str>) -> Result<u64, Full> {
-        RedisLink::claim_nick(self, member, nick, previous)
+    fn script(&self, call: ScriptCall, mode: ScriptMode) -> Result<u64, Full> {
+        RedisLink::script(self, call, mode)
     }
-    fn release_nick(&self, member: u64, nick: &str) -> Result<(), Full> {
-        RedisLink::release_nick(self, member, nick)
-    }
-    fn who(&self, room: &str) -> Result<u64, Full> {
-        RedisLink::who(self, room)
-    }
-    fn rooms(&self) -> Result<u64, Full> {
-        RedisLink::rooms(self)
+    fn write(&self, what: &'static str, commands: Vec<WriteCommand>) -> Result<(), Full> {
+        RedisLink::write(self, what, commands)
     }
     fn history(&self, channel: &str, after_offset: u64, limit: usize) -> Result<u64, Full> {
         RedisLink::history(self, channel, after_offset, limit)
@@ -341,6 +336,9 @@ struct Warned {
 pub struct RedisBus {
     link: Box<dyn Transport>,
     pub node_id: String,
+    /// The link's node run id in Redis ([`RedisLink::alive_id`]), under
+    /// which chat keeps its presence and nicks.
+    pub alive_id: String,
     /// Everything waiting for Redis, in one table.
     waiting: HashMap<Ticket, Waiting>,
     next_join: u64,
@@ -371,6 +369,7 @@ impl RedisBus {
     pub fn new(link: Box<dyn Transport>) -> RedisBus {
         RedisBus {
             node_id: link.node_id().to_owned(),
+            alive_id: link.alive_id(),
             link,
             waiting: HashMap::new(),
             next_join: 0,
@@ -458,10 +457,9 @@ impl RedisBus {
     /// link's queue is counted by the link and logged here once.
     pub fn presence(&mut self, change: &PresenceChange) {
         let member = change.conn as u64;
-        if self
-            .link
-            .presence(&change.room, member, change.nick.as_deref())
-            .is_err()
+        let writes =
+            scripts::presence(&self.alive_id, &change.room, member, change.nick.as_deref());
+        if self.link.write(PRESENCE_WRITES, writes).is_err()
             && !std::mem::replace(&mut self.warned.presence_lost, true)
         {
             warn!("chat presence change not sent: the redis link's queue is full; `who` on other nodes may be wrong until this node reconnects (counted in fanout_redis_presence_lost_total, logged once)");

@@ -142,7 +142,9 @@ fn write_redis_metrics(redis: &RedisBus, m: &mut Metrics) {
             (
                 "fanout_redis_presence_lost_total",
                 "Chat presence changes that did not reach Redis (queue full or refused).",
-                link.presence_lost,
+                // Chat's presence changes, nick claims and releases are the
+                // only writes and durable script calls the app queues.
+                link.writes_lost,
             ),
             (
                 "fanout_redis_defined_total",

@@ -23,7 +23,7 @@ use super::channels::{self, Apply, Channels, Published, SettingsSource};
 use super::events::stream::StreamEvent;
 use super::protocol::{ack, ChannelSettings, ErrorCode, ProtocolError};
 use super::{unix_millis, ConnId, Message, Node, Outbox, ALERTS_CHANNEL, EVENTS_CHANNEL};
-use crate::cluster::{History, MAX_HISTORY};
+use crate::cluster::{History, RequestError, MAX_HISTORY};
 
 /// What became of a message a client published.
 #[derive(Debug)]
@@ -273,7 +273,7 @@ impl Node {
         &mut self,
         resume: Resume,
         channel: &str,
-        result: Result<History, String>,
+        result: Result<History, RequestError>,
         out: &mut impl Outbox,
     ) {
         if !self.still_open(&resume.reply) {

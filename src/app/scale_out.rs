@@ -85,24 +85,9 @@ impl Node {
                     let _ = self.apply_definition(redis, &channel, &definition);
                 }
             }
-            Inbound::Who {
-                request,
-                room: _,
-                result,
-            } => match redis.take(Ticket::Request(request)) {
-                Some(Waiting::Who(waiting)) => self.answer_who(waiting, result, out),
-                Some(Waiting::JoinPart(join)) => self.on_join_members(redis, join, result, out),
-                _ => {}
-            },
-            Inbound::Nick {
-                request,
-                nick,
-                result,
-            } => self.on_nick_answer(redis, request, nick, result, out),
-            Inbound::Rooms { request, result } => {
-                if let Some(Waiting::Rooms { reply, plain }) = redis.take(Ticket::Request(request))
-                {
-                    self.answer_rooms(reply, plain, result, out);
+            Inbound::Script { request, result } => {
+                if let Some(waiting) = redis.take(Ticket::Request(request)) {
+                    self.on_chat_answer(redis, waiting, result, out);
                 }
             }
             Inbound::Up => {

@@ -8,9 +8,12 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::json;
 
+use super::chat::redis::scripts;
 use super::chat::{ChatLine, LineKind};
 use super::*;
-use crate::cluster::{Full, Inbound, LinkState, LinkStats};
+use crate::cluster::{
+    Full, Inbound, LinkState, LinkStats, RequestError, ScriptCall, ScriptMode, WriteCommand,
+};
 
 /// An outbox that records everything; connections in `full` refuse fan-out.
 #[derive(Debug, Default)]
@@ -143,7 +146,7 @@ impl Transport for FakeLink {
             malformed: 0,
             duplicates: 0,
             history_answered: 0,
-            presence_lost: 0,
+            writes_lost: 0,
             outbound_queued: 0,
             inbound_queued: 0,
             lag_ms: 0,
@@ -165,24 +168,31 @@ impl Transport for FakeLink {
     fn define(&self, _channel: &str, _definition: String) -> Result<u64, Full> {
         self.seq()
     }
-    fn presence(&self, _room: &str, _member: u64, _nick: Option<&str>) -> Result<(), Full> {
-        Ok(())
+    fn alive_id(&self) -> String {
+        "node-a:0123456789abcdef".into()
     }
-    fn claim_nick(&self, member: u64, nick: &str, _previous: Option<&str>) -> Result<u64, Full> {
-        let mut s = self.script();
-        s.next_request += 1;
-        let request = s.next_request;
-        s.claims.push((member, nick.to_owned(), request));
-        Ok(request)
-    }
-    fn release_nick(&self, _member: u64, _nick: &str) -> Result<(), Full> {
-        Ok(())
-    }
-    fn who(&self, room: &str) -> Result<u64, Full> {
-        self.read("who", room)
-    }
-    fn rooms(&self) -> Result<u64, Full> {
+    /// Tells chat's scripts by their hash, and reads their keys back.
+    fn script(&self, call: ScriptCall, mode: ScriptMode) -> Result<u64, Full> {
+        if call.script == *scripts::NICK_CLAIM {
+            assert_eq!(mode, ScriptMode::Durable);
+            let member = call.args[0].rsplit('/').next().unwrap().parse().unwrap();
+            let nick = call.keys[0].strip_prefix("fanout:nick:").unwrap();
+            let mut s = self.script();
+            s.next_request += 1;
+            let request = s.next_request;
+            s.claims.push((member, nick.to_owned(), request));
+            return Ok(request);
+        }
+        assert_eq!(mode, ScriptMode::Read);
+        if call.script == *scripts::WHO {
+            let room = call.keys[0].strip_prefix("fanout:room:").unwrap();
+            return self.read("who", room);
+        }
+        assert!(call.script == *scripts::ROOMS, "{call:?}");
         self.read("rooms", "")
+    }
+    fn write(&self, _what: &'static str, _commands: Vec<WriteCommand>) -> Result<(), Full> {
+        Ok(())
     }
     fn history(&self, channel: &str, _after_offset: u64, _limit: usize) -> Result<u64, Full> {
         self.read("history", channel)
@@ -408,10 +418,12 @@ fn a_chat_join_waits_for_the_rooms_lines_and_members_from_redis() {
                 more: false,
             }),
         },
-        Inbound::Who {
+        Inbound::Script {
             request: request("who"),
-            room: "ops".into(),
-            result: Ok(vec!["bob".into(), "guest-x-1".into()]),
+            result: Ok(redis::Value::Array(vec![
+                redis::Value::BulkString(b"bob".to_vec()),
+                redis::Value::BulkString(b"guest-x-1".to_vec()),
+            ])),
         },
     ]);
     app.on_cluster(Instant::now(), &mut out);
@@ -443,12 +455,11 @@ fn a_chat_join_redis_cannot_answer_is_answered_from_this_node() {
         Inbound::History {
             request: request("recent"),
             channel: "#chat/ops".into(),
-            result: Err("redis is down".into()),
+            result: Err(RequestError::Down),
         },
-        Inbound::Who {
+        Inbound::Script {
             request: request("who"),
-            room: "ops".into(),
-            result: Err("redis is down".into()),
+            result: Err(RequestError::Down),
         },
     ]);
     app.on_cluster(Instant::now(), &mut out);
@@ -513,10 +524,9 @@ fn a_nick_change_waits_for_redis_and_is_decided_here_when_the_link_goes_down() {
     let claims = link.script().claims.clone();
     let claim = |nick: &str| claims.iter().find(|c| c.1 == nick).unwrap().2;
 
-    link.script().inbound.push(Inbound::Nick {
+    link.script().inbound.push(Inbound::Script {
         request: claim("ann"),
-        nick: "ann".into(),
-        result: Ok(true),
+        result: Ok(redis::Value::Int(1)),
     });
     app.on_cluster(Instant::now(), &mut out);
     let acks = replies_to(&out, 1);
@@ -540,10 +550,9 @@ fn a_nick_change_waits_for_redis_and_is_decided_here_when_the_link_goes_down() {
     );
 
     // Back up, Redis says another node's member holds bob: renamed, told.
-    link.script().inbound.push(Inbound::Nick {
+    link.script().inbound.push(Inbound::Script {
         request: claim("bob"),
-        nick: "bob".into(),
-        result: Ok(false),
+        result: Ok(redis::Value::Int(0)),
     });
     app.on_cluster(Instant::now(), &mut out);
     let replies = replies_to(&out, 2);

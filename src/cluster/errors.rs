@@ -1,5 +1,5 @@
 //! The link's error types: [`ReplyError`] (a reply of an unexpected
-//! shape), [`RequestError`] (a read or nick claim that Redis did not
+//! shape), [`RequestError`] (a read or script call that Redis did not
 //! answer), [`Full`] (a queue at its bound) and the private
 //! `ConnectError` (why a link thread could not connect). Kept apart from the
 //! threads so the loop's side and both threads share one vocabulary, and
@@ -36,11 +36,11 @@ impl fmt::Display for ReplyError {
 
 impl std::error::Error for ReplyError {}
 
-/// Why a read ([`RedisLink::history`](super::RedisLink::history), [`RedisLink::recent`](super::RedisLink::recent),
-/// [`RedisLink::who`](super::RedisLink::who), [`RedisLink::rooms`](super::RedisLink::rooms)) or a nick claim got no
-/// answer from Redis. The writer hands its text to the loop as the `Err`
-/// of [`Inbound`](super::Inbound)'s answers (the app takes a `String`
-/// there), and that text is what clients are told.
+/// Why a read ([`RedisLink::history`](super::RedisLink::history),
+/// [`RedisLink::recent`](super::RedisLink::recent), a
+/// [`RedisLink::script`](super::RedisLink::script) call) got no answer
+/// from Redis: the `Err` of [`Inbound`](super::Inbound)'s answers. Its
+/// text is what clients are told.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestError {
     /// Redis was unreachable: reads are answered at once during an outage.
@@ -53,6 +53,9 @@ pub enum RequestError {
     Redis(String),
     /// Redis answered something that is not the expected reply.
     Reply(ReplyError),
+    /// The request was not even queued: the outbound queue was full
+    /// ([`Full`]).
+    Full,
 }
 
 impl fmt::Display for RequestError {
@@ -62,6 +65,7 @@ impl fmt::Display for RequestError {
             RequestError::Connection(why) => write!(f, "redis link: {why}"),
             RequestError::Redis(why) => f.write_str(why),
             RequestError::Reply(e) => e.fmt(f),
+            RequestError::Full => Full.fmt(f),
         }
     }
 }
@@ -78,6 +82,12 @@ impl std::error::Error for RequestError {
 impl From<ReplyError> for RequestError {
     fn from(e: ReplyError) -> Self {
         RequestError::Reply(e)
+    }
+}
+
+impl From<Full> for RequestError {
+    fn from(_: Full) -> Self {
+        RequestError::Full
     }
 }
 
@@ -169,9 +179,10 @@ mod tests {
         let e = RequestError::of(&oom);
         assert!(matches!(e, RequestError::Redis(_)), "{e:?}");
         assert_eq!(e.to_string(), oom.to_string());
-        let e = RequestError::from(ReplyError::new("who: a nick is not a string"));
-        assert_eq!(e.to_string(), "who: a nick is not a string");
+        let e = RequestError::from(ReplyError::new("history: an entry is not an array"));
+        assert_eq!(e.to_string(), "history: an entry is not an array");
         assert!(std::error::Error::source(&e).is_some());
+        assert_eq!(RequestError::from(Full).to_string(), Full.to_string());
     }
 
     #[test]

@@ -2,10 +2,13 @@
 //! definitions, answers to requests, up/down/reset, losses), in one type
 //! so the loop has one `match` for all of Redis.
 
+use redis::Value;
+
+use super::errors::RequestError;
 use super::streams::History;
 
 /// What the link hands to the event loop (see [`RedisLink::drain`](super::RedisLink::drain)).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Inbound {
     /// A message from the bus, from any node including this one (skip your
     /// own by `origin` if you delivered them locally already). Per channel,
@@ -37,32 +40,18 @@ pub enum Inbound {
     /// data reset); later ones come as [`Inbound::Definition`]. Sent before
     /// the [`Inbound::Up`] it precedes.
     Definitions { definitions: Vec<(String, String)> },
-    /// The answer to [`RedisLink::history`](super::RedisLink::history).
+    /// The answer to [`RedisLink::history`](super::RedisLink::history)
+    /// and [`RedisLink::recent`](super::RedisLink::recent).
     History {
         request: u64,
         channel: String,
-        result: Result<History, String>,
+        result: Result<History, RequestError>,
     },
-    /// The answer to [`RedisLink::who`](super::RedisLink::who): the nicks of the room's members
-    /// on every live node, sorted.
-    Who {
+    /// The answer to [`RedisLink::script`](super::RedisLink::script):
+    /// Redis's reply, as it came (the caller parses it).
+    Script {
         request: u64,
-        room: String,
-        result: Result<Vec<String>, String>,
-    },
-    /// The answer to [`RedisLink::rooms`](super::RedisLink::rooms): every room with members on a
-    /// live node and how many, sorted by room.
-    Rooms {
-        request: u64,
-        result: Result<Vec<(String, u64)>, String>,
-    },
-    /// The answer to [`RedisLink::claim_nick`](super::RedisLink::claim_nick): whether the nick is this
-    /// member's now (false: a member of a live node holds it). Never an
-    /// error for an outage: the claim waits for Redis.
-    Nick {
-        request: u64,
-        nick: String,
-        result: Result<bool, String>,
+        result: Result<Value, RequestError>,
     },
     /// Both connections are up (first connect, or after a `Down`).
     Up,

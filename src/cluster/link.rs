@@ -18,6 +18,7 @@ use super::link_config::{LinkConfig, LinkConfigError};
 use super::protocol;
 use super::queues::Command;
 use super::reader::Reader;
+use super::requests::{ScriptCall, ScriptMode, WriteCommand};
 use super::shared::{lock, Shared};
 use super::status::{add, LinkState, LinkStats};
 use super::writer::Writer;
@@ -118,74 +119,48 @@ impl RedisLink {
         self.sh.outbox.push(cmd).map(|()| seq).map_err(|_| Full)
     }
 
-    /// Chat presence: member `member` (unique on this node while it is a
-    /// member) of `room` has `nick` now, or left it (None). Never blocks;
-    /// applied in order. On [`Full`] it is counted in `presence_lost`.
-    pub fn presence(&self, room: &str, member: u64, nick: Option<&str>) -> Result<(), Full> {
-        let cmd = Command::Presence {
-            room: room.to_string(),
-            member,
-            nick: nick.map(str::to_string),
-        };
-        self.sh.outbox.push(cmd).map_err(|_| {
-            add(&self.sh.c.presence_lost, 1);
-            Full
-        })
+    /// This node run's id in Redis, `{node}:{instance}` (a fresh instance
+    /// per link): its alive key is [`protocol::ALIVE_PREFIX`] followed by
+    /// it. The link sets that key when it connects, refreshes it every
+    /// second with the TTL [`LinkConfig::alive_ttl`], and deletes it at
+    /// shutdown, so what the app keeps in Redis under this id can be told
+    /// void once its run is gone.
+    pub fn alive_id(&self) -> String {
+        format!("{}:{}", self.sh.cfg.node_id, self.sh.instance)
     }
 
-    /// Reserves `nick` for `member` in Redis, releasing its `previous`
-    /// nick, unless a member of a live node holds it; never blocks. The
-    /// answer comes back as [`Inbound::Nick`], after this link's earlier
-    /// presence changes and releases. While Redis is unreachable the claim
-    /// waits (the caller decides locally meanwhile) and is answered after
-    /// reconnection. On [`Full`] it is counted in `presence_lost`.
-    pub fn claim_nick(&self, member: u64, nick: &str, previous: Option<&str>) -> Result<u64, Full> {
+    /// Queues a call of a Lua script; never blocks. Answers a request id;
+    /// Redis's reply comes back as [`Inbound::Script`], after this link's
+    /// earlier commands. `mode` says what happens while Redis is
+    /// unreachable and what a full queue counts (see [`ScriptMode`]).
+    pub fn script(&self, call: ScriptCall, mode: ScriptMode) -> Result<u64, Full> {
         let request = self.sh.next_request.fetch_add(1, Ordering::Relaxed) + 1;
-        let cmd = Command::NickClaim {
+        let cmd = Command::Script {
             request,
-            member,
-            nick: nick.to_string(),
-            previous: previous.map(str::to_string),
+            call,
+            mode,
         };
         self.sh.outbox.push(cmd).map(|()| request).map_err(|_| {
-            add(&self.sh.c.presence_lost, 1);
+            if mode == ScriptMode::Durable {
+                add(&self.sh.c.writes_lost, 1);
+            }
             Full
         })
     }
 
-    /// Releases `member`'s `nick` (if it still holds it); never blocks,
-    /// applied in order. On [`Full`] it is counted in `presence_lost` (the
-    /// nick is freed when this node's alive key goes).
-    pub fn release_nick(&self, member: u64, nick: &str) -> Result<(), Full> {
-        let cmd = Command::NickRelease {
-            member,
-            nick: nick.to_string(),
-        };
+    /// Queues idempotent write commands, sent in order, pipelined with
+    /// neighbouring writes; never blocks, nothing is answered. While Redis
+    /// is unreachable they wait, and a run the connection broke under is
+    /// sent again. On [`Full`] they count once in
+    /// [`LinkStats::writes_lost`](super::LinkStats::writes_lost), as does
+    /// each command Redis refuses (logged, rate-limited, as `what`, e.g.
+    /// "cache update(s)").
+    pub fn write(&self, what: &'static str, commands: Vec<WriteCommand>) -> Result<(), Full> {
+        let cmd = Command::Writes { what, commands };
         self.sh.outbox.push(cmd).map_err(|_| {
-            add(&self.sh.c.presence_lost, 1);
+            add(&self.sh.c.writes_lost, 1);
             Full
         })
-    }
-
-    /// Asks for the nicks of `room`'s members on every live node; never
-    /// blocks. The answer comes back as [`Inbound::Who`], after this link's
-    /// earlier presence changes were applied. While Redis is unreachable
-    /// the answer is an error, at once.
-    pub fn who(&self, room: &str) -> Result<u64, Full> {
-        let request = self.sh.next_request.fetch_add(1, Ordering::Relaxed) + 1;
-        let cmd = Command::Who {
-            request,
-            room: room.to_string(),
-        };
-        self.sh.outbox.push(cmd).map(|()| request).map_err(|_| Full)
-    }
-
-    /// Asks for every room's member count on every live node; never
-    /// blocks. Answered like [`RedisLink::who`], as [`Inbound::Rooms`].
-    pub fn rooms(&self) -> Result<u64, Full> {
-        let request = self.sh.next_request.fetch_add(1, Ordering::Relaxed) + 1;
-        let cmd = Command::Rooms { request };
-        self.sh.outbox.push(cmd).map(|()| request).map_err(|_| Full)
     }
 
     /// Asks for the messages of `channel` after `after_offset` (at most
@@ -296,6 +271,15 @@ impl fmt::Debug for RedisLink {
 mod tests {
     use super::*;
     use crate::cluster::inbound::LostKind;
+    use crate::cluster::{LuaScript, RequestError};
+
+    fn call() -> ScriptCall {
+        ScriptCall {
+            script: LuaScript::new("return redis.call('GET', KEYS[1])"),
+            keys: vec!["k".into()],
+            args: Vec::new(),
+        }
+    }
 
     /// A link to a port where nothing listens (connections are refused at
     /// once): what it does without Redis.
@@ -358,14 +342,17 @@ mod tests {
         assert_eq!(link.publish("prices", "3".into()), Err(Full));
         // A refused definition is the caller's to report: not counted.
         assert_eq!(link.define("news", "{}".into()), Err(Full));
-        assert_eq!(link.presence("ops", 1, Some("ann")), Err(Full));
-        assert_eq!(link.release_nick(1, "ann"), Err(Full));
-        assert_eq!(link.claim_nick(1, "ann", None), Err(Full));
+        let write = || vec![vec!["SET".to_string(), "k".into(), "v".into()]];
+        assert_eq!(link.write("test write(s)", write()), Err(Full));
+        assert_eq!(link.write("test write(s)", write()), Err(Full));
+        assert_eq!(link.script(call(), ScriptMode::Durable), Err(Full));
+        // A read that does not fit is the caller's to answer: not counted.
+        assert_eq!(link.script(call(), ScriptMode::Read), Err(Full));
         assert_eq!(link.history("prices", 0, 10), Err(Full));
         let stats = link.stats();
         assert_eq!(stats.outbound_queued, 3);
         assert_eq!(stats.lost_queue_full, 1);
-        assert_eq!(stats.presence_lost, 3);
+        assert_eq!(stats.writes_lost, 3);
         // The writer reports the queue-full loss while it waits for Redis.
         let lost = Inbound::Lost {
             count: 1,
@@ -387,34 +374,40 @@ mod tests {
             "{seen:?}"
         );
         assert_eq!(link.state(), LinkState::Down);
-        let who = link.who("ops").unwrap();
+        let first = link.script(call(), ScriptMode::Read).unwrap();
         let history = link.history("prices", 5, 10).unwrap();
-        let rooms = link.rooms().unwrap();
-        let answers = drain_until(&link, |i| matches!(i, Inbound::Rooms { .. }));
-        // All three, in the order asked.
+        // A durable call waits for Redis instead.
+        let durable = link.script(call(), ScriptMode::Durable).unwrap();
+        let last = link.script(call(), ScriptMode::Read).unwrap();
+        let answers = drain_until(
+            &link,
+            |i| matches!(i, Inbound::Script { request, .. } if *request == last),
+        );
+        // All three reads, in the order asked.
         assert_eq!(
             answers,
             [
-                Inbound::Who {
-                    request: who,
-                    room: "ops".into(),
-                    result: Err("redis link is down".into())
+                Inbound::Script {
+                    request: first,
+                    result: Err(RequestError::Down)
                 },
                 Inbound::History {
                     request: history,
                     channel: "prices".into(),
-                    result: Err("redis link is down".into())
+                    result: Err(RequestError::Down)
                 },
-                Inbound::Rooms {
-                    request: rooms,
-                    result: Err("redis link is down".into())
+                Inbound::Script {
+                    request: last,
+                    result: Err(RequestError::Down)
                 },
             ]
         );
+        assert!(durable < last);
         let stats = link.stats();
         assert_eq!(stats.history_answered, 1);
         assert!(stats.connect_failures >= 2, "{stats:?}");
         assert_eq!(stats.outages, 1);
-        assert_eq!(stats.outbound_queued, 0);
+        // The durable call is still queued.
+        assert_eq!(stats.outbound_queued, 1);
     }
 }

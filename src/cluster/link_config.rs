@@ -45,10 +45,11 @@ pub struct LinkConfig {
     /// How long `shutdown` waits for the threads (the writer spends up to
     /// half of it flushing queued publishes).
     pub shutdown_timeout: Duration,
-    /// Chat presence: how long this node's room members stay listed by
-    /// `who` on other nodes after this node stopped refreshing its alive
-    /// key (it died). Whole seconds, at least 1.
-    pub presence_ttl: Duration,
+    /// The TTL of this node run's alive key (`EX`, refreshed every
+    /// second): how long after this node stopped refreshing it (it died)
+    /// the key, and with it whatever the app keeps under it, lasts. Whole
+    /// seconds, at least 1.
+    pub alive_ttl: Duration,
 }
 
 impl LinkConfig {
@@ -66,7 +67,7 @@ impl LinkConfig {
             read_block: Duration::from_millis(500),
             io_timeout: Duration::from_secs(2),
             shutdown_timeout: Duration::from_secs(3),
-            presence_ttl: Duration::from_secs(15),
+            alive_ttl: Duration::from_secs(15),
         }
     }
 
@@ -92,7 +93,7 @@ impl LinkConfig {
             ("reconnect_min", self.reconnect_min),
             ("reconnect_max", self.reconnect_max),
             ("shutdown_timeout", self.shutdown_timeout),
-            ("presence_ttl", self.presence_ttl),
+            ("alive_ttl", self.alive_ttl),
         ] {
             if v > hour {
                 return Err(LinkConfigError::OverAnHour(name));
@@ -102,8 +103,8 @@ impl LinkConfig {
         {
             return Err(LinkConfigError::TimeoutBelowOneMs);
         }
-        if self.presence_ttl < Duration::from_secs(1) {
-            return Err(LinkConfigError::PresenceTtlBelowOneSecond);
+        if self.alive_ttl < Duration::from_secs(1) {
+            return Err(LinkConfigError::AliveTtlBelowOneSecond);
         }
         Ok(())
     }
@@ -121,8 +122,8 @@ pub enum LinkConfigError {
     OverAnHour(&'static str),
     /// `read_block` or `io_timeout` is under a millisecond.
     TimeoutBelowOneMs,
-    /// `presence_ttl` is under a second.
-    PresenceTtlBelowOneSecond,
+    /// `alive_ttl` is under a second.
+    AliveTtlBelowOneSecond,
     /// The `redis` crate refused the URL.
     Url { url: String, source: RedisError },
 }
@@ -139,8 +140,8 @@ impl fmt::Display for LinkConfigError {
             LinkConfigError::TimeoutBelowOneMs => {
                 f.write_str("read_block and io_timeout must be at least 1 ms")
             }
-            LinkConfigError::PresenceTtlBelowOneSecond => {
-                f.write_str("presence_ttl must be at least 1 s")
+            LinkConfigError::AliveTtlBelowOneSecond => {
+                f.write_str("alive_ttl must be at least 1 s")
             }
             LinkConfigError::Url { url, source } => write!(f, "redis url {url:?}: {source}"),
         }
@@ -194,8 +195,8 @@ mod tests {
             "read_block and io_timeout must be at least 1 ms"
         );
         assert_eq!(
-            refused(|c| c.presence_ttl = Duration::from_millis(999)),
-            "presence_ttl must be at least 1 s"
+            refused(|c| c.alive_ttl = Duration::from_millis(999)),
+            "alive_ttl must be at least 1 s"
         );
         let mut c = config();
         c.inbound_queue = 0;

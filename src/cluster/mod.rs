@@ -4,7 +4,8 @@
 //!
 //! This page first says what nodes sharing one Redis server show their
 //! clients (how to start them is the README's "Running several nodes"), then
-//! how the link works. The app's side of the link is `src/app/cluster.rs`.
+//! how the link works. The app's side of the link is `src/app/bus.rs` and
+//! `src/app/scale_out.rs`.
 //!
 //! # What goes through Redis
 //!
@@ -123,28 +124,27 @@
 //! connection, using the `redis` crate's synchronous API (no async runtime,
 //! no hand-written RESP):
 //!
-//! * the **writer** takes publishes, channel definitions, chat presence
-//!   changes, nick claims and reads (history, `who`) from a bounded outbox and runs
-//!   them in the order they were queued: publishes and definitions
-//!   pipelined in batches of up to [`LinkConfig::batch`], presence changes
-//!   pipelined likewise, reads one at a time; every second it also
+//! * the **writer** takes publishes, channel definitions, the app's
+//!   writes and script calls, and history reads from a bounded outbox and
+//!   runs them in the order they were queued: publishes and definitions
+//!   pipelined in batches of up to [`LinkConfig::batch`], writes pipelined
+//!   likewise, script calls and reads one at a time; every second it also
 //!   refreshes its node run's alive key (which doubles as its health
 //!   check);
 //! * the **reader** loops on `XREAD COUNT batch BLOCK read_block STREAMS
 //!   fanout:bus <last-id>` and forwards every entry.
 //!
 //! The loop's side is sans-socket: [`RedisLink::publish`],
-//! [`RedisLink::define`], [`RedisLink::presence`],
-//! [`RedisLink::claim_nick`], [`RedisLink::release_nick`],
-//! [`RedisLink::who`], [`RedisLink::history`] and [`RedisLink::recent`]
-//! (a channel's latest messages, `XREVRANGE`) only queue (never block;
-//! `Full` when the bound is reached), and whatever the threads produce goes into a bounded inbox;
+//! [`RedisLink::define`], [`RedisLink::script`], [`RedisLink::write`],
+//! [`RedisLink::history`] and [`RedisLink::recent`] (a channel's latest
+//! messages, `XREVRANGE`) only queue (never block; `Full` when the bound
+//! is reached), and whatever the threads produce goes into a bounded inbox;
 //! the threads wake the loop through a `mio::Waker` (registered by the loop
 //! with its own token) when the inbox goes from empty to non-empty, and the
 //! loop calls [`RedisLink::drain`] on that token. Both queues are a
 //! `Mutex<VecDeque>` plus a `Condvar` rather than `std::sync::mpsc`, for
 //! an exact bound that includes the batch in flight, batched hand-over, and
-//! answering queued history requests at once during an outage.
+//! answering queued reads at once during an outage.
 //!
 //! # Data in Redis
 //!
@@ -155,12 +155,12 @@
 //! | `fanout:bus` | stream | auto ID; a message: fields `ch`, `off`, `origin`, `seq`, `bseq`, `payload`; a definition announcement: `ch`, `origin`, `seq`, `bseq`, `def`, `created` (`1`/`0`); `MAXLEN ~ bus_maxlen` |
 //! | `fanout:bus:seq` | string | the bus's last `bseq` |
 //! | `fanout:channels` | hash | field: channel name, value: its definition (the app's encoding of its `create` settings); first one wins (`HSETNX`), never changed |
-//! | `fanout:room:{room}` | hash | chat presence: field `{node}:{instance}/{member}`, value the member's nick |
-//! | `fanout:rooms` | set | chat rooms that have had a member since they were last found empty (added with each presence `HSET`; [`protocol::ROOMS_LUA`] removes a room once no live run has a member in it) |
-//! | `fanout:nick:{nick}` | string | chat nick reservation (the nick lowercased): the holder's `{node}:{instance}/{member}`; void once that run's alive key is gone |
-//! | `fanout:alive:{node}:{instance}` | string | exists while that node run lives: set with `EX presence_ttl` every second, deleted at shutdown |
+//! | `fanout:alive:{node}:{instance}` | string | exists while that node run lives: set with `EX alive_ttl` every second, deleted at shutdown |
 //! | `fanout:epoch` | string | random, set once (`SET NX`); a change means Redis lost its data |
 //! | `fanout:node:{node}:{instance}` | string | a node run's last applied dedup sequence (expires after a day) |
+//!
+//! The app keeps more under `fanout:` through the generic requests (chat's
+//! keys: [`crate::app::chat::redis`]).
 //!
 //! A publish is ONE script call ([`protocol::PUBLISH_LUA`], sent as
 //! `EVALSHA` with the hash of the crate's `Script`; each pipeline starts
@@ -195,30 +195,33 @@
 //! the bus after it. Applying a definition twice is harmless, so a
 //! snapshot newer than the bus entries still to read does no harm.
 //!
-//! # Chat presence
+//! # Generic requests
 //!
-//! Each node writes its members of each room (`HSET`/`HDEL` on
-//! `fanout:room:{room}`, as they join, leave and change nick) under its
-//! run's alive key. [`RedisLink::who`] runs [`protocol::WHO_LUA`]: the
-//! room's nicks whose run's alive key exists; fields of runs whose key is
-//! gone (the node died; `presence_ttl` after its last refresh) are removed
-//! on the way. A node's `who` runs after its own earlier presence changes.
-//! [`RedisLink::rooms`] runs [`protocol::ROOMS_LUA`] over `fanout:rooms`
-//! the same way and answers every room's count of live members.
+//! What the app keeps in Redis beside the bus (its key names, scripts and
+//! replies are the app's; the link knows nothing of what they mean) goes
+//! through two requests:
 //!
-//! # Chat nicks
+//! * [`RedisLink::script`] queues a [`ScriptCall`]: a [`LuaScript`] with
+//!   its `KEYS` and `ARGV`, run on its own, in order after this link's
+//!   earlier commands, as `EVALSHA` (the script is loaded whenever Redis's
+//!   cache lacks it, `NOSCRIPT`). Redis's raw reply comes back as
+//!   [`Inbound::Script`] under the request id `script` answered. A
+//!   [`ScriptMode::Read`] is answered at once with [`RequestError::Down`]
+//!   while Redis is unreachable; a [`ScriptMode::Durable`] call (a decision
+//!   only Redis can make) waits through the outage and is sent after
+//!   reconnection (again, if the connection broke under it: its script
+//!   must be idempotent).
+//! * [`RedisLink::write`] queues [`WriteCommand`]s (`HSET`, `HDEL`, `EVAL`
+//!   ... given as data), pipelined with neighbouring writes in batches of
+//!   up to [`LinkConfig::batch`] requests; they are idempotent, so a run
+//!   the connection broke under is sent again. Nothing is answered; a
+//!   command Redis refuses is counted in [`LinkStats::writes_lost`] and
+//!   logged (rate-limited).
 //!
-//! [`RedisLink::claim_nick`] runs [`protocol::NICK_CLAIM_LUA`]: the nick's
-//! key is set to the member's field unless a member of a live run (alive
-//! key present) holds it, and on success the member's previous nick is
-//! deleted if it still holds it; the answer is [`Inbound::Nick`]. A claim
-//! is run on its own, in order after earlier presence changes, and unlike
-//! a read it is not failed during an outage: it waits and is sent after
-//! reconnection (the app has decided locally meanwhile and reconciles with
-//! the answer). [`RedisLink::release_nick`] ([`protocol::NICK_RELEASE_LUA`],
-//! only if the member still holds it) is pipelined with presence changes.
-//! A dead or stopped run's reservations need no clean-up: its alive key
-//! goes, and the next claim takes the key over.
+//! Both may use this node run's alive key ([`RedisLink::alive_id`]): the
+//! writer sets it before anything else on each connection, refreshes it
+//! every second with the TTL [`LinkConfig::alive_ttl`] and deletes it at
+//! shutdown, so a script can tell the entries of a run that is gone.
 //!
 //! # Outages
 //!
@@ -245,9 +248,10 @@
 //!   changes: [`Inbound::Reset`] (offsets start again from 1; the channel
 //!   definitions are gone too, the app offers its own again) and the
 //!   reader reads the new bus from its start.
-//! * History and `who` requests are answered with an error at once while
-//!   down; presence changes, nick claims and releases stay queued like
-//!   publishes (beyond the bound they are counted in `presence_lost`).
+//! * History reads and [`ScriptMode::Read`] script calls are answered with
+//!   an error at once while down; writes and durable script calls stay
+//!   queued like publishes (beyond the bound they are counted in
+//!   `writes_lost`).
 //!
 //! [`LinkStats`] exposes the outage (state, outages, current and total
 //! down time, reconnects), queue depths, reader lag and every loss counter.
@@ -268,7 +272,8 @@
 //! | `link.rs` | [`RedisLink`], the loop's non-blocking handle |
 //! | `link_config.rs` | [`LinkConfig`], its defaults and checks |
 //! | `inbound.rs` | [`Inbound`], what the link hands the loop |
-//! | `errors.rs` | [`ReplyError`], [`Full`] and the link's private error types |
+//! | `errors.rs` | [`ReplyError`], [`RequestError`], [`Full`] and the link's private error types |
+//! | `requests.rs` | [`LuaScript`], [`ScriptCall`], [`ScriptMode`], [`WriteCommand`]: the generic requests |
 //! | `status.rs` | [`LinkState`] and [`LinkStats`], the state from both connections |
 //! | `shared.rs` | what the handle and both threads share |
 //! | `queues.rs` | the bounded outbox and inbox |
@@ -289,15 +294,17 @@ pub mod protocol;
 mod queues;
 mod reader;
 mod reconnect;
+mod requests;
 mod shared;
 mod status;
 mod streams;
 mod warn;
 mod writer;
 
-pub use errors::{Full, ReplyError};
+pub use errors::{Full, ReplyError, RequestError};
 pub use inbound::{Inbound, LostKind};
 pub use link::{RedisLink, MAX_HISTORY};
 pub use link_config::{LinkConfig, LinkConfigError};
+pub use requests::{LuaScript, ScriptCall, ScriptMode, WriteCommand};
 pub use status::{LinkState, LinkStats};
 pub use streams::{History, HistoryEntry};

@@ -1,6 +1,6 @@
 //! The Redis data layout and the pure parts of the link: key names, the
-//! Lua scripts (publish, define, and chat presence and nicks), and the
-//! interpretation of the scripts' replies. Stream entries and the
+//! Lua scripts (publish, define), and the interpretation of the scripts'
+//! replies. Stream entries and the
 //! transactions around them are read in `streams.rs`.
 //!
 //! Nothing here does I/O; the `redis` crate decodes RESP into
@@ -8,8 +8,6 @@
 //! answering `Err` (never panicking) on anything unexpected.
 
 use redis::Value;
-
-use super::errors::ReplyError;
 
 /// The shared bus stream every node reads (`XREAD BLOCK`).
 pub const BUS_KEY: &str = "fanout:bus";
@@ -42,32 +40,10 @@ pub fn channel_key(channel: &str) -> String {
     format!("fanout:ch:{channel}")
 }
 
-/// Chat presence: every room that has (or had) a member on some node, so
-/// that [`ROOMS_LUA`] can count them without scanning keys.
-pub const ROOMS_KEY: &str = "fanout:rooms";
-
-/// Chat presence: the members of `room` on every node, field
-/// [`presence_field`], value the member's nick.
-pub fn room_key(room: &str) -> String {
-    format!("fanout:room:{room}")
-}
-
 /// Exists while the node run `{node}:{instance}` is alive: its writer sets
 /// it with a TTL and refreshes it every second; deleted at shutdown.
 pub fn alive_key(node_id: &str, instance: &str) -> String {
     format!("{ALIVE_PREFIX}{node_id}:{instance}")
-}
-
-/// A room member's field: its node run, `/`, and the node's member id.
-/// Node ids and instances have no `/`, so [`WHO_LUA`] can split it.
-pub fn presence_field(node_id: &str, instance: &str, member: u64) -> String {
-    format!("{node_id}:{instance}/{member}")
-}
-
-/// Chat nick reservation: value the owner's [`presence_field`]. Nicks are
-/// unique regardless of case, so the key holds the lowercased nick.
-pub fn nick_key(nick: &str) -> String {
-    format!("fanout:nick:{}", nick.to_ascii_lowercase())
 }
 
 /// The last publish sequence number of one node instance that Redis
@@ -148,168 +124,6 @@ redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[6])
 return bseq
 "#;
 
-/// The `who` script: the nicks of a room's members whose node run is
-/// alive; the fields of runs that are not (a node that died without
-/// cleaning up) are removed on the way.
-///
-/// KEYS: the room's presence hash. ARGV: [`ALIVE_PREFIX`].
-pub const WHO_LUA: &str = r#"
-local flat = redis.call('HGETALL', KEYS[1])
-local alive = {}
-local nicks = {}
-for i = 1, #flat, 2 do
-  local run = string.match(flat[i], '^(.*)/[^/]*$')
-  if run then
-    if alive[run] == nil then
-      alive[run] = redis.call('EXISTS', ARGV[1] .. run) == 1
-    end
-    if alive[run] then
-      nicks[#nicks + 1] = flat[i + 1]
-    else
-      redis.call('HDEL', KEYS[1], flat[i])
-    end
-  end
-end
-return nicks
-"#;
-
-/// Reserves a chat nick for one member of one node run, unless a member
-/// of a live run (its alive key exists) holds it; a holder whose run is
-/// gone lost it with its node. On success the member's previous nick is
-/// released if it still holds it.
-///
-/// KEYS: the nick's key, the previous nick's key (the same key when there
-/// is none). ARGV: the claimant's [`presence_field`], [`ALIVE_PREFIX`].
-/// Returns 1 (reserved, or held already) or 0 (another live member's).
-pub const NICK_CLAIM_LUA: &str = r#"
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then
-  local run = string.match(holder, '^(.*)/[^/]*$')
-  if run and redis.call('EXISTS', ARGV[2] .. run) == 1 then
-    return 0
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1])
-if KEYS[2] ~= KEYS[1] and redis.call('GET', KEYS[2]) == ARGV[1] then
-  redis.call('DEL', KEYS[2])
-end
-return 1
-"#;
-
-/// Releases a nick if this member still holds it (another may have taken
-/// it over since, when this node's alive key had expired).
-///
-/// KEYS: the nick's key. ARGV: the member's [`presence_field`].
-pub const NICK_RELEASE_LUA: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"#;
-
-/// The reply of [`NICK_CLAIM_LUA`]: whether the nick is the claimant's.
-pub fn parse_nick_claim(v: Value) -> Result<bool, ReplyError> {
-    match v {
-        Value::Int(1) => Ok(true),
-        Value::Int(0) => Ok(false),
-        other => Err(ReplyError::new(format!(
-            "nick claim: expected 0 or 1, got {}",
-            kind(&other)
-        ))),
-    }
-}
-
-/// Every room's member count on every live node, dropping on the way
-/// (like [`WHO_LUA`]) the members of runs whose alive key is gone and the
-/// rooms left empty.
-///
-/// KEYS: [`ROOMS_KEY`]. ARGV: [`ALIVE_PREFIX`], the room key prefix.
-/// Returns a flat array: room, count, room, count, ...
-pub const ROOMS_LUA: &str = r#"
-local alive = {}
-local out = {}
-for _, room in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local key = ARGV[2] .. room
-  local flat = redis.call('HGETALL', key)
-  local count = 0
-  for i = 1, #flat, 2 do
-    local run = string.match(flat[i], '^(.*)/[^/]*$')
-    if run then
-      if alive[run] == nil then
-        alive[run] = redis.call('EXISTS', ARGV[1] .. run) == 1
-      end
-      if alive[run] then
-        count = count + 1
-      else
-        redis.call('HDEL', key, flat[i])
-      end
-    end
-  end
-  if count == 0 then
-    redis.call('SREM', KEYS[1], room)
-  else
-    out[#out + 1] = room
-    out[#out + 1] = count
-  end
-end
-return out
-"#;
-
-/// The reply of [`ROOMS_LUA`]: (room, members) sorted by room.
-pub fn parse_rooms(v: Value) -> Result<Vec<(String, u64)>, ReplyError> {
-    let items = match v {
-        Value::Array(items) => items,
-        Value::Nil => return Ok(Vec::new()),
-        other => {
-            return Err(ReplyError::new(format!(
-                "rooms: expected an array, got {}",
-                kind(&other)
-            )))
-        }
-    };
-    if items.len() % 2 != 0 {
-        return Err(ReplyError::new("rooms: an odd number of items"));
-    }
-    let mut rooms = Vec::with_capacity(items.len() / 2);
-    let mut items = items.into_iter();
-    while let (Some(room), Some(count)) = (items.next(), items.next()) {
-        let room =
-            string_of(room).ok_or_else(|| ReplyError::new("rooms: a room name is not a string"))?;
-        let count = match count {
-            Value::Int(n) if n >= 0 => n as u64,
-            other => {
-                return Err(ReplyError::new(format!(
-                    "rooms: a count is {}",
-                    kind(&other)
-                )))
-            }
-        };
-        rooms.push((room, count));
-    }
-    rooms.sort();
-    Ok(rooms)
-}
-
-/// The reply of [`WHO_LUA`]: the nicks, sorted.
-pub fn parse_who(v: Value) -> Result<Vec<String>, ReplyError> {
-    let items = match v {
-        Value::Array(items) | Value::Set(items) => items,
-        Value::Nil => return Ok(Vec::new()),
-        other => {
-            return Err(ReplyError::new(format!(
-                "who: expected an array, got {}",
-                kind(&other)
-            )))
-        }
-    };
-    let mut nicks = items
-        .into_iter()
-        .map(|item| string_of(item).ok_or_else(|| ReplyError::new("who: a nick is not a string")))
-        .collect::<Result<Vec<_>, _>>()?;
-    nicks.sort();
-    Ok(nicks)
-}
-
 /// A node id is part of key names and `CLIENT SETNAME`: 1 to 64 ASCII
 /// letters, digits, `_`, `-`, `.`.
 pub fn valid_node_id(id: &str) -> bool {
@@ -320,7 +134,8 @@ pub fn valid_node_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
-pub(super) fn bytes_of(v: Value) -> Option<Vec<u8>> {
+/// A string-like reply's bytes (an integer's decimal digits).
+pub fn bytes_of(v: Value) -> Option<Vec<u8>> {
     match v {
         Value::BulkString(b) => Some(b),
         Value::SimpleString(s) => Some(s.into_bytes()),
@@ -330,7 +145,8 @@ pub(super) fn bytes_of(v: Value) -> Option<Vec<u8>> {
     }
 }
 
-pub(super) fn string_of(v: Value) -> Option<String> {
+/// A string-like reply as UTF-8 text.
+pub fn string_of(v: Value) -> Option<String> {
     String::from_utf8(bytes_of(v)?).ok()
 }
 
@@ -474,58 +290,11 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn nick_claim_replies() {
-        assert_eq!(parse_nick_claim(Value::Int(1)), Ok(true));
-        assert_eq!(parse_nick_claim(Value::Int(0)), Ok(false));
-        assert!(parse_nick_claim(Value::Int(2)).is_err());
-        assert!(parse_nick_claim(Value::Nil).is_err());
-        assert!(parse_nick_claim(bulk("1")).is_err());
-    }
-
-    #[test]
-    fn nick_keys_ignore_case() {
-        assert_eq!(nick_key("Ann"), "fanout:nick:ann");
-        assert_eq!(nick_key("ann"), nick_key("ANN"));
-    }
-
-    #[test]
-    fn rooms_replies() {
-        let reply = Value::Array(vec![
-            bulk("ops"),
-            Value::Int(2),
-            bulk("lobby"),
-            Value::Int(1),
-        ]);
-        assert_eq!(
-            parse_rooms(reply).unwrap(),
-            vec![("lobby".to_string(), 1), ("ops".to_string(), 2)]
-        );
-        assert_eq!(parse_rooms(Value::Nil).unwrap(), vec![]);
-        assert!(parse_rooms(Value::Array(vec![bulk("ops")])).is_err());
-        assert!(parse_rooms(Value::Array(vec![bulk("ops"), Value::Int(-1)])).is_err());
-        assert!(parse_rooms(Value::Array(vec![bulk("ops"), bulk("2")])).is_err());
-        assert!(parse_rooms(Value::Int(3)).is_err());
-    }
-
-    #[test]
-    fn who_replies() {
-        assert_eq!(
-            parse_who(Value::Array(vec![bulk("bob"), bulk("ann")])).unwrap(),
-            vec!["ann".to_string(), "bob".to_string()]
-        );
-        assert_eq!(parse_who(Value::Nil).unwrap(), Vec::<String>::new());
-        assert!(parse_who(Value::Int(1)).is_err());
-        assert!(parse_who(Value::Array(vec![Value::Array(vec![])])).is_err());
-        assert_eq!(room_key("ops"), "fanout:room:ops");
-        assert_eq!(presence_field("a", "ff", 7), "a:ff/7");
-        assert_eq!(alive_key("a", "ff"), "fanout:alive:a:ff");
-    }
-
-    #[test]
     fn keys() {
         assert_eq!(offset_key("news"), "fanout:offset:news");
         assert_eq!(channel_key("news"), "fanout:ch:news");
         assert_eq!(dedup_key("a", "ff"), "fanout:node:a:ff");
+        assert_eq!(alive_key("a", "ff"), "fanout:alive:a:ff");
     }
 
     #[test]

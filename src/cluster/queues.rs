@@ -17,6 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::inbound::Inbound;
+use super::requests::{ScriptCall, ScriptMode, WriteCommand};
 
 /// A request for the writer thread.
 #[derive(Debug)]
@@ -42,49 +43,46 @@ pub(crate) enum Command {
         limit: usize,
         newest: bool,
     },
-    /// Chat presence: `member` of `room` has `nick` now, or (None) left.
-    Presence {
-        room: String,
-        member: u64,
-        nick: Option<String>,
-    },
-    /// The members of `room` on every node.
-    Who { request: u64, room: String },
-    /// Every room's member count on every node.
-    Rooms { request: u64 },
-    /// Reserve `nick` for `member` (and release its `previous` nick):
-    /// answered, and kept through outages until Redis decided.
-    NickClaim {
+    /// A script call, answered with Redis's reply under `request`: run on
+    /// its own, in order after earlier commands.
+    Script {
         request: u64,
-        member: u64,
-        nick: String,
-        previous: Option<String>,
+        call: ScriptCall,
+        mode: ScriptMode,
     },
-    /// Release `member`'s `nick`: pipelined with presence changes.
-    NickRelease { member: u64, nick: String },
+    /// Idempotent writes, pipelined with neighbouring writes; `what` names
+    /// them in the warning when Redis refuses some.
+    Writes {
+        what: &'static str,
+        commands: Vec<WriteCommand>,
+    },
 }
 
 impl Command {
-    /// A request answered with data, run on its own.
-    fn is_read(&self) -> bool {
+    /// A request answered with data, run on its own, and failed at once
+    /// while Redis is unreachable.
+    pub(super) fn is_read(&self) -> bool {
         matches!(
             self,
-            Command::History { .. } | Command::Who { .. } | Command::Rooms { .. }
+            Command::History { .. }
+                | Command::Script {
+                    mode: ScriptMode::Read,
+                    ..
+                }
         )
     }
 
-    /// Run on its own: a read, or a nick claim (answered too, but never
-    /// failed for an outage: Redis must decide it).
+    /// Run on its own: a read, or a durable script call (answered too,
+    /// but never failed for an outage: Redis must decide it).
     fn is_single(&self) -> bool {
-        self.is_read() || matches!(self, Command::NickClaim { .. })
+        matches!(self, Command::History { .. } | Command::Script { .. })
     }
 
     /// Commands of the same batch kind are pipelined together.
     fn same_batch(&self, other: &Command) -> bool {
-        let writes = |c: &Command| matches!(c, Command::Publish { .. } | Command::Define { .. });
-        let presence =
-            |c: &Command| matches!(c, Command::Presence { .. } | Command::NickRelease { .. });
-        (writes(self) && writes(other)) || (presence(self) && presence(other))
+        let bus = |c: &Command| matches!(c, Command::Publish { .. } | Command::Define { .. });
+        let writes = |c: &Command| matches!(c, Command::Writes { .. });
+        (bus(self) && bus(other)) || (writes(self) && writes(other))
     }
 }
 
@@ -132,8 +130,8 @@ impl Outbox {
     }
 
     /// Waits up to `wait` for work, then moves into `out` either one read
-    /// (history, who) or a run of up to `max` publishes and definitions,
-    /// or of presence changes, from the front.
+    /// or script call, or a run of up to `max` publishes and definitions,
+    /// or of idempotent writes, from the front.
     /// They stay counted against the capacity until [`Outbox::done`].
     pub fn take_batch(
         &self,
@@ -447,38 +445,51 @@ mod tests {
         ));
     }
 
+    /// Idempotent writes; `tag` is the first word, to tell them apart.
+    fn writes(tag: u64) -> Command {
+        Command::Writes {
+            what: "test write(s)",
+            commands: vec![vec![tag.to_string()]],
+        }
+    }
+
+    fn tag_of(c: &Command) -> Option<u64> {
+        match c {
+            Command::Writes { commands, .. } => commands[0][0].parse().ok(),
+            _ => None,
+        }
+    }
+
+    fn script(request: u64, mode: ScriptMode) -> Command {
+        Command::Script {
+            request,
+            call: ScriptCall {
+                script: crate::cluster::LuaScript::new("return 1"),
+                keys: vec!["k".into()],
+                args: Vec::new(),
+            },
+            mode,
+        }
+    }
+
     #[test]
-    fn outbox_batches_presence_apart_and_who_alone() {
+    fn outbox_batches_writes_apart_and_scripts_alone() {
         let stop = AtomicBool::new(false);
         let o = Outbox::new(10);
-        let presence = |member| Command::Presence {
-            room: "r".into(),
-            member,
-            nick: None,
-        };
-        let who = Command::Who {
-            request: 9,
-            room: "r".into(),
-        };
-        for c in [presence(1), presence(2), publish(3), who, presence(4)] {
+        let read = script(9, ScriptMode::Read);
+        for c in [writes(1), writes(2), publish(3), read, writes(4)] {
             o.push(c).unwrap();
         }
         let mut b = Vec::new();
         let take = |b: &mut Vec<Command>| next_batch(&o, &stop, b);
         take(&mut b);
-        assert!(matches!(
-            b[..],
-            [
-                Command::Presence { member: 1, .. },
-                Command::Presence { member: 2, .. }
-            ]
-        ));
+        assert_eq!(b.iter().map(tag_of).collect::<Vec<_>>(), [Some(1), Some(2)]);
         take(&mut b);
         assert!(matches!(b[..], [Command::Publish { id: 3, .. }]));
         take(&mut b);
-        assert!(matches!(b[..], [Command::Who { request: 9, .. }]));
+        assert!(matches!(b[..], [Command::Script { request: 9, .. }]));
         take(&mut b);
-        assert!(matches!(b[..], [Command::Presence { member: 4, .. }]));
+        assert_eq!(b.iter().map(tag_of).collect::<Vec<_>>(), [Some(4)]);
     }
 
     /// The next batch the writer would take into `b`, marked done.
@@ -489,32 +500,40 @@ mod tests {
     }
 
     #[test]
-    fn nick_claims_run_alone_and_survive_an_outage() {
+    fn durable_scripts_run_alone_and_survive_an_outage() {
         let stop = AtomicBool::new(false);
         let o = Outbox::new(10);
-        let claim = Command::NickClaim {
-            request: 3,
-            member: 1,
-            nick: "ann".into(),
-            previous: None,
-        };
-        let release = |member| Command::NickRelease {
-            member,
-            nick: "bob".into(),
-        };
-        for c in [release(1), claim, release(2), history(5)] {
+        let durable = script(3, ScriptMode::Durable);
+        let read = script(6, ScriptMode::Read);
+        for c in [writes(1), durable, writes(2), history(5), read] {
             o.push(c).unwrap();
         }
-        // Reads are failed during an outage; a claim waits for Redis.
-        assert_eq!(o.take_reads().len(), 1);
+        // Reads are failed during an outage; a durable call waits for Redis.
+        let reads = o.take_reads();
+        assert!(matches!(
+            reads[..],
+            [
+                Command::History { request: 5, .. },
+                Command::Script { request: 6, .. }
+            ]
+        ));
         let mut b = Vec::new();
         let take = |b: &mut Vec<Command>| next_batch(&o, &stop, b);
         take(&mut b);
-        assert!(matches!(b[..], [Command::NickRelease { member: 1, .. }]));
+        assert_eq!(b.iter().map(tag_of).collect::<Vec<_>>(), [Some(1)]);
         take(&mut b);
-        assert!(matches!(b[..], [Command::NickClaim { request: 3, .. }]));
+        assert!(matches!(
+            b[..],
+            [Command::Script {
+                request: 3,
+                mode: ScriptMode::Durable,
+                ..
+            }]
+        ));
         take(&mut b);
-        assert!(matches!(b[..], [Command::NickRelease { member: 2, .. }]));
+        assert_eq!(b.iter().map(tag_of).collect::<Vec<_>>(), [Some(2)]);
+        take(&mut b);
+        assert!(b.is_empty());
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use redis::Value;
+
 use super::errors::RequestError;
 use super::inbound::{Inbound, LostKind};
 use super::link_config::LinkConfig;
@@ -156,20 +158,16 @@ impl Shared {
         self.lost(n, LostKind::QueueFull);
     }
 
-    /// Answers a read (history, who) with an error.
+    /// Answers a read (history, a script call) with an error.
     pub(super) fn fail_read(&self, cmd: Command, why: RequestError) {
         match cmd {
-            Command::Who { request, room } => self.inbox.push_control(Inbound::Who {
-                request,
-                room,
-                result: Err(why.to_string()),
-            }),
-            Command::Rooms { request } => self.inbox.push_control(Inbound::Rooms {
-                request,
-                result: Err(why.to_string()),
-            }),
+            Command::Script { request, .. } => self.answer_script(request, Err(why)),
             history => self.answer_history(history, Err(why)),
         }
+    }
+
+    pub(super) fn answer_script(&self, request: u64, result: Result<Value, RequestError>) {
+        self.inbox.push_control(Inbound::Script { request, result });
     }
 
     pub(super) fn answer_history(&self, cmd: Command, result: Result<History, RequestError>) {
@@ -181,7 +179,7 @@ impl Shared {
             self.inbox.push_control(Inbound::History {
                 request,
                 channel,
-                result: result.map_err(|e| e.to_string()),
+                result,
             });
         }
     }
@@ -202,7 +200,7 @@ impl Shared {
             malformed: load(&self.c.malformed),
             duplicates: load(&self.c.duplicates),
             history_answered: load(&self.c.history_answered),
-            presence_lost: load(&self.c.presence_lost),
+            writes_lost: load(&self.c.writes_lost),
             outbound_queued: self.outbox.len(),
             inbound_queued: self.inbox.len(),
             lag_ms: load(&self.c.lag_ms),
@@ -344,14 +342,23 @@ pub(super) mod tests {
     #[test]
     fn failed_reads_are_answered_with_the_reason() {
         let (sh, _poll) = shared(config());
-        sh.fail_read(
-            Command::Who {
-                request: 1,
-                room: "ops".into(),
-            },
-            RequestError::Down,
-        );
-        sh.fail_read(Command::Rooms { request: 2 }, RequestError::Down);
+        let call = |script| crate::cluster::ScriptCall {
+            script: crate::cluster::LuaScript::new(script),
+            keys: vec!["k".into()],
+            args: Vec::new(),
+        };
+        for (request, script) in [(1, "return 1"), (2, "return 2")] {
+            let call = call(script);
+            let mode = crate::cluster::ScriptMode::Read;
+            sh.fail_read(
+                Command::Script {
+                    request,
+                    call,
+                    mode,
+                },
+                RequestError::Down,
+            );
+        }
         sh.fail_read(
             Command::History {
                 request: 3,
@@ -366,19 +373,18 @@ pub(super) mod tests {
         assert_eq!(
             answers,
             [
-                Inbound::Who {
+                Inbound::Script {
                     request: 1,
-                    room: "ops".into(),
-                    result: Err("redis link is down".into())
+                    result: Err(RequestError::Down)
                 },
-                Inbound::Rooms {
+                Inbound::Script {
                     request: 2,
-                    result: Err("redis link is down".into())
+                    result: Err(RequestError::Down)
                 },
                 Inbound::History {
                     request: 3,
                     channel: "prices".into(),
-                    result: Err("redis link: broken pipe".into())
+                    result: Err(RequestError::Connection("broken pipe".into()))
                 },
             ]
         );

@@ -41,9 +41,11 @@ pub struct LinkStats {
     pub duplicates: u64,
     /// History requests answered (with entries or an error).
     pub history_answered: u64,
-    /// Chat presence changes that did not reach Redis (queue full, or
-    /// refused): `who` on other nodes may miss or keep those members.
-    pub presence_lost: u64,
+    /// Idempotent writes ([`RedisLink::write`](super::RedisLink::write))
+    /// and durable script calls that did not fit the outbound queue, plus
+    /// write commands Redis refused: what they would have written is not
+    /// in Redis.
+    pub writes_lost: u64,
     /// Publishes and history requests waiting or in flight.
     pub outbound_queued: usize,
     /// Bus messages waiting for `drain`.
@@ -75,7 +77,7 @@ pub(super) struct Counters {
     pub(super) malformed: AtomicU64,
     pub(super) duplicates: AtomicU64,
     pub(super) history_answered: AtomicU64,
-    pub(super) presence_lost: AtomicU64,
+    pub(super) writes_lost: AtomicU64,
     pub(super) lag_ms: AtomicU64,
     pub(super) reconnects: AtomicU64,
     pub(super) connect_failures: AtomicU64,

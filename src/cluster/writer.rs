@@ -1,6 +1,6 @@
 //! The writer thread: publishes and definitions (pipelined, through their
-//! scripts), chat presence changes and nick claims, and reads (history,
-//! `who`, rooms), on its own connection, in the order they were queued;
+//! scripts), the app's idempotent writes (pipelined) and script calls, and
+//! history reads, on its own connection, in the order they were queued;
 //! it also refreshes this node run's alive key every second.
 
 use std::sync::atomic::Ordering;
@@ -11,14 +11,14 @@ use redis::{Client, Connection, ErrorKind, RedisError, Script, Value};
 
 use super::connection::{is_connection_error, is_unavailable, open, set_alive, sync_epoch, TICK};
 use super::errors::{ConnectError, RequestError};
-use super::inbound::{Inbound, LostKind};
+use super::inbound::LostKind;
 use super::protocol::{
-    self, alive_key, channel_key, dedup_key, nick_key, offset_key, presence_field, room_key,
-    PublishReply, ALIVE_PREFIX, BUS_KEY, BUS_SEQ_KEY, DEDUP_TTL_SECS, DEFINE_LUA, DEFINITIONS_KEY,
-    NICK_CLAIM_LUA, NICK_RELEASE_LUA, PUBLISH_LUA, ROOMS_KEY, ROOMS_LUA, WHO_LUA,
+    self, alive_key, channel_key, dedup_key, offset_key, PublishReply, BUS_KEY, BUS_SEQ_KEY,
+    DEDUP_TTL_SECS, DEFINE_LUA, DEFINITIONS_KEY, PUBLISH_LUA,
 };
 use super::queues::Command;
 use super::reconnect::{Reconnect, ReconnectState};
+use super::requests::ScriptMode;
 use super::shared::Shared;
 use super::status::{add, Side};
 use super::streams;
@@ -29,18 +29,15 @@ use super::warn::RateLimited;
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The writer thread: publishes and definitions (pipelined, through their
-/// scripts)
-/// and history requests, on its own connection.
+/// scripts), idempotent writes, script calls and history requests, on its
+/// own connection.
 pub(super) struct Writer {
     sh: Arc<Shared>,
     client: Client,
     conn: Option<Connection>,
     script: Script,
     define_script: Script,
-    who_script: Script,
-    rooms_script: Script,
-    nick_script: Script,
-    /// This node run's alive key (chat presence).
+    /// This node run's alive key.
     alive_key: String,
     reconnect: ReconnectState,
     /// Commands taken from the outbox, not finished yet.
@@ -63,9 +60,6 @@ impl Writer {
             conn: None,
             script: Script::new(PUBLISH_LUA),
             define_script: Script::new(DEFINE_LUA),
-            who_script: Script::new(WHO_LUA),
-            nick_script: Script::new(NICK_CLAIM_LUA),
-            rooms_script: Script::new(ROOMS_LUA),
             alive_key: alive_key(&sh.cfg.node_id, &sh.instance),
             reconnect: ReconnectState::new(Side::Writer, &sh.cfg, seed),
             batch: Vec::new(),
@@ -113,20 +107,15 @@ impl Writer {
     fn process(&mut self) {
         match self.batch.first() {
             Some(Command::History { .. }) => self.run_history(),
-            Some(Command::Who { .. }) => self.run_who(),
-            Some(Command::Rooms { .. }) => self.run_rooms(),
-            Some(Command::NickClaim { .. }) => self.run_nick_claim(),
-            Some(Command::Presence { .. } | Command::NickRelease { .. }) => self.run_presence(),
+            Some(Command::Script { .. }) => self.run_script(),
+            Some(Command::Writes { .. }) => self.run_writes(),
             _ => self.run_publishes(),
         }
     }
 
     /// Answers queued reads with an error (Redis unreachable).
     fn fail_reads(&mut self, why: RequestError) {
-        if matches!(
-            self.batch.first(),
-            Some(Command::History { .. } | Command::Who { .. } | Command::Rooms { .. })
-        ) {
+        if self.batch.first().is_some_and(Command::is_read) {
             let cmd = self.batch.remove(0);
             self.dseqs.clear();
             self.sh.outbox.done(1);
@@ -147,7 +136,7 @@ impl Writer {
             return;
         };
         self.last_heartbeat = Instant::now();
-        match set_alive(con, &self.alive_key, self.sh.cfg.presence_ttl) {
+        match set_alive(con, &self.alive_key, self.sh.cfg.alive_ttl) {
             Ok(_) => {}
             Err(e) if is_connection_error(&e) => self.connection_failed(&e),
             // LOADING and the like: Redis is there but cannot serve yet.
@@ -157,7 +146,7 @@ impl Writer {
             Err(e) => self.rejected_warn.warn(format_args!(
                 "redis link: node {} could not refresh its chat presence ({e}); other nodes \
                  stop listing its members after {:?}",
-                self.sh.cfg.node_id, self.sh.cfg.presence_ttl
+                self.sh.cfg.node_id, self.sh.cfg.alive_ttl
             )),
         }
     }
@@ -215,112 +204,49 @@ impl Writer {
         self.sh.answer_history(cmd, result);
     }
 
-    fn run_who(&mut self) {
-        let Some(Command::Who { room, .. }) = self.batch.first() else {
+    /// A script call. A read is answered with the error when the
+    /// connection breaks under it; a durable call is left first in the
+    /// batch instead, and sent again after reconnecting (such scripts are
+    /// idempotent).
+    fn run_script(&mut self) {
+        let Some(Command::Script { call, mode, .. }) = self.batch.first() else {
             return;
         };
         let Some(con) = self.conn.as_mut() else {
             return;
         };
+        let mut invocation = call.script.script().prepare_invoke();
+        for key in &call.keys {
+            invocation.key(key);
+        }
+        for arg in &call.args {
+            invocation.arg(arg);
+        }
         // `invoke` loads the script when Redis's cache lacks it.
-        let reply = self
-            .who_script
-            .key(room_key(room))
-            .arg(ALIVE_PREFIX)
-            .invoke::<Value>(con);
-        let result = match reply {
-            Ok(v) => protocol::parse_who(v).map_err(RequestError::from),
-            Err(e) => {
+        let reply = invocation.invoke::<Value>(con);
+        let result = match (reply, *mode) {
+            (Ok(v), _) => Ok(v),
+            (Err(e), ScriptMode::Read) => {
                 let why = RequestError::of(&e);
                 if is_connection_error(&e) {
                     self.connection_failed(&e);
                 }
                 Err(why)
             }
-        };
-        let Command::Who { request, room } = self.batch.remove(0) else {
-            return;
-        };
-        self.dseqs.clear();
-        self.sh.outbox.done(1);
-        self.sh.inbox.push_control(Inbound::Who {
-            request,
-            room,
-            result: result.map_err(|e| e.to_string()),
-        });
-    }
-
-    fn run_rooms(&mut self) {
-        let Some(con) = self.conn.as_mut() else {
-            return;
-        };
-        let reply = self
-            .rooms_script
-            .key(ROOMS_KEY)
-            .arg(ALIVE_PREFIX)
-            .arg(room_key(""))
-            .invoke::<Value>(con);
-        let result = match reply {
-            Ok(v) => protocol::parse_rooms(v).map_err(RequestError::from),
-            Err(e) => {
-                let why = RequestError::of(&e);
-                if is_connection_error(&e) {
-                    self.connection_failed(&e);
-                }
-                Err(why)
+            (Err(e), ScriptMode::Durable) if is_connection_error(&e) => {
+                return self.connection_failed(&e)
             }
+            (Err(e), ScriptMode::Durable) if is_unavailable(&e) => {
+                return self.went_down(&e.to_string())
+            }
+            (Err(e), ScriptMode::Durable) => Err(RequestError::Redis(e.to_string())),
         };
-        let Command::Rooms { request } = self.batch.remove(0) else {
+        let Command::Script { request, .. } = self.batch.remove(0) else {
             return;
         };
         self.dseqs.clear();
         self.sh.outbox.done(1);
-        self.sh.inbox.push_control(Inbound::Rooms {
-            request,
-            result: result.map_err(|e| e.to_string()),
-        });
-    }
-
-    /// A nick claim. A broken connection leaves it first in the batch, so
-    /// it is sent again after reconnecting (the script is idempotent).
-    fn run_nick_claim(&mut self) {
-        let Some(Command::NickClaim {
-            member,
-            nick,
-            previous,
-            ..
-        }) = self.batch.first()
-        else {
-            return;
-        };
-        let Some(con) = self.conn.as_mut() else {
-            return;
-        };
-        let owner = presence_field(&self.sh.cfg.node_id, &self.sh.instance, *member);
-        let previous = previous.as_deref().unwrap_or(nick);
-        let reply = self
-            .nick_script
-            .key(nick_key(nick))
-            .key(nick_key(previous))
-            .arg(owner)
-            .arg(ALIVE_PREFIX)
-            .invoke::<Value>(con);
-        let result = match reply {
-            Ok(v) => protocol::parse_nick_claim(v).map_err(RequestError::from),
-            Err(e) if is_connection_error(&e) => return self.connection_failed(&e),
-            Err(e) if is_unavailable(&e) => return self.went_down(&e.to_string()),
-            Err(e) => Err(RequestError::Redis(e.to_string())),
-        };
-        let Command::NickClaim { request, nick, .. } = self.batch.remove(0) else {
-            return;
-        };
-        self.dseqs.clear();
-        self.sh.outbox.done(1);
-        self.sh.inbox.push_control(Inbound::Nick {
-            request,
-            nick,
-            result: result.map_err(|e| e.to_string()),
-        });
+        self.sh.answer_script(request, result);
     }
 
     /// The replies of a pipeline run with `ignore_errors`, if there are
@@ -357,59 +283,49 @@ impl Writer {
         }
     }
 
-    /// A run of presence changes, pipelined. Each is idempotent, so after
-    /// a broken connection the whole run is sent again.
-    fn run_presence(&mut self) {
+    /// A run of idempotent writes, pipelined. Each is idempotent, so
+    /// after a broken connection the whole run is sent again.
+    fn run_writes(&mut self) {
         let Some(con) = self.conn.as_mut() else {
             return;
         };
-        let cfg = &self.sh.cfg;
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
+        // What each command of the pipeline belongs to, for the warning.
+        let mut whats = Vec::new();
         for cmd in &self.batch {
-            match cmd {
-                Command::Presence { room, member, nick } => {
-                    let field = presence_field(&cfg.node_id, &self.sh.instance, *member);
-                    match nick {
-                        Some(nick) => pipe
-                            .cmd("HSET")
-                            .arg(room_key(room))
-                            .arg(field)
-                            .arg(nick)
-                            .cmd("SADD")
-                            .arg(ROOMS_KEY)
-                            .arg(room),
-                        None => pipe.cmd("HDEL").arg(room_key(room)).arg(field),
-                    };
+            let Command::Writes { what, commands } = cmd else {
+                continue;
+            };
+            for words in commands {
+                let Some((name, args)) = words.split_first() else {
+                    continue;
+                };
+                pipe.cmd(name);
+                for arg in args {
+                    pipe.arg(arg);
                 }
-                Command::NickRelease { member, nick } => {
-                    let field = presence_field(&cfg.node_id, &self.sh.instance, *member);
-                    pipe.cmd("EVAL")
-                        .arg(NICK_RELEASE_LUA)
-                        .arg(1)
-                        .arg(nick_key(nick))
-                        .arg(field);
-                }
-                _ => {}
+                whats.push(*what);
             }
         }
         let reply = pipe.query::<Value>(con);
         let Some(replies) = self.pipeline_replies(reply, None) else {
             return;
         };
-        let refused: Vec<String> = replies
+        let refused: Vec<(&str, String)> = replies
             .into_iter()
-            .filter_map(|r| match r {
+            .zip(whats)
+            .filter_map(|(r, what)| match r {
                 Value::ServerError(e) => {
-                    Some(format!("{} {}", e.code(), e.details().unwrap_or("")))
+                    Some((what, format!("{} {}", e.code(), e.details().unwrap_or(""))))
                 }
                 _ => None,
             })
             .collect();
-        if let Some(why) = refused.first() {
-            add(&self.sh.c.presence_lost, refused.len() as u64);
+        if let Some((what, why)) = refused.first() {
+            add(&self.sh.c.writes_lost, refused.len() as u64);
             self.rejected_warn.warn(format_args!(
-                "redis link: {} chat presence change(s) of node {} refused by redis ({why})",
+                "redis link: {} {what} of node {} refused by redis ({why})",
                 refused.len(),
                 self.sh.cfg.node_id
             ));
@@ -467,12 +383,9 @@ impl Writer {
                     continue;
                 }
                 // Never in a write batch (`take_batch` keeps them apart).
-                Command::History { .. }
-                | Command::Who { .. }
-                | Command::Rooms { .. }
-                | Command::Presence { .. }
-                | Command::NickClaim { .. }
-                | Command::NickRelease { .. } => continue,
+                Command::History { .. } | Command::Script { .. } | Command::Writes { .. } => {
+                    continue
+                }
             };
             pipe.cmd("EVALSHA")
                 .arg(hash)
@@ -517,12 +430,9 @@ impl Writer {
             let (id, applied) = match &self.batch[i] {
                 Command::Publish { id, .. } => (*id, &self.sh.c.published),
                 Command::Define { id, .. } => (*id, &self.sh.c.defined),
-                Command::History { .. }
-                | Command::Who { .. }
-                | Command::Rooms { .. }
-                | Command::Presence { .. }
-                | Command::NickClaim { .. }
-                | Command::NickRelease { .. } => (0, &self.sh.c.published),
+                Command::History { .. } | Command::Script { .. } | Command::Writes { .. } => {
+                    (0, &self.sh.c.published)
+                }
             };
             match outcome {
                 PublishReply::Offset(_) => add(applied, 1),
@@ -616,8 +526,8 @@ impl Writer {
             .chain(self.sh.outbox.take_all())
             .filter(|c| matches!(c, Command::Publish { .. } | Command::Define { .. }))
             .count() as u64;
-        // This run's room members are gone with it, at once (not after
-        // presence_ttl).
+        // What the app keeps under this run's alive key is void at once
+        // (not after alive_ttl).
         if let Some(con) = self.conn.as_mut() {
             if let Err(e) = redis::cmd("DEL").arg(&self.alive_key).query::<Value>(con) {
                 log::debug!("redis writer: could not clear the alive key at shutdown: {e}");
@@ -651,9 +561,9 @@ impl Reconnect for Writer {
                 .map_err(ConnectError::ScriptLoad)?;
         }
         sync_epoch(&self.sh, &mut con)?;
-        // Alive before any presence of this run is (re)written; a
+        // Alive before any write of this run that depends on the key; a
         // refusal (out of memory) is the heartbeat's to report.
-        match set_alive(&mut con, &self.alive_key, self.sh.cfg.presence_ttl) {
+        match set_alive(&mut con, &self.alive_key, self.sh.cfg.alive_ttl) {
             Err(e) if is_connection_error(&e) || is_unavailable(&e) => {
                 return Err(ConnectError::SetAlive(e))
             }

@@ -212,7 +212,7 @@ impl Server {
         if let Some(url) = &core.config.redis {
             let node_id = core.config.node_id();
             let mut link_config = LinkConfig::new(url.as_str(), node_id.as_str());
-            link_config.presence_ttl = core.config.presence_ttl;
+            link_config.alive_ttl = core.config.presence_ttl;
             let link = RedisLink::start(link_config, waker)?;
             info!("scale-out: node {node_id} on redis {url}");
             core.app.attach_cluster(link);

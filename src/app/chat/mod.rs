@@ -5,6 +5,11 @@
 //!
 //! Slow consumers: lines that do not fit a member's queue are dropped for
 //! that member and counted; when its queue drains it is told how many.
+//!
+//! Scale-out (`--redis`): lines, presence and nicks go through Redis; what
+//! chat keeps there (the room, rooms and nick keys, their Lua scripts) and
+//! how presence and nick reservations work across nodes is in [`redis`]
+//! and its [`redis::scripts`].
 
 pub mod command;
 pub mod nicks;

@@ -4,7 +4,7 @@
 //!
 //! Every nick a member holds (a chosen one or the guest nick it got on
 //! connecting) is reserved in Redis under its node run's alive key (see
-//! [`crate::cluster::protocol::NICK_CLAIM_LUA`]), so a node that dies
+//! [`super::redis::scripts::NICK_CLAIM_LUA`]), so a node that dies
 //! loses its nicks when its alive key expires, and one that stops loses
 //! them at once. A nick change asked while the link is up is answered
 //! when Redis decided; while it is not up the node decides alone (the

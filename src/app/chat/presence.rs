@@ -3,7 +3,7 @@
 //! members of each room in Redis (written as they join, leave and change
 //! nick) under its run's alive key, which expires when the node dies; `who`
 //! asks Redis, which answers for live runs only (see
-//! [`crate::cluster::protocol::WHO_LUA`]).
+//! [`super::redis::scripts::WHO_LUA`]).
 
 use super::nicks::NickChange;
 use crate::app::ConnId;

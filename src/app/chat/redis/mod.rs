@@ -11,11 +11,57 @@
 //! sends it after every event, with the chat lines said meanwhile.
 //!
 //! These are `Node` methods that take the [`RedisBus`] as an argument:
-//! only a node with Redis can call them.
+//! only a node with Redis can call them. What chat keeps in Redis (key
+//! names, Lua scripts, their replies) is in [`scripts`]; the link carries
+//! it as generic requests ([`RedisLink::script`], [`RedisLink::write`]).
+//!
+//! # Data in Redis
+//!
+//! Beside the link's own keys (see [`crate::cluster`]):
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `fanout:room:{room}` | hash | chat presence: field `{node}:{instance}/{member}`, value the member's nick |
+//! | `fanout:rooms` | set | chat rooms that have had a member since they were last found empty (added with each presence `HSET`; [`scripts::ROOMS_LUA`] removes a room once no live run has a member in it) |
+//! | `fanout:nick:{nick}` | string | chat nick reservation (the nick lowercased): the holder's `{node}:{instance}/{member}`; void once that run's alive key is gone |
+//!
+//! `{node}:{instance}` is the node run's [`RedisLink::alive_id`]: its
+//! alive key `fanout:alive:{node}:{instance}` exists while the run lives.
+//!
+//! # Chat presence
+//!
+//! Each node writes its members of each room (`HSET`/`HDEL` on
+//! `fanout:room:{room}`, as they join, leave and change nick; link writes
+//! [`scripts::presence`]) under its run's alive key. `who` runs
+//! [`scripts::WHO_LUA`] (a [`ScriptMode::Read`] call): the room's nicks
+//! whose run's alive key exists; fields of runs whose key is gone (the
+//! node died; `--presence-ttl`, the link's `alive_ttl`, after its last
+//! refresh) are removed on the way. A node's `who` runs after its own
+//! earlier presence changes. Rooms run [`scripts::ROOMS_LUA`] over
+//! `fanout:rooms` the same way and answer every room's count of live
+//! members. Presence changes that do not fit the link's queue, or that
+//! Redis refuses, are counted in `fanout_redis_presence_lost_total`.
+//!
+//! # Chat nicks
+//!
+//! A claim runs [`scripts::NICK_CLAIM_LUA`] (a [`ScriptMode::Durable`]
+//! call): the nick's key is set to the member's field unless a member of a
+//! live run (alive key present) holds it, and on success the member's
+//! previous nick is deleted if it still holds it. A claim is run on its
+//! own, in order after earlier presence changes, and unlike a read it is
+//! not failed during an outage: it waits and is sent after reconnection
+//! (the node has decided locally meanwhile and reconciles with the answer,
+//! see [`super::nicks`]). A release ([`scripts::NICK_RELEASE_LUA`], only
+//! if the member still holds it) is a link write, pipelined with presence
+//! changes. A dead or stopped run's reservations need no clean-up: its
+//! alive key goes, and the next claim takes the key over.
+
+pub mod scripts;
 
 use log::{debug, info};
 use serde_json::{json, Value};
 
+use self::scripts::PRESENCE_WRITES;
 use super::command::valid_room;
 use super::nicks::{self, ClaimOutcome, ClaimState, NickChange, PendingClaim};
 use super::presence::{who_line, JoinRequest};
@@ -24,7 +70,9 @@ use crate::app::bus::{Bus, RedisBus, Reply, Route, Ticket, Waiting};
 use crate::app::protocol::{ack, ErrorCode, ProtocolError};
 use crate::app::publishing::{unavailable, Answer};
 use crate::app::{ConnId, Message, Node, Outbox};
-use crate::cluster::{History, HistoryEntry};
+#[cfg(doc)]
+use crate::cluster::RedisLink;
+use crate::cluster::{Full, History, HistoryEntry, RequestError, ScriptMode};
 
 /// Prefix of the bus channels that carry chat rooms.
 pub const CHAT_PREFIX: &str = "#chat/";
@@ -98,7 +146,7 @@ impl Node {
             return Err(no_such_room(&room));
         }
         let reply = self.reply_to(conn, id.clone());
-        match (redis.link().who(&room), reply) {
+        match (ask_who(redis, &room), reply) {
             (Ok(request), Some(reply)) => {
                 let plain = false;
                 let waiting = WhoWaiting { reply, room, plain };
@@ -175,7 +223,7 @@ impl Node {
     pub(in crate::app) fn answer_who(
         &mut self,
         waiting: WhoWaiting,
-        result: Result<Vec<String>, String>,
+        result: Result<Vec<String>, RequestError>,
         out: &mut impl Outbox,
     ) {
         if !self.still_open(&waiting.reply) {
@@ -233,10 +281,7 @@ impl Node {
         let up = redis.is_up();
         // A claim the link cannot queue is counted there; the nick is then
         // this node's word alone until the next reconnect claims it again.
-        if let Ok(request) = redis
-            .link()
-            .claim_nick(conn as u64, nick, previous.as_deref())
-        {
+        if let Ok(request) = ask_claim(redis, conn, nick, previous.as_deref()) {
             let state = if up {
                 ClaimState::Asked { plain }
             } else {
@@ -301,25 +346,55 @@ impl Node {
         Ok(())
     }
 
-    /// Redis's answer to a nick claim.
-    pub(in crate::app) fn on_nick_answer(
+    /// Redis's answer to a chat script call (`who`, rooms, a nick claim),
+    /// for what waited for it.
+    pub(in crate::app) fn on_chat_answer(
         &mut self,
         redis: &mut RedisBus,
-        request: u64,
-        nick: String,
-        result: Result<bool, String>,
+        waiting: Waiting,
+        result: Result<redis::Value, RequestError>,
         out: &mut impl Outbox,
     ) {
-        let Some(Waiting::NickClaim(claim)) = redis.take(Ticket::Request(request)) else {
-            return;
-        };
+        match waiting {
+            Waiting::Who(waiting) => {
+                let result = result.and_then(|v| Ok(scripts::parse_who(v)?));
+                self.answer_who(waiting, result, out)
+            }
+            Waiting::JoinPart(join) => {
+                let result = result.and_then(|v| Ok(scripts::parse_who(v)?));
+                self.on_join_members(redis, join, result, out)
+            }
+            Waiting::Rooms { reply, plain } => {
+                let result = result.and_then(|v| Ok(scripts::parse_rooms(v)?));
+                self.answer_rooms(reply, plain, result, out)
+            }
+            Waiting::NickClaim(claim) => {
+                let result = result.and_then(|v| Ok(scripts::parse_nick_claim(v)?));
+                self.on_nick_answer(redis, claim, result, out)
+            }
+            Waiting::Publish(_)
+            | Waiting::Definition(_)
+            | Waiting::Resume(_)
+            | Waiting::Join(_) => {}
+        }
+    }
+
+    /// Redis's answer to a nick claim.
+    fn on_nick_answer(
+        &mut self,
+        redis: &mut RedisBus,
+        claim: PendingClaim,
+        result: Result<bool, RequestError>,
+        out: &mut impl Outbox,
+    ) {
+        let nick = claim.nick.clone();
         let conn = claim.reply.conn;
         let open = self.still_open(&claim.reply);
         let plain = matches!(claim.state, ClaimState::Asked { plain: true });
         let granted = match result {
             Ok(granted) => granted,
             Err(why) => {
-                redis.nick_claim_failed(&nick, &why);
+                redis.nick_claim_failed(&nick, &why.to_string());
                 if open && matches!(claim.state, ClaimState::Asked { .. }) {
                     let e = unavailable(format!("cannot reserve nick {nick} now: {why}"));
                     self.refuse_nick(&claim.reply, plain, &e, out);
@@ -360,7 +435,7 @@ impl Node {
         out.reply(conn, Message::Text(&notice));
         redis.stats.nick_conflicts += 1;
         info!("nick {lost} of conn {conn} is another node's: renamed {guest}");
-        if let Ok(request) = redis.link().claim_nick(conn as u64, &guest, None) {
+        if let Ok(request) = ask_claim(redis, conn, &guest, None) {
             let claim = PendingClaim {
                 reply,
                 nick: guest,
@@ -419,7 +494,7 @@ impl Node {
         let Some(reply) = self.reply_to(conn, None) else {
             return;
         };
-        if let Ok(request) = redis.link().claim_nick(conn as u64, &nick, None) {
+        if let Ok(request) = ask_claim(redis, conn, &nick, None) {
             let claim = PendingClaim {
                 reply,
                 nick,
@@ -438,9 +513,9 @@ impl Node {
         plain: bool,
         out: &mut impl Outbox,
     ) {
-        match redis.link().rooms() {
+        match redis.link().script(scripts::rooms(), ScriptMode::Read) {
             Ok(request) => redis.wait(Ticket::Request(request), Waiting::Rooms { reply, plain }),
-            Err(e) => self.answer_rooms(reply, plain, Err(e.to_string()), out),
+            Err(e) => self.answer_rooms(reply, plain, Err(e.into()), out),
         }
     }
 
@@ -448,7 +523,7 @@ impl Node {
         &mut self,
         reply: Reply,
         plain: bool,
-        result: Result<Vec<(String, u64)>, String>,
+        result: Result<Vec<(String, u64)>, RequestError>,
         out: &mut impl Outbox,
     ) {
         if !self.still_open(&reply) {
@@ -489,7 +564,7 @@ impl Node {
             }
             Err(_) => Some(Err(full.to_string())),
         };
-        let members = match redis.link().who(&join.room) {
+        let members = match ask_who(redis, &join.room) {
             Ok(request) => {
                 redis.wait(Ticket::Request(request), Waiting::JoinPart(key));
                 None
@@ -512,10 +587,10 @@ impl Node {
         redis: &mut RedisBus,
         join: u64,
         channel: &str,
-        result: Result<History, String>,
+        result: Result<History, RequestError>,
         out: &mut impl Outbox,
     ) {
-        let recent = result.map(|h| {
+        let recent = result.map_err(|e| e.to_string()).map(|h| {
             let room = channel.strip_prefix(CHAT_PREFIX).unwrap_or_default();
             let (lines, malformed) = chat_history(room, &h.entries);
             if malformed > 0 {
@@ -534,11 +609,11 @@ impl Node {
         &mut self,
         redis: &mut RedisBus,
         join: u64,
-        result: Result<Vec<String>, String>,
+        result: Result<Vec<String>, RequestError>,
         out: &mut impl Outbox,
     ) {
         if let Some(Waiting::Join(waiting)) = redis.get_mut(Ticket::Join(join)) {
-            waiting.members = Some(result);
+            waiting.members = Some(result.map_err(|e| e.to_string()));
         }
         self.try_finish_join(redis, join, out);
     }
@@ -652,9 +727,9 @@ impl Node {
                 room: request.room,
                 plain: true,
             };
-            match redis.link().who(&waiting.room) {
+            match ask_who(redis, &waiting.room) {
                 Ok(id) => redis.wait(Ticket::Request(id), Waiting::Who(waiting)),
-                Err(e) => self.answer_who(waiting, Err(e.to_string()), out),
+                Err(e) => self.answer_who(waiting, Err(e.into()), out),
             }
         }
     }
@@ -663,7 +738,27 @@ impl Node {
 /// Gives a nick back in Redis. Not queued: counted by the link; freed when
 /// this node's alive key goes.
 fn release_nick(redis: &mut RedisBus, conn: ConnId, nick: &str) {
-    let _ = redis.link().release_nick(conn as u64, nick);
+    let writes = scripts::nick_release(&redis.alive_id, conn as u64, nick);
+    let _ = redis.link().write(PRESENCE_WRITES, writes);
+}
+
+/// Asks Redis for the members of `room` on every live node (a read: an
+/// error at once while Redis is unreachable).
+fn ask_who(redis: &RedisBus, room: &str) -> Result<u64, Full> {
+    redis.link().script(scripts::who(room), ScriptMode::Read)
+}
+
+/// Asks Redis to reserve `nick` for `conn` (releasing its `previous`
+/// one): kept through outages until Redis decided; a claim that does not
+/// fit the queue is counted by the link.
+fn ask_claim(
+    redis: &RedisBus,
+    conn: ConnId,
+    nick: &str,
+    previous: Option<&str>,
+) -> Result<u64, Full> {
+    let call = scripts::nick_claim(&redis.alive_id, conn as u64, nick, previous);
+    redis.link().script(call, ScriptMode::Durable)
 }
 
 /// The chat lines of a room's history from Redis (with their offsets);
