@@ -13,6 +13,10 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
 /// fanout: WebSocket fan-out server for chat, pub/sub channels and market data.
+/// The internal listener a server started without listener flags gets.
+pub const DEFAULT_INTERNAL_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
+
 #[derive(Debug, Clone, Parser)]
 #[command(name = "fanout", version, about, max_term_width = 100)]
 pub struct Config {
@@ -27,9 +31,14 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
 
     /// Internal listener address (repeatable): clients here may publish
-    /// without a key. Bind it to a private interface only.
+    /// without a key. Bind it to a private interface only. When no
+    /// --listen and no --internal-listen is given, 127.0.0.1:9090.
     #[arg(long = "internal-listen", value_name = "ADDR")]
     pub internal_listen: Vec<SocketAddr>,
+
+    /// No internal listener, not even the default one on 127.0.0.1:9090.
+    #[arg(long, conflicts_with = "internal_listen")]
+    pub no_internal_listen: bool,
 
     /// PEM certificate chain (leaf first) for the --listen addresses; with
     /// --tls-key they accept TLS only (wss://, https://). Re-read on SIGHUP.
@@ -329,7 +338,7 @@ impl Config {
         let command = Config::command();
         let matches = command.clone().try_get_matches_from(&args)?;
         let Some(path) = matches.get_one::<PathBuf>("config") else {
-            return Ok(Config::from_arg_matches(&matches)?);
+            return Ok(Config::from_arg_matches(&matches)?.with_default_internal(&matches));
         };
         let file_error = |problem| ConfigError::File(ConfigFileError::new(path, problem));
         let text = std::fs::read_to_string(path).map_err(|e| file_error(FileProblem::Read(e)))?;
@@ -343,10 +352,23 @@ impl Config {
         let matches = command
             .try_get_matches_from(merged)
             .map_err(|e| file_error(FileProblem::Value(e)))?;
-        Ok(Config::from_arg_matches(&matches)?)
+        Ok(Config::from_arg_matches(&matches)?.with_default_internal(&matches))
+    }
+
+    /// A server started with no listener flags at all serves the README's
+    /// examples as they are: publishers need an internal listener, so it
+    /// gets one on loopback. Whoever sets any listener decides them all.
+    fn with_default_internal(mut self, matches: &clap::ArgMatches) -> Self {
+        let listen_default = matches.value_source("listen") == Some(ValueSource::DefaultValue);
+        if listen_default && self.internal_listen.is_empty() && !self.no_internal_listen {
+            self.internal_listen.push(DEFAULT_INTERNAL_LISTEN);
+        }
+        self
     }
 
     /// Checks what clap cannot: combinations of flags and value ranges.
+    ///
+    /// (The default internal listener is [`DEFAULT_INTERNAL_LISTEN`].)
     pub fn validate(&self) -> Result<(), InvalidConfig> {
         if self.listen.is_empty() && self.internal_listen.is_empty() {
             return Err(InvalidConfig::NoListener);
@@ -747,6 +769,30 @@ impl std::error::Error for SizeError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_server_with_no_listener_flags_gets_the_default_internal_listener() {
+        let internal = |args: &[&str]| {
+            let mut all = vec!["fanout"];
+            all.extend_from_slice(args);
+            Config::from_args(all).map(|c| c.internal_listen)
+        };
+        assert_eq!(internal(&[]).unwrap(), [DEFAULT_INTERNAL_LISTEN]);
+        assert_eq!(internal(&["--no-sim"]).unwrap(), [DEFAULT_INTERNAL_LISTEN]);
+        assert!(internal(&["--listen", "127.0.0.1:0"]).unwrap().is_empty());
+        assert!(internal(&["--no-internal-listen"]).unwrap().is_empty());
+        let given = internal(&["--internal-listen", "127.0.0.1:7000"]).unwrap();
+        assert_eq!(given, ["127.0.0.1:7000".parse::<SocketAddr>().unwrap()]);
+        assert!(internal(&["--no-internal-listen", "--internal-listen", "127.0.0.1:1"]).is_err());
+        // A listener set in a config file counts as set.
+        let dir = std::env::temp_dir().join(format!("fanout-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("listen.toml");
+        std::fs::write(&file, "listen = [\"127.0.0.1:0\"]\n").unwrap();
+        let from_file = internal(&["--config", file.to_str().unwrap()]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(from_file.unwrap().is_empty());
+    }
 
     #[test]
     fn defaults_match_the_documentation() {

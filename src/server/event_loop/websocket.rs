@@ -47,7 +47,7 @@ impl Core {
     }
 
     /// `filled` bytes were read straight into the connection's message
-    /// buffer (see [`Session::direct_space`]).
+    /// buffer (see `ws::Session::direct_space`).
     pub(super) fn direct_input(&mut self, token: usize, filled: usize) {
         let (now, config) = (self.tick, self.session_config);
         let Some((open, mut host)) =
