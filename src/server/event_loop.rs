@@ -91,6 +91,16 @@ fn set_send_buffer(socket: &mio::net::TcpStream, size: usize) -> io::Result<()> 
     socket2::SockRef::from(socket).set_send_buffer_size(size)
 }
 
+/// Queues a timer for connection `token` at `at`, unless one at or before
+/// it is queued already (entries are never removed early: see `timers`).
+fn wake_at(timers: &mut Timers, token: usize, conn: &mut Connection, at: Tick) {
+    if conn.wake_at.is_some_and(|scheduled| scheduled <= at) {
+        return;
+    }
+    conn.wake_at = Some(at);
+    timers.schedule(at, TimerKey::connection(token, conn.serial));
+}
+
 fn listener_token(index: usize) -> Token {
     Token(FIRST_LISTENER - index)
 }
@@ -682,15 +692,9 @@ impl Core {
     }
 
     fn schedule(&mut self, token: usize, at: Tick) {
-        let Some(conn) = self.conns.get_mut(token) else {
-            return;
-        };
-        if conn.wake_at.is_some_and(|scheduled| scheduled <= at) {
-            return;
+        if let Some(conn) = self.conns.get_mut(token) {
+            wake_at(&mut self.timers, token, conn, at);
         }
-        conn.wake_at = Some(at);
-        self.timers
-            .schedule(at, TimerKey::connection(token, conn.serial));
     }
 
     fn mark_dirty(&mut self, token: usize) {

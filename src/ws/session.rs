@@ -294,13 +294,11 @@ impl Session {
         config: &SessionConfig,
         host: &mut impl Host,
     ) -> bool {
-        let was_open = self.close.is_open();
+        // Sent only from `Open`, so this close also starts the deadline.
         if !self.close.close_locally() {
             return false;
         }
-        if was_open {
-            self.deadline = now.after(config.close_timeout);
-        }
+        self.deadline = now.after(config.close_timeout);
         host.send_control(OpCode::Close, &close_payload(code, reason));
         true
     }

@@ -5,13 +5,13 @@
 
 use slab::Slab;
 
-use super::Core;
+use super::{wake_at, Core};
 use crate::app::{App, ConnId, Message, Outbox, SharedFrame};
 use crate::config::Config;
 use crate::server::compressors::{BroadcastCache, Compressors};
 use crate::server::connection::{Connection, Phase};
 use crate::server::stats::Stats;
-use crate::server::timers::{Tick, TimerKey, Timers};
+use crate::server::timers::{Tick, Timers};
 use crate::server::tls_session::TlsSessions;
 use crate::ws::decoder::MESSAGE_HEADROOM;
 use crate::ws::extensions::DeflateParams;
@@ -169,11 +169,7 @@ impl Outbox for Delivery<'_> {
         }
         self.stats.closes_sent += 1;
         let at = conn.next_deadline(config.idle_timeout);
-        if conn.wake_at.is_none_or(|w| at < w) {
-            conn.wake_at = Some(at);
-            let key = TimerKey::connection(to, conn.serial);
-            self.timers.schedule(at, key);
-        }
+        wake_at(self.timers, to, conn, at);
     }
 }
 
