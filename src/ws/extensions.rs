@@ -6,6 +6,24 @@
 //! any `client_max_window_bits` is acceptable and never echoed. It
 //! compresses with zlib, whose raw deflate cannot use a 256-byte window, so
 //! an offer that demands `server_max_window_bits=8` is declined.
+//!
+//! Offers are read in order; one is declined (and the next tried; with none
+//! left the answer has no extension) when it has an unknown or repeated
+//! parameter, a value outside 8-15 or with a leading zero, a value on a
+//! `*_no_context_takeover`, or no value on `server_max_window_bits`. What an
+//! accepted offer is answered with, by `--compression` mode:
+//!
+//! | offered | `shared` answers | `dedicated` answers |
+//! |---|---|---|
+//! | `permessage-deflate` | `server_no_context_takeover; client_no_context_takeover` | nothing more |
+//! | `server_no_context_takeover` | both `*_no_context_takeover` | `server_no_context_takeover` |
+//! | `client_no_context_takeover` | both `*_no_context_takeover` | `client_no_context_takeover` |
+//! | `server_max_window_bits=N` (9-15) | both, and `server_max_window_bits=N` | `server_max_window_bits=N` |
+//! | `client_max_window_bits[=N]` | accepted, not echoed | accepted, not echoed |
+//!
+//! `shared` therefore never keeps compression context between messages, so
+//! an idle connection holds no zlib state and a broadcast is compressed
+//! once for all; `dedicated` keeps it where the client allows.
 
 /// What the server offers to agree to, from `--compression`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

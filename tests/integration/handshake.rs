@@ -792,3 +792,149 @@ fn server_keeps_serving_while_others_misbehave() {
     drop(silent);
     server.stop().unwrap();
 }
+
+/// The README's table of HTTP statuses, row by row: every status it lists
+/// is produced by a request for each case its row names, and no status is
+/// probed that the table does not list.
+#[test]
+fn every_row_of_the_readme_status_table() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let table = readme
+        .split("### HTTP statuses")
+        .nth(1)
+        .expect("a section `### HTTP statuses` in README.md");
+    let listed: Vec<u16> = table
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|l| l.trim_start_matches("| `").get(..3)?.parse().ok())
+        .collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let cert = crate::support::tls::TestCert::generate(dir.path(), "status");
+    let plain = TestServer::start(&["--internal-listen", "127.0.0.1:0"]);
+    let strict = TestServer::start(&[
+        "--allowed-origin",
+        "https://allowed.example",
+        "--metrics-internal-only",
+        "--internal-listen",
+        "127.0.0.1:0",
+        "--handshake-timeout",
+        "1s",
+        "--max-connections",
+        "1",
+    ]);
+    let tls = TestServer::start(&["--tls-cert", cert.cert(), "--tls-key", cert.key()]);
+    // A Redis link that can never come up: not ready.
+    let unready = TestServer::start(&[
+        "--redis",
+        &format!(
+            "redis://127.0.0.1:{}",
+            crate::support::redis_server::free_port()
+        ),
+    ]);
+
+    let get = |path: &str, version: &str| format!("GET {path} HTTP/{version}\r\nHost: t\r\n\r\n");
+    // 101
+    let mut open = raw_upgrade(plain.addr);
+    close_cleanly(&mut open);
+    let mut probed = vec![101];
+    let mut probe = |status: u16, addr: SocketAddr, request: String, what: &str| {
+        let response = exchange(addr, request.as_bytes());
+        assert_eq!(response.status(), status, "{what}: {response:?}");
+        probed.push(status);
+        response
+    };
+
+    // 200
+    for path in ["/", "/healthz", "/readyz", "/metrics"] {
+        for version in ["1.1", "1.0"] {
+            probe(200, plain.addr, get(path, version), "GET of a plain path");
+            let head = get(path, version).replacen("GET", "HEAD", 1);
+            probe(200, plain.addr, head, "HEAD of a plain path");
+        }
+    }
+    // 400
+    for request in [
+        "\x01\x02 garbage\r\n\r\n".to_owned(),
+        replace("HTTP/1.1", "HTTP/1.0"),
+        replace("Host: test\r\n", ""),
+        replace("Upgrade: websocket", "Upgrade: h2c"),
+        replace("Connection: Upgrade", "Connection: keep-alive"),
+        replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+        with_headers("Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n"),
+        replace("dGhlIHNhbXBsZSBub25jZQ==", "not base64!"),
+    ] {
+        probe(400, plain.addr, request, "a bad request");
+    }
+    probe(
+        400,
+        tls.addr,
+        get("/healthz", "1.1"),
+        "plain HTTP on a TLS port",
+    );
+    // 403
+    let foreign = with_headers("Origin: https://elsewhere.example\r\n");
+    probe(403, strict.addr, foreign, "an Origin not allowed");
+    probe(
+        403,
+        strict.addr,
+        get("/metrics", "1.1"),
+        "/metrics on a public listener",
+    );
+    probe(
+        200,
+        strict.addrs[1],
+        get("/metrics", "1.1"),
+        "/metrics internally",
+    );
+    // 404
+    probe(404, plain.addr, get("/nope", "1.1"), "no endpoint");
+    // 405
+    let response = probe(405, plain.addr, replace("GET", "POST"), "POST to /echo");
+    assert_eq!(response.header("Allow"), Some("GET"));
+    for path in ["/", "/healthz", "/readyz", "/metrics"] {
+        let request = format!("DELETE {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+        let response = probe(405, plain.addr, request, "DELETE of a plain path");
+        assert_eq!(response.header("Allow"), Some("GET, HEAD"));
+    }
+    // 408
+    probe(
+        408,
+        strict.addr,
+        "GET /ws HTTP/1.1\r\nHo".to_owned(),
+        "a head cut short",
+    );
+    // 426
+    probe(426, plain.addr, get("/ws", "1.1"), "a plain GET of /ws");
+    let old = replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8");
+    probe(426, plain.addr, old, "another WebSocket version");
+    // 431
+    let huge = with_headers(&format!("X-Big: {}\r\n", "a".repeat(9000)));
+    probe(431, plain.addr, huge, "a head over --max-header-bytes");
+    let many = format!("GET /echo HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(65));
+    probe(431, plain.addr, many, "65 header lines");
+    // 503
+    let mut only = raw_upgrade(strict.addr);
+    probe(503, strict.addr, GOOD.to_owned(), "past --max-connections");
+    close_cleanly(&mut only);
+    probe(
+        503,
+        unready.addr,
+        get("/readyz", "1.1"),
+        "/readyz with Redis down",
+    );
+
+    probed.sort_unstable();
+    probed.dedup();
+    let mut listed_sorted = listed.clone();
+    listed_sorted.sort_unstable();
+    assert_eq!(
+        listed_sorted, probed,
+        "the README's status table and the statuses probed here differ"
+    );
+    for server in [plain, strict, tls, unready] {
+        server.stop().unwrap();
+    }
+}

@@ -28,6 +28,7 @@ mod market;
 mod metrics;
 mod process;
 mod python_client;
+mod readme;
 mod redis_link;
 mod replay;
 mod smoke;

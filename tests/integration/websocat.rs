@@ -34,7 +34,7 @@ fn skipped() -> bool {
 }
 
 /// websocat's path, building it the first time (once per test binary).
-fn websocat() -> &'static str {
+pub(crate) fn websocat() -> &'static str {
     static PATH: OnceLock<Result<String, String>> = OnceLock::new();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/websocat/install.sh");
     // Building it takes about a minute; a stuck download must not hang the
