@@ -144,8 +144,8 @@ impl Writer {
             // Out of memory and the like refuse this write, not the link:
             // publishes are judged one by one.
             Err(e) => self.rejected_warn.warn(format_args!(
-                "redis link: node {} could not refresh its chat presence ({e}); other nodes \
-                 stop listing its members after {:?}",
+                "redis link: node {} could not refresh its liveness key ({e}); other nodes \
+                 take it for gone (and drop what it holds there) after {:?}",
                 self.sh.cfg.node_id, self.sh.cfg.alive_ttl
             )),
         }
