@@ -313,12 +313,13 @@ fn filters_select_by_type_account_asset_and_exact_min_amount() {
             vec![1, 2, 3, 4, 5, 8, 10, 11, 12],
         ),
         (
+            // A contract event's amount is its `data.amount` (seq 6: 5).
             f(json!([]), json!([]), json!([]), "100"),
-            vec![1, 3, 4, 6, 7, 8, 10, 12],
+            vec![1, 3, 4, 7, 8, 10, 12],
         ),
         (
             f(json!([]), json!([]), json!([]), "100.0000001"),
-            vec![3, 4, 6, 7, 12],
+            vec![3, 4, 7, 12],
         ),
         (
             f(json!(["trade"]), json!([]), json!(["USDC"]), "99.5"),
@@ -811,4 +812,30 @@ fn a_registered_client_that_answers_pings_stays_connected() {
         elapsed >= Duration::from_millis(700) && elapsed < Duration::from_secs(4),
         "closed after {elapsed:?}"
     );
+}
+
+/// The registration protocol's own first example (`contract_event`s in
+/// USDC) receives the simulator's token events, whose asset is only in
+/// `topics`, within seconds; `min_amount` reads their `data.amount`.
+#[test]
+fn contract_events_match_asset_codes_through_their_topics() {
+    let server = start(&["--sim-seed", "7", "--sim-events-per-sec", "50"]);
+    let filters = json!({"types": ["contract_event"], "account_ids": [], "asset_codes": ["USDC"], "min_amount": "100"});
+    let mut ws = registered_consumer(&server, &filters);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = 0;
+    while seen < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "only {seen} USDC contract events of 100 or more within 20 s"
+        );
+        let event = read_json(&mut ws);
+        assert_eq!(event["type"], "contract_event", "{event}");
+        let topics = event["topics"].as_array().expect("topics");
+        assert_eq!(topics.last().unwrap(), "USDC", "{event}");
+        let amount: f64 = event["data"]["amount"].as_str().unwrap().parse().unwrap();
+        assert!(amount >= 100.0, "{event}");
+        seen += 1;
+    }
+    server.stop().unwrap();
 }

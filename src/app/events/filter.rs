@@ -41,6 +41,14 @@ pub const ASSET_FIELDS: &[&str] = &[
 /// amount filter: they carry no amount to be too small.
 pub const AMOUNT_FIELD: &str = "amount";
 
+/// Soroban token events (SEP-41) carry their accounts and asset only in
+/// `topics` (`["transfer", from, to, asset]`, the asset as a code or in
+/// SEP-11 form `CODE:ISSUER`, `native` for XLM) and their amount in
+/// `data.amount`; the filters look there for events of this type, so a
+/// filter on accounts, assets or amounts means the same for them as for
+/// payments.
+pub const CONTRACT_EVENT: &str = "contract_event";
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EventFilters {
     pub types: Vec<String>,
@@ -122,32 +130,35 @@ impl EventFilters {
                 return false;
             }
         }
+        let topics = contract_topics(event);
         if !self.account_ids.is_empty() {
-            let named = ACCOUNT_FIELDS
+            let mut named = ACCOUNT_FIELDS
                 .iter()
                 .filter_map(|f| event.get(*f))
-                .filter_map(Value::as_str);
-            if !named
-                .into_iter()
-                .any(|account| self.account_ids.iter().any(|id| id == account))
-            {
+                .filter_map(Value::as_str)
+                .chain(topics.clone());
+            if !named.any(|account| self.account_ids.iter().any(|id| id == account)) {
                 return false;
             }
         }
         if !self.asset_codes.is_empty() {
-            let codes = ASSET_FIELDS
+            let mut codes = ASSET_FIELDS
                 .iter()
                 .filter_map(|f| event.get(*f))
-                .filter_map(asset_code);
-            if !codes
-                .into_iter()
-                .any(|code| self.asset_codes.iter().any(|c| c == code))
-            {
+                .filter_map(asset_code)
+                .chain(topics.map(topic_asset_code));
+            if !codes.any(|code| self.asset_codes.iter().any(|c| c == code)) {
                 return false;
             }
         }
         if let Some(min) = self.min_amount {
-            match event.get(AMOUNT_FIELD) {
+            let amount = match event.get(AMOUNT_FIELD) {
+                None if is_contract_event(event) => {
+                    event.get("data").and_then(|d| d.get(AMOUNT_FIELD))
+                }
+                amount => amount,
+            };
+            match amount {
                 None | Some(Value::Null) => {}
                 Some(amount) => match amount_of(amount) {
                     Some(amount) if amount >= min => {}
@@ -157,6 +168,29 @@ impl EventFilters {
         }
         true
     }
+}
+
+fn is_contract_event(event: &Map<String, Value>) -> bool {
+    event.get("type").and_then(Value::as_str) == Some(CONTRACT_EVENT)
+}
+
+/// The string topics of a contract event (none for other events).
+fn contract_topics(event: &Map<String, Value>) -> impl Iterator<Item = &str> + Clone {
+    let topics = match event.get("topics") {
+        Some(Value::Array(topics)) if is_contract_event(event) => topics.as_slice(),
+        _ => &[],
+    };
+    topics.iter().filter_map(Value::as_str)
+}
+
+/// The asset code a topic names: `USDC` in `USDC` or `USDC:GA…` (SEP-11),
+/// `XLM` for `native`; other topics (the event's name, accounts) come
+/// back whole and match no asset code in practice.
+fn topic_asset_code(topic: &str) -> &str {
+    if topic == "native" {
+        return "XLM";
+    }
+    topic.split_once(':').map_or(topic, |(code, _)| code)
 }
 
 fn asset_code(value: &Value) -> Option<&str> {
@@ -246,6 +280,36 @@ mod tests {
         let mut small = good;
         small["amount"] = json!("99.9999999");
         assert!(!f.matches(&event(small)));
+    }
+
+    #[test]
+    fn contract_events_match_by_their_topics_and_data_amount() {
+        let f = filters(json!({"types":["contract_event"],"asset_codes":["USDC"]}));
+        let transfer = |asset: &str, amount: &str| {
+            event(json!({"type":"contract_event","contract_id":"CABC",
+                "topics":["transfer","GFROM","GTO",asset],"data":{"amount":amount}}))
+        };
+        assert!(f.matches(&transfer("USDC", "10")));
+        assert!(f.matches(&transfer("USDC:GISSUER", "10")));
+        assert!(!f.matches(&transfer("EURC", "10")));
+        assert!(!f.matches(&transfer("USDCX", "10")));
+
+        let xlm = filters(json!({"asset_codes":["XLM"]}));
+        assert!(xlm.matches(&transfer("native", "1")));
+
+        let accounts = filters(json!({"account_ids":["GTO"]}));
+        assert!(accounts.matches(&transfer("USDC", "1")));
+        assert!(!filters(json!({"account_ids":["GELSE"]})).matches(&transfer("USDC", "1")));
+
+        let big = filters(json!({"min_amount":"100"}));
+        assert!(big.matches(&transfer("USDC", "100.5")));
+        assert!(!big.matches(&transfer("USDC", "99.9")));
+
+        // Other events' topics and data are not theirs to search.
+        let other = event(json!({"type":"log","topics":["USDC","GTO"],"data":{"amount":"1"}}));
+        assert!(!f.matches(&other));
+        assert!(!accounts.matches(&other));
+        assert!(big.matches(&other), "no top-level amount: passes");
     }
 
     #[test]
