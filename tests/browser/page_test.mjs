@@ -7,9 +7,15 @@
 // target/browser-test/page.png).
 //
 // Checks, each bounded in time: the socket opens; candles are drawn and keep
-// updating; the canvas shows candle colours; events stream in; a filter for
+// updating; the canvas shows candle colours; the default symbol's tiny
+// prices are written readably (0.0₇28852) on the axis, in the legend and in
+// the event rows, with the exact string the server sent as hover text;
+// events stream in, and every field of every row (qty above all) is inside
+// the row, not cut off, at a desktop width and at narrow ones; a filter for
 // `payment` leaves only payments; switching symbol and interval re-draws;
-// a chat line comes back in the chat log. With --reconnect it then prints
+// a chat line comes back in the chat log; a second visitor sees it as an
+// earlier message and both visitors list each other as members, until the
+// second one leaves. With --reconnect it then prints
 // `RESTART` on stdout and waits for one line on stdin (sent by the driver
 // once it has killed the server and started a new one on the same port),
 // and checks the page noticed the drop, reconnected and draws candles again.
@@ -76,6 +82,87 @@ const candlePixels = () => {
   return { up, down, total: up + down };
 };
 
+// A tiny price as the page writes it: "0.0", the count of zeros after the
+// point as subscript digits, then the significant digits.
+const TINY_PRICE = /^0\.0([₀-₉]+)([1-9][0-9]*)$/;
+const SUBSCRIPT = "₀₁₂₃₄₅₆₇₈₉";
+
+// The decimal a tiny price's text stands for: 0.0₇28852 -> 0.000000028852.
+function expandTiny(text) {
+  const m = TINY_PRICE.exec(text);
+  if (!m) return null;
+  const zeros = Number([...m[1]].map((c) => SUBSCRIPT.indexOf(c)).join(""));
+  return `0.${"0".repeat(zeros)}${m[2]}`;
+}
+
+// Checks that `shown` is a readable rounding of `exact`, the string the
+// server sent (one of `sent`): subscript form, at most 5 significant
+// digits, within half a unit of its last digit.
+function checkTinyPrice(where, shown, exact, sent) {
+  if (!sent.has(exact)) throw new Error(`${where}: the hover text ${JSON.stringify(exact)} is not a price the server sent (digits lost or changed?)`);
+  const expanded = expandTiny(shown);
+  if (!expanded) throw new Error(`${where}: ${JSON.stringify(shown)} is not written as a tiny price (0.0₇28852) though the server sent ${exact}`);
+  const digits = TINY_PRICE.exec(shown)[2];
+  if (digits.length > 5) throw new Error(`${where}: ${shown} shows ${digits.length} significant digits, expected at most 5`);
+  const unit = 10 ** -(expanded.length - 2); // one in the last shown place
+  const error = Math.abs(Number(expanded) - Number(exact));
+  if (error > unit / 2 * 1.0001) throw new Error(`${where}: ${shown} (${expanded}) is not ${exact} rounded`);
+}
+
+// Every event row's fields must lie inside the row, none cut off, and the
+// log must not scroll sideways. Returns the problems found and how many
+// rows and trade quantities were looked at.
+const eventLayout = () => {
+  const log = document.getElementById("event-log");
+  const problems = [];
+  const page = document.documentElement;
+  if (page.scrollWidth > window.innerWidth) problems.push(`the page scrolls sideways (${page.scrollWidth}px in a ${window.innerWidth}px window)`);
+  if (log.scrollWidth > log.clientWidth + 1) problems.push(`#event-log scrolls sideways (${log.scrollWidth} > ${log.clientWidth})`);
+  const rows = [...log.querySelectorAll("li")].slice(0, 40);
+  let qty = 0;
+  for (const [i, li] of rows.entries()) {
+    const box = li.getBoundingClientRect();
+    const style = getComputedStyle(li);
+    const left = box.left + parseFloat(style.paddingLeft) - 0.5;
+    const right = box.right - parseFloat(style.paddingRight) + 0.5;
+    if (li.scrollWidth > li.clientWidth + 1) problems.push(`row ${i} (${li.dataset.type}) overflows: scrollWidth ${li.scrollWidth} > clientWidth ${li.clientWidth}`);
+    if (box.right > window.innerWidth + 0.5) problems.push(`row ${i} ends at x ${box.right.toFixed(1)}, past the window's ${window.innerWidth}`);
+    // Every field of the event (the row's hover text) has its key=value.
+    const event = JSON.parse(li.title);
+    const shown = [...li.querySelectorAll(".field")].map((f) => f.dataset.field);
+    const missing = Object.keys(event).filter((k) => k !== "type" && k !== "ts" && !shown.includes(k));
+    if (missing.length) problems.push(`row ${i}: fields not shown: ${missing.join(", ")}`);
+    // A shortened value (an id) keeps the whole of it as its hover text.
+    for (const v of li.querySelectorAll(".field .v")) {
+      const key = v.parentElement.dataset.field;
+      if (v.textContent.includes("…") && v.title !== String(event[key])) problems.push(`row ${i}: ${key} shows ${v.textContent} with hover text ${JSON.stringify(v.title)}, not the whole value`);
+    }
+    for (const field of li.querySelectorAll(".field")) {
+      const r = field.getBoundingClientRect();
+      if (r.width === 0 || r.height === 0) problems.push(`row ${i}: field ${field.dataset.field} has no size`);
+      else if (r.left < left || r.right > right) problems.push(`row ${i}: field ${field.dataset.field} spans x ${r.left.toFixed(1)}-${r.right.toFixed(1)}, outside the row's ${left.toFixed(1)}-${right.toFixed(1)}`);
+      if (field.scrollWidth > field.clientWidth + 1) problems.push(`row ${i}: field ${field.dataset.field} is clipped (scrollWidth ${field.scrollWidth} > ${field.clientWidth})`);
+    }
+    if (li.dataset.type === "trade") {
+      const q = li.querySelector('.field[data-field="qty"]');
+      if (!q) problems.push(`row ${i}: a trade without a qty field`);
+      else if (!q.textContent.startsWith("qty=") || q.textContent.length <= 4) problems.push(`row ${i}: qty shows ${JSON.stringify(q.textContent)}`);
+      else qty++;
+    }
+  }
+  return { problems, rows: rows.length, qty, width: log.clientWidth };
+};
+
+async function checkEventLayout(page, label) {
+  await waitFor(page, `${label}: trades in the event log`, () => document.querySelectorAll('#event-log li[data-type="trade"]').length >= 2);
+  const layout = await page.evaluate(eventLayout);
+  if (layout.problems.length) throw new Error(`${label}: event rows cut off: ${layout.problems.slice(0, 5).join("; ")}`);
+  if (!layout.qty) throw new Error(`${label}: no trade row with a qty to look at`);
+  log(`${label}: ${layout.rows} event row(s) in a ${layout.width}px log, every field inside its row (${layout.qty} qty)`);
+}
+
+const members = () => [...document.querySelectorAll("#chat-members .member")].map((m) => m.dataset.nick).sort().join(",");
+
 const eventTypes = () => [...document.querySelectorAll("#event-log li")].map((li) => li.dataset.type);
 
 async function waitForCandles(page, label) {
@@ -93,6 +180,15 @@ async function run(browser) {
   const pageErrors = [];
   page.on("pageerror", (e) => pageErrors.push(String(e)));
   page.on("console", (m) => { if (m.type() === "error") log(`console error: ${m.text()}`); });
+  // The exact price strings the server sent, to check the hover texts by.
+  const sent = { kline: new Set(), trade: new Set() };
+  page.on("websocket", (ws) => ws.on("framereceived", ({ payload }) => {
+    if (typeof payload !== "string") return;
+    let msg;
+    try { msg = JSON.parse(payload); } catch { return; }
+    if (msg.type === "kline") for (const k of ["open", "high", "low", "close"]) sent.kline.add(msg[k]);
+    else if (msg.type === "match" && msg.event && msg.event.type === "trade") sent.trade.add(msg.event.price);
+  }));
 
   log(`loading ${url}`);
   const response = await page.goto(url, { waitUntil: "load", timeout: 15000 });
@@ -109,10 +205,82 @@ async function run(browser) {
   log(`canvas: ${pixels.up} up-coloured and ${pixels.down} down-coloured pixel(s)`);
   if (pixels.total < 20) throw new Error(`the canvas looks blank: only ${pixels.total} pixel(s) in candle colours`);
 
+  // --- tiny prices, readable, exact on hover ---
+  // fanout's default symbol, PUMP-SOL, trades near 0.000000029.
+  const defaultInfo = await page.textContent("#chart-info");
+  if (!defaultInfo.startsWith("PUMP-SOL ")) throw new Error(`the chart starts on ${defaultInfo}, expected the default symbol PUMP-SOL`);
+  const legend = await page.$$eval("#legend [data-field]", (spans) => spans.map((s) => ({ field: s.dataset.field, text: s.textContent, title: s.title })));
+  const missingLegend = ["open", "high", "low", "close"].filter((f) => !legend.some((l) => l.field === f));
+  if (missingLegend.length) throw new Error(`the legend has no ${missingLegend.join(", ")} value (#legend [data-field]): ${await page.textContent("#legend")}`);
+  for (const { field, text, title } of legend.filter((l) => l.field !== "volume")) checkTinyPrice(`legend ${field}`, text, title, sent.kline);
+  const close = legend.find((l) => l.field === "close");
+  log(`legend: close ${close.text}, hover text ${close.title}`);
+  const labels = JSON.parse(await page.getAttribute("#chart", "data-price-labels") || "[]");
+  if (labels.length < 2) throw new Error(`the price axis has ${labels.length} label(s): ${labels}`);
+  const unreadable = labels.filter((l) => !expandTiny(l));
+  if (unreadable.length) throw new Error(`price axis labels not written as tiny prices: ${unreadable.join(", ")}`);
+  log(`price axis: ${labels.join("  ")}`);
+  // The writing rules at their edges: rounding that carries into the
+  // zeros, exponent forms (a publisher's JSON number), signs, separators.
+  const rules = await page.evaluate(() => [
+    ["0.000000028851789330", formatDecimal("0.000000028851789330").text, "0.0₇28852"],
+    ["0.00000002999999", formatDecimal("0.00000002999999").text, "0.0₇3"],
+    ["0.0000999996", formatDecimal("0.0000999996").text, "0.0001"],
+    ["0.000123", formatDecimal("0.000123").text, "0.000123"],
+    ["2.8e-8 (number)", formatDecimal(2.8e-8).text, "0.0₇28"],
+    ["-0.0000000123456", formatDecimal("-0.0000000123456").text, "-0.0₇12346"],
+    ["45012.37", formatDecimal("45012.37").text, "45012.37"],
+    ["3626169.039305", formatDecimal("3626169.039305").text, "3,626,169.04"],
+    ["tick 2.9e-8, 10 decimals", tickLabel(2.9e-8, 10), "0.0₇290"],
+    ["last price on a 12-decimal axis", formatPrice(2.807e-8, "0.000000028069981505", 12), "0.0₇2806998"],
+    ["last price on a 10-decimal axis", formatPrice(2.807e-8, "0.000000028069981505", 10), "0.0₇2807"],
+    ["45012.3 on a 1-decimal axis", formatPrice(45012.3, "45012.30", 1), "45012.3"],
+    ["45012.37 on a 0-decimal axis", formatPrice(45012.37, "45012.37", 0), "45012.37"],
+    ["exact of 0.000000028851789330", formatDecimal("0.000000028851789330").exact, "0.000000028851789330"],
+  ]);
+  const broken = rules.filter(([, got, want]) => got !== want);
+  if (broken.length) throw new Error(`price writing: ${broken.map(([what, got, want]) => `${what} -> ${got}, expected ${want}`).join("; ")}`);
+  // Hovering a candle puts its exact prices in the canvas's hover text.
+  const canvasBox = await page.locator("#chart-canvas").boundingBox();
+  const lastX = await page.evaluate(() => chart.drawn[chart.drawn.length - 1].x);
+  await page.mouse.move(canvasBox.x + lastX, canvasBox.y + canvasBox.height / 3);
+  const hoverText = await waitFor(page, "the hovered candle's exact prices in the canvas's title",
+    () => document.getElementById("chart-canvas").title, null, 5000);
+  const hoverPrices = hoverText.split("\n").filter((l) => /^[OHLC] /.test(l)).map((l) => l.slice(2));
+  const notSent = hoverPrices.filter((p) => !sent.kline.has(p));
+  if (hoverPrices.length !== 4 || notSent.length) throw new Error(`canvas hover text ${JSON.stringify(hoverText)}: expected the candle's four exact prices as the server sent them`);
+  log(`canvas hover: ${hoverText.replace(/\n/g, " | ")}`);
+  await page.mouse.move(5, 5);
+
   // --- the event stream ---
   await waitFor(page, "events in #event-log", () => document.querySelectorAll("#event-log li").length >= 5);
   const mixed = await page.evaluate(eventTypes);
   log(`event log: ${mixed.length} row(s), types ${[...new Set(mixed)].join(", ")}`);
+
+  // A PUMP-SOL trade's price, written like the chart's, exact on hover.
+  const pumpTrade = await waitFor(page, "a PUMP-SOL trade in the event log", () => {
+    for (const li of document.querySelectorAll('#event-log li[data-type="trade"]')) {
+      const symbol = li.querySelector('[data-field="symbol"] .v');
+      const price = li.querySelector('[data-field="price"] .v');
+      if (symbol && price && symbol.textContent === "PUMP-SOL") return { text: price.textContent, title: price.title };
+    }
+    return null;
+  });
+  checkTinyPrice("event row price", pumpTrade.text, pumpTrade.title, sent.trade);
+  log(`event row: price ${pumpTrade.text}, hover text ${pumpTrade.title}`);
+
+  // Every field visible (qty was cut off once), at a desktop width, at the
+  // narrowest two-column one (the events panel at its 400px minimum) and at
+  // a phone's (one column).
+  await checkEventLayout(page, "1400px wide");
+  for (const [width, height] of [[1000, 760], [420, 900]]) {
+    await page.setViewportSize({ width, height });
+    await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
+    await checkEventLayout(page, `${width}px wide`);
+  }
+  mkdirSync(dirname(screenshot), { recursive: true });
+  await page.screenshot({ path: screenshot.replace(/\.png$/, "-narrow.png") });
+  await page.setViewportSize({ width: 1400, height: 860 });
 
   await page.fill("#filter-input", "payment");
   await page.click("#filter-apply");
@@ -158,7 +326,35 @@ async function run(browser) {
   await page.fill("#chat-input", line);
   await page.press("#chat-input", "Enter");
   await waitFor(page, `"${line}" in #chat-log`, (t) => document.getElementById("chat-log").textContent.includes(t), line, 10000);
-  log(`chat: "${line}" echoed as ${await page.textContent("#me")}`);
+  const nick1 = await page.textContent("#me");
+  log(`chat: "${line}" echoed as ${nick1}`);
+  await waitFor(page, `${nick1} alone in the member list`, (n) => document.getElementById("chat-members").dataset.count === "1"
+    && document.querySelector("#chat-members .member.me")?.dataset.nick === n, nick1, 5000);
+
+  // A second visitor sees that line as an earlier message, and the two
+  // list each other as members.
+  const page2 = await browser.newPage({ viewport: { width: 1400, height: 860 } });
+  page2.on("pageerror", (e) => pageErrors.push(`second visitor: ${e}`));
+  await page2.goto(url, { waitUntil: "load", timeout: 15000 });
+  await waitFor(page2, "the second visitor's nick", () => document.getElementById("me").textContent !== "…");
+  const nick2 = await page2.textContent("#me");
+  const earlier = await waitFor(page2, `"${line}" as an earlier message in the second visitor's chat`, (t) => {
+    const li = [...document.querySelectorAll("#chat-log li.history")].find((l) => l.textContent.includes(t));
+    const divider = [...document.querySelectorAll("#chat-log li.divider")].map((d) => d.textContent);
+    return li && { text: li.textContent, title: li.title, divider };
+  }, line, 10000);
+  if (!earlier.divider.some((d) => d.includes("earlier messages"))) throw new Error(`no "earlier messages" divider above the history: ${earlier.divider}`);
+  const both = [nick1, nick2].sort().join(",");
+  await waitFor(page2, `the second visitor's member list to be ${both}`, (want) => [...document.querySelectorAll("#chat-members .member")].map((m) => m.dataset.nick).sort().join(",") === want, both, 5000)
+    .catch(async (e) => { throw new Error(`${e.message}: it shows ${await page2.evaluate(members)}`); });
+  await waitFor(page, `${nick2} in the first visitor's member list`, (want) => [...document.querySelectorAll("#chat-members .member")].map((m) => m.dataset.nick).sort().join(",") === want, both, 5000)
+    .catch(async (e) => { throw new Error(`${e.message}: it shows ${await page.evaluate(members)}`); });
+  const ownJoin = await page2.evaluate((n) => [...document.querySelectorAll("#chat-log li")].filter((l) => l.textContent.endsWith(`${n} joined`)).map((l) => l.className), nick2);
+  if (ownJoin.length !== 1 || ownJoin[0].includes("history")) throw new Error(`the second visitor's own join line: ${JSON.stringify(ownJoin)}, expected one live line`);
+  log(`second visitor ${nick2}: sees "${earlier.text}" as an earlier message (${earlier.divider.join(" / ")}); members ${both} on both pages`);
+  await page2.close();
+  await waitFor(page, `${nick2} gone from the first visitor's member list`, (n) => !document.querySelector(`#chat-members .member[data-nick="${n}"]`), nick2, 5000);
+  log(`second visitor left: members ${await page.evaluate(members)}`);
 
   // A freshly started server has only seconds of history: give the
   // screenshot a fuller chart (best effort, not a check).

@@ -8,12 +8,18 @@
 //! `FANOUT_SKIP_BROWSER=1` skips the test). This test then starts the
 //! `fanout` binary with its simulated market feed, and runs
 //! `tests/browser/page_test.mjs` against it: candles drawn and updating, a
-//! canvas that is not blank, events and a filter, the symbol and interval
-//! pickers, a chat line echoed. Halfway through, the
+//! canvas that is not blank, the default symbol's tiny prices written
+//! readably (`0.0₇28852`) on the axis, in the legend and in the event rows
+//! with the exact strings the server sent as hover text, every field of the
+//! event rows inside the row at 1400, 1000 and 420 pixels wide, events and
+//! a filter, the symbol and interval pickers, a chat line echoed, and a
+//! second visitor who sees it as an earlier message and the two listing
+//! each other as members. Halfway through, the
 //! script prints `RESTART`: the test stops the server, starts a new one on
 //! the same port and says so on the script's stdin, and the script checks
 //! that the page reconnected and shows candles, events and chat again.
-//! The screenshot lands in target/browser-test/page.png.
+//! The screenshots land in target/browser-test/page.png (1400 pixels wide)
+//! and page-narrow.png (420).
 //!
 //! Everything started here is stopped and reaped, also when a step fails or
 //! times out: the script runs in a process group of its own, and on SIGTERM
