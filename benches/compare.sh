@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# fanout against tokio-tungstenite (current_thread), workload by workload.
+# fanout against tokio-tungstenite (current_thread), and uWebSockets when
+# its peers are given, workload by workload.
 #
 #   bash benches/compare.sh [--quick] [--rounds R] [--duration SECS]
 #                           [--idle-conns N] [--idle-hold SECS]
 #                           [--workloads W,W...]
+#                           [--uws-echo BIN] [--uws-broadcast BIN]
 #                           [--baseline FANOUT_BINARY] [-- FANOUT_FLAGS...]
 #
 # Builds fanout, benches/loadgen and benches/peer-tokio (release), then runs
@@ -21,6 +23,13 @@
 # --baseline BIN: the peer is another fanout binary (e.g. an earlier build)
 # instead of tokio-tungstenite, to show a change costs nothing; flags after
 # `--` go to the fanout under test only (e.g. `-- --compression shared`).
+# --uws-echo BIN, --uws-broadcast BIN: uWebSockets peers, built outside this
+# repository (benches/README.md says how), each started as `BIN PORT` on
+# 127.0.0.1, plain ws://, compression off. The echo one also serves the idle
+# workload; the broadcast one relays every message to every connection
+# (loadgen --peer-protocol relay). They run in every round beside the others
+# and add a uWebSockets column and fanout/uWS to the table.
+# Honours CARGO_TARGET_DIR (fanout, loadgen and peer-tokio then share it).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -35,9 +44,11 @@ BIG_SUBS=10000
 QUICK=0
 ONLY=""
 BASELINE=""
+UWS_ECHO=""
+UWS_BROADCAST=""
 FANOUT_FLAGS=()
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -46,6 +57,8 @@ while [ $# -gt 0 ]; do
         --idle-conns) IDLE_CONNS=$2; shift ;;
         --idle-hold) IDLE_HOLD=$2; shift ;;
         --baseline) BASELINE=$(realpath "$2"); shift ;;
+        --uws-echo) UWS_ECHO=$(realpath "$2"); shift ;;
+        --uws-broadcast) UWS_BROADCAST=$(realpath "$2"); shift ;;
         --workloads) ONLY=$2; shift ;;
         --) shift; FANOUT_FLAGS=("$@"); break ;;
         -h|--help) usage ;;
@@ -66,6 +79,12 @@ if [ "$QUICK" = 1 ]; then
 fi
 
 log() { echo "compare.sh: $*" >&2; }
+for peer in "$UWS_ECHO" "$UWS_BROADCAST"; do
+    if [ -n "$peer" ] && [ ! -x "$peer" ]; then
+        log "$peer is not an executable (benches/README.md, 'uWebSockets peers', says what it must be)"
+        exit 2
+    fi
+done
 
 # --- tools and limits -------------------------------------------------------
 if command -v taskset >/dev/null 2>&1 && [ "$(nproc)" -ge 2 ]; then
@@ -92,19 +111,29 @@ log "building (release): fanout, loadgen, peer-tokio"
 (cd "$ROOT" && cargo build --release --quiet --bin fanout)
 cargo build --release --quiet --manifest-path "$ROOT/benches/loadgen/Cargo.toml"
 cargo build --release --quiet --manifest-path "$ROOT/benches/peer-tokio/Cargo.toml"
+# Where cargo put them: each crate's own target/, or one CARGO_TARGET_DIR.
+built() { # crate-dir binary
+    if [ -n "${CARGO_TARGET_DIR:-}" ]; then
+        echo "$(cd "$ROOT" && realpath -m "$CARGO_TARGET_DIR")/release/$2"
+    else
+        echo "$1/target/release/$2"
+    fi
+}
 
 WORK=$(mktemp -d /tmp/fanout-compare.XXXXXX)
 # Private copies: a rebuild elsewhere during the run changes nothing here.
-cp "$ROOT/target/release/fanout" "$WORK/fanout"
-cp "$ROOT/benches/loadgen/target/release/loadgen" "$WORK/loadgen"
+cp "$(built "$ROOT" fanout)" "$WORK/fanout"
+cp "$(built "$ROOT/benches/loadgen" loadgen)" "$WORK/loadgen"
 if [ -n "$BASELINE" ]; then
     [ -x "$BASELINE" ] || { log "--baseline $BASELINE is not an executable"; exit 2; }
     cp "$BASELINE" "$WORK/peer"
     PEER_NAME="baseline fanout ($(basename "$BASELINE"))"
 else
-    cp "$ROOT/benches/peer-tokio/target/release/peer-tokio" "$WORK/peer"
+    cp "$(built "$ROOT/benches/peer-tokio" peer-tokio)" "$WORK/peer"
     PEER_NAME="tokio-tungstenite"
 fi
+if [ -n "$UWS_ECHO" ]; then cp "$UWS_ECHO" "$WORK/uws-echo"; fi
+if [ -n "$UWS_BROADCAST" ]; then cp "$UWS_BROADCAST" "$WORK/uws-broadcast"; fi
 OUTDIR="$ROOT/target/compare"
 mkdir -p "$OUTDIR"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
@@ -136,11 +165,59 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# start_server fanout|peer|floor WORKLOAD: sets SERVER_PID, PORT and IPORT.
+# The uWebSockets peer of a workload (empty when it was not given).
+uws_for() { # workload
+    case "$1" in
+        broadcast*) echo "$UWS_BROADCAST" ;;
+        *) echo "$UWS_ECHO" ;;
+    esac
+}
+
+# A port nothing listens on, below Linux's ephemeral range (32768-60999) so
+# no client socket of an earlier run holds it.
+unused_port() {
+    local p
+    for _ in $(seq 50); do
+        p=$((20000 + RANDOM % 12000))
+        if ! (: <>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# A uWebSockets peer prints nothing when it listens: it is ready once its
+# port accepts a connection. A port taken meanwhile makes it exit at once
+# ("cannot listen"), and another port is tried.
+start_uws() { # workload
+    local bin tries
+    bin=$WORK/uws-echo
+    case "$1" in broadcast*) bin=$WORK/uws-broadcast ;; esac
+    for tries in 1 2 3; do
+        PORT=$(unused_port) || { log "no unused port found"; return 1; }
+        IPORT=""
+        "${PIN_SERVER[@]}" "$bin" "$PORT" >"$WORK/server.out" 2>>"$OUTDIR/server-stderr-$STAMP.log" &
+        SERVER_PID=$!
+        for _ in $(seq 100); do
+            if (: <>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        log "uws $(basename "$bin") did not listen on $PORT (try $tries)"
+        stop_server
+    done
+    return 1
+}
+
+# start_server fanout|peer|floor|uws WORKLOAD: sets SERVER_PID, PORT and IPORT.
 start_server() {
     : >"$WORK/server.out"
     local want
-    if [ "$1" = fanout ] || { [ "$1" = peer ] && [ -n "$BASELINE" ]; }; then
+    if [ "$1" = uws ]; then
+        start_uws "$2"
+        return
+    elif [ "$1" = fanout ] || { [ "$1" = peer ] && [ -n "$BASELINE" ]; }; then
         local bin=$WORK/fanout extra=("${FANOUT_FLAGS[@]}")
         if [ "$1" = peer ]; then bin=$WORK/peer extra=(); fi
         # --no-sim: the peer has no market simulator either.
@@ -195,6 +272,11 @@ broadcast_args() { # server subscribers in-flight timing...
         # (loadgen's tcp-fanout-server).
         echo broadcast --url "tcp://127.0.0.1:$PORT/sub" --publish-url "tcp://127.0.0.1:$IPORT/pub" \
             --subs "$subs" --size 64 --inflight "$inflight" "$@"
+    elif [ "$server" = uws ]; then
+        # uws-broadcast: every connection is subscribed on open and gets
+        # every message as it was sent (the paths are not looked at).
+        echo broadcast --url "ws://127.0.0.1:$PORT/sub" --publish-url "ws://127.0.0.1:$PORT/pub" \
+            --peer-protocol relay --subs "$subs" --size 64 --inflight "$inflight" "$@"
     elif [ "$server" = fanout ] || [ -n "$BASELINE" ]; then
         echo broadcast --url "ws://127.0.0.1:$PORT/ws" --publish-url "ws://127.0.0.1:$IPORT/ws" \
             --subs "$subs" --size 64 --inflight "$inflight" "$@"
@@ -239,13 +321,20 @@ run_one() { # workload server round
     log "round $3 $1 $2: ${line#loadgen }"
 }
 
-floors=0
-for w in "${WORKLOADS[@]}"; do [ "$w" = idle ] || floors=$((floors + 1)); done
-runs=$(((${#WORKLOADS[@]} * 2 + floors) * ROUNDS))
+floors=0 uws_runs=0
+for w in "${WORKLOADS[@]}"; do
+    [ "$w" = idle ] || floors=$((floors + 1))
+    [ -z "$(uws_for "$w")" ] || uws_runs=$((uws_runs + 1))
+done
+runs=$(((${#WORKLOADS[@]} * 2 + floors + uws_runs) * ROUNDS))
 log "$runs runs: $ROUNDS round(s), ${DURATION}s per run; raw lines in $RESULTS"
 for round in $(seq "$ROUNDS"); do
     for w in "${WORKLOADS[@]}"; do
         if [ $((round % 2)) = 1 ]; then order="fanout peer"; else order="peer fanout"; fi
+        # uWebSockets first in odd rounds, last in even ones.
+        if [ -n "$(uws_for "$w")" ]; then
+            if [ $((round % 2)) = 1 ]; then order="uws $order"; else order="$order uws"; fi
+        fi
         if [ "$w" != idle ]; then order="$order floor"; fi
         for s in $order; do
             run_one "$w" "$s" "$round"
@@ -271,12 +360,20 @@ ratio() {
 fmt() { awk -v v="$1" 'BEGIN { if (v == "n/a") print v; else if (v >= 100) printf "%.0f", v; else printf "%.3g", v }'; }
 
 {
-    echo "fanout ${FANOUT_FLAGS[*]} vs $PEER_NAME: medians of $ROUNDS run(s) each, ${DURATION}s measured per run;"
+    uws_line=""
+    if [ -n "$UWS_ECHO$UWS_BROADCAST" ]; then
+        uws_line=" and uWebSockets"
+    fi
+    echo "fanout ${FANOUT_FLAGS[*]} vs $PEER_NAME$uws_line: medians of $ROUNDS run(s) each, ${DURATION}s measured per run;"
     echo "server on CPU 0, load generator on CPU 1; $(date -u +%Y-%m-%d), $(uname -r), $(nproc) CPUs."
     if [ "$QUICK" = 1 ]; then echo "QUICK SMOKE RUN: the figures below are not measurements."; fi
     echo
-    echo "| workload | metric | fanout | $PEER_NAME | fanout/peer | target | raw TCP floor | floor/peer |"
-    echo "|---|---|---|---|---|---|---|---|"
+    uws_head="" uws_rule=""
+    if [ -n "$UWS_ECHO$UWS_BROADCAST" ]; then
+        uws_head=" uWebSockets | fanout/uWS |" uws_rule="---|---|"
+    fi
+    echo "| workload | metric | fanout | $PEER_NAME | fanout/peer | target | raw TCP floor | floor/peer |$uws_head"
+    echo "|---|---|---|---|---|---|---|---|$uws_rule"
     for w in "${WORKLOADS[@]}"; do
         if [ "$w" = idle ]; then
             metrics=("kib_per_conn|KiB RSS per connection" "server_ns_per_msg|server CPU ns per connection"
@@ -305,7 +402,16 @@ fmt() { awk -v v="$1" 'BEGIN { if (v == "n/a") print v; else if (v >= 100) print
                 floor_ratio=$(ratio "$floor" "$p")
                 floor=$(fmt "$floor")
             fi
-            echo "| $name | $label | $(fmt "$f") | $(fmt "$p") | $(ratio "$f" "$p") | $t | $floor | $floor_ratio |"
+            uws_cells=""
+            if [ -n "$uws_head" ]; then
+                if [ -n "$(uws_for "$w")" ]; then
+                    u=$(median "$key" "$w" uws)
+                    uws_cells=" $(fmt "$u") | $(ratio "$f" "$u") |"
+                else
+                    uws_cells=" — | — |"
+                fi
+            fi
+            echo "| $name | $label | $(fmt "$f") | $(fmt "$p") | $(ratio "$f" "$p") | $t | $floor | $floor_ratio |$uws_cells"
         done
     done
     echo

@@ -40,6 +40,16 @@ pub struct Config {
     #[arg(long, conflicts_with = "internal_listen")]
     pub no_internal_listen: bool,
 
+    /// SO_REUSEPORT on every listener (public and internal, TLS too): several
+    /// fanout processes on one host listen on the same addresses and the
+    /// kernel spreads new connections among them. Each process is a loop of
+    /// its own; give them all the same --redis so their clients share
+    /// channels, events and chat (one process per core, one Redis). Every
+    /// process on an address needs it, and the same user. Refused where the
+    /// system has no SO_REUSEPORT.
+    #[arg(long)]
+    pub reuse_port: bool,
+
     /// PEM certificate chain (leaf first) for the --listen addresses; with
     /// --tls-key they accept TLS only (wss://, https://). Re-read on SIGHUP.
     #[arg(long, value_name = "FILE")]
@@ -376,6 +386,9 @@ impl Config {
         if self.metrics_internal_only && self.internal_listen.is_empty() {
             return Err(InvalidConfig::MetricsWithoutInternalListener);
         }
+        if self.reuse_port && !crate::server::REUSE_PORT_SUPPORTED {
+            return Err(InvalidConfig::ReusePortUnsupported);
+        }
         if self
             .socket_send_buffer
             .is_some_and(|n| !(4096..=1 << 30).contains(&n))
@@ -463,6 +476,8 @@ pub enum InvalidConfig {
     NoListener,
     /// `--metrics-internal-only` without an internal listener.
     MetricsWithoutInternalListener,
+    /// `--reuse-port` on a system without SO_REUSEPORT.
+    ReusePortUnsupported,
     /// `--socket-send-buffer` outside 4 KiB..=1 GiB.
     SocketSendBuffer,
     /// A TLS certificate without its key or the other way round: `given`
@@ -500,6 +515,10 @@ impl fmt::Display for InvalidConfig {
             }
             InvalidConfig::MetricsWithoutInternalListener => f.write_str(
                 "--metrics-internal-only needs an --internal-listen to serve metrics on",
+            ),
+            InvalidConfig::ReusePortUnsupported => f.write_str(
+                "--reuse-port: this system has no SO_REUSEPORT, so only one process can \
+                 listen on an address; run one fanout per address instead",
             ),
             InvalidConfig::SocketSendBuffer => {
                 f.write_str("--socket-send-buffer must be between 4KiB and 1GiB")
@@ -809,7 +828,24 @@ mod tests {
         assert_eq!(c.compression, CompressionMode::Off);
         assert_eq!(c.compression_threshold, 128);
         assert_eq!(c.compression_level, 6);
+        assert!(!c.reuse_port);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn reuse_port_comes_from_the_flag_or_the_file_and_needs_so_reuseport() {
+        let c = Config::from_args(["fanout", "--reuse-port"]).unwrap();
+        assert!(c.reuse_port);
+        assert!(with_file("reuse-port = true\n", &[]).unwrap().reuse_port);
+        assert!(!with_file("reuse-port = false\n", &[]).unwrap().reuse_port);
+        // Where the system has no SO_REUSEPORT the flag is refused before
+        // anything is bound (on Linux, the listener's tests use it).
+        let expected = if crate::server::REUSE_PORT_SUPPORTED {
+            Ok(())
+        } else {
+            Err(InvalidConfig::ReusePortUnsupported)
+        };
+        assert_eq!(c.validate(), expected);
     }
 
     #[test]
@@ -845,7 +881,7 @@ mod tests {
     /// after `fanout: `) are the ones from before the errors were typed.
     #[test]
     fn error_messages_are_unchanged() {
-        let cases: [(Box<dyn std::error::Error>, &str); 8] = [
+        let cases: [(Box<dyn std::error::Error>, &str); 9] = [
             (
                 Box::new(SizeError::NotASize("x".into())),
                 "`x` is not a size like 65536, 64KiB or 16MiB",
@@ -877,6 +913,11 @@ mod tests {
             (
                 Box::new(InvalidConfig::KlineInterval("bad".into())),
                 "--kline-intervals: bad",
+            ),
+            (
+                Box::new(InvalidConfig::ReusePortUnsupported),
+                "--reuse-port: this system has no SO_REUSEPORT, so only one process can \
+                 listen on an address; run one fanout per address instead",
             ),
         ];
         for (error, message) in cases {

@@ -23,6 +23,9 @@ fn main() -> ExitCode {
         Ok(limit) => log::debug!("open file limit: {limit}"),
         Err(e) => log::warn!("could not read the open file limit: {e}"),
     }
+    // Legitimate for /echo alone, but channels, chat and events would then
+    // differ from process to process: say so once.
+    let shares_without_redis = config.reuse_port && config.redis.is_none();
     let mut server = match Server::bind(config) {
         Ok(server) => server,
         Err(e) => {
@@ -45,6 +48,13 @@ fn main() -> ExitCode {
         } else {
             log::info!("{line}");
         }
+    }
+    if shares_without_redis {
+        log::warn!(
+            "--reuse-port without --redis: the processes sharing these addresses do not \
+             share channels, chat or events, so a client sees only its own process's; \
+             give them all one --redis"
+        );
     }
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,

@@ -68,6 +68,21 @@
 //!   another node gets the same `conflict` "nick ann is taken" as on one
 //!   node. Guest nicks carry a per-node tag (`guest-3f0a-1`).
 //!
+//! # Several processes on one host
+//!
+//! A process is one loop on one core. To use more cores, run one process
+//! per core with `--reuse-port` and the same listener addresses, all on one
+//! Redis: each listener gets SO_REUSEPORT, the kernel spreads new
+//! connections over the processes bound to an address, and Redis makes
+//! them one service exactly as nodes on separate hosts are (the default
+//! `--node-id`, hostname and process id, is already unique). As for any
+//! nodes, run the simulator on one process only (`--no-sim` on the others).
+//! A request to a shared address reaches one process, picked by the kernel,
+//! so `/metrics` and `/readyz` there describe that one: to watch each,
+//! give each process an internal listener of its own as well. Every process
+//! on an address must ask for `--reuse-port` and run as the same user;
+//! otherwise the later one cannot bind and says so.
+//!
 //! # When Redis is unreachable
 //!
 //! Every node keeps serving its own clients and logs one warning; `/readyz`

@@ -168,7 +168,7 @@ impl Server {
                 ),
                 _ => None,
             };
-            let mut listener = Listener::bind(addr, role, tls)?;
+            let mut listener = Listener::bind(addr, role, tls, config.reuse_port)?;
             poll.registry().register(
                 &mut listener.socket,
                 listener_token(index),
@@ -269,6 +269,9 @@ impl Server {
                          events), /metrics"
                     ),
                 };
+                if self.core.config.reuse_port {
+                    line.push_str(" (SO_REUSEPORT: shared with other processes bound to it)");
+                }
                 if listener.addr.ip().is_unspecified() {
                     line.push_str(
                         " — bound to every interface, so reachable from the network; \

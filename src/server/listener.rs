@@ -1,11 +1,12 @@
-//! The listening sockets and the accept policy when the process runs out
-//! of file descriptors.
+//! The listening sockets (with `--reuse-port`, shared with other processes)
+//! and the accept policy when the process runs out of file descriptors.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use mio::net::TcpListener;
+use socket2::{Domain, Protocol, Socket, Type};
 
 use super::tls_identity::TlsIdentity;
 use crate::app::Role;
@@ -26,10 +27,21 @@ pub struct Listener {
     pub tls: Option<TlsIdentity>,
 }
 
+/// The listen backlog: the one `mio::net::TcpListener::bind` (and std)
+/// use, so a listener behaves the same with and without `--reuse-port`.
+const BACKLOG: i32 = 128;
+
 impl Listener {
-    pub fn bind(addr: SocketAddr, role: Role, tls: Option<TlsIdentity>) -> io::Result<Self> {
-        let socket = TcpListener::bind(addr)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    /// Binds `addr`; with `reuse_port` the socket has SO_REUSEPORT, so other
+    /// processes that set it too can bind the same address and the kernel
+    /// spreads new connections among them.
+    pub fn bind(
+        addr: SocketAddr,
+        role: Role,
+        tls: Option<TlsIdentity>,
+        reuse_port: bool,
+    ) -> io::Result<Self> {
+        let socket = open(addr, reuse_port).map_err(|e| bind_error(addr, reuse_port, e))?;
         let addr = socket.local_addr()?;
         Ok(Self {
             socket,
@@ -46,6 +58,88 @@ impl Listener {
         format!("{scheme}://{}", self.addr)
     }
 }
+
+/// What `mio::net::TcpListener::bind` does (a non-blocking, close-on-exec
+/// socket with SO_REUSEADDR, so a restarted server can bind at once while
+/// old connections linger in TIME_WAIT), plus SO_REUSEPORT when asked.
+fn open(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
+    // socket2 creates it close-on-exec.
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        reuse_port::enable(&socket)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+/// "cannot listen on ADDR: why", and when the address is taken, what
+/// `--reuse-port` has to do with it.
+fn bind_error(addr: SocketAddr, reuse_port: bool, error: io::Error) -> io::Error {
+    let hint = match (error.kind(), reuse_port) {
+        (io::ErrorKind::AddrInUse, false) => {
+            "; another socket holds it (several fanout processes share an address only \
+             when every one of them runs with --reuse-port)"
+        }
+        (io::ErrorKind::AddrInUse, true) => {
+            "; the socket holding it was bound without SO_REUSEPORT or by another user \
+             (every process sharing an address needs --reuse-port and the same user)"
+        }
+        _ => "",
+    };
+    io::Error::new(
+        error.kind(),
+        format!("cannot listen on {addr}: {error}{hint}"),
+    )
+}
+
+/// SO_REUSEPORT where the system has it: socket2 offers it on these
+/// systems (the same `cfg` as its `Socket::set_reuse_port`).
+#[cfg(all(
+    unix,
+    not(any(
+        target_os = "solaris",
+        target_os = "illumos",
+        target_os = "cygwin",
+        target_os = "nuttx",
+        target_os = "wasi"
+    ))
+))]
+mod reuse_port {
+    pub const SUPPORTED: bool = true;
+
+    pub fn enable(socket: &socket2::Socket) -> std::io::Result<()> {
+        socket.set_reuse_port(true)
+    }
+}
+
+/// No SO_REUSEPORT here: `--reuse-port` is refused by
+/// `Config::validate`, and this error stands behind that check.
+#[cfg(not(all(
+    unix,
+    not(any(
+        target_os = "solaris",
+        target_os = "illumos",
+        target_os = "cygwin",
+        target_os = "nuttx",
+        target_os = "wasi"
+    ))
+)))]
+mod reuse_port {
+    pub const SUPPORTED: bool = false;
+
+    pub fn enable(_: &socket2::Socket) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "--reuse-port: this system has no SO_REUSEPORT",
+        ))
+    }
+}
+
+/// Whether `--reuse-port` can work on this system.
+pub const REUSE_PORT_SUPPORTED: bool = reuse_port::SUPPORTED;
 
 /// Errors that mean "no descriptors or memory right now", not "this
 /// connection failed".
@@ -78,4 +172,47 @@ pub fn raise_fd_limit() -> io::Result<u64> {
         }
     }
     Ok(limit.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loopback() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
+    #[test]
+    fn with_reuse_port_two_sockets_share_one_address() {
+        let first = Listener::bind(loopback(), Role::Public, None, true).unwrap();
+        let second = Listener::bind(first.addr, Role::Internal, None, true).unwrap();
+        assert_eq!(first.addr, second.addr);
+        for listener in [&first, &second] {
+            let socket = socket2::SockRef::from(&listener.socket);
+            assert!(socket.reuse_port().unwrap());
+            assert!(socket.reuse_address().unwrap());
+            assert!(socket.nonblocking().unwrap());
+        }
+    }
+
+    #[test]
+    fn without_reuse_port_the_second_bind_says_why_it_failed() {
+        let first = Listener::bind(loopback(), Role::Public, None, false).unwrap();
+        assert!(!socket2::SockRef::from(&first.socket).reuse_port().unwrap());
+        let error = Listener::bind(first.addr, Role::Public, None, false).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
+        let message = error.to_string();
+        assert!(
+            message.starts_with(&format!("cannot listen on {}: ", first.addr)),
+            "{message}"
+        );
+        assert!(message.contains("runs with --reuse-port"), "{message}");
+        // Asking for it is not enough when the holder did not.
+        let error = Listener::bind(first.addr, Role::Public, None, true).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
+        assert!(
+            error.to_string().contains("bound without SO_REUSEPORT"),
+            "{error}"
+        );
+    }
 }

@@ -12,5 +12,5 @@ mod tls_identity;
 mod tls_session;
 
 pub use event_loop::{Server, ShutdownHandle};
-pub use listener::raise_fd_limit;
+pub use listener::{raise_fd_limit, REUSE_PORT_SUPPORTED};
 pub use stats::Stats;

@@ -1,5 +1,6 @@
 //! Scale-out end to end: two or three in-process fanout nodes with
-//! `--redis` against one real `redis-server` on loopback (started by
+//! `--redis` (or two fanout processes sharing one port with `--reuse-port`)
+//! against one real `redis-server` on loopback (started by
 //! `tests/redis/start-redis.sh`, installed with apt when missing, killed and
 //! reaped at the end). Every wait is bounded. `FANOUT_SKIP_REDIS=1` skips
 //! the tests that need redis-server.
@@ -1236,4 +1237,125 @@ fn room_counts_include_every_nodes_members() {
     assert!(local);
     assert!(!counts.iter().any(|(r, _)| r == "dev"), "{counts:?}");
     assert!(counts.contains(&("ops".to_owned(), 1)), "{counts:?}");
+}
+
+/// `GET path` on `addr`, the whole response.
+fn get(addr: SocketAddr, path: &str) -> String {
+    http_exchange(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes(),
+    )
+}
+
+/// Open `/ws` connections on a process's public listeners, from its
+/// `/metrics` (a combination with no connection is not listed: 0).
+fn public_ws_connections(internal: SocketAddr) -> usize {
+    let text = get(internal, "/metrics");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("fanout_connections{listener=\"public\",endpoint=\"ws\"} ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// `--reuse-port`: two fanout processes (the binary, not in-process nodes)
+/// listen on the same public address with one Redis between them. The
+/// kernel spreads the connections over both; a publish on either process
+/// reaches every subscriber exactly once, whichever process it landed on.
+#[test]
+fn two_processes_sharing_a_port_with_reuse_port_reach_every_subscriber_once() {
+    if redis_server::skipped() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let flags = |public: &str, id: &'static str| {
+        [
+            "--listen",
+            public,
+            "--internal-listen",
+            "127.0.0.1:0",
+            "--reuse-port",
+            "--redis",
+            url.as_str(),
+            "--node-id",
+            id,
+            "--no-sim",
+        ]
+        .map(str::to_owned)
+    };
+    let start = |flags: [String; 10]| {
+        ServerProcess::start_exactly(&flags.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let first = start(flags("127.0.0.1:0", "shared-port-a"));
+    let shared = first.addrs[0];
+    let second = start(flags(&shared.to_string(), "shared-port-b"));
+    assert_eq!(second.addrs[0], shared, "both processes on one address");
+    // Each process answers on an internal listener of its own, so its
+    // /metrics and /readyz are its own.
+    let internals = [first.addrs[1], second.addrs[1]];
+    for internal in internals {
+        let deadline = Instant::now() + WAIT;
+        while !get(internal, "/readyz").starts_with("HTTP/1.1 200") {
+            assert!(
+                Instant::now() < deadline,
+                "{internal} not ready in {WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    // Connect to the shared address until each process holds some. The
+    // kernel hashes each connection's addresses and ports to pick a
+    // socket, so the odds that 200 connections all land on one process
+    // are 2 in 2^200.
+    const MOST: usize = 200;
+    let mut subscribers = Vec::new();
+    let counts = loop {
+        for _ in 0..4 {
+            let mut client = Client::connect(shared);
+            client.ok(json!({"type": "subscribe", "channel": "shared"}));
+            subscribers.push(client);
+        }
+        let counts = internals.map(public_ws_connections);
+        assert_eq!(
+            counts.iter().sum::<usize>(),
+            subscribers.len(),
+            "every connection is on one of the two processes: {counts:?}"
+        );
+        if counts.iter().all(|&n| n > 0) {
+            break counts;
+        }
+        assert!(
+            subscribers.len() < MOST,
+            "{MOST} connections and one process has them all: {counts:?}"
+        );
+    };
+    eprintln!(
+        "{} subscribers spread {counts:?} over the two processes",
+        subscribers.len()
+    );
+
+    // Publishers on both processes, taking turns; each publish is acked
+    // (so numbered by Redis) before the next, so the offsets are 1..=6.
+    let mut publishers = internals.map(Client::connect);
+    for n in 1..=6u64 {
+        let ack = publishers[(n % 2) as usize].publish("shared", json!({ "n": n }));
+        assert_eq!(ack["offset"], n, "{ack}");
+        assert!(ack.get("local").is_none(), "{ack}");
+    }
+    let want = numbered(1..=6);
+    for subscriber in &mut subscribers {
+        assert_eq!(subscriber.messages("shared", 6), want);
+    }
+    // No copies: whatever a second delivery would take, 300 ms from here
+    // covers it, across all subscribers.
+    let quiet_until = Instant::now() + Duration::from_millis(300);
+    for subscriber in &mut subscribers {
+        let left = quiet_until.saturating_duration_since(Instant::now());
+        subscriber.expect_nothing(left.max(Duration::from_millis(10)));
+    }
 }

@@ -554,3 +554,39 @@ fn start_up_says_what_each_listener_is_for() {
         "{internal}"
     );
 }
+
+/// An address another process holds: without `--reuse-port` the second
+/// process exits 1 saying which address and why; asking for it alone is
+/// not enough (the holder must have asked too); when both ask, both start
+/// on the one address and connections to it are served.
+#[test]
+fn a_second_process_on_the_same_address_needs_reuse_port_in_both() {
+    let holder = Spawned::start(&["--listen", "127.0.0.1:0", "--no-sim"], 1);
+    let taken = holder.addrs[0].to_string();
+    let (status, out, err) = run_to_exit(&["--listen", &taken, "--no-sim"]);
+    assert_eq!(status.code(), Some(1), "stdout: {out}\nstderr: {err}");
+    assert!(
+        err.contains(&format!("fanout: cannot listen on {taken}: ")),
+        "{err}"
+    );
+    assert!(err.contains("another socket holds it"), "{err}");
+    assert!(err.contains("runs with --reuse-port"), "{err}");
+    assert!(!out.contains("listening"), "must not start serving: {out}");
+    let (status, out, err) = run_to_exit(&["--listen", &taken, "--no-sim", "--reuse-port"]);
+    assert_eq!(status.code(), Some(1), "stdout: {out}\nstderr: {err}");
+    assert!(
+        err.contains(&format!("cannot listen on {taken}: ")),
+        "{err}"
+    );
+    assert!(err.contains("bound without SO_REUSEPORT"), "{err}");
+    drop(holder);
+
+    let first = Spawned::start(&["--listen", "127.0.0.1:0", "--no-sim", "--reuse-port"], 1);
+    let shared = first.addrs[0].to_string();
+    let second = Spawned::start(&["--listen", &shared, "--no-sim", "--reuse-port"], 1);
+    assert_eq!(first.addrs, second.addrs);
+    for i in 0..8 {
+        let mut ws = raw_upgrade(first.addrs[0]);
+        assert_echo(&mut ws, &format!("shared port, connection {i}"));
+    }
+}

@@ -12,6 +12,12 @@
 //! - raw (`--peer-protocol raw`, the tokio peer): any connection to `/sub`
 //!   is a subscriber; the publisher sends the bare JSON string `"S…"` as a
 //!   text message to `/pub`, which the peer wraps in fanout's envelope.
+//! - relay (`--peer-protocol relay`, the uWebSockets peer `uws-broadcast`):
+//!   every connection is subscribed on open, and each message is relayed
+//!   unchanged to all of them, the sender's own included; so the publisher
+//!   sends the very message subscribers are to get,
+//!   `{"type":"message","channel":"bench","data":"S…"}` (masked), and the
+//!   copies it gets back are counted (`own_copies=`), not checked.
 //!
 //! - the floor (`tcp://` URLs, against `loadgen tcp-fanout-server`): no
 //!   upgrade and no subscribe; the publisher sends, unmasked, the very frame
@@ -25,7 +31,7 @@ use std::time::{Duration, Instant};
 use crate::net::{Net, Setup, State};
 use crate::stats::{Clock, CpuSnap, Hist};
 use crate::ws::{self, Event, MASK};
-use crate::{Args, Notes};
+use crate::{Args, Notes, PeerProtocol};
 
 const CHANNEL: &str = "bench";
 const SEQ_DIGITS: usize = 10;
@@ -79,7 +85,11 @@ pub fn run(args: &Args) -> Result<String, String> {
     let pub_url = args.publish_url()?;
     // The floor has no WebSocket server: raw setup, unmasked frames.
     let floor = url.raw_tcp;
-    let raw = args.raw || floor;
+    let protocol = args.peer_protocol;
+    // No subscribe and no create: the server needs no request but the upgrade.
+    let raw = floor || protocol != PeerProtocol::Fanout;
+    // The publisher sends the message subscribers are to get.
+    let verbatim = floor || protocol == PeerProtocol::Relay;
     if args.size < MIN_SIZE {
         return Err(format!("--size must be at least {MIN_SIZE} for broadcast (seq and timestamp)"));
     }
@@ -144,7 +154,7 @@ pub fn run(args: &Args) -> Result<String, String> {
         }
         s
     };
-    let payload = if floor {
+    let payload = if verbatim {
         format!(r#"{{"type":"message","channel":"{CHANNEL}","data":"{content}"}}"#)
     } else if raw {
         format!("\"{content}\"")
@@ -198,6 +208,7 @@ pub fn run(args: &Args) -> Result<String, String> {
     let mut cpu = None;
     let mut result: Option<(u64, u64, u64, Hist)> = None;
     let mut publisher_lost = false;
+    let mut own_copies = 0u64;
 
     loop {
         let now = Instant::now();
@@ -278,12 +289,15 @@ pub fn run(args: &Args) -> Result<String, String> {
             if event.is_readable() || event.is_read_closed() || event.is_error() {
                 let now_ns = clock.ns();
                 let outcome = if idx == 0 {
-                    // The publisher: acks (fanout), nothing (raw).
+                    // The publisher: acks (fanout), nothing (raw), its own
+                    // messages back (relay).
                     c.read_events(&mut net.buf, |c, ev| match ev {
                         Event::Message { .. } => {
                             let text = c.rx.captured();
                             if text.starts_with(br#"{"type":"ack""#) {
                                 acks += 1;
+                            } else if protocol == PeerProtocol::Relay && parse_stamp(text).is_some() {
+                                own_copies += 1;
                             } else {
                                 notes.other(text);
                             }
@@ -378,7 +392,12 @@ pub fn run(args: &Args) -> Result<String, String> {
     Ok(crate::summary(
         &format!(
             "mode=broadcast proto={} subs={} size={} inflight={}",
-            if raw { "raw" } else { "fanout" },
+            match (floor, protocol) {
+                (true, _) => "raw",
+                (false, PeerProtocol::Fanout) => "fanout",
+                (false, PeerProtocol::Raw) => "raw",
+                (false, PeerProtocol::Relay) => "relay",
+            },
             args.subs,
             args.size,
             args.inflight
@@ -390,7 +409,7 @@ pub fn run(args: &Args) -> Result<String, String> {
         c0,
         c1,
         &format!(
-            "publishes_per_s={:.0} acks={acks} max_gap_ms={:.1} undrained={undrained}{}",
+            "publishes_per_s={:.0} acks={acks} own_copies={own_copies} max_gap_ms={:.1} undrained={undrained}{}",
             published as f64 / secs.max(1e-9),
             max_gap as f64 / 1e6,
             crate::echo::deflate_summary(args, msgs, bytes, compressed_msgs, None, net.agreed.as_deref())

@@ -26,7 +26,7 @@ usage:
                (wss://... with --tls-ca CERT.pem, the certificate the server uses)
   loadgen broadcast --url ws://127.0.0.1:PORT/ws --publish-url ws://127.0.0.1:IPORT/ws
                [--subs N] [--size BYTES] [--inflight K] [--duration SECS]
-               [--peer-protocol fanout|raw]
+               [--peer-protocol fanout|raw|relay]
                (tcp:// URLs for both: the floor, against tcp-fanout-server)
   loadgen connections --url ws[s]://127.0.0.1:PORT/echo --conns N [--hold SECS]
   loadgen tcp-echo-server --listen 127.0.0.1:PORT
@@ -61,9 +61,23 @@ pub struct Args {
     pub concurrency: usize,
     pub threads: usize,
     pub binary: bool,
-    pub raw: bool,
+    pub peer_protocol: PeerProtocol,
     pub pid: Option<u32>,
     pub deflate: Option<deflate::Offer>,
+}
+
+/// How a broadcast server is spoken to (`--peer-protocol`; the module docs
+/// of `broadcast.rs` give each one's messages).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum PeerProtocol {
+    /// fanout's channels: `create`, `subscribe`, `publish` and acks.
+    Fanout,
+    /// benches/peer-tokio: `/sub` and `/pub`, the peer wraps the data.
+    Raw,
+    /// Every message relayed unchanged to every connection, the sender's
+    /// own included (uWebSockets' publish to one topic every connection
+    /// joins: the uws-broadcast peer).
+    Relay,
 }
 
 impl Args {
@@ -106,7 +120,7 @@ impl Args {
             concurrency: 256,
             threads: 1,
             binary: false,
-            raw: false,
+            peer_protocol: PeerProtocol::Fanout,
             pid: None,
             deflate: None,
         };
@@ -160,10 +174,11 @@ impl Args {
                 "--deflate" => a.deflate = Some(deflate::Offer::parse(&v)?),
                 "--pid" => a.pid = Some(v.parse().map_err(|_| format!("bad pid `{v}`"))?),
                 "--peer-protocol" => {
-                    a.raw = match v.as_str() {
-                        "raw" => true,
-                        "fanout" => false,
-                        _ => return Err(format!("--peer-protocol is fanout or raw, not `{v}`")),
+                    a.peer_protocol = match v.as_str() {
+                        "fanout" => PeerProtocol::Fanout,
+                        "raw" => PeerProtocol::Raw,
+                        "relay" => PeerProtocol::Relay,
+                        _ => return Err(format!("--peer-protocol is fanout, raw or relay, not `{v}`")),
                     }
                 }
                 _ => return Err(format!("unknown option `{flag}`")),

@@ -252,7 +252,8 @@ pub fn wait_for_eof(stream: &mut TcpStream, within: Duration) -> bool {
 /// The built `fanout` binary, started with loopback flags; killed on drop.
 pub struct ServerProcess {
     pub child: Child,
-    /// The first bound address (the implicit `--listen 127.0.0.1:0`).
+    /// The first bound address (with `start`, the implicit `--listen
+    /// 127.0.0.1:0`).
     pub addr: SocketAddr,
     /// Every bound address, in the order the server announced them: the
     /// `--listen` ones first, then `--internal-listen`.
@@ -261,12 +262,17 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub fn start(flags: &[&str]) -> ServerProcess {
-        let listeners = 1 + flags
+        ServerProcess::start_exactly(&[&["--listen", "127.0.0.1:0"], flags].concat())
+    }
+
+    /// With these flags and no implicit listener: they must name each one
+    /// as `--listen ADDR` or `--internal-listen ADDR`.
+    pub fn start_exactly(flags: &[&str]) -> ServerProcess {
+        let listeners = flags
             .iter()
             .filter(|f| matches!(**f, "--listen" | "--internal-listen"))
             .count();
         let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
-            .args(["--listen", "127.0.0.1:0"])
             .args(flags)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
