@@ -72,6 +72,14 @@ pub struct Config {
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     pub max_connections: usize,
 
+    /// Connections the kernel queues on each listener until the loop
+    /// accepts them (listen(2)'s backlog; Linux caps it at
+    /// net.core.somaxconn). Past it, a burst of connects waits for SYN
+    /// retries, a second or more each.
+    #[arg(long, value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub listen_backlog: u32,
+
     /// Most connections still in the HTTP handshake; beyond this, new TCP
     /// connections are closed on accept.
     #[arg(long, value_name = "N", default_value_t = 4096)]
@@ -829,7 +837,24 @@ mod tests {
         assert_eq!(c.compression_threshold, 128);
         assert_eq!(c.compression_level, 6);
         assert!(!c.reuse_port);
+        assert_eq!(c.listen_backlog, 1024);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn listen_backlog_is_bounded() {
+        let c = Config::from_args(["fanout", "--listen-backlog", "4096"]).unwrap();
+        assert_eq!(c.listen_backlog, 4096);
+        assert_eq!(
+            with_file("listen-backlog = 64\n", &[])
+                .unwrap()
+                .listen_backlog,
+            64
+        );
+        for bad in ["0", "65536", "many"] {
+            let error = Config::from_args(["fanout", "--listen-backlog", bad]).unwrap_err();
+            assert!(error.to_string().contains("--listen-backlog"), "{error}");
+        }
     }
 
     #[test]

@@ -168,7 +168,8 @@ impl Server {
                 ),
                 _ => None,
             };
-            let mut listener = Listener::bind(addr, role, tls, config.reuse_port)?;
+            let mut listener =
+                Listener::bind(addr, role, tls, config.reuse_port, config.listen_backlog)?;
             poll.registry().register(
                 &mut listener.socket,
                 listener_token(index),

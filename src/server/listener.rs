@@ -27,10 +27,6 @@ pub struct Listener {
     pub tls: Option<TlsIdentity>,
 }
 
-/// The listen backlog: the one `mio::net::TcpListener::bind` (and std)
-/// use, so a listener behaves the same with and without `--reuse-port`.
-const BACKLOG: i32 = 128;
-
 impl Listener {
     /// Binds `addr`; with `reuse_port` the socket has SO_REUSEPORT, so other
     /// processes that set it too can bind the same address and the kernel
@@ -40,8 +36,10 @@ impl Listener {
         role: Role,
         tls: Option<TlsIdentity>,
         reuse_port: bool,
+        backlog: u32,
     ) -> io::Result<Self> {
-        let socket = open(addr, reuse_port).map_err(|e| bind_error(addr, reuse_port, e))?;
+        let socket =
+            open(addr, reuse_port, backlog).map_err(|e| bind_error(addr, reuse_port, e))?;
         let addr = socket.local_addr()?;
         Ok(Self {
             socket,
@@ -61,8 +59,10 @@ impl Listener {
 
 /// What `mio::net::TcpListener::bind` does (a non-blocking, close-on-exec
 /// socket with SO_REUSEADDR, so a restarted server can bind at once while
-/// old connections linger in TIME_WAIT), plus SO_REUSEPORT when asked.
-fn open(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
+/// old connections linger in TIME_WAIT), plus SO_REUSEPORT when asked and
+/// `--listen-backlog` instead of mio's 128, which a burst of a few hundred
+/// connects overflows (their SYNs are then retried after a second).
+fn open(addr: SocketAddr, reuse_port: bool, backlog: u32) -> io::Result<TcpListener> {
     // socket2 creates it close-on-exec.
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_nonblocking(true)?;
@@ -71,7 +71,8 @@ fn open(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
         reuse_port::enable(&socket)?;
     }
     socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
+    // At most 65535 (checked by the config), so it fits an i32.
+    socket.listen(backlog as i32)?;
     Ok(TcpListener::from_std(socket.into()))
 }
 
@@ -184,8 +185,8 @@ mod tests {
 
     #[test]
     fn with_reuse_port_two_sockets_share_one_address() {
-        let first = Listener::bind(loopback(), Role::Public, None, true).unwrap();
-        let second = Listener::bind(first.addr, Role::Internal, None, true).unwrap();
+        let first = Listener::bind(loopback(), Role::Public, None, true, 16).unwrap();
+        let second = Listener::bind(first.addr, Role::Internal, None, true, 16).unwrap();
         assert_eq!(first.addr, second.addr);
         for listener in [&first, &second] {
             let socket = socket2::SockRef::from(&listener.socket);
@@ -195,11 +196,39 @@ mod tests {
         }
     }
 
+    /// Connects that complete (on loopback, within 200 ms each) to a
+    /// listener that never accepts: those its backlog holds.
+    fn queued_connects(backlog: u32, attempts: usize) -> usize {
+        let listener = Listener::bind(loopback(), Role::Public, None, false, backlog).unwrap();
+        let mut open = Vec::new();
+        for _ in 0..attempts {
+            let timeout = std::time::Duration::from_millis(200);
+            if let Ok(stream) = std::net::TcpStream::connect_timeout(&listener.addr, timeout) {
+                open.push(stream);
+            }
+        }
+        open.len()
+    }
+
+    #[test]
+    fn the_listen_backlog_is_the_one_configured() {
+        // Linux queues backlog + 1 and drops the SYNs of the rest (retried
+        // after a second), so with 4 most of 12 connects wait; with 64 none
+        // of 40 does (mio's default of 128 would pass the second, not the
+        // first).
+        let small = queued_connects(4, 12);
+        assert!(
+            (4..=6).contains(&small),
+            "{small} connects completed with a backlog of 4"
+        );
+        assert_eq!(queued_connects(64, 40), 40);
+    }
+
     #[test]
     fn without_reuse_port_the_second_bind_says_why_it_failed() {
-        let first = Listener::bind(loopback(), Role::Public, None, false).unwrap();
+        let first = Listener::bind(loopback(), Role::Public, None, false, 16).unwrap();
         assert!(!socket2::SockRef::from(&first.socket).reuse_port().unwrap());
-        let error = Listener::bind(first.addr, Role::Public, None, false).unwrap_err();
+        let error = Listener::bind(first.addr, Role::Public, None, false, 16).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
         let message = error.to_string();
         assert!(
@@ -208,7 +237,7 @@ mod tests {
         );
         assert!(message.contains("runs with --reuse-port"), "{message}");
         // Asking for it is not enough when the holder did not.
-        let error = Listener::bind(first.addr, Role::Public, None, true).unwrap_err();
+        let error = Listener::bind(first.addr, Role::Public, None, true, 16).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
         assert!(
             error.to_string().contains("bound without SO_REUSEPORT"),
