@@ -607,3 +607,22 @@ pub fn binary_payload(size: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The accept queue of the floor servers: as large as fanout's default
+/// (`--listen-backlog`), since std's and mio's 128 overflows when a
+/// thousand subscribers connect at once, and a floor server cannot resend
+/// what a late subscriber missed.
+const FLOOR_BACKLOG: libc::c_int = 1024;
+
+/// A non-blocking listener on `addr` with [`FLOOR_BACKLOG`].
+pub fn listen(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    // listen(2) again on a listening socket only changes its backlog.
+    // SAFETY: the descriptor is the live listener's own; listen has no
+    // memory effects.
+    if unsafe { libc::listen(listener.as_raw_fd(), FLOOR_BACKLOG) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    listener.set_nonblocking(true)?;
+    Ok(mio::net::TcpListener::from_std(listener))
+}

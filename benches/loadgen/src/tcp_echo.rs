@@ -7,7 +7,7 @@
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 const LISTENER: Token = Token(usize::MAX);
@@ -88,7 +88,7 @@ pub fn run(listen: &str) -> Result<String, String> {
 fn serve(addr: SocketAddr) -> io::Result<String> {
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(1024);
-    let mut listener = TcpListener::bind(addr)?;
+    let mut listener = crate::net::listen(addr)?;
     poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
     // The same line shape as fanout's, so benches/compare.sh finds the port.
     println!("listening on tcp://{}", listener.local_addr()?);

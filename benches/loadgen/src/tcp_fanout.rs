@@ -12,7 +12,7 @@
 use std::io::{self, ErrorKind, Read};
 use std::net::SocketAddr;
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 const SUBSCRIBERS: Token = Token(usize::MAX);
@@ -54,8 +54,8 @@ pub fn run(listen: &str, publish_listen: &str) -> Result<String, String> {
 fn serve(subs_addr: SocketAddr, pubs_addr: SocketAddr) -> io::Result<String> {
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(1024);
-    let mut subs_listener = TcpListener::bind(subs_addr)?;
-    let mut pubs_listener = TcpListener::bind(pubs_addr)?;
+    let mut subs_listener = crate::net::listen(subs_addr)?;
+    let mut pubs_listener = crate::net::listen(pubs_addr)?;
     poll.registry()
         .register(&mut subs_listener, SUBSCRIBERS, Interest::READABLE)?;
     poll.registry()
