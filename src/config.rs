@@ -197,7 +197,8 @@ pub struct Config {
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub max_channels: usize,
 
-    /// Most channel subscriptions (names and patterns) per connection.
+    /// Most channel subscriptions (names and patterns) per connection, and
+    /// separately most K-line subscriptions per connection.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_subscriptions: usize,
 

@@ -44,7 +44,7 @@ mod reflect;
 mod signals;
 mod websocket;
 
-use delivery::open_conn;
+use delivery::{holds_states, open_conn};
 pub use signals::ShutdownHandle;
 
 const SIGNAL: Token = Token(usize::MAX);
@@ -136,8 +136,8 @@ struct Core {
     tls: TlsSessions,
     /// zlib state for permessage-deflate, shared where the protocol allows.
     compressors: Compressors,
-    /// State updates held for slow recipients, by token (see
-    /// `delivery::holds_states`).
+    /// State updates held for slow recipients until their queues have
+    /// room, by token (see `Core::queue_held_states`).
     held_states: HashMap<usize, PendingStates>,
     app: App,
     timers: Timers,
@@ -817,8 +817,10 @@ impl Core {
             return;
         };
         conn.dirty = false;
-        // Held states imply queued output (see `delivery::holds_states`).
-        if !conn.has_unsent(&self.tls) && !conn.finished_after_flush() {
+        if !conn.has_unsent(&self.tls)
+            && !conn.finished_after_flush()
+            && !holds_states(&self.held_states, token)
+        {
             return;
         }
         // While the socket takes everything, held states move into the
@@ -850,7 +852,7 @@ impl Core {
                         self.mark_dirty(token);
                         break;
                     }
-                    let holding = self.held_states.contains_key(&token);
+                    let holding = holds_states(&self.held_states, token);
                     let conn = &mut self.conns[token];
                     if !holding && std::mem::take(&mut conn.drain_wanted) {
                         // Fan-out messages were dropped or held while the

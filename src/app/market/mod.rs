@@ -78,6 +78,8 @@ struct ConnMarket {
     kline_text: Option<SeriesKey>,
     filters: Vec<(String, Filter)>,
     alerts: Vec<Alert>,
+    /// `kline.subscribe` subscriptions (the text protocol's aside).
+    klines: usize,
     /// Filter matches dropped since the last notice.
     dropped: u64,
     /// Candles given up by the server past `--max-pending-states`, per
@@ -138,6 +140,8 @@ pub struct Market {
     /// The next subscription's [`KlineSub::stream`].
     next_stream: u64,
     max_filters: usize,
+    /// K-line subscriptions per connection (`--max-subscriptions`).
+    max_subscriptions: usize,
     max_alerts: usize,
     next_alert: u64,
     pub stats: MarketStats,
@@ -183,6 +187,7 @@ impl Market {
             replay_finished: None,
             next_stream: 0,
             max_filters: config.max_filters,
+            max_subscriptions: config.max_subscriptions,
             max_alerts: config.max_alerts,
             next_alert: 0,
             stats: MarketStats::default(),
@@ -237,13 +242,30 @@ impl Market {
         validate_symbol(symbol)?;
         let interval = self.interval("interval", interval)?;
         let key = (symbol.to_owned(), interval.secs);
-        let subs = self.subs.entry(key.clone()).or_default();
-        if subs.iter().any(|s| s.conn == conn && !s.kline_text) {
+        let subscribed = self
+            .subs
+            .get(&key)
+            .is_some_and(|subs| subs.iter().any(|s| s.conn == conn && !s.kline_text));
+        if subscribed {
             return Err(ProtocolError::new(
                 ErrorCode::Conflict,
                 format!("already subscribed to {symbol} {}", interval.name()),
             ));
         }
+        // Each subscription may hold `--max-pending-states` candles for a
+        // slow reader: their number bounds what one connection holds.
+        let state = self.conns.entry(conn).or_default();
+        if state.klines >= self.max_subscriptions {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitReached,
+                format!(
+                    "at most {} K-line subscriptions per connection",
+                    self.max_subscriptions
+                ),
+            ));
+        }
+        state.klines += 1;
+        let subs = self.subs.entry(key.clone()).or_default();
         self.next_stream += 1;
         subs.push(KlineSub {
             conn,
@@ -253,7 +275,6 @@ impl Market {
             last_sent: None,
             pending: false,
         });
-        self.conns.entry(conn).or_default();
         let wanted = history.unwrap_or(usize::MAX).min(MAX_HISTORY_REQUEST);
         let series = self.book.series(symbol, interval);
         let closed: Vec<&Candle> = series.map(|s| s.history().collect()).unwrap_or_default();
@@ -319,6 +340,9 @@ impl Market {
         out.discard_states(conn, stream);
         if let Some(state) = self.conns.get_mut(&conn) {
             state.lost.retain(|l| l.stream != stream);
+            if !kline_text {
+                state.klines -= 1;
+            }
         }
         if subs.is_empty() {
             self.subs.remove(key);

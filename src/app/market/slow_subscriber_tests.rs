@@ -254,3 +254,48 @@ fn a_finished_replay_publishes_its_end_and_reports_it() {
     assert_eq!(market.next_deadline(), None);
     assert_eq!(self::market().replay_progress(), None);
 }
+
+#[test]
+fn k_line_subscriptions_per_connection_are_bounded() {
+    let config = Config {
+        no_sim: true,
+        max_subscriptions: 2,
+        ..Config::default()
+    };
+    let mut market = Market::new(&config, Instant::now()).unwrap();
+    let mut out = RecordingOutbox::default();
+    let request = |symbol: &str| KlineRequest {
+        symbol: symbol.to_owned(),
+        interval: "1m".to_owned(),
+        throttle_ms: 0,
+        history: None,
+    };
+    for symbol in ["A", "B"] {
+        market
+            .kline_subscribe(1, &request(symbol), &mut out, |_| "ack".to_owned())
+            .unwrap();
+    }
+    let refused = market
+        .kline_subscribe(1, &request("C"), &mut out, |_| "ack".to_owned())
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::LimitReached);
+    assert_eq!(
+        refused.message,
+        "at most 2 K-line subscriptions per connection"
+    );
+    // Another connection has its own; the text protocol's one is aside.
+    market
+        .kline_subscribe(2, &request("C"), &mut out, |_| "ack".to_owned())
+        .unwrap();
+    market.kline_text_subscribe(1, "1m", &mut out);
+    assert!(
+        out.replies.iter().all(|(_, r)| r == "ack"),
+        "{:?}",
+        out.replies
+    );
+    // Unsubscribing makes room.
+    market.kline_unsubscribe(1, "A", "1m", &mut out).unwrap();
+    market
+        .kline_subscribe(1, &request("C"), &mut out, |_| "ack".to_owned())
+        .unwrap();
+}

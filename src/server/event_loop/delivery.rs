@@ -167,12 +167,12 @@ impl Outbox for Delivery<'_> {
 
     fn deliver_state(&mut self, to: ConnId, key: StateKey, frame: &SharedFrame) -> StateDelivery {
         // A connection that is gone or closing is not slow: nothing to hold.
-        let Some(conn) = open_conn(self.conns, self.dirty, to) else {
+        if open_conn(self.conns, self.dirty, to).is_none() {
             return StateDelivery::Queued;
-        };
+        }
         // Held states go first: a new one joins them, so that a stream's
         // states reach the client in order.
-        if !holds_states(self.held_states, conn, to) && self.queue_fanout(to, frame) {
+        if !holds_states(self.held_states, to) && self.queue_fanout(to, frame) {
             return StateDelivery::Queued;
         }
         self.conns[to].drain_wanted = true;
@@ -241,17 +241,10 @@ impl Outbox for Delivery<'_> {
     }
 }
 
-/// Whether `to` has states held. They are held only behind queued output
-/// (a state is held when the queue is full, and a flush that empties the
-/// queue moves held states in at once, an empty queue taking at least
-/// one), so a connection with an empty queue, the usual case, and every
-/// connection while no one holds states, are answered without a lookup.
-fn holds_states(
-    held_states: &HashMap<usize, PendingStates>,
-    conn: &Connection,
-    to: ConnId,
-) -> bool {
-    !held_states.is_empty() && !conn.out.is_empty() && held_states.contains_key(&to)
+/// Whether `to` has states held: while no connection holds any (the usual
+/// case), answered without a lookup.
+pub(super) fn holds_states(held_states: &HashMap<usize, PendingStates>, to: ConnId) -> bool {
+    !held_states.is_empty() && held_states.contains_key(&to)
 }
 
 /// The connection `to` if it is open for messages, marked for this
