@@ -99,7 +99,8 @@ pub trait Outbox {
 
     /// Fan-out: queues a shared frame unless the recipient's queue is full.
     /// Returns false when it was not queued; the server then calls
-    /// [`App::on_drained`] once that queue has emptied.
+    /// [`App::on_drained`] once that queue has emptied (and the states it
+    /// held, if any, are queued).
     fn deliver(&mut self, to: ConnId, frame: &SharedFrame) -> bool;
 
     /// Fan-out of a state (a candle, the end of a replay) rather than an
@@ -133,7 +134,8 @@ pub struct StateKey {
 /// What became of a state handed to [`Outbox::deliver_state`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StateDelivery {
-    /// In the queue, like any delivery.
+    /// In the queue, like any delivery (or the recipient is gone or
+    /// closing: nothing to hold).
     Queued,
     /// Held until the queue has room.
     Held,

@@ -110,13 +110,6 @@ pub struct MarketStats {
     pub alerts_fired: u64,
 }
 
-/// What a finished replay did, for `GET /metrics`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReplaySummary {
-    pub events: u64,
-    pub bad_lines: u64,
-}
-
 /// An alert that fired: who gets it, and the message (also published on
 /// the `alerts` channel by the app).
 #[derive(Debug)]
@@ -135,8 +128,8 @@ pub struct Market {
     throttled: BinaryHeap<Reverse<(Instant, ConnId, SeriesKey)>>,
     sim: Option<SimFeed>,
     replay: Option<ReplayFeed>,
-    /// How the replay ended, once it has.
-    replay_finished: Option<ReplaySummary>,
+    /// Once the replay has finished: the events it handed out.
+    replay_finished: Option<u64>,
     /// The next subscription's [`KlineSub::stream`].
     next_stream: u64,
     max_filters: usize,
@@ -730,11 +723,7 @@ impl Market {
         if let Some(replay) = self.replay.as_mut() {
             events.extend(replay.poll(now));
             if replay.is_finished() {
-                let stats = replay.stats();
-                self.replay_finished = Some(ReplaySummary {
-                    events: stats.events,
-                    bad_lines: stats.bad_lines,
-                });
+                self.replay_finished = Some(replay.stats().events);
                 events.push(replay.end_event());
                 self.replay = None;
             }
@@ -746,7 +735,7 @@ impl Market {
     /// events handed out so far (`GET /metrics`).
     pub fn replay_progress(&self) -> Option<(bool, u64)> {
         match (&self.replay, &self.replay_finished) {
-            (_, Some(summary)) => Some((true, summary.events)),
+            (_, Some(events)) => Some((true, *events)),
             (Some(replay), None) => Some((false, replay.stats().events)),
             (None, None) => None,
         }
