@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fanout::app::channels::{ChannelLimits, Channels};
-use fanout::app::{App, ConnId, ConnInfo, Endpoint, Message, Outbox, Role, SharedFrame};
+use fanout::app::{
+    App, ConnId, ConnInfo, Endpoint, Message, Outbox, Role, SharedFrame, StateDelivery, StateKey,
+};
 use fanout::config::Config;
 use fanout::ws::deflate::{Deflater, Inflater};
 use fanout::ws::frame::{FrameHeader, OpCode, MAX_HEADER_LEN};
@@ -138,6 +140,14 @@ impl Outbox for CountingOutbox {
         self.bytes += frame.bytes().len();
         true
     }
+
+    fn deliver_state(&mut self, _to: ConnId, _key: StateKey, frame: &SharedFrame) -> StateDelivery {
+        self.delivered += 1;
+        self.bytes += frame.bytes().len();
+        StateDelivery::Queued
+    }
+
+    fn discard_states(&mut self, _to: ConnId, _stream: u64) {}
 
     fn close(&mut self, _to: ConnId, _code: CloseCode, _reason: &str) {}
 }

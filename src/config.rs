@@ -105,9 +105,18 @@ pub struct Config {
     /// Bytes queued for one client. When its own requests (echo, pongs,
     /// acks) fill it, the server stops reading from it until it drains;
     /// fan-out traffic that does not fit is dropped with a notice (channels,
-    /// chat) or closes the client with 1008 (registered event streams).
+    /// chat, filter matches), held as latest states (candles: see
+    /// --max-pending-states) or closes the client with 1008 (registered
+    /// event streams).
     #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
     pub max_outbound_buffer: usize,
+
+    /// State updates (candles) held per subscription for a client whose
+    /// queue is full: the latest state of each candle, every closed one
+    /// included, sent once the queue has room. Past this many candles the
+    /// oldest held one is given up, counted, and the client is told.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub max_pending_states: usize,
 
     /// SO_SNDBUF of every client socket. By default the kernel sizes it
     /// (autotuning, up to `net.ipv4.tcp_wmem`'s maximum: 4 MiB on most
@@ -206,7 +215,8 @@ pub struct Config {
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub max_channels: usize,
 
-    /// Most channel subscriptions (names and patterns) per connection.
+    /// Most channel subscriptions (names and patterns) per connection, and
+    /// separately most K-line subscriptions per connection.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_subscriptions: usize,
 
@@ -428,6 +438,9 @@ impl Config {
                 _ => {}
             }
         }
+        if self.max_pending_states == 0 {
+            return Err(InvalidConfig::MaxPendingStates);
+        }
         if self.read_buffer_size < 4096 {
             return Err(InvalidConfig::ReadBufferSize);
         }
@@ -496,6 +509,8 @@ pub enum InvalidConfig {
     },
     /// `--read-buffer-size` below 4 KiB.
     ReadBufferSize,
+    /// `--max-pending-states` zero.
+    MaxPendingStates,
     /// `--replay-speed` not a positive finite number.
     ReplaySpeed,
     /// A simulated rate outside 0..=100000.
@@ -535,6 +550,9 @@ impl fmt::Display for InvalidConfig {
             InvalidConfig::ReadBufferSize => {
                 f.write_str("--read-buffer-size must be at least 4KiB")
             }
+            InvalidConfig::MaxPendingStates => f.write_str(
+                "--max-pending-states must be at least 1 (the latest state of a candle)",
+            ),
             InvalidConfig::ReplaySpeed => f.write_str("--replay-speed must be a positive number"),
             InvalidConfig::SimRates => f.write_str(
                 "--sim-trades-per-sec and --sim-events-per-sec must be between 0 and 100000",
@@ -953,6 +971,13 @@ mod tests {
             c.validate(),
             Err(InvalidConfig::ZeroTimeout("--idle-timeout"))
         );
+        let c = Config::from_args(["fanout", "--max-pending-states", "0"]).unwrap();
+        assert_eq!(c.validate(), Err(InvalidConfig::MaxPendingStates));
+        assert_eq!(
+            InvalidConfig::MaxPendingStates.to_string(),
+            "--max-pending-states must be at least 1 (the latest state of a candle)"
+        );
+        assert_eq!(Config::default().max_pending_states, 1000);
         let c = Config::from_args([
             "fanout",
             "--listen",

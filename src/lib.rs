@@ -42,7 +42,10 @@
 //!   event_loop/delivery.rs   the app's Outbox over the connection table
 //!   event_loop/signals.rs    SIGHUP reloads, graceful shutdown
 //!   connection.rs      a connection's phases and their deadlines
-//!   outbound.rs        the write queue; timers.rs the deadline heap;
+//!   outbound.rs        the write queue; pending_states.rs the states
+//!                      (candles) held for a slow recipient, latest per
+//!                      key, until its queue has room; timers.rs the
+//!                      deadline heap;
 //!   compressors.rs     the loop's zlib state; tls_*.rs rustls sessions and
 //!                      certificates; listener.rs; stats.rs the loop's counters
 //! src/app/      what each endpoint does; knows connection ids, not sockets
@@ -106,7 +109,10 @@
 //! A connection whose output queue reaches `--max-outbound-buffer` because
 //! of its own requests is not read until the queue drains (TCP
 //! backpressure); fan-out never waits for a subscriber (the README's "Slow
-//! consumers" says what each stream does instead).
+//! consumers" says what each stream does instead). State updates (candles)
+//! that do not fit are held beside the queue, the latest per key, and
+//! moved into it whenever a flush leaves room: a flush that empties the
+//! queue refills it from them and writes again, a few rounds at most.
 //!
 //! # TLS through the loop
 //!

@@ -77,6 +77,19 @@ impl App {
             "Alerts fired.",
             market.alerts_fired,
         );
+        if let Some((finished, events)) = node.market.replay_progress() {
+            m.gauge(
+                "fanout_replay_finished",
+                "1 once the --replay file has been replayed to its end (a replay_end event was \
+                 published on `events`), 0 while it runs.",
+                if finished { 1.0 } else { 0.0 },
+            );
+            m.counter(
+                "fanout_replay_events_total",
+                "Events the --replay file has handed out so far.",
+                events,
+            );
+        }
         if let Some(redis) = self.bus.redis() {
             write_redis_metrics(redis, m);
         }

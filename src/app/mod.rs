@@ -99,11 +99,52 @@ pub trait Outbox {
 
     /// Fan-out: queues a shared frame unless the recipient's queue is full.
     /// Returns false when it was not queued; the server then calls
-    /// [`App::on_drained`] once that queue has emptied.
+    /// [`App::on_drained`] once that queue has emptied (and the states it
+    /// held, if any, are queued).
     fn deliver(&mut self, to: ConnId, frame: &SharedFrame) -> bool;
+
+    /// Fan-out of a state (a candle, the end of a replay) rather than an
+    /// event: a later state with the same `key` supersedes this one. Queued
+    /// like [`Outbox::deliver`] while the recipient keeps up; while its
+    /// queue is full (or earlier states still wait) the server holds the
+    /// latest state per key instead of dropping it, at most
+    /// `--max-pending-states` keys per [`StateKey::stream`], and queues
+    /// them in key order once there is room. Never dropped silently: the
+    /// answer says what happened, and [`App::on_drained`] follows once
+    /// the held states are queued.
+    fn deliver_state(&mut self, to: ConnId, key: StateKey, frame: &SharedFrame) -> StateDelivery;
+
+    /// Forgets the states held for `to` on `stream` (it unsubscribed).
+    fn discard_states(&mut self, to: ConnId, stream: u64);
 
     /// Closes a connection with a close frame.
     fn close(&mut self, to: ConnId, code: CloseCode, reason: &str);
+}
+
+/// What a state delivered with [`Outbox::deliver_state`] is the state of:
+/// `stream` is one subscription of one connection (the domain numbers
+/// them), `item` the thing within it whose latest state counts (a candle's
+/// open time). Held states go out in `item` order within a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StateKey {
+    pub stream: u64,
+    pub item: i64,
+}
+
+/// What became of a state handed to [`Outbox::deliver_state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateDelivery {
+    /// In the queue, like any delivery (or the recipient is gone or
+    /// closing: nothing to hold).
+    Queued,
+    /// Held until the queue has room.
+    Held,
+    /// Held in place of an older state with the same key (conflated).
+    Replaced,
+    /// Held, but the stream already held `--max-pending-states` keys: the
+    /// oldest one, `item`, was given up to make room. The domain must
+    /// tell the client.
+    Evicted { item: i64 },
 }
 
 /// Milliseconds since the Unix epoch, for message timestamps.

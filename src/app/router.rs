@@ -90,7 +90,7 @@ impl Node {
             TextCommand::Subscribe(interval) => {
                 self.market.kline_text_subscribe(conn, interval, out)
             }
-            TextCommand::Unsubscribe => self.market.kline_text_unsubscribe(conn),
+            TextCommand::Unsubscribe => self.market.kline_text_unsubscribe(conn, out),
         }
     }
 
@@ -189,7 +189,9 @@ impl Node {
                     })?;
             }
             Command::KlineUnsubscribe { symbol, interval } => {
-                let extra = self.market.kline_unsubscribe(conn, &symbol, &interval)?;
+                let extra = self
+                    .market
+                    .kline_unsubscribe(conn, &symbol, &interval, out)?;
                 acknowledge(out, "kline.unsubscribe", extra);
             }
             Command::MarketSymbols => acknowledge(out, "market.symbols", self.market.symbols()),

@@ -3,7 +3,7 @@
 //! clustered paths, driven through the same [`App`] entry points as the
 //! event loop uses, with Redis's answers scripted.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use serde_json::json;
@@ -15,13 +15,35 @@ use crate::cluster::{
     Full, Inbound, LinkState, LinkStats, RequestError, ScriptCall, ScriptMode, WriteCommand,
 };
 
-/// An outbox that records everything; connections in `full` refuse fan-out.
+/// An outbox that records everything; connections in `full` refuse fan-out
+/// and hold states the way the server does (latest per key, at most
+/// `max_held` per stream, the oldest given up first).
 #[derive(Debug, Default)]
 pub struct RecordingOutbox {
     pub replies: Vec<(ConnId, String)>,
     pub delivered: Vec<(ConnId, SharedFrame)>,
     pub closed: Vec<(ConnId, u16)>,
     pub full: HashSet<ConnId>,
+    pub held: BTreeMap<(ConnId, StateKey), SharedFrame>,
+    pub max_held: usize,
+}
+
+impl RecordingOutbox {
+    /// `conn`'s queue has room again: its held states are delivered, in
+    /// key order, as the server's flush does.
+    pub fn release(&mut self, conn: ConnId) {
+        self.full.remove(&conn);
+        let keys: Vec<(ConnId, StateKey)> = self
+            .held
+            .keys()
+            .filter(|(c, _)| *c == conn)
+            .copied()
+            .collect();
+        for key in keys {
+            let frame = self.held.remove(&key).unwrap();
+            self.delivered.push((conn, frame));
+        }
+    }
 }
 
 /// The text a shared text frame carries.
@@ -54,6 +76,34 @@ impl Outbox for RecordingOutbox {
         }
         self.delivered.push((to, frame.clone()));
         true
+    }
+
+    fn deliver_state(&mut self, to: ConnId, key: StateKey, frame: &SharedFrame) -> StateDelivery {
+        let holding = self.held.keys().any(|(c, _)| *c == to);
+        if !holding && self.deliver(to, frame) {
+            return StateDelivery::Queued;
+        }
+        if self.held.insert((to, key), frame.clone()).is_some() {
+            return StateDelivery::Replaced;
+        }
+        let in_stream: Vec<(ConnId, StateKey)> = self
+            .held
+            .keys()
+            .filter(|(c, k)| *c == to && k.stream == key.stream)
+            .copied()
+            .collect();
+        if in_stream.len() > self.max_held.max(1) {
+            self.held.remove(&in_stream[0]);
+            return StateDelivery::Evicted {
+                item: in_stream[0].1.item,
+            };
+        }
+        StateDelivery::Held
+    }
+
+    fn discard_states(&mut self, to: ConnId, stream: u64) {
+        self.held
+            .retain(|(c, k), _| !(*c == to && k.stream == stream));
     }
 
     fn close(&mut self, to: ConnId, code: CloseCode, _reason: &str) {

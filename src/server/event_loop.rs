@@ -13,6 +13,7 @@
 //! `ws::Session` (plumbed through [`websocket`]), `/echo`'s reflection in
 //! [`reflect`], and the app behind the `Outbox` in [`delivery`].
 
+use std::collections::HashMap;
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +27,7 @@ use slab::Slab;
 use super::compressors::Compressors;
 use super::connection::{Connection, Expiry, Phase};
 use super::listener::{is_resource_exhaustion, Listener, ACCEPT_RETRY};
+use super::pending_states::PendingStates;
 use super::stats::Stats;
 use super::timers::{next_serial, Clock, Tick, Timer, TimerKey, Timers};
 use super::tls_identity::TlsIdentity;
@@ -42,7 +44,7 @@ mod reflect;
 mod signals;
 mod websocket;
 
-use delivery::open_conn;
+use delivery::{holds_states, open_conn};
 pub use signals::ShutdownHandle;
 
 const SIGNAL: Token = Token(usize::MAX);
@@ -66,6 +68,11 @@ const TLS_STEPS_PER_TURN: usize = 256;
 
 /// Due timers handled in one loop iteration before the loop polls again.
 const TIMERS_PER_TURN: usize = 4096;
+
+/// Write-and-refill rounds of one connection's flush while it has held
+/// states and the socket takes everything (each round moves up to
+/// `--max-outbound-buffer` bytes of them into its queue).
+const HELD_STATE_ROUNDS: usize = 4;
 
 /// Connections accepted from one listener in one loop iteration: a flood
 /// of connects is taken in batches, with every other socket, timer and
@@ -129,6 +136,9 @@ struct Core {
     tls: TlsSessions,
     /// zlib state for permessage-deflate, shared where the protocol allows.
     compressors: Compressors,
+    /// State updates held for slow recipients until their queues have
+    /// room, by token (see `Core::queue_held_states`).
+    held_states: HashMap<usize, PendingStates>,
     app: App,
     timers: Timers,
     /// Connections with queued output, flushed once at the end of the turn.
@@ -204,6 +214,7 @@ impl Server {
             },
             conns: Slab::new(),
             tls: TlsSessions::default(),
+            held_states: HashMap::new(),
             app: App::new(&config, start)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
             timers: Timers::default(),
@@ -810,33 +821,59 @@ impl Core {
             return;
         };
         conn.dirty = false;
-        if !conn.has_unsent(&self.tls) && !conn.finished_after_flush() {
+        if !conn.has_unsent(&self.tls)
+            && !conn.finished_after_flush()
+            && !holds_states(&self.held_states, token)
+        {
             return;
         }
-        let before = conn.out.len();
-        let result = conn.flush_out(&mut self.tls);
-        self.stats.bytes_out += (before - conn.out.len()) as u64;
-        match result {
-            Ok(true) if conn.finished_after_flush() => return self.drop_conn(token, "closed"),
-            Ok(true) => {
-                let failing = conn.open_mut().is_some_and(|open| open.session.is_failed());
-                if failing && !conn.write_shut {
-                    // Our close frame is out; the FIN tells the peer nothing follows.
-                    conn.write_shut = true;
-                    if let Some(key) = conn.tls {
-                        self.tls.get_mut(key).close(&mut conn.socket);
+        // While the socket takes everything, held states move into the
+        // queue and are written in the same call; a few rounds at most, so
+        // one connection's backlog cannot hold up the turn.
+        for round in 1..=HELD_STATE_ROUNDS {
+            let conn = &mut self.conns[token];
+            let before = conn.out.len();
+            let result = conn.flush_out(&mut self.tls);
+            self.stats.bytes_out += (before - conn.out.len()) as u64;
+            match result {
+                Ok(true) if conn.finished_after_flush() => return self.drop_conn(token, "closed"),
+                Ok(true) => {
+                    let failing = conn.open_mut().is_some_and(|open| open.session.is_failed());
+                    if failing && !conn.write_shut {
+                        // Our close frame is out; the FIN tells the peer nothing follows.
+                        conn.write_shut = true;
+                        if let Some(key) = conn.tls {
+                            self.tls.get_mut(key).close(&mut conn.socket);
+                        }
+                        let _ = conn.socket.shutdown(Shutdown::Write);
                     }
-                    let _ = conn.socket.shutdown(Shutdown::Write);
+                    if self.queue_held_states(token) {
+                        if round < HELD_STATE_ROUNDS {
+                            continue;
+                        }
+                        // Still writable, more to write: the next round
+                        // of flushes (or the next turn) goes on.
+                        self.mark_dirty(token);
+                        break;
+                    }
+                    let holding = holds_states(&self.held_states, token);
+                    let conn = &mut self.conns[token];
+                    if !holding && std::mem::take(&mut conn.drain_wanted) {
+                        // Fan-out messages were dropped or held while the
+                        // queue was full: the app's notices go out at the
+                        // end of this turn, after the held states.
+                        let (app, mut out) = self.app_and_outbox();
+                        app.on_drained(token, &mut out);
+                    }
                 }
-                if std::mem::take(&mut conn.drain_wanted) {
-                    // Fan-out messages were dropped while the queue was full:
-                    // the app's notices go out at the end of this turn.
-                    let (app, mut out) = self.app_and_outbox();
-                    app.on_drained(token, &mut out);
+                Ok(false) => {
+                    // The socket is full, the queue may not be: top it up,
+                    // so that the next writable edge finds it ready.
+                    self.queue_held_states(token);
                 }
+                Err(e) => return self.drop_conn(token, &format!("write error: {e}")),
             }
-            Ok(false) => {}
-            Err(e) => return self.drop_conn(token, &format!("write error: {e}")),
+            break;
         }
         let conn = &mut self.conns[token];
         if conn.read_paused && conn.out.len() < self.config.max_outbound_buffer {
@@ -850,6 +887,9 @@ impl Core {
             return;
         };
         debug!("conn {token}: dropped: {reason}");
+        if !self.held_states.is_empty() {
+            self.held_states.remove(&token);
+        }
         if let Some(key) = conn.tls {
             // close_notify tells the peer the end is deliberate, not a cut.
             self.tls.remove(key).close(&mut conn.socket);

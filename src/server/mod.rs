@@ -6,6 +6,7 @@ mod connection;
 mod event_loop;
 mod listener;
 pub mod outbound;
+mod pending_states;
 mod stats;
 mod timers;
 mod tls_identity;

@@ -37,6 +37,13 @@ pub struct Stats {
     /// the recipient's queue was full.
     pub deliveries: u64,
     pub delivery_drops: u64,
+    /// State updates (see `Outbox::deliver_state`) held because the
+    /// recipient's queue was full, those that replaced a held state of the
+    /// same key (conflated), and those that pushed the oldest held state
+    /// of their stream out (past `--max-pending-states`).
+    pub states_held: u64,
+    pub states_conflated: u64,
+    pub states_evicted: u64,
     /// TLS handshakes completed.
     pub tls_handshakes: u64,
     /// TLS connections that failed, by reason (`timeout`, `plain_http`,
@@ -142,6 +149,18 @@ impl Stats {
             "fanout_delivery_drops_total",
             "Fan-out frames not queued because the recipient's queue was full.",
             self.delivery_drops,
+        );
+        m.family(
+            "fanout_state_updates_total",
+            "State updates (candles, the end of a replay) to slow recipients, by outcome: held \
+             until the queue had room, conflated (replaced a held update of the same candle), \
+             evicted (the oldest held one given up past --max-pending-states, with a notice).",
+            "counter",
+            &[
+                (&[("outcome", "held")], self.states_held as f64),
+                (&[("outcome", "conflated")], self.states_conflated as f64),
+                (&[("outcome", "evicted")], self.states_evicted as f64),
+            ],
         );
         m.counter(
             "fanout_tls_handshakes_total",

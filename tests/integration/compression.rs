@@ -1,8 +1,9 @@
 //! permessage-deflate (RFC 7692) against a real server over loopback
 //! sockets: the negotiation matrix in both modes, compressed echo with and
 //! without context takeover, fragmented compressed messages, the frames
-//! that must fail, a decompression bomb, and a compressed fan-out to
-//! subscribers of which only some negotiated compression.
+//! that must fail, a decompression bomb, a compressed fan-out to
+//! subscribers of which only some negotiated compression, and a slow
+//! subscriber whose held candles are compressed in the order they go out.
 //!
 //! The client side is written here from flate2 directly (raw deflate, sync
 //! flush, tail removed and restored), not with the server's own wrappers.
@@ -66,7 +67,11 @@ fn extensions_header(head: &str) -> Option<String> {
 
 /// Upgrades to `path`, offering `offer` (if any); the 101 head.
 fn upgrade(addr: SocketAddr, path: &str, offer: Option<&str>) -> (TcpStream, String) {
-    let mut stream = connect_tcp(addr);
+    upgrade_on(connect_tcp(addr), path, offer)
+}
+
+/// [`upgrade`] on a connection made already.
+fn upgrade_on(mut stream: TcpStream, path: &str, offer: Option<&str>) -> (TcpStream, String) {
     let offer = offer
         .map(|o| format!("Sec-WebSocket-Extensions: {o}\r\n"))
         .unwrap_or_default();
@@ -90,7 +95,11 @@ struct DeflateClient {
 
 impl DeflateClient {
     fn connect(addr: SocketAddr, path: &str, offer: &str) -> DeflateClient {
-        let (stream, head) = upgrade(addr, path, Some(offer));
+        DeflateClient::on(connect_tcp(addr), path, offer)
+    }
+
+    fn on(stream: TcpStream, path: &str, offer: &str) -> DeflateClient {
+        let (stream, head) = upgrade_on(stream, path, Some(offer));
         let agreed = extensions_header(&head).expect("permessage-deflate accepted");
         let server_bits = param_value(&agreed, "server_max_window_bits").unwrap_or(15);
         DeflateClient {
@@ -679,4 +688,123 @@ fn recv_json(ws: &mut tungstenite::WebSocket<TcpStream>) -> Value {
         }
     }
     panic!("no text message within 100 frames");
+}
+
+/// A loopback connection whose receive buffer is as small as the kernel
+/// allows, so that a client that stops reading stops the server's writes
+/// soon (set before connecting: the window is agreed then).
+fn connect_small_receive_buffer(addr: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// A subscriber with its own compression context (`dedicated`) stops
+/// reading while a publisher sends trades for 400 one-second candles and
+/// channel messages: candles are held while its queue is full, channel
+/// messages go straight in or are dropped. Held candles are compressed
+/// when they are queued, so every frame still inflates with the one
+/// context, and every closed candle comes once with its final state.
+#[test]
+fn held_candles_are_compressed_in_the_order_they_go_out() {
+    let server = TestServer::start(&[
+        "--internal-listen",
+        "127.0.0.1:0",
+        "--compression",
+        "dedicated",
+        "--max-outbound-buffer",
+        "8KiB",
+        "--socket-send-buffer",
+        "4KiB",
+        "--kline-intervals",
+        "1s",
+    ]);
+    let (public, internal) = (server.addrs[0], server.addrs[1]);
+    let mut slow = DeflateClient::on(
+        connect_small_receive_buffer(public),
+        "/ws",
+        "permessage-deflate",
+    );
+    assert!(
+        !slow.agreed("server_no_context_takeover"),
+        "{}",
+        slow.agreed
+    );
+    assert_eq!(slow.recv_json().1["type"], "welcome");
+    for request in [
+        json!({"type":"kline.subscribe","symbol":"ZIP","interval":"1s"}),
+        json!({"type":"subscribe","channel":"mix"}),
+    ] {
+        slow.send_text(&request.to_string());
+        assert_eq!(slow.recv_json().1["type"], "ack");
+    }
+    let mut publisher = server_client(internal);
+    const CANDLES: i64 = 400;
+    const T0: i64 = 1_700_000_000_000;
+    for n in 0..CANDLES {
+        let trade = json!({"type":"trade","symbol":"ZIP","price":format!("{}.5", 100 + n),
+                           "qty":"1","ts":T0 + n * 1_000});
+        send_json(
+            &mut publisher,
+            &json!({"type":"publish","channel":"events","data":trade}),
+        );
+        assert_eq!(recv_json(&mut publisher)["type"], "ack");
+        let data = json!({"n": n, "text": sample_text(300)});
+        send_json(
+            &mut publisher,
+            &json!({"type":"publish","channel":"mix","data":data}),
+        );
+        assert_eq!(recv_json(&mut publisher)["type"], "ack");
+    }
+    let conflated = metric(public, r#"fanout_state_updates_total{outcome="conflated"}"#);
+    assert!(conflated > 0.0, "the subscriber never fell behind");
+
+    // Everything it gets inflates; candles in order, each closed once.
+    let mut finals: Vec<Value> = Vec::new();
+    let mut mix = 0;
+    let complete = |finals: &[Value]| {
+        finals.len() == CANDLES as usize && finals.last().is_some_and(|c| c["closed"] == false)
+    };
+    for _ in 0..10 * CANDLES {
+        if complete(&finals) {
+            break;
+        }
+        let (compressed, message) = slow.recv_json();
+        match message["type"].as_str().unwrap() {
+            "kline" if !compressed => panic!("above the threshold, not compressed: {message}"),
+            "kline" => match finals.last_mut() {
+                Some(last) if last["start"] == message["start"] => {
+                    assert_eq!(last["closed"], false, "after its close: {message}");
+                    *last = message;
+                }
+                Some(last) => {
+                    assert_eq!(last["closed"], true, "{last} before {message}");
+                    finals.push(message);
+                }
+                None => finals.push(message),
+            },
+            "message" => mix += 1,
+            "dropped" => assert_eq!(message["channel"], "mix", "{message}"),
+            other => panic!("unexpected {other}: {message}"),
+        }
+    }
+    assert!(
+        complete(&finals),
+        "{} candles: {:?}",
+        finals.len(),
+        finals.last()
+    );
+    for (n, candle) in finals.iter().enumerate() {
+        let n = n as i64;
+        assert_eq!(candle["start"], T0 + n * 1_000, "{candle}");
+        assert_eq!(candle["close"], format!("{}.5", 100 + n), "{candle}");
+        assert_eq!(candle["closed"], n + 1 < CANDLES, "{candle}");
+    }
+    assert!(mix > 0, "some channel messages came between the candles");
 }

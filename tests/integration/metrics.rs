@@ -96,6 +96,8 @@ fn metrics_count_traffic_refusals_and_connections() {
         "fanout_slow_consumer_drops_total{stream=\"channel\"}",
         "fanout_slow_consumer_closes_total",
         "fanout_delivery_drops_total",
+        "fanout_state_updates_total{outcome=\"conflated\"}",
+        "fanout_held_states",
         "fanout_outbound_queued_bytes",
         "fanout_loop_busy_seconds_total",
         "fanout_market_trades_total",

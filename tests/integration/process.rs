@@ -166,6 +166,7 @@ fn help_lists_every_flag_and_defaults() {
         "--max-message-size",
         "--max-frame-size",
         "--max-outbound-buffer",
+        "--max-pending-states",
         "--ping-interval",
         "--idle-timeout",
         "--close-timeout",

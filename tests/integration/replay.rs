@@ -9,6 +9,7 @@
 //! before the first trade is due, and from the history after the replay.
 //! The server's log must name every bad line and end with the summary.
 
+use crate::support::common::http_exchange;
 use crate::support::json_client;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use json_client::{Ended, JsonClient};
+use json_client::JsonClient;
 use serde_json::{json, Value};
 
 /// The first line's time; the first trade is [`LEAD_MS`] later.
@@ -312,12 +313,18 @@ struct Replayer {
 
 impl Replayer {
     fn start(file: &Path) -> Replayer {
+        Replayer::start_with(file, &[])
+    }
+
+    /// With more flags after the replay's own.
+    fn start_with(file: &Path, flags: &[&str]) -> Replayer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
             .args(["--listen", "127.0.0.1:0", "--no-sim", "--replay"])
             .arg(file)
             .args(["--replay-speed", SPEED, "--kline-history", "1000"])
             .arg("--kline-intervals")
             .arg(INTERVALS.join(","))
+            .args(flags)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -353,6 +360,28 @@ impl Replayer {
 
     fn log_has(&self, needle: &str) -> bool {
         self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    /// `GET /metrics`: each sample line's name (with labels) and value.
+    fn metrics(&self) -> BTreeMap<String, f64> {
+        let response = http_exchange(self.addr, b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        let body = &response[response.find("\r\n\r\n").expect("a head") + 4..];
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (name, value) = l.rsplit_once(' ').expect("name value");
+                (name.to_owned(), value.parse().expect("a number"))
+            })
+            .collect()
+    }
+
+    /// One sample of `GET /metrics`; absent fails the test.
+    fn metric(&self, name: &str) -> f64 {
+        let metrics = self.metrics();
+        *metrics
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} in /metrics: {metrics:?}"))
     }
 }
 
@@ -390,6 +419,97 @@ fn compare_series(what: &str, got: &[Value], want: &[Value]) {
         got.len(),
         want.len()
     );
+}
+
+/// Reads `client`'s K-line messages until each of `series` has had its
+/// `replay_end`; returns each series' messages, `replay_end` last. A
+/// message of a series after its `replay_end`, or anything that is not a
+/// candle or a `replay_end`, fails the test; but for `dropped` notices
+/// when `notices` is given, which are collected there.
+fn read_until_replay_end(
+    client: &mut JsonClient,
+    series: &[(&str, &str)],
+    within: Duration,
+    mut notices: Option<&mut Vec<Value>>,
+) -> BTreeMap<(String, String), Vec<Value>> {
+    let deadline = Instant::now() + within;
+    let mut got: BTreeMap<(String, String), Vec<Value>> = series
+        .iter()
+        .map(|(s, i)| ((s.to_string(), i.to_string()), Vec::new()))
+        .collect();
+    let mut ended = 0;
+    while ended < series.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let message = match client.next(left) {
+            Ok(message) => message,
+            Err(e) => panic!(
+                "{ended} of {} replay_end messages within {within:?}: {e:?}",
+                series.len()
+            ),
+        };
+        let kind = message["type"].as_str().unwrap_or_default();
+        if let (Some(notices), "dropped") = (notices.as_deref_mut(), kind) {
+            notices.push(message);
+            continue;
+        }
+        assert!(
+            kind == "kline" || kind == "replay_end",
+            "after {ended} replay_end messages and {} others: {message}",
+            got.values().map(Vec::len).sum::<usize>()
+        );
+        let key = (
+            message["symbol"].as_str().unwrap().to_owned(),
+            message["interval"].as_str().unwrap().to_owned(),
+        );
+        let messages = got
+            .get_mut(&key)
+            .unwrap_or_else(|| panic!("not subscribed: {message}"));
+        assert!(
+            messages.last().is_none_or(|m| m["type"] != "replay_end"),
+            "after the replay's end: {message}"
+        );
+        if kind == "replay_end" {
+            ended += 1;
+        }
+        messages.push(message);
+    }
+    got
+}
+
+/// The last state of each candle in one series' messages (a `replay_end`
+/// last, checked and left out), checking the order they came in: candles
+/// go forward, a candle closes before the next one starts, and nothing of
+/// a candle comes after its closed state, so every closed candle came
+/// exactly once.
+fn final_states(what: &str, symbol: &str, interval: &str, messages: &[Value]) -> Vec<Value> {
+    let (end, candles) = messages.split_last().expect("a replay_end at least");
+    assert_eq!(end["type"], "replay_end", "{what}: {end}");
+    let mut finals: Vec<Value> = Vec::new();
+    for message in candles {
+        let candle = strip(message, symbol, interval);
+        match finals.last_mut() {
+            Some(last) if last["start"] == candle["start"] => {
+                assert_eq!(
+                    last["closed"], false,
+                    "{what}: an update after the candle closed: {message}"
+                );
+                *last = candle;
+            }
+            Some(last) => {
+                assert!(
+                    last["start"].as_i64() < candle["start"].as_i64(),
+                    "{what}: candles go forward: {message}"
+                );
+                assert_eq!(
+                    last["closed"], true,
+                    "{what}: a new candle before the last one closed: {message}"
+                );
+                finals.push(candle);
+            }
+            None => finals.push(candle),
+        }
+    }
+    finals
 }
 
 // ---------------------------------------------------------------------------
@@ -467,39 +587,14 @@ fn replayed_candles_match_an_independent_computation() {
             started.elapsed()
         );
     }
-    let mut got_live: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
     let finished = format!(
         "replay {} finished: {} events, {} bad lines skipped",
         file.display(),
         generated.events,
         generated.bad.len()
     );
-    let mut record = |message: Value| {
-        assert_eq!(message["type"], "kline", "{message}");
-        let key = (
-            message["symbol"].as_str().unwrap().to_owned(),
-            message["interval"].as_str().unwrap().to_owned(),
-        );
-        got_live.entry(key).or_default().push(message);
-    };
-    while !server.log_has(" finished: ") {
-        assert!(
-            Instant::now() < deadline,
-            "no summary line within 60 s; log:\n{}",
-            server.log().join("\n")
-        );
-        match live.next(Duration::from_millis(50)) {
-            Ok(message) => record(message),
-            Err(Ended::TimedOut) => {}
-            Err(e) => panic!("the live subscriber's connection ended: {e:?}"),
-        }
-    }
-    // The summary is logged as the last events are handed out; everything
-    // they caused is queued before the reply to a later request.
-    for message in live.until_fence() {
-        record(message);
-    }
+    // Every subscription ends with `replay_end`, after its last candle.
+    let got_live = read_until_replay_end(&mut live, LIVE, Duration::from_secs(60), None);
     let replay_took = started.elapsed();
 
     // The log: every bad line by number, and the summary.
@@ -525,41 +620,24 @@ fn replayed_candles_match_an_independent_computation() {
         "expected `{finished}` in the log:\n{}",
         log.join("\n")
     );
+    // And in /metrics.
+    assert_eq!(server.metric("fanout_replay_finished"), 1.0);
+    assert_eq!(
+        server.metric("fanout_replay_events_total"),
+        generated.events as f64
+    );
 
     // The live subscriber saw every candle: each one's last state is the
     // reference's, in order; after a candle closed nothing more of it came.
     for (symbol, interval) in LIVE {
-        let messages = got_live
-            .remove(&(symbol.to_string(), interval.to_string()))
-            .unwrap_or_default();
+        let series = &got_live[&(symbol.to_string(), interval.to_string())];
         let what = format!("live {symbol} {interval}");
-        let mut finals: Vec<Value> = Vec::new();
-        for message in &messages {
-            let candle = strip(message, symbol, interval);
-            match finals.last_mut() {
-                Some(last) if last["start"] == candle["start"] => {
-                    assert_eq!(
-                        last["closed"], false,
-                        "{what}: an update after the candle closed: {message}"
-                    );
-                    *last = candle;
-                }
-                Some(last) => {
-                    assert!(
-                        last["start"].as_i64() < candle["start"].as_i64(),
-                        "{what}: candles go forward: {message}"
-                    );
-                    assert_eq!(
-                        last["closed"], true,
-                        "{what}: a new candle before the last one closed: {message}"
-                    );
-                    finals.push(candle);
-                }
-                None => finals.push(candle),
-            }
-        }
+        let finals = final_states(&what, symbol, interval, series);
         let want = reference["candles"][symbol][interval].as_array().unwrap();
         compare_series(&what, &finals, want);
+        let end = series.last().unwrap();
+        assert_eq!(end["events"], generated.events, "{what}: {end}");
+        assert_eq!(end["bad_lines"], generated.bad.len(), "{what}: {end}");
     }
 
     // After the replay: history (every closed candle) and the open one, for
@@ -592,4 +670,223 @@ fn replayed_candles_match_an_independent_computation() {
         generated.events,
         generated.bad.len()
     );
+}
+
+/// Starts the replay with small queues (`--max-outbound-buffer 16KiB`,
+/// `--socket-send-buffer 4KiB`), subscribes `client` to every symbol and
+/// interval before the first trade is due, and returns the pairs.
+fn subscribe_to_everything(
+    server: &Replayer,
+    client: &mut JsonClient,
+    started: Instant,
+) -> Vec<(&'static str, &'static str)> {
+    let mut all = Vec::new();
+    for symbol in SYMBOLS {
+        for interval in INTERVALS {
+            client.send(&json!({"type":"kline.subscribe","symbol":symbol,"interval":interval}));
+            let ack = client.recv();
+            assert_eq!(ack["type"], "ack", "{ack}");
+            assert_eq!(
+                ack["history"],
+                0,
+                "subscribed after the replay's first trade ({:?} after start): {ack}",
+                started.elapsed()
+            );
+            all.push((*symbol, *interval));
+        }
+    }
+    assert!(
+        !server.log_has(" finished: "),
+        "the replay ended before it was watched"
+    );
+    all
+}
+
+/// Polls `/metrics` until the replay has finished (bounded).
+fn wait_for_replay_end(server: &Replayer, within: Duration) {
+    let deadline = Instant::now() + within;
+    while server.metric("fanout_replay_finished") != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "fanout_replay_finished not 1 within {within:?}; log:\n{}",
+            server.log().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const SMALL_QUEUES: [&str; 4] = [
+    "--max-outbound-buffer",
+    "16KiB",
+    "--socket-send-buffer",
+    "4KiB",
+];
+
+/// A K-line subscriber that stops reading while the replay runs fast, and
+/// resumes after it ended: the server held the latest state of each of its
+/// candles, so it still gets every closed candle exactly once, in order,
+/// with the final states of the independent computation, then
+/// `replay_end`; nothing was given up. The end of the replay also reached
+/// a filter on `events`, after the last replayed event.
+#[test]
+fn a_subscriber_that_stops_reading_still_gets_every_closed_candle() {
+    let dir = tempfile::Builder::new()
+        .prefix("fanout-replay-slow")
+        .tempdir()
+        .unwrap();
+    let file = dir.path().join("market.ndjson");
+    let generated = generate();
+    write_file(&file, &generated);
+    let reference = python_candles(&file);
+
+    let server = Replayer::start_with(&file, &SMALL_QUEUES);
+    let started = Instant::now();
+    let mut slow = JsonClient::ws(server.addr);
+    let all = subscribe_to_everything(&server, &mut slow, started);
+    let mut watcher = JsonClient::ws(server.addr);
+    watcher.ok(json!({"type":"filter.subscribe","name":"end",
+                      "filter":{"field":"type","op":"eq","value":"replay_end"}}));
+
+    // `slow` reads nothing until the replay is over.
+    wait_for_replay_end(&server, Duration::from_secs(60));
+    let conflated = server.metric(r#"fanout_state_updates_total{outcome="conflated"}"#);
+    assert!(
+        conflated > 0.0,
+        "the subscriber never fell behind: nothing was conflated"
+    );
+    assert!(server.metric("fanout_held_states") > 0.0);
+
+    let got = read_until_replay_end(&mut slow, &all, Duration::from_secs(60), None);
+    let mut closed = 0;
+    for (symbol, interval) in &all {
+        let series = &got[&(symbol.to_string(), interval.to_string())];
+        let what = format!("slow {symbol} {interval}");
+        let finals = final_states(&what, symbol, interval, series);
+        let want = reference["candles"][symbol][*interval].as_array().unwrap();
+        compare_series(&what, &finals, want);
+        closed += finals.iter().filter(|c| c["closed"] == true).count();
+    }
+    assert_eq!(
+        server.metric(r#"fanout_state_updates_total{outcome="evicted"}"#),
+        0.0
+    );
+    assert_eq!(server.metric("fanout_held_states"), 0.0);
+    slow.expect_nothing(Duration::from_millis(200));
+
+    let matched = watcher.recv();
+    assert_eq!(matched["type"], "match", "{matched}");
+    let end = &matched["event"];
+    assert_eq!(end["type"], "replay_end", "{matched}");
+    assert_eq!(end["events"], generated.events, "{end}");
+    assert_eq!(end["bad_lines"], generated.bad.len(), "{end}");
+    assert_eq!(end["lines"], generated.lines.len(), "{end}");
+    eprintln!(
+        "slow subscriber: {closed} closed candles over {} series, {conflated} updates conflated",
+        all.len()
+    );
+}
+
+/// The same stalled subscriber on a server that holds at most 5 candles
+/// per subscription: what it gives up is told (a `dropped` notice per
+/// series naming the first and last open times lost) and counted; every
+/// other closed candle still comes, and `replay_end` ends each series.
+#[test]
+fn candles_held_past_the_bound_are_given_up_with_a_notice() {
+    let dir = tempfile::Builder::new()
+        .prefix("fanout-replay-bound")
+        .tempdir()
+        .unwrap();
+    let file = dir.path().join("market.ndjson");
+    let generated = generate();
+    write_file(&file, &generated);
+    let reference = python_candles(&file);
+
+    let mut flags = SMALL_QUEUES.to_vec();
+    flags.extend(["--max-pending-states", "5"]);
+    let server = Replayer::start_with(&file, &flags);
+    let started = Instant::now();
+    let mut slow = JsonClient::ws(server.addr);
+    let all = subscribe_to_everything(&server, &mut slow, started);
+    wait_for_replay_end(&server, Duration::from_secs(60));
+    let evicted = server.metric(r#"fanout_state_updates_total{outcome="evicted"}"#);
+    assert!(evicted > 0.0, "nothing given up past 5 held candles");
+
+    // Notices come whenever the held states have all been queued: while
+    // the replay runs (the kernel's buffers let a little through now and
+    // then) and at the end, after the last `replay_end`.
+    let mut told = Vec::new();
+    let got = read_until_replay_end(&mut slow, &all, Duration::from_secs(60), Some(&mut told));
+    while let Ok(notice) = slow.next(Duration::from_millis(500)) {
+        told.push(notice);
+        assert!(told.len() < 10_000, "notices without end");
+    }
+    // Per series: every notice, and the count they tell in all.
+    let mut notices: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
+    for notice in told {
+        assert_eq!(notice["type"], "dropped", "{notice}");
+        assert_eq!(notice["stream"], "kline", "{notice}");
+        assert!(
+            notice["first_start"].as_i64() <= notice["last_start"].as_i64(),
+            "{notice}"
+        );
+        let key = (
+            notice["symbol"].as_str().unwrap().to_owned(),
+            notice["interval"].as_str().unwrap().to_owned(),
+        );
+        notices.entry(key).or_default().push(notice);
+    }
+    assert!(!notices.is_empty());
+    let mut lost_total = 0;
+    for (symbol, interval) in &all {
+        let key = (symbol.to_string(), interval.to_string());
+        let what = format!("bounded {symbol} {interval}");
+        let want = reference["candles"][symbol][*interval].as_array().unwrap();
+        let messages = &got[&key];
+        let (end, candles) = messages.split_last().unwrap();
+        assert_eq!(end["type"], "replay_end", "{what}: {end}");
+        // In order, and nothing of a candle after its closed state; the
+        // last state that came of each candle, by open time.
+        let mut last: BTreeMap<i64, Value> = BTreeMap::new();
+        let mut previous: Option<Value> = None;
+        for message in candles {
+            let candle = strip(message, symbol, interval);
+            if let Some(p) = &previous {
+                assert!(
+                    p["start"].as_i64() <= candle["start"].as_i64(),
+                    "{what}: {message}"
+                );
+                if p["start"] == candle["start"] {
+                    assert_eq!(p["closed"], false, "{what}: after the close: {message}");
+                }
+            }
+            last.insert(candle["start"].as_i64().unwrap(), candle.clone());
+            previous = Some(candle);
+        }
+        // Each candle of the reference came in its final state (closed,
+        // or the open one's latest) or was told lost, not both.
+        let told = notices.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let lost: u64 = told.iter().map(|n| n["count"].as_u64().unwrap()).sum();
+        lost_total += lost;
+        let mut complete = 0;
+        for candle in want {
+            let start = candle["start"].as_i64().unwrap();
+            if last.get(&start) == Some(candle) {
+                complete += 1;
+                continue;
+            }
+            assert!(
+                told.iter().any(|n| {
+                    (n["first_start"].as_i64().unwrap()..=n["last_start"].as_i64().unwrap())
+                        .contains(&start)
+                }),
+                "{what}: candle {start} neither came whole nor was told lost: {told:?}"
+            );
+        }
+        assert_eq!(
+            complete + lost,
+            want.len() as u64,
+            "{what}: candles that came whole and candles told lost make the series"
+        );
+    }
+    assert_eq!(lost_total as f64, evicted);
 }

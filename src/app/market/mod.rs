@@ -6,10 +6,20 @@
 //! format and shared by its subscribers. Dynamic filters and alerts are
 //! compiled when created and evaluated per event.
 //!
-//! Slow consumers: candle updates and filter matches that do not fit a
-//! subscriber's queue are dropped and counted (the next update carries the
-//! latest state anyway); when the queue drains the client gets a `dropped`
-//! notice with the count.
+//! Slow consumers: a candle is a state, so its updates go out through
+//! [`Outbox::deliver_state`], keyed by the subscription and the candle's
+//! open time: while a subscriber's queue is full the server keeps the
+//! latest state of each candle (the closed one, final, included) and sends
+//! them once there is room, so the subscriber never misses a closed candle
+//! and ends on the latest state. Past `--max-pending-states` candles per
+//! subscription the oldest is given up; the subscriber is told which ones
+//! with a `dropped` notice naming the series and the open times, to fetch
+//! them from history. Filter matches are events, not states: one that does
+//! not fit is dropped and counted, and a `dropped` notice says how many.
+//!
+//! The end of a replay (`replay_end`, published on `events` after its last
+//! event) is also the last state of every K-line subscription: each gets
+//! a `replay_end` message after every candle the replay made.
 
 pub mod alert;
 pub mod filter_expr;
@@ -31,7 +41,7 @@ use self::kline::{Applied, Book, Candle, Interval, Trade};
 use self::replay::ReplayFeed;
 use self::sim::{SimConfig, SimFeed};
 use super::protocol::{ErrorCode, KlineRequest, ProtocolError};
-use super::{unix_millis, ConnId, Message, Outbox};
+use super::{unix_millis, ConnId, Message, Outbox, StateDelivery, StateKey};
 use crate::config::Config;
 use crate::ws::SharedFrame;
 
@@ -40,9 +50,20 @@ const MAX_HISTORY_REQUEST: usize = 1000;
 
 type SeriesKey = (String, u64);
 
+/// The event type that ends a replay (see [`replay`]), and the message
+/// every K-line subscription then gets.
+pub const REPLAY_END: &str = "replay_end";
+
+/// The item of a subscription's `replay_end` in its [`StateKey`]: after
+/// every candle's open time, so it goes out after every candle held.
+const REPLAY_END_ITEM: i64 = i64::MAX;
+
 #[derive(Debug)]
 struct KlineSub {
     conn: ConnId,
+    /// This subscription's [`StateKey::stream`]: unique per subscription,
+    /// never reused.
+    stream: u64,
     /// The old plain-text service's shape instead of `{"type":"kline",…}`.
     kline_text: bool,
     throttle: Duration,
@@ -57,7 +78,24 @@ struct ConnMarket {
     kline_text: Option<SeriesKey>,
     filters: Vec<(String, Filter)>,
     alerts: Vec<Alert>,
+    /// `kline.subscribe` subscriptions (the text protocol's aside).
+    klines: usize,
+    /// Filter matches dropped since the last notice.
     dropped: u64,
+    /// Candles given up by the server past `--max-pending-states`, per
+    /// subscription, since the last notice.
+    lost: Vec<LostCandles>,
+}
+
+/// Candles of one subscription the server gave up for a slow subscriber.
+#[derive(Debug)]
+struct LostCandles {
+    stream: u64,
+    series: SeriesKey,
+    count: u64,
+    /// Open times of the first and the last candle lost.
+    first_start: i64,
+    last_start: i64,
 }
 
 /// Counters for logs and metrics.
@@ -66,6 +104,8 @@ pub struct MarketStats {
     pub trades: u64,
     pub late_trades: u64,
     pub rejected_market_events: u64,
+    /// Filter matches dropped, and candles given up past
+    /// `--max-pending-states`, for slow subscribers.
     pub dropped_updates: u64,
     pub alerts_fired: u64,
 }
@@ -88,7 +128,13 @@ pub struct Market {
     throttled: BinaryHeap<Reverse<(Instant, ConnId, SeriesKey)>>,
     sim: Option<SimFeed>,
     replay: Option<ReplayFeed>,
+    /// Once the replay has finished: the events it handed out.
+    replay_finished: Option<u64>,
+    /// The next subscription's [`KlineSub::stream`].
+    next_stream: u64,
     max_filters: usize,
+    /// K-line subscriptions per connection (`--max-subscriptions`).
+    max_subscriptions: usize,
     max_alerts: usize,
     next_alert: u64,
     pub stats: MarketStats,
@@ -131,7 +177,10 @@ impl Market {
             throttled: BinaryHeap::new(),
             sim,
             replay,
+            replay_finished: None,
+            next_stream: 0,
             max_filters: config.max_filters,
+            max_subscriptions: config.max_subscriptions,
             max_alerts: config.max_alerts,
             next_alert: 0,
             stats: MarketStats::default(),
@@ -186,21 +235,39 @@ impl Market {
         validate_symbol(symbol)?;
         let interval = self.interval("interval", interval)?;
         let key = (symbol.to_owned(), interval.secs);
-        let subs = self.subs.entry(key.clone()).or_default();
-        if subs.iter().any(|s| s.conn == conn && !s.kline_text) {
+        let subscribed = self
+            .subs
+            .get(&key)
+            .is_some_and(|subs| subs.iter().any(|s| s.conn == conn && !s.kline_text));
+        if subscribed {
             return Err(ProtocolError::new(
                 ErrorCode::Conflict,
                 format!("already subscribed to {symbol} {}", interval.name()),
             ));
         }
+        // Each subscription may hold `--max-pending-states` candles for a
+        // slow reader: their number bounds what one connection holds.
+        let state = self.conns.entry(conn).or_default();
+        if state.klines >= self.max_subscriptions {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitReached,
+                format!(
+                    "at most {} K-line subscriptions per connection",
+                    self.max_subscriptions
+                ),
+            ));
+        }
+        state.klines += 1;
+        let subs = self.subs.entry(key.clone()).or_default();
+        self.next_stream += 1;
         subs.push(KlineSub {
             conn,
+            stream: self.next_stream,
             kline_text: false,
             throttle: Duration::from_millis(throttle_ms),
             last_sent: None,
             pending: false,
         });
-        self.conns.entry(conn).or_default();
         let wanted = history.unwrap_or(usize::MAX).min(MAX_HISTORY_REQUEST);
         let series = self.book.series(symbol, interval);
         let closed: Vec<&Candle> = series.map(|s| s.history().collect()).unwrap_or_default();
@@ -230,10 +297,11 @@ impl Market {
         conn: ConnId,
         symbol: &str,
         interval: &str,
+        out: &mut impl Outbox,
     ) -> Result<Value, ProtocolError> {
         let interval = self.interval("interval", interval)?;
         let key = (symbol.to_owned(), interval.secs);
-        let removed = self.remove_sub(conn, &key, false);
+        let removed = self.remove_sub(conn, &key, false, out);
         if !removed {
             return Err(ProtocolError::new(
                 ErrorCode::NotFound,
@@ -243,17 +311,36 @@ impl Market {
         Ok(json!({ "symbol": symbol, "interval": interval.name() }))
     }
 
-    fn remove_sub(&mut self, conn: ConnId, key: &SeriesKey, kline_text: bool) -> bool {
+    /// Ends a subscription; what the server still holds of it is
+    /// forgotten (the client asked for no more).
+    fn remove_sub(
+        &mut self,
+        conn: ConnId,
+        key: &SeriesKey,
+        kline_text: bool,
+        out: &mut impl Outbox,
+    ) -> bool {
         let Some(subs) = self.subs.get_mut(key) else {
             return false;
         };
-        let before = subs.len();
-        subs.retain(|s| !(s.conn == conn && s.kline_text == kline_text));
-        let removed = subs.len() != before;
+        let Some(at) = subs
+            .iter()
+            .position(|s| s.conn == conn && s.kline_text == kline_text)
+        else {
+            return false;
+        };
+        let stream = subs.remove(at).stream;
+        out.discard_states(conn, stream);
+        if let Some(state) = self.conns.get_mut(&conn) {
+            state.lost.retain(|l| l.stream != stream);
+            if !kline_text {
+                state.klines -= 1;
+            }
+        }
         if subs.is_empty() {
             self.subs.remove(key);
         }
-        removed
+        true
     }
 
     /// `sub-1m` and friends: replaces the connection's `/kline` text-protocol subscription
@@ -267,10 +354,12 @@ impl Market {
                 return out.reply(conn, Message::Text(&reply.to_string()));
             }
         };
-        self.kline_text_unsubscribe(conn);
+        self.kline_text_unsubscribe(conn, out);
         let key = (self.default_symbol.clone(), interval.secs);
+        self.next_stream += 1;
         self.subs.entry(key.clone()).or_default().push(KlineSub {
             conn,
+            stream: self.next_stream,
             kline_text: true,
             throttle: Duration::ZERO,
             last_sent: None,
@@ -286,9 +375,9 @@ impl Market {
         }
     }
 
-    pub fn kline_text_unsubscribe(&mut self, conn: ConnId) {
+    pub fn kline_text_unsubscribe(&mut self, conn: ConnId, out: &mut impl Outbox) {
         if let Some(key) = self.conns.get_mut(&conn).and_then(|c| c.kline_text.take()) {
-            self.remove_sub(conn, &key, true);
+            self.remove_sub(conn, &key, true, out);
         }
     }
 
@@ -448,6 +537,9 @@ impl Market {
             }
             state.alerts.retain(|a| !a.is_done());
         }
+        if event.get("type").and_then(Value::as_str) == Some(REPLAY_END) {
+            self.send_replay_end(event, out);
+        }
         match Trade::from_event(event, now_ms) {
             Ok(Some((symbol, trade))) => self.on_trade(symbol, &trade, now, out, &mut fired),
             Ok(None) => {}
@@ -510,6 +602,7 @@ impl Market {
         now: Instant,
         out: &mut impl Outbox,
     ) {
+        let key_series = key;
         let Some(subs) = self.subs.get_mut(key) else {
             return;
         };
@@ -541,11 +634,35 @@ impl Market {
             };
             sub.last_sent = Some(now);
             sub.pending = false;
-            if !out.deliver(sub.conn, frame) {
-                self.stats.dropped_updates += 1;
-                if let Some(state) = self.conns.get_mut(&sub.conn) {
-                    state.dropped += 1;
-                }
+            let key = StateKey {
+                stream: sub.stream,
+                item: candle.start_ms,
+            };
+            let delivered = out.deliver_state(sub.conn, key, frame);
+            note_lost(&mut self.conns, &mut self.stats, sub, key_series, delivered);
+        }
+    }
+
+    /// A `replay_end` event: the last state of every K-line subscription
+    /// (the plain-text protocol has no such message). It follows every
+    /// candle the subscription was sent or has held.
+    fn send_replay_end(&mut self, event: &Map<String, Value>, out: &mut impl Outbox) {
+        for ((symbol, secs), subs) in &self.subs {
+            let Some(interval) = self.intervals.iter().find(|i| i.secs == *secs) else {
+                continue;
+            };
+            let mut message = event.clone();
+            message.insert("symbol".into(), json!(symbol));
+            message.insert("interval".into(), json!(interval.name()));
+            let frame = SharedFrame::text(&Value::Object(message).to_string());
+            for sub in subs.iter().filter(|s| !s.kline_text) {
+                let key = StateKey {
+                    stream: sub.stream,
+                    item: REPLAY_END_ITEM,
+                };
+                let delivered = out.deliver_state(sub.conn, key, &frame);
+                let series = (symbol.clone(), *secs);
+                note_lost(&mut self.conns, &mut self.stats, sub, &series, delivered);
             }
         }
     }
@@ -606,10 +723,22 @@ impl Market {
         if let Some(replay) = self.replay.as_mut() {
             events.extend(replay.poll(now));
             if replay.is_finished() {
+                self.replay_finished = Some(replay.stats().events);
+                events.push(replay.end_event());
                 self.replay = None;
             }
         }
         events
+    }
+
+    /// `None` without `--replay`; else whether it has finished, and the
+    /// events handed out so far (`GET /metrics`).
+    pub fn replay_progress(&self) -> Option<(bool, u64)> {
+        match (&self.replay, &self.replay_finished) {
+            (_, Some(events)) => Some((true, *events)),
+            (Some(replay), None) => Some((false, replay.stats().events)),
+            (None, None) => None,
+        }
     }
 
     /// Sends the latest state owed to throttled subscriptions that are due.
@@ -643,9 +772,12 @@ impl Market {
             sub.pending = false;
             sub.last_sent = Some(now);
             let frame = SharedFrame::text(&candle.to_json(&key.0, interval).to_string());
-            if !out.deliver(conn, &frame) {
-                self.stats.dropped_updates += 1;
-            }
+            let state = StateKey {
+                stream: sub.stream,
+                item: candle.start_ms,
+            };
+            let delivered = out.deliver_state(conn, state, &frame);
+            note_lost(&mut self.conns, &mut self.stats, sub, &key, delivered);
         }
     }
 
@@ -660,7 +792,31 @@ impl Market {
                 "type": "dropped",
                 "stream": "market",
                 "count": dropped,
-                "message": format!("{dropped} market update(s) were dropped because this connection read too slowly"),
+                "message": format!("{dropped} filter match(es) were dropped because this connection read too slowly"),
+            });
+            out.reply(conn, Message::Text(&notice.to_string()));
+        }
+        for lost in std::mem::take(&mut state.lost) {
+            let (symbol, secs) = &lost.series;
+            let interval = self
+                .intervals
+                .iter()
+                .find(|i| i.secs == *secs)
+                .map_or_else(|| format!("{secs}s"), |i| i.name());
+            let notice = json!({
+                "type": "dropped",
+                "stream": "kline",
+                "symbol": symbol,
+                "interval": interval,
+                "count": lost.count,
+                "first_start": lost.first_start,
+                "last_start": lost.last_start,
+                "message": format!(
+                    "{} {symbol} {interval} candle(s) were not sent because this connection read too slowly \
+                     (more than --max-pending-states held); kline.unsubscribe and kline.subscribe with \
+                     `history` fetch the closed ones",
+                    lost.count
+                ),
             });
             out.reply(conn, Message::Text(&notice.to_string()));
         }
@@ -672,6 +828,38 @@ impl Market {
             subs.retain(|s| s.conn != conn);
             !subs.is_empty()
         });
+    }
+}
+
+/// Records what the server did with a candle state for `sub`: a candle it
+/// gave up (past `--max-pending-states`) is counted and owed a notice.
+fn note_lost(
+    conns: &mut HashMap<ConnId, ConnMarket>,
+    stats: &mut MarketStats,
+    sub: &KlineSub,
+    series: &SeriesKey,
+    delivered: StateDelivery,
+) {
+    let StateDelivery::Evicted { item } = delivered else {
+        return;
+    };
+    stats.dropped_updates += 1;
+    let Some(state) = conns.get_mut(&sub.conn) else {
+        return;
+    };
+    match state.lost.iter_mut().find(|l| l.stream == sub.stream) {
+        Some(lost) => {
+            lost.count += 1;
+            lost.first_start = lost.first_start.min(item);
+            lost.last_start = lost.last_start.max(item);
+        }
+        None => state.lost.push(LostCandles {
+            stream: sub.stream,
+            series: series.clone(),
+            count: 1,
+            first_start: item,
+            last_start: item,
+        }),
     }
 }
 
@@ -724,3 +912,6 @@ fn alert_message(
         message: Value::Object(message),
     }
 }
+
+#[cfg(test)]
+mod slow_subscriber_tests;

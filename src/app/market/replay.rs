@@ -163,6 +163,24 @@ impl ReplayFeed {
         self.finished
     }
 
+    /// The event that says the replay is over, published after its last
+    /// event: `{"type":"replay_end","events":N,"lines":L,"bad_lines":B,
+    /// "out_of_order":O,"ts":T}`, where `ts` is the latest event time
+    /// replayed (absent when there was no event), so that it does not move
+    /// event time backwards.
+    pub fn end_event(&self) -> Map<String, Value> {
+        let mut event = Map::new();
+        event.insert("type".into(), Value::from(super::REPLAY_END));
+        event.insert("events".into(), Value::from(self.stats.events));
+        event.insert("lines".into(), Value::from(self.stats.lines));
+        event.insert("bad_lines".into(), Value::from(self.stats.bad_lines));
+        event.insert("out_of_order".into(), Value::from(self.stats.out_of_order));
+        if self.first_ts.is_some() {
+            event.insert("ts".into(), Value::from(self.max_ts));
+        }
+        event
+    }
+
     pub fn stats(&self) -> ReplayStats {
         self.stats.clone()
     }
@@ -551,6 +569,33 @@ mod tests {
         let mut feed = ReplayFeed::open(f.path(), 1.0, start).unwrap();
         assert_eq!(ns(&feed.poll(start)), [1]);
         assert_eq!(feed.stats().bad, [(1, "not valid UTF-8".to_owned())]);
+    }
+
+    #[test]
+    fn the_end_event_sums_the_replay_up_at_its_latest_time() {
+        let content = "{\"type\":\"t\",\"ts\":1000,\"n\":1}\n\
+                       not json\n\
+                       {\"type\":\"t\",\"ts\":3000,\"n\":2}\n\
+                       {\"type\":\"t\",\"ts\":2000,\"n\":3}\n";
+        let f = file(content);
+        let start = Instant::now();
+        let mut feed = ReplayFeed::open(f.path(), 1000.0, start).unwrap();
+        assert_eq!(ns(&feed.poll(start + ms(10))), [1, 2, 3]);
+        assert!(feed.is_finished());
+        assert_eq!(
+            Value::Object(feed.end_event()),
+            serde_json::json!({"type":"replay_end","events":3,"lines":4,"bad_lines":1,
+                               "out_of_order":1,"ts":3000})
+        );
+        // Without an event there is no event time to give.
+        let empty = file("\n");
+        let mut feed = ReplayFeed::open(empty.path(), 1.0, start).unwrap();
+        assert!(feed.poll(start).is_empty());
+        assert_eq!(
+            Value::Object(feed.end_event()),
+            serde_json::json!({"type":"replay_end","events":0,"lines":1,"bad_lines":0,
+                               "out_of_order":0})
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use super::Core;
 use crate::app::{resolve, Endpoint, Role, Target};
 use crate::metrics::{Labels, Metrics};
 use crate::server::connection::{Handshake, Open, Phase};
+use crate::server::pending_states::PendingStates;
 use crate::ws::extensions::DeflateParams;
 use crate::ws::handshake::{self, Rejection};
 use crate::ws::{self, Session};
@@ -56,6 +57,14 @@ impl Core {
             "fanout_outbound_queue_max_bytes",
             "The deepest client queue, in bytes.",
             deepest as f64,
+        );
+        m.gauge(
+            "fanout_held_states",
+            "State updates held for slow recipients now, waiting for room in their queues.",
+            self.held_states
+                .values()
+                .map(PendingStates::len)
+                .sum::<usize>() as f64,
         );
         self.stats.write_metrics(&mut m);
         self.compressors.write_metrics(&mut m);
