@@ -77,6 +77,7 @@ impl App {
             "Alerts fired.",
             market.alerts_fired,
         );
+        node.sinks.write_metrics(m);
         if let Some(redis) = self.bus.redis() {
             write_redis_metrics(redis, m);
         }
