@@ -29,6 +29,7 @@ const SECRET: &str = "test-secret: not a real one";
 /// with 1-minute candles only and the simulator off.
 struct SinkServer {
     servers: Servers,
+    /// Holds the config file until the server is gone.
     _dir: tempfile::TempDir,
 }
 
@@ -348,4 +349,38 @@ fn a_channel_sink_gets_the_messages_published_here() {
     );
     s.wait_counters("news", &[("sent", 1.0)]);
     assert_eq!(hook.requests().len(), 1, "`sport` is not the sink's");
+}
+
+#[test]
+fn shutdown_gives_the_worker_its_flush_time_and_no_more() {
+    let hook = HttpRecorder::start(&[Answer::Never]);
+    // An attempt could take a minute; the flush time is 300 ms.
+    let s = SinkServer::start(&webhook_sink(
+        "slow",
+        &hook.url("/in"),
+        "timeout = \"60s\"\nmax-attempts = 1\nflush-timeout = \"300ms\"",
+    ));
+    let mut owner = always_firing(&s);
+    let mut publisher = s.publisher();
+    publish(&mut publisher, trade("11", T0));
+    hook.wait_for(1, WAIT);
+    publish(&mut publisher, trade("12", T0 + SEC));
+    owner.recv();
+    owner.recv();
+    s.wait_counters("slow", &[("queued", 1.0), ("sent", 0.0)]);
+    drop((owner, publisher));
+    // The loop returns, then the sinks stop: the server's thread is
+    // joined long before the held attempt's minute is up.
+    let started = Instant::now();
+    s.servers.server.stop().expect("the loop ends cleanly");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "stopping took {took:?}: the flush time was not enforced"
+    );
+    assert_eq!(
+        hook.requests().len(),
+        1,
+        "the queued firing was not sent after the deadline"
+    );
 }
