@@ -12,6 +12,8 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
+use crate::app::sinks::settings::SinkConfig;
+
 /// fanout: WebSocket fan-out server for chat, pub/sub channels and market data.
 /// The internal listener a server started without listener flags gets.
 pub const DEFAULT_INTERNAL_LISTEN: SocketAddr =
@@ -298,6 +300,17 @@ pub struct Config {
     /// seconds, 1s to 1h).
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     pub presence_ttl: Duration,
+
+    /// POST every alert firing to this URL as JSON, signed with HMAC-SHA256
+    /// (header X-Fanout-Signature: sha256=HEX) under the secret in the
+    /// environment variable FANOUT_WEBHOOK_SECRET. Other sinks, and their
+    /// timeouts, retries and queues: `[[sink]]` tables in the config file.
+    #[arg(long, value_name = "URL")]
+    pub webhook: Option<String>,
+
+    /// The sinks: the config file's `[[sink]]` tables, then `--webhook`'s.
+    #[arg(skip)]
+    pub sinks: Vec<SinkConfig>,
 }
 
 /// `--compression`.
@@ -365,12 +378,23 @@ impl Config {
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
         let command = Config::command();
         let matches = command.clone().try_get_matches_from(&args)?;
+        let env = |name: &str| std::env::var(name).ok();
         let Some(path) = matches.get_one::<PathBuf>("config") else {
-            return Ok(Config::from_arg_matches(&matches)?.with_default_internal(&matches));
+            let config = Config::from_arg_matches(&matches)?.with_default_internal(&matches);
+            return config.with_webhook_flag(&env);
         };
         let file_error = |problem| ConfigError::File(ConfigFileError::new(path, problem));
         let text = std::fs::read_to_string(path).map_err(|e| file_error(FileProblem::Read(e)))?;
-        let file_args = file_to_args(&text, &command, |id| {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| file_error(FileProblem::Toml(e.message().to_owned())))?;
+        // `[[sink]]` tables are no flag: read apart from the rest.
+        let sinks = match table.remove("sink") {
+            Some(value) => SinkConfig::parse_all(value, &env)
+                .map_err(|why| file_error(FileProblem::Sink(why)))?,
+            None => Vec::new(),
+        };
+        let file_args = file_to_args(table, &command, |id| {
             matches.value_source(id) == Some(ValueSource::CommandLine)
         })
         .map_err(file_error)?;
@@ -380,7 +404,35 @@ impl Config {
         let matches = command
             .try_get_matches_from(merged)
             .map_err(|e| file_error(FileProblem::Value(e)))?;
-        Ok(Config::from_arg_matches(&matches)?.with_default_internal(&matches))
+        let mut config = Config::from_arg_matches(&matches)?.with_default_internal(&matches);
+        config.sinks = sinks;
+        config.with_webhook_flag(&env)
+    }
+
+    /// Adds `--webhook`'s sink (its secret from the environment); a
+    /// missing secret is a usage error, like a bad flag value.
+    fn with_webhook_flag(
+        mut self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let Some(url) = &self.webhook else {
+            return Ok(self);
+        };
+        let usage = |why: String| {
+            ConfigError::Cli(clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("{why}\n"),
+            ))
+        };
+        let sink = SinkConfig::webhook_flag(url, env).map_err(usage)?;
+        if self.sinks.iter().any(|s| s.name == sink.name) {
+            return Err(usage(format!(
+                "--webhook: its sink is named `{}`, and so is a [[sink]] of the config file; rename that one",
+                sink.name
+            )));
+        }
+        self.sinks.push(sink);
+        Ok(self)
     }
 
     /// A server started with no listener flags at all serves the README's
@@ -653,6 +705,8 @@ pub enum FileProblem {
     /// A value the flag's own parser refused (clap's rendered error names
     /// the flag).
     Value(clap::Error),
+    /// A `[[sink]]` table that cannot be used (names the sink and the key).
+    Sink(String),
 }
 
 impl fmt::Display for ConfigFileError {
@@ -685,6 +739,7 @@ impl fmt::Display for FileProblem {
                 write!(f, "key `{key}` has an unsupported value {value}")
             }
             FileProblem::Value(e) => write!(f, "{}", e.render()),
+            FileProblem::Sink(why) => f.write_str(why),
         }
     }
 }
@@ -692,13 +747,10 @@ impl fmt::Display for FileProblem {
 /// Turns the file's `key = value` pairs into flags, skipping those the
 /// command line sets itself. Unknown keys are an error naming the key.
 fn file_to_args(
-    text: &str,
+    table: toml::Table,
     command: &clap::Command,
     given_on_command_line: impl Fn(&str) -> bool,
 ) -> Result<Vec<String>, FileProblem> {
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| FileProblem::Toml(e.message().to_owned()))?;
     let mut args = Vec::new();
     for (key, value) in table {
         let arg = command
@@ -1100,6 +1152,45 @@ mod tests {
         assert!(missing
             .to_string()
             .starts_with("cannot read config file /nonexistent/fanout.toml: "));
+    }
+
+    #[test]
+    fn sinks_come_from_the_file_and_the_webhook_flag() {
+        let file = "no-sim = true\n[[sink]]\nname = \"desk\"\nkind = \"telegram\"\nbot-token = \"1:a\"\nchat-id = 7\n";
+        let c = with_file(file, &[]).unwrap();
+        assert!(c.no_sim);
+        assert_eq!(c.sinks.len(), 1);
+        assert_eq!(c.sinks[0].name, "desk");
+        let err = with_file("[[sink]]\nname = \"desk\"\nkind = \"telegram\"\n", &[]).unwrap_err();
+        assert!(
+            err.starts_with("config file ")
+                && err.contains(": [[sink]] #1 (`desk`): a telegram sink needs `bot-token`"),
+            "{err}"
+        );
+        assert!(matches!(
+            with_file_inner("[[sink]]\nname = \"x\"\n", &[]),
+            Err(ConfigError::File(ConfigFileError {
+                problem: FileProblem::Sink(_),
+                ..
+            }))
+        ));
+        // --webhook needs its secret in the environment.
+        let c = Config::from_args(["fanout"]).unwrap();
+        assert!(c.sinks.is_empty());
+        let no_secret = |_: &str| None;
+        let err = c.clone().with_webhook_flag(&no_secret);
+        assert!(err.is_ok(), "no --webhook, nothing needed");
+        let c = Config::from_args(["fanout", "--no-sim"]).map(|mut c| {
+            c.webhook = Some("http://127.0.0.1:1/hook".into());
+            c
+        });
+        let c = c.unwrap();
+        let err = c.clone().with_webhook_flag(&no_secret).unwrap_err();
+        assert!(err.to_string().contains("FANOUT_WEBHOOK_SECRET"), "{err}");
+        let secret = |_: &str| Some("k".to_owned());
+        let with = c.with_webhook_flag(&secret).unwrap();
+        assert_eq!(with.sinks.len(), 1);
+        assert_eq!(with.sinks[0].name, "webhook");
     }
 
     #[test]

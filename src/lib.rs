@@ -64,6 +64,11 @@
 //!   events/            the registration protocol's streams and filters
 //!   market/            simulator and replay feeds, K-lines (and the /kline
 //!                      text protocol), filter expressions, alerts
+//!   sinks/             alert firings (and chosen channels) delivered
+//!                      outside: webhook.rs (HMAC-signed POST),
+//!                      telegram.rs (sendMessage), settings.rs ([[sink]]
+//!                      tables), worker.rs (a thread per sink, ureq,
+//!                      retries with backoff.rs), fed by a bounded queue
 //!   metrics.rs         the app's part of /metrics
 //! src/cluster/  a generic Redis transport for scale-out (two threads, a mio
 //!               Waker); its file map is in its module docs

@@ -90,6 +90,7 @@ impl App {
                 events,
             );
         }
+        node.sinks.write_metrics(m);
         if let Some(redis) = self.bus.redis() {
             write_redis_metrics(redis, m);
         }

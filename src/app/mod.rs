@@ -12,6 +12,8 @@
 //! * [`bus`]: how what every node must see alike gets there, on a single
 //!   node or through Redis; `publishing` and `scale_out` are the app's
 //!   side of it for channels and for what Redis hands back;
+//! * [`sinks`]: alert firings and chosen channels delivered outside
+//!   (webhooks, Telegram) by worker threads;
 //! * `metrics`: the app's part of `GET /metrics`.
 //!
 //! The app is split in two values: the [`Bus`] and the `Node` (everything
@@ -31,6 +33,7 @@ mod publishing;
 mod router;
 pub mod routes;
 mod scale_out;
+pub mod sinks;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -45,6 +48,7 @@ use self::chat::Chat;
 use self::events::stream::EventStreams;
 use self::market::Market;
 use self::protocol::{error, ProtocolError};
+use self::sinks::Sinks;
 use crate::cluster::RedisLink;
 use crate::config::Config;
 use crate::ws::CloseCode;
@@ -193,6 +197,8 @@ struct Node {
     chat: Chat,
     streams: EventStreams,
     market: Market,
+    /// Where alert firings (and chosen channels) go outside.
+    sinks: Sinks,
     stats: AppStats,
 }
 
@@ -218,6 +224,8 @@ impl App {
             ),
             streams: EventStreams::new(config.max_queue_size, config.registration_timeout),
             market: Market::new(config, now)?,
+            sinks: Sinks::start(&config.sinks)
+                .map_err(|e| format!("cannot start a sink's worker thread: {e}"))?,
             stats: AppStats::default(),
         };
         Ok(Self {

@@ -67,14 +67,37 @@ impl Node {
             Route::Here => {
                 let offset = self.channels.next_offset(channel);
                 let mode = Apply::Deliver;
-                self.apply_message(bus, channel, Some(offset), ts, data, mode, now, out)
-                    .map(Sent::Numbered)
+                let sink_copy = self.sinks.want_channel(channel).then(|| data.clone());
+                let sent = self
+                    .apply_message(bus, channel, Some(offset), ts, data, mode, now, out)
+                    .map(Sent::Numbered)?;
+                if let Some(data) = sink_copy {
+                    self.offer_to_sinks(channel, Some(offset), ts, &data);
+                }
+                Ok(sent)
             }
+            // Offered to the sinks when it comes back from Redis.
             Route::Pending => Ok(Sent::Pending),
-            Route::Fallback => self
-                .apply_message(bus, channel, None, ts, data, Apply::Deliver, now, out)
-                .map(Sent::Local),
+            Route::Fallback => {
+                let sink_copy = self.sinks.want_channel(channel).then(|| data.clone());
+                let sent = self
+                    .apply_message(bus, channel, None, ts, data, Apply::Deliver, now, out)
+                    .map(Sent::Local)?;
+                if let Some(data) = sink_copy {
+                    self.offer_to_sinks(channel, None, ts, &data);
+                }
+                Ok(sent)
+            }
         }
+    }
+
+    /// A message this node published, for the sinks that take its
+    /// channel, encoded as its subscribers receive it.
+    fn offer_to_sinks(&self, channel: &str, offset: Option<u64>, ts: u64, data: &Value) {
+        let frame = channels::message_frame(channel, offset, ts, data);
+        let encoded = std::str::from_utf8(frame.payload())
+            .expect("channel messages are encoded from JSON text");
+        self.sinks.offer_channel(channel, data, encoded);
     }
 
     /// An event the server itself publishes (a feed's): the `events`
@@ -114,7 +137,11 @@ impl Node {
             .market
             .on_event_at(&event.fields, json, now, ts as i64, out)
         {
-            out.reply(fired.conn, Message::Text(&fired.message.to_string()));
+            let encoded = fired.message.to_string();
+            out.reply(fired.conn, Message::Text(&encoded));
+            // Made here, so delivered outside from here (other nodes see
+            // it only on the `alerts` channel).
+            self.sinks.offer_alert(&fired.message, &encoded);
             let published = self
                 .channels
                 .authorize(ALERTS_CHANNEL, true)
@@ -340,7 +367,14 @@ impl Node {
         } else {
             Apply::Deliver
         };
+        // This node's own publish, not delivered here during an outage
+        // already: the sinks take it now that it has its offset.
+        let ours = pending.as_ref().is_some_and(|p| !p.local);
+        let sink_copy = (ours && self.sinks.want_channel(channel)).then(|| data.clone());
         let result = self.apply_message(redis, channel, Some(offset), ts, data, mode, now, out);
+        if let (Some(data), Ok(_)) = (sink_copy, &result) {
+            self.offer_to_sinks(channel, Some(offset), ts, &data);
+        }
         let reply = pending.and_then(|p| p.reply).filter(|r| self.still_open(r));
         match (result, reply) {
             (Ok(published), Some(reply)) => {

@@ -31,6 +31,7 @@ mod python_client;
 mod readme;
 mod redis_link;
 mod replay;
+mod sinks;
 mod smoke;
 mod stalled_close;
 mod tls;

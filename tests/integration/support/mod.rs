@@ -6,6 +6,7 @@
 pub mod bounded;
 pub mod common;
 pub mod external;
+pub mod http_recorder;
 pub mod json_client;
 pub mod redis_server;
 pub mod tls;
