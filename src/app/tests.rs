@@ -213,7 +213,7 @@ fn open(app: &mut App, conn: ConnId, role: Role, out: &mut RecordingOutbox) {
         role,
         peer: "127.0.0.1:9".parse().unwrap(),
     };
-    app.on_open(conn, Endpoint::Ws, info, Instant::now(), out);
+    app.on_open(conn, Endpoint::Ws, info, None, Instant::now(), out);
 }
 
 fn send(app: &mut App, conn: ConnId, request: &str, out: &mut RecordingOutbox) {
