@@ -26,7 +26,7 @@ impl App {
         );
         m.counter(
             "fanout_auth_failures_total",
-            "Publisher keys rejected.",
+            "Failed auth requests: publisher keys and tokens refused.",
             s.auth_failures,
         );
         m.counter(

@@ -34,4 +34,5 @@ mod replay;
 mod smoke;
 mod stalled_close;
 mod tls;
+mod tokens;
 mod websocat;

@@ -15,6 +15,11 @@ use crate::app::channels::name::pattern_covers;
 use crate::app::protocol::{ErrorCode, ProtocolError};
 use crate::app::{unix_millis, ConnId, Outbox};
 
+/// Stale deadlines kept beyond twice the live ones before the heap is
+/// compacted: the cost of a compaction is spread over at least this many
+/// inserts and removals.
+const STALE_DEADLINES: usize = 1024;
+
 #[derive(Debug)]
 struct Held {
     grant: Grant,
@@ -65,11 +70,27 @@ impl Grants {
                 expired: false,
             },
         );
+        self.compact();
     }
 
     pub fn remove(&mut self, conn: ConnId) {
-        // Its deadline stays in the heap and is passed over when due.
+        // Its deadline stays in the heap and is passed over when due...
         self.held.remove(&conn);
+        self.compact();
+    }
+
+    /// ...unless stale deadlines (of closed connections, and of tokens
+    /// since refreshed) outnumber the live ones by this much: then they
+    /// go, so that churn under long-lived tokens cannot grow the heap
+    /// without bound.
+    fn compact(&mut self) {
+        if self.deadlines.len() <= 2 * self.held.len() + STALE_DEADLINES {
+            return;
+        }
+        let held = &self.held;
+        self.deadlines.retain(|Reverse((_, conn, generation))| {
+            held.get(conn).is_some_and(|h| h.generation == *generation)
+        });
     }
 
     pub fn get(&self, conn: ConnId) -> Option<&Grant> {
@@ -229,5 +250,18 @@ mod tests {
             PublishRight::Refused(_)
         ));
         assert!(grants.next_deadline().unwrap() > now + Duration::from_secs(3000));
+    }
+
+    #[test]
+    fn stale_deadlines_do_not_pile_up() {
+        let mut grants = Grants::default();
+        let now = Instant::now();
+        for round in 0..10 * STALE_DEADLINES {
+            grants.insert(round % 3, grant(3600, None, None), now);
+            if round % 2 == 0 {
+                grants.remove(round % 3);
+            }
+        }
+        assert!(grants.deadlines.len() <= 2 * grants.held.len() + STALE_DEADLINES + 1);
     }
 }
