@@ -276,8 +276,11 @@ impl App {
         let node = &mut self.node;
         node.next_serial += 1;
         if let Some(grant) = grant {
-            if let Some(sub) = &grant.sub {
-                node.chat.set_identity(conn, sub);
+            match &grant.sub {
+                // /echo keeps nothing but the grant (its `on_close` forgets
+                // only that).
+                Some(sub) if endpoint != Endpoint::Echo => node.chat.set_identity(conn, sub),
+                _ => {}
             }
             // Even /echo keeps the grant: its token expires like any other.
             node.grants.insert(conn, grant, now);

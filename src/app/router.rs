@@ -236,7 +236,7 @@ impl Node {
         } else {
             Err(ProtocolError::new(
                 ErrorCode::Forbidden,
-                format!("only trusted connections may {action}: use the internal listener, or `auth` with a publisher key"),
+                format!("only trusted connections may {action}: use the internal listener, or `auth` with a publisher key or a publisher's token"),
             ))
         }
     }
@@ -372,7 +372,7 @@ fn untrusted_event_publisher() -> ProtocolError {
         ErrorCode::Forbidden,
         format!(
             "publishing to `{EVENTS_CHANNEL}` needs a trusted connection: the internal listener, or `auth` with a \
-             publisher key"
+             publisher key or a publisher's token"
         ),
     )
 }
