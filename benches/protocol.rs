@@ -215,11 +215,18 @@ fn publish_fanout_app(c: &mut Criterion) {
         let mut out = CountingOutbox::default();
         let subscribe = Message::Text(r#"{"type":"subscribe","channel":"bench"}"#);
         for conn in 0..subscribers {
-            app.on_open(conn, Endpoint::Ws, info(Role::Public), now, &mut out);
+            app.on_open(conn, Endpoint::Ws, info(Role::Public), None, now, &mut out);
             app.on_message(conn, Endpoint::Ws, subscribe, now, &mut out);
         }
         let publisher = subscribers;
-        app.on_open(publisher, Endpoint::Ws, info(Role::Internal), now, &mut out);
+        app.on_open(
+            publisher,
+            Endpoint::Ws,
+            info(Role::Internal),
+            None,
+            now,
+            &mut out,
+        );
         out = CountingOutbox::default();
         group.throughput(Throughput::Elements(subscribers as u64));
         group.bench_with_input(

@@ -13,6 +13,9 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
 use crate::app::sinks::settings::SinkConfig;
+/// The most clock skew `--token-leeway` may allow: a token is honoured
+/// this long past its `exp` at most.
+pub const MAX_TOKEN_LEEWAY: Duration = Duration::from_secs(300);
 
 /// fanout: WebSocket fan-out server for chat, pub/sub channels and market data.
 /// The internal listener a server started without listener flags gets.
@@ -195,6 +198,39 @@ pub struct Config {
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub max_auth_failures: u32,
 
+    /// File holding the HS256 secret an identity provider signs tokens
+    /// with (a trailing newline is not part of it). Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub token_secret_file: Option<PathBuf>,
+
+    /// JWKS file (`{"keys":[...]}`) of an identity provider's public keys:
+    /// RSA (RS256), P-256 (ES256) and Ed25519 (EdDSA). Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub token_jwks_file: Option<PathBuf>,
+
+    /// The `iss` every token must carry (unset: not checked).
+    #[arg(long, value_name = "ISSUER")]
+    pub token_issuer: Option<String>,
+
+    /// The audience every token's `aud` must name (unset: not checked).
+    #[arg(long, value_name = "AUDIENCE")]
+    pub token_audience: Option<String>,
+
+    /// Clock skew allowed around a token's `exp` and `nbf` (at most 5m); a
+    /// connection's token expires this long after its `exp`.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub token_leeway: Duration,
+
+    /// Refuse WebSocket handshakes without a valid token on the public
+    /// (--listen) listeners with 401; internal listeners stay open.
+    #[arg(long)]
+    pub require_token: bool,
+
+    /// Ed25519 public key (PEM) whose EdDSA-signed tokens make a connection
+    /// a trusted publisher (repeatable). Re-read on SIGHUP.
+    #[arg(long = "publisher-public-key", value_name = "FILE")]
+    pub publisher_public_keys: Vec<PathBuf>,
+
     /// A `/ws` client must send a valid request (e.g. `register`) within
     /// this time after connecting, or it is closed with 1008.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -369,6 +405,24 @@ impl Config {
         format!("{host}-{}", std::process::id())
     }
 
+    /// The files token keys are read from (and re-read on SIGHUP).
+    pub fn token_keys(&self) -> crate::app::tokens::KeyFiles {
+        crate::app::tokens::KeyFiles {
+            secret: self.token_secret_file.clone(),
+            jwks: self.token_jwks_file.clone(),
+            publishers: self.publisher_public_keys.clone(),
+        }
+    }
+
+    /// The checks every token passes.
+    pub fn token_rules(&self) -> crate::app::tokens::TokenRules {
+        crate::app::tokens::TokenRules {
+            issuer: self.token_issuer.clone(),
+            audience: self.token_audience.clone(),
+            leeway_secs: self.token_leeway.as_secs(),
+        }
+    }
+
     /// Parses the command line, merging in `--config FILE` if given.
     pub fn from_args<I, T>(args: I) -> Result<Config, ConfigError>
     where
@@ -526,6 +580,12 @@ impl Config {
                 return Err(InvalidConfig::NodeId(id.clone()));
             }
         }
+        if self.token_leeway > MAX_TOKEN_LEEWAY || self.token_leeway.subsec_nanos() != 0 {
+            return Err(InvalidConfig::TokenLeeway(self.token_leeway));
+        }
+        if self.require_token && self.token_keys().is_empty() {
+            return Err(InvalidConfig::RequireTokenWithoutKeys);
+        }
         for (name, value) in [
             ("--handshake-timeout", self.handshake_timeout),
             ("--ping-interval", self.ping_interval),
@@ -580,6 +640,10 @@ pub enum InvalidConfig {
     NodeId(String),
     /// This timeout flag is zero.
     ZeroTimeout(&'static str),
+    /// `--token-leeway` not whole seconds, or over [`MAX_TOKEN_LEEWAY`].
+    TokenLeeway(Duration),
+    /// `--require-token` with no key to verify a token with.
+    RequireTokenWithoutKeys,
 }
 
 impl fmt::Display for InvalidConfig {
@@ -625,6 +689,16 @@ impl fmt::Display for InvalidConfig {
                 write!(f, "--node-id {id:?}: expected 1 to 64 of A-Z a-z 0-9 _ . -")
             }
             InvalidConfig::ZeroTimeout(name) => write!(f, "{name} must be greater than zero"),
+            InvalidConfig::TokenLeeway(leeway) => write!(
+                f,
+                "--token-leeway must be whole seconds, at most {}, not {}",
+                humantime::format_duration(MAX_TOKEN_LEEWAY),
+                humantime::format_duration(*leeway)
+            ),
+            InvalidConfig::RequireTokenWithoutKeys => f.write_str(
+                "--require-token needs a key to verify tokens with: --token-secret-file, \
+                 --token-jwks-file or --publisher-public-key",
+            ),
         }
     }
 }
@@ -909,6 +983,38 @@ mod tests {
         assert!(!c.reuse_port);
         assert_eq!(c.listen_backlog, 1024);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn token_flags_are_checked() {
+        let c = Config::from_args(["fanout"]).unwrap();
+        assert_eq!(c.token_leeway, Duration::from_secs(30));
+        assert!(!c.require_token && c.token_keys().is_empty());
+        let error = |args: &[&str]| {
+            let c = Config::from_args(std::iter::once("fanout").chain(args.iter().copied()));
+            c.unwrap().validate().unwrap_err().to_string()
+        };
+        let e = error(&["--require-token"]);
+        assert!(e.contains("--require-token needs a key"), "{e}");
+        let e = error(&["--token-leeway", "10m"]);
+        assert!(e.contains("--token-leeway") && e.contains("5m"), "{e}");
+        assert!(error(&["--token-leeway", "1500ms"]).contains("whole seconds"));
+        let c = Config::from_args([
+            "fanout",
+            "--require-token",
+            "--token-secret-file",
+            "/s",
+            "--publisher-public-key",
+            "/a.pem",
+            "--publisher-public-key",
+            "/b.pem",
+            "--token-leeway",
+            "0s",
+        ])
+        .unwrap();
+        assert!(c.validate().is_ok());
+        assert_eq!(c.token_keys().publishers.len(), 2);
+        assert_eq!(c.token_rules().leeway_secs, 0);
     }
 
     #[test]

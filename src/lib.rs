@@ -62,6 +62,9 @@
 //!                      chat's own Redis coordination (chat/redis/: its
 //!                      keys, Lua scripts and replies in scripts.rs)
 //!   events/            the registration protocol's streams and filters
+//!   tokens/            JWTs: key files (JWKS, HS256 secret, publisher
+//!                      keys; re-read on SIGHUP), verification into a
+//!                      grant, and each connection's grant and expiry
 //!   market/            simulator and replay feeds, K-lines (and the /kline
 //!                      text protocol), filter expressions, alerts
 //!   sinks/             alert firings (and chosen channels) delivered
@@ -84,9 +87,10 @@
 //! 1. Wait for readiness or the next deadline (a connection's timer, the
 //!    app's next deadline, the end of the shutdown grace);
 //!    without waiting at all when the previous turn left work over.
-//! 2. Handle the events: signals (SIGHUP reloads the TLS certificates,
-//!    SIGINT and SIGTERM begin the shutdown), the Redis link's waker (its
-//!    inbox is drained into the app), listeners and connections.
+//! 2. Handle the events: signals (SIGHUP reloads the TLS certificates and
+//!    the token keys, SIGINT and SIGTERM begin the shutdown), the Redis
+//!    link's waker (its inbox is drained into the app), listeners and
+//!    connections.
 //!    - A listener accepts until `WouldBlock`, but at most 1024 connections
 //!      per turn; the rest are accepted next turn, after every other socket,
 //!      timer and signal has been served.

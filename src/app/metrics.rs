@@ -4,9 +4,10 @@
 //! metric's name and help text are found in one place.
 
 use super::bus::RedisBus;
+use super::tokens::RefusalKind;
 use super::App;
 use crate::cluster::LinkState;
-use crate::metrics::Metrics;
+use crate::metrics::{Labels, Metrics};
 
 impl App {
     /// The app's counters for `GET /metrics`.
@@ -25,8 +26,41 @@ impl App {
         );
         m.counter(
             "fanout_auth_failures_total",
-            "Publisher keys rejected.",
+            "Failed auth requests: publisher keys and tokens refused.",
             s.auth_failures,
+        );
+        m.counter(
+            "fanout_tokens_accepted_total",
+            "Tokens (JWTs) accepted, in handshakes and auth requests.",
+            s.tokens_accepted,
+        );
+        let refusals: Vec<([(&str, &str); 1], f64)> = RefusalKind::ALL
+            .iter()
+            .zip(s.token_refusals)
+            .map(|(kind, n)| ([("reason", kind.label())], n as f64))
+            .collect();
+        let refusals: Vec<(Labels<'_>, f64)> = refusals.iter().map(|(l, n)| (&l[..], *n)).collect();
+        m.family(
+            "fanout_token_refusals_total",
+            "Tokens refused (handshakes answered 401, auth requests answered auth_failed), by reason; \
+             `missing` is a handshake without one under --require-token.",
+            "counter",
+            &refusals,
+        );
+        m.counter(
+            "fanout_token_expiry_closes_total",
+            "Connections closed with 4001 because their token expired.",
+            node.grants.expired_closes,
+        );
+        m.counter(
+            "fanout_token_key_reloads_total",
+            "SIGHUP re-reads of the token key files that worked.",
+            s.token_key_reloads,
+        );
+        m.counter(
+            "fanout_token_key_reload_failures_total",
+            "SIGHUP re-reads of the token key files that failed (the previous keys stay).",
+            s.token_key_reload_failures,
         );
         m.counter(
             "fanout_published_total",

@@ -34,6 +34,7 @@ mod router;
 pub mod routes;
 mod scale_out;
 pub mod sinks;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -49,6 +50,7 @@ use self::events::stream::EventStreams;
 use self::market::Market;
 use self::protocol::{error, ProtocolError};
 use self::sinks::Sinks;
+use self::tokens::{Grant, Grants, KeyFiles, Refusal, RefusalKind, TokenKeys, TokenVerifier};
 use crate::cluster::RedisLink;
 use crate::config::Config;
 use crate::ws::CloseCode;
@@ -175,6 +177,15 @@ pub struct AppStats {
     pub request_errors: u64,
     pub auth_failures: u64,
     pub published: u64,
+    /// Tokens taken, in handshakes and `auth` requests.
+    pub tokens_accepted: u64,
+    /// Tokens refused (or missing under `--require-token`), by
+    /// [`RefusalKind`] in the order of [`RefusalKind::ALL`].
+    pub token_refusals: [u64; RefusalKind::ALL.len()],
+    /// SIGHUP re-reads of the token keys that worked, and that failed
+    /// (the previous keys stay).
+    pub token_key_reloads: u64,
+    pub token_key_reload_failures: u64,
 }
 
 /// The application: one value, owned by the event loop.
@@ -190,6 +201,13 @@ pub struct App {
 #[derive(Debug)]
 struct Node {
     keys: KeyRing,
+    /// Token keys and rules; `token_files` are re-read on SIGHUP.
+    tokens: TokenVerifier,
+    token_files: KeyFiles,
+    /// `--require-token`: public listeners refuse handshakes without one.
+    require_token: bool,
+    /// Each connection's token grant and its expiry timer.
+    grants: Grants,
     max_auth_failures: u32,
     clients: HashMap<ConnId, Client>,
     next_serial: u64,
@@ -206,8 +224,13 @@ impl App {
     /// Fails on settings only the app can check (a K-line interval, the
     /// replay file).
     pub fn new(config: &Config, now: Instant) -> Result<Self, String> {
+        let token_files = config.token_keys();
         let node = Node {
             keys: KeyRing::new(config.publisher_key_hashes.clone()),
+            tokens: TokenVerifier::new(TokenKeys::load(&token_files)?, config.token_rules()),
+            token_files,
+            require_token: config.require_token,
+            grants: Grants::default(),
             max_auth_failures: config.max_auth_failures,
             clients: HashMap::new(),
             next_serial: 0,
@@ -234,20 +257,87 @@ impl App {
         })
     }
 
-    /// A WebSocket handshake on `endpoint` completed.
+    /// Whether a handshake on a `role` listener that presents `token` (or
+    /// none) may go on, and with what grant. The refusal is the 401's
+    /// reason; it is counted by kind in `/metrics`.
+    pub fn admit(&mut self, role: Role, token: Option<&str>) -> Result<Option<Grant>, String> {
+        let node = &mut self.node;
+        let Some(token) = token else {
+            if node.require_token && role == Role::Public {
+                node.count_refusal(RefusalKind::Missing);
+                return Err(
+                    "a token is required: send `Authorization: Bearer <JWT>`, or `?token=<JWT>` \
+                     in the URL"
+                        .to_owned(),
+                );
+            }
+            return Ok(None);
+        };
+        match node.tokens.verify(token) {
+            Ok(grant) => {
+                node.stats.tokens_accepted += 1;
+                Ok(Some(grant))
+            }
+            Err(refusal) => {
+                node.count_refusal(refusal.kind);
+                Err(format!("token refused: {}", refusal.message))
+            }
+        }
+    }
+
+    /// A handshake whose token was not in a usable form (another scheme
+    /// than Bearer, two tokens, an empty one): counted as malformed.
+    pub fn count_token_form_refusal(&mut self) {
+        self.node.count_refusal(RefusalKind::Malformed);
+    }
+
+    /// SIGHUP: reads the token keys again. `Ok(false)` when none are
+    /// configured; on an error the previous keys stay.
+    pub fn reload_tokens(&mut self) -> Result<bool, String> {
+        let node = &mut self.node;
+        if node.token_files.is_empty() {
+            return Ok(false);
+        }
+        match TokenKeys::load(&node.token_files) {
+            Ok(keys) => {
+                node.tokens.keys = keys;
+                node.stats.token_key_reloads += 1;
+                Ok(true)
+            }
+            Err(e) => {
+                node.stats.token_key_reload_failures += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// A WebSocket handshake on `endpoint` completed, with the grant of the
+    /// token it presented, if any ([`App::admit`]).
     pub fn on_open(
         &mut self,
         conn: ConnId,
         endpoint: Endpoint,
         info: ConnInfo,
+        grant: Option<Grant>,
         now: Instant,
         out: &mut impl Outbox,
     ) {
         let node = &mut self.node;
         node.next_serial += 1;
+        if let Some(grant) = grant {
+            match &grant.sub {
+                // /echo keeps nothing but the grant (its `on_close` forgets
+                // only that).
+                Some(sub) if endpoint != Endpoint::Echo => node.chat.set_identity(conn, sub),
+                _ => {}
+            }
+            // Even /echo keeps the grant: its token expires like any other.
+            node.grants.insert(conn, grant, now);
+        }
         if endpoint == Endpoint::Echo {
-            // Echo needs no per-connection state: idle echo connections
-            // (what benchmarks hold open by the thousand) cost the app nothing.
+            // Echo needs no other per-connection state: idle echo
+            // connections (what benchmarks hold open by the thousand) cost
+            // the app nothing.
             return;
         }
         let trusted = info.role == Role::Internal;
@@ -298,10 +388,11 @@ impl App {
 
     /// The connection is gone; forget everything about it.
     pub fn on_close(&mut self, conn: ConnId, endpoint: Endpoint, out: &mut impl Outbox) {
+        let node = &mut self.node;
+        node.grants.remove(conn);
         if endpoint == Endpoint::Echo {
             return;
         }
-        let node = &mut self.node;
         node.clients.remove(&conn);
         node.channels.remove_conn(conn);
         node.chat.remove_conn(conn, out);
@@ -313,15 +404,20 @@ impl App {
     /// The next moment the app needs [`App::on_timer`].
     pub fn next_deadline(&self) -> Option<Instant> {
         let node = &self.node;
-        [node.streams.next_deadline(), node.market.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            node.streams.next_deadline(),
+            node.market.next_deadline(),
+            node.grants.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub fn on_timer(&mut self, now: Instant, out: &mut impl Outbox) {
         let node = &mut self.node;
         node.streams.on_timer(now, out);
+        node.grants.on_timer(now, out);
         for event in node.market.poll_feeds(now) {
             // Feed events are the server's own: publishing them cannot be
             // refused for trust, only for limits, which are logged.
@@ -373,8 +469,22 @@ impl App {
 }
 
 impl Node {
+    /// Internal listener, a publisher key, or a publisher's token (for as
+    /// long as it has not expired).
     fn is_trusted(&self, conn: ConnId) -> bool {
-        self.clients.get(&conn).is_some_and(|c| c.trusted)
+        self.clients.get(&conn).is_some_and(|c| c.trusted) || self.grants.is_publisher(conn)
+    }
+
+    fn count_refusal(&mut self, kind: RefusalKind) {
+        if let Some(i) = RefusalKind::ALL.iter().position(|k| *k == kind) {
+            self.stats.token_refusals[i] += 1;
+        }
+    }
+
+    /// Counts a refused token and says why, for an `auth` error.
+    fn token_refused(&mut self, refusal: Refusal) -> String {
+        self.count_refusal(refusal.kind);
+        format!("token refused: {}", refusal.message)
     }
 
     fn reply_to(&self, conn: ConnId, id: Option<Value>) -> Option<Reply> {

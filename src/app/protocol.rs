@@ -98,9 +98,7 @@ pub enum Command {
     Register {
         filters: EventFilters,
     },
-    Auth {
-        key: String,
-    },
+    Auth(Credential),
     Create {
         channel: String,
         settings: ChannelSettings,
@@ -156,6 +154,14 @@ pub enum Command {
     },
 }
 
+/// What an `auth` request presents: a publisher key (`key`), or a token
+/// (`token`, a JWT: see [`crate::app::tokens`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    Key(String),
+    Token(String),
+}
+
 /// A `kline.subscribe` request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KlineRequest {
@@ -202,7 +208,7 @@ fn parse_command(object: &Map<String, Value>) -> Result<Command, ProtocolError> 
     let kind = fields.string("type")?;
     Ok(match kind {
         "register" => Command::Register { filters: EventFilters::from_json(object.get("filters"))? },
-        "auth" => Command::Auth { key: fields.string("key")?.to_owned() },
+        "auth" => Command::Auth(fields.credential()?),
         "create" => Command::Create { channel: fields.string("channel")?.to_owned(), settings: fields.settings()? },
         "publish" | "notify" => Command::Publish {
             channel: fields.string("channel")?.to_owned(),
@@ -290,6 +296,22 @@ impl<'a> Fields<'a> {
                 .as_u64()
                 .map(Some)
                 .ok_or_else(|| invalid(field, "a non-negative integer")),
+        }
+    }
+
+    /// `key` or `token`: exactly one of them.
+    fn credential(&self) -> Result<Credential, ProtocolError> {
+        match (self.opt_string("key")?, self.opt_string("token")?) {
+            (Some(key), None) => Ok(Credential::Key(key.to_owned())),
+            (None, Some(token)) => Ok(Credential::Token(token.to_owned())),
+            (None, None) => Err(ProtocolError::new(
+                ErrorCode::MissingField,
+                "field `key` (a publisher key) or `token` (a JWT) is required",
+            )),
+            (Some(_), Some(_)) => Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                "fields `key` and `token` exclude each other: send one",
+            )),
         }
     }
 
@@ -399,6 +421,21 @@ mod tests {
         assert!(err(r#"{"type":"create","channel":"a","publish":"me"}"#)
             .2
             .contains("`publish`"));
+        let (_, code, message) = err(r#"{"type":"auth"}"#);
+        assert_eq!(code, ErrorCode::MissingField);
+        assert!(
+            message.contains("`key`") && message.contains("`token`"),
+            "{message}"
+        );
+        let (_, code, _) = err(r#"{"type":"auth","key":"k","token":"t"}"#);
+        assert_eq!(code, ErrorCode::InvalidField);
+        assert!(err(r#"{"type":"auth","token":5}"#).2.contains("`token`"));
+        assert_eq!(
+            parse_request(r#"{"type":"auth","token":"a.b.c"}"#)
+                .unwrap()
+                .command,
+            Command::Auth(Credential::Token("a.b.c".into()))
+        );
     }
 
     #[test]

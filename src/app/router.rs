@@ -12,10 +12,14 @@ use log::warn;
 use serde_json::{json, Value};
 
 use super::bus::Bus;
+use super::channels::name::validate_pattern;
 use super::chat::LineKind;
 use super::market::kline_text::{self, TextCommand};
-use super::protocol::{ack, error, parse_request, Command, ErrorCode, ProtocolError, Request};
+use super::protocol::{
+    ack, error, parse_request, Command, Credential, ErrorCode, ProtocolError, Request,
+};
 use super::publishing::{Answer, Sent};
+use super::tokens::{PublishRight, Refusal, RefusalKind};
 use super::{ConnId, Message, Node, Outbox, EVENTS_CHANNEL};
 use crate::ws::CloseCode;
 
@@ -116,14 +120,24 @@ impl Node {
             Command::Register { filters } => {
                 self.streams.register(conn, filters, out);
             }
-            Command::Auth { key } => self.authenticate(conn, &key, &id, out)?,
+            Command::Auth(Credential::Key(key)) => self.authenticate(conn, &key, &id, out)?,
+            Command::Auth(Credential::Token(token)) => {
+                self.authenticate_token(conn, &token, &id, now, out)?
+            }
             Command::Create { channel, settings } => {
                 self.require_trusted(conn, "create channels")?;
                 let created = self.create_channel(bus, conn, &channel, &settings, &id)?;
                 answer(out, "create", created);
             }
             Command::Publish { channel, data } => {
-                let trusted = self.is_trusted(conn);
+                // A token's `publish` claim names the channels it may
+                // publish to, and lets it publish there as a trusted
+                // connection may.
+                let trusted = match self.grants.publish_right(conn, &channel) {
+                    PublishRight::Unchanged => self.is_trusted(conn),
+                    PublishRight::Granted => true,
+                    PublishRight::Refused(e) => return Err(e),
+                };
                 if channel == EVENTS_CHANNEL {
                     check_event(&data)?;
                     if !trusted {
@@ -145,6 +159,8 @@ impl Node {
                 }
             }
             Command::Subscribe { channel, since } => {
+                validate_pattern("channel", &channel)?;
+                self.grants.check_subscribe(conn, &channel)?;
                 self.subscribe(bus, conn, channel, since, &id, now, out)?
             }
             Command::Unsubscribe { channel } => {
@@ -222,7 +238,7 @@ impl Node {
         } else {
             Err(ProtocolError::new(
                 ErrorCode::Forbidden,
-                format!("only trusted connections may {action}: use the internal listener, or `auth` with a publisher key"),
+                format!("only trusted connections may {action}: use the internal listener, or `auth` with a publisher key or a publisher's token"),
             ))
         }
     }
@@ -253,10 +269,76 @@ impl Node {
             );
             return Ok(());
         }
+        self.auth_failed(conn, why, "publisher key rejected", id, out)
+    }
+
+    /// `auth` with a token: a fresh grant for the connection (its expiry
+    /// timer starts again), which may make it a trusted publisher. A
+    /// refused token counts as a failed `auth` like a wrong key.
+    fn authenticate_token(
+        &mut self,
+        conn: ConnId,
+        token: &str,
+        id: &Option<Value>,
+        now: Instant,
+        out: &mut impl Outbox,
+    ) -> Result<(), ProtocolError> {
+        if !self.clients.contains_key(&conn) {
+            return Ok(());
+        }
+        let verified = self.tokens.verify(token).and_then(|grant| {
+            // A connection is one identity: a fresh token may not change it.
+            match self.grants.get(conn).map(|held| &held.sub) {
+                Some(held) if *held != grant.sub => Err(Refusal::new(
+                    RefusalKind::OtherSubject,
+                    format!(
+                        "its `sub` {} is not this connection's, {}",
+                        describe_sub(&grant.sub),
+                        describe_sub(held)
+                    ),
+                )),
+                _ => Ok(grant),
+            }
+        });
+        let grant = match verified {
+            Ok(grant) => grant,
+            Err(refusal) => {
+                let why = self.token_refused(refusal);
+                return self.auth_failed(conn, &why, "token refused", id, out);
+            }
+        };
+        self.stats.tokens_accepted += 1;
+        if let Some(client) = self.clients.get_mut(&conn) {
+            client.auth_failures = 0;
+        }
+        if let Some(sub) = &grant.sub {
+            self.chat.set_identity(conn, sub);
+        }
+        let extra = json!({ "sub": grant.sub, "expires_at": grant.expires_at, "publisher": grant.publisher });
+        self.grants.insert(conn, grant, now);
+        let mut extra = extra;
+        extra["trusted"] = json!(self.is_trusted(conn));
+        out.reply(conn, Message::Text(&ack(id, "auth", extra)));
+        Ok(())
+    }
+
+    /// A failed `auth`: an error saying `why` and how many attempts are
+    /// left, or, at `--max-auth-failures`, the close.
+    fn auth_failed(
+        &mut self,
+        conn: ConnId,
+        why: &str,
+        what: &str,
+        id: &Option<Value>,
+        out: &mut impl Outbox,
+    ) -> Result<(), ProtocolError> {
+        let Some(client) = self.clients.get_mut(&conn) else {
+            return Ok(());
+        };
         client.auth_failures += 1;
         self.stats.auth_failures += 1;
         warn!(
-            "conn {conn} from {}: publisher key rejected ({} failure(s))",
+            "conn {conn} from {}: {what} ({} failure(s))",
             client.info.peer, client.auth_failures
         );
         if client.auth_failures >= self.max_auth_failures {
@@ -280,12 +362,19 @@ impl Node {
     }
 }
 
+fn describe_sub(sub: &Option<String>) -> String {
+    match sub {
+        Some(sub) => format!("`{sub}`"),
+        None => "none".to_owned(),
+    }
+}
+
 fn untrusted_event_publisher() -> ProtocolError {
     ProtocolError::new(
         ErrorCode::Forbidden,
         format!(
             "publishing to `{EVENTS_CHANNEL}` needs a trusted connection: the internal listener, or `auth` with a \
-             publisher key"
+             publisher key or a publisher's token"
         ),
     )
 }

@@ -263,7 +263,7 @@ fn open(app: &mut App, conn: ConnId, role: Role, out: &mut RecordingOutbox) {
         role,
         peer: "127.0.0.1:9".parse().unwrap(),
     };
-    app.on_open(conn, Endpoint::Ws, info, Instant::now(), out);
+    app.on_open(conn, Endpoint::Ws, info, None, Instant::now(), out);
 }
 
 fn send(app: &mut App, conn: ConnId, request: &str, out: &mut RecordingOutbox) {
@@ -609,4 +609,61 @@ fn a_nick_change_waits_for_redis_and_is_decided_here_when_the_link_goes_down() {
     assert_eq!(replies.len(), 2);
     assert_eq!(replies[1]["type"], "chat.renamed");
     assert_eq!(replies[1]["previous"], "bob");
+}
+
+/// A token's grant through the app: admitted, its expiry a deadline of
+/// the app's timer, the 4001 close at it, and nothing left after the
+/// close, on `/echo` (which keeps no other state) as on `/ws`.
+#[test]
+fn a_token_grant_runs_out_on_the_apps_timer() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "sesame").unwrap();
+    let config = Config::from_args([
+        "fanout",
+        "--no-sim",
+        "--require-token",
+        "--token-leeway",
+        "0s",
+        "--token-secret-file",
+        secret.to_str().unwrap(),
+    ])
+    .unwrap();
+    let now = Instant::now();
+    let mut app = App::new(&config, now).unwrap();
+    let claims = json!({"sub":"ada","exp": unix_millis() / 1000 + 2});
+    let token = encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(b"sesame"),
+    )
+    .unwrap();
+    let info = ConnInfo {
+        role: Role::Public,
+        peer: "127.0.0.1:9".parse().unwrap(),
+    };
+    let mut out = RecordingOutbox::default();
+    for (conn, endpoint) in [(1, Endpoint::Echo), (2, Endpoint::Ws)] {
+        let grant = app.admit(Role::Public, Some(&token)).unwrap();
+        assert_eq!(grant.as_ref().unwrap().sub.as_deref(), Some("ada"));
+        app.on_open(conn, endpoint, info, grant, now, &mut out);
+    }
+    let due = app.next_deadline().expect("the expiry is a deadline");
+    assert!(
+        due > now && due <= now + std::time::Duration::from_secs(2),
+        "{due:?}"
+    );
+    app.on_timer(due, &mut out);
+    assert_eq!(out.closed, [(1, 4001), (2, 4001)]);
+    app.on_close(1, Endpoint::Echo, &mut out);
+    app.on_close(2, Endpoint::Ws, &mut out);
+    assert!(app.node.grants.get(1).is_none() && app.node.grants.get(2).is_none());
+    // Anonymous handshakes on the public listener are refused, on the
+    // internal one they are not.
+    let refusal = app.admit(Role::Public, None).unwrap_err();
+    assert!(refusal.contains("a token is required"), "{refusal}");
+    assert_eq!(app.admit(Role::Internal, None), Ok(None));
+    let refusal = app.admit(Role::Public, Some("x.y.z")).unwrap_err();
+    assert!(refusal.starts_with("token refused: "), "{refusal}");
 }

@@ -33,6 +33,10 @@ pub struct Request {
     pub protocols: Vec<String>,
     /// Extension offers, raw (negotiated by a later layer).
     pub extensions: Vec<String>,
+    /// Every `Authorization` value seen, raw.
+    pub authorization: Vec<String>,
+    /// Every `token` parameter of the query string, raw.
+    pub query_tokens: Vec<String>,
 }
 
 impl Request {
@@ -41,6 +45,36 @@ impl Request {
     pub fn wants_websocket(&self) -> bool {
         self.upgrade_websocket || !self.keys.is_empty()
     }
+
+    /// The token the client presents: `Authorization: Bearer TOKEN`, or
+    /// `?token=TOKEN` for browsers, which cannot set headers on a
+    /// WebSocket. A JWT is base64url and dots, so the query value needs no
+    /// decoding. Two tokens, or another scheme, is a 401 that says so.
+    pub fn bearer_token(&self) -> Result<Option<&str>, Rejection> {
+        let mut found: Vec<&str> = self.query_tokens.iter().map(String::as_str).collect();
+        for value in &self.authorization {
+            let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return Err(unauthorized(
+                    "the Authorization header must be `Bearer <token>`",
+                ));
+            }
+            found.push(token.trim());
+        }
+        match found[..] {
+            [] => Ok(None),
+            [""] => Err(unauthorized("the token is empty")),
+            [token] => Ok(Some(token)),
+            _ => Err(unauthorized(
+                "more than one token: send one, in Authorization or in ?token=",
+            )),
+        }
+    }
+}
+
+/// A 401 with the challenge RFC 6750 §3 asks for.
+pub fn unauthorized(reason: impl Into<String>) -> Rejection {
+    Rejection::new(401, reason).with_header("WWW-Authenticate", "Bearer")
 }
 
 /// A refusal, sent as a complete HTTP response before closing.
@@ -96,6 +130,18 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Rejection> 
     };
     let target = raw.path.unwrap_or("/");
     let path = target.split(['?', '#']).next().unwrap_or("/").to_owned();
+    let query_tokens = target
+        .split('#')
+        .next()
+        .and_then(|t| t.split_once('?'))
+        .map(|(_, query)| {
+            query
+                .split('&')
+                .filter_map(|pair| pair.strip_prefix("token="))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
     let mut request = Request {
         method: raw.method.unwrap_or_default().to_owned(),
         path,
@@ -108,6 +154,8 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Rejection> 
         origin: None,
         protocols: Vec::new(),
         extensions: Vec::new(),
+        authorization: Vec::new(),
+        query_tokens,
     };
     for header in raw.headers.iter() {
         let Ok(value) = std::str::from_utf8(header.value) else {
@@ -128,6 +176,8 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Rejection> 
             request.version = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
             request.keys.push(value.to_owned());
+        } else if name.eq_ignore_ascii_case("authorization") {
+            request.authorization.push(value.to_owned());
         } else if name.eq_ignore_ascii_case("origin") {
             request.origin = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
@@ -341,6 +391,43 @@ mod tests {
     fn replace(from: &str, to: &str) -> String {
         assert!(GOOD.contains(from), "{from}");
         GOOD.replacen(from, to, 1)
+    }
+
+    #[test]
+    fn the_token_comes_from_the_header_or_the_query() {
+        let token = |text: &str| parse(text).bearer_token().map(|t| t.map(str::to_owned));
+        assert_eq!(token(GOOD), Ok(None));
+        let header = replace("Host:", "Authorization: Bearer a.b.c\r\nHost:");
+        assert_eq!(token(&header), Ok(Some("a.b.c".to_owned())));
+        let lower = replace("Host:", "authorization: bearer  a.b.c \r\nHost:");
+        assert_eq!(token(&lower), Ok(Some("a.b.c".to_owned())));
+        let query = replace("/echo?x=1", "/echo?x=1&token=q.r.s#frag");
+        assert_eq!(token(&query), Ok(Some("q.r.s".to_owned())));
+        for (bad, why) in [
+            (
+                replace("Host:", "Authorization: Basic YTpi\r\nHost:"),
+                "Bearer",
+            ),
+            (replace("Host:", "Authorization: Bearer\r\nHost:"), "empty"),
+            (replace("/echo?x=1", "/echo?token="), "empty"),
+            (
+                replace("/echo?x=1", "/echo?token=a&token=b"),
+                "more than one",
+            ),
+            (
+                replace("/echo?x=1", "/echo?token=a.b.c").replacen(
+                    "Host:",
+                    "Authorization: Bearer a.b.c\r\nHost:",
+                    1,
+                ),
+                "more than one",
+            ),
+        ] {
+            let rejection = parse(&bad).bearer_token().unwrap_err();
+            assert_eq!(rejection.status, 401, "{bad}");
+            assert!(rejection.reason.contains(why), "{}", rejection.reason);
+            assert_eq!(rejection.extra_headers, [("WWW-Authenticate", "Bearer")]);
+        }
     }
 
     fn status_of(text: &str, policy: &UpgradePolicy) -> u16 {

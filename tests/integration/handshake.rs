@@ -826,6 +826,13 @@ fn every_row_of_the_readme_status_table() {
         "1",
     ]);
     let tls = TestServer::start(&["--tls-cert", cert.cert(), "--tls-key", cert.key()]);
+    let secret = dir.path().join("token-secret");
+    std::fs::write(&secret, "sesame").unwrap();
+    let token_only = TestServer::start(&[
+        "--require-token",
+        "--token-secret-file",
+        secret.to_str().unwrap(),
+    ]);
     // A Redis link that can never come up: not ready.
     let unready = TestServer::start(&[
         "--redis",
@@ -874,6 +881,21 @@ fn every_row_of_the_readme_status_table() {
         get("/healthz", "1.1"),
         "plain HTTP on a TLS port",
     );
+    // 401
+    let response = probe(
+        401,
+        token_only.addr,
+        GOOD.to_owned(),
+        "no token with --require-token",
+    );
+    assert_eq!(response.header("WWW-Authenticate"), Some("Bearer"));
+    for request in [
+        with_headers("Authorization: Bearer not.a.jwt\r\n"),
+        with_headers("Authorization: Basic YTpi\r\n"),
+        replace("GET /echo", "GET /echo?token=a.b.c"),
+    ] {
+        probe(401, token_only.addr, request, "a token refused");
+    }
     // 403
     let foreign = with_headers("Origin: https://elsewhere.example\r\n");
     probe(403, strict.addr, foreign, "an Origin not allowed");
@@ -934,7 +956,7 @@ fn every_row_of_the_readme_status_table() {
         listed_sorted, probed,
         "the README's status table and the statuses probed here differ"
     );
-    for server in [plain, strict, tls, unready] {
+    for server in [plain, strict, tls, token_only, unready] {
         server.stop().unwrap();
     }
 }

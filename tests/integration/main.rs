@@ -35,4 +35,5 @@ mod sinks;
 mod smoke;
 mod stalled_close;
 mod tls;
+mod tokens;
 mod websocat;

@@ -353,7 +353,7 @@ impl Channels {
                 ErrorCode::Forbidden,
                 format!(
                     "publishing to `{name}` needs a trusted connection: the internal listener, or `auth` with a \
-                     publisher key"
+                     publisher key or a publisher's token"
                 ),
             ));
         }

@@ -76,6 +76,29 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
     names.next().is_none()
 }
 
+/// Whether every channel `target` (a name or a pattern) matches is also
+/// matched by `pattern`: what a token's `channels` and `publish` claims
+/// are checked with, so that a claim of `news.*` allows subscribing to
+/// `news.sport` and to `news.*`, but not to `news.>`.
+pub fn pattern_covers(pattern: &str, target: &str) -> bool {
+    let mut targets = target.split('.');
+    let mut patterns = pattern.split('.').peekable();
+    while let Some(p) = patterns.next() {
+        if p == ">" && patterns.peek().is_none() {
+            // One or more segments of anything, which is all `>` leaves.
+            return targets.next().is_some();
+        }
+        match targets.next() {
+            // A `>` in the target stands for any number of segments,
+            // which nothing but a final `>` (above) covers.
+            Some(">") | None => return false,
+            Some(t) if p == "*" || p == t => {}
+            Some(_) => return false,
+        }
+    }
+    targets.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +146,36 @@ mod tests {
         assert!(pattern_matches("exact", "exact"));
         assert!(!pattern_matches("exact", "exactly"));
         assert!(pattern_matches(">", "anything.at.all"));
+    }
+
+    #[test]
+    fn covering() {
+        for (pattern, target) in [
+            ("news.*", "news.sport"),
+            ("news.*", "news.*"),
+            ("news.>", "news.*"),
+            ("news.>", "news.a.>"),
+            ("news.>", "news.>"),
+            (">", "*"),
+            ("*.btc", "*.btc"),
+            ("exact", "exact"),
+        ] {
+            assert!(pattern_covers(pattern, target), "{pattern} covers {target}");
+        }
+        for (pattern, target) in [
+            ("news.*", "news.>"),
+            ("news.*", "news"),
+            ("news.*", "news.a.b"),
+            ("news.sport", "news.*"),
+            ("news.>", "news"),
+            ("news.>", ">"),
+            ("*.btc", "*.*"),
+            ("exact", "exactly"),
+        ] {
+            assert!(
+                !pattern_covers(pattern, target),
+                "{pattern} does not cover {target}"
+            );
+        }
     }
 }

@@ -202,6 +202,9 @@ pub struct Chat {
     /// Scale-out: part of every guest nick, drawn per process run, so that
     /// guests of different nodes never share a nick.
     guest_tag: Option<String>,
+    /// A token's `sub` for the connections that presented one: the nick
+    /// they get on becoming members, and keep.
+    identities: HashMap<ConnId, String>,
 }
 
 impl Chat {
@@ -219,13 +222,32 @@ impl Chat {
             unjoined: HashMap::new(),
             presence: None,
             guest_tag: None,
+            identities: HashMap::new(),
+        }
+    }
+
+    /// `conn` presented a token with this `sub`: it is its nick once it
+    /// becomes a member (joins a room, or opens `/chat`), if that is a
+    /// valid nick no one else here holds; otherwise it gets a guest nick.
+    /// Either way it cannot change its nick. A member already has its
+    /// nick: a `sub` arriving later changes nothing.
+    pub fn set_identity(&mut self, conn: ConnId, sub: &str) {
+        if !self.members.contains_key(&conn) {
+            self.identities.insert(conn, sub.to_owned());
         }
     }
 
     fn ensure_member(&mut self, conn: ConnId, format: ChatFormat) -> &mut Member {
         if !self.members.contains_key(&conn) {
-            let nick = self.fresh_guest();
-            self.nicks.insert(nick.clone(), conn);
+            let nick = match self.identities.get(&conn) {
+                Some(sub)
+                    if valid_nick(sub) && !self.nicks.contains_key(&sub.to_ascii_lowercase()) =>
+                {
+                    sub.clone()
+                }
+                _ => self.fresh_guest(),
+            };
+            self.nicks.insert(nick.to_ascii_lowercase(), conn);
             if let Some(presence) = self.presence.as_mut() {
                 presence.nicks.push(NickChange::Claim {
                     conn,
@@ -555,6 +577,12 @@ impl Chat {
     /// Whether `conn` may take `nick` as far as this node knows (making it
     /// a member with a guest nick if it is not one yet).
     pub fn check_rename(&mut self, conn: ConnId, nick: &str) -> Result<(), ProtocolError> {
+        if let Some(sub) = self.identities.get(&conn) {
+            return Err(ProtocolError::new(
+                ErrorCode::Forbidden,
+                format!("your nick comes from your token (`sub` {sub}) and cannot be changed"),
+            ));
+        }
         if !valid_nick(nick) {
             return Err(ProtocolError::new(
                 ErrorCode::InvalidField,
@@ -792,6 +820,7 @@ impl Chat {
 
     /// The connection is gone: leave every room and free the nick.
     pub fn remove_conn(&mut self, conn: ConnId, out: &mut impl Outbox) {
+        self.identities.remove(&conn);
         let Some(member) = self.members.get(&conn) else {
             return;
         };

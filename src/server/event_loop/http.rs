@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use log::debug;
 
 use super::Core;
+use crate::app::tokens::Grant;
 use crate::app::{resolve, Endpoint, Role, Target};
 use crate::metrics::{Labels, Metrics};
 use crate::server::connection::{Handshake, Open, Phase};
@@ -168,13 +169,30 @@ impl Core {
                         );
                         self.reject(token, Rejection::new(503, reason));
                     }
-                    Ok(accepted) => self.upgrade(
-                        token,
-                        endpoint,
-                        &handshake::accept_response(&accepted),
-                        consumed,
-                        accepted.deflate.map(|(params, _)| params),
-                    ),
+                    Ok(accepted) => {
+                        // The token, if any, decides last: a request that
+                        // fails anything else is not charged a signature
+                        // check.
+                        let role = handshake.info.role;
+                        let grant = match request_head.bearer_token() {
+                            Err(rejection) => {
+                                self.app.count_token_form_refusal();
+                                return self.reject(token, rejection);
+                            }
+                            Ok(presented) => self.app.admit(role, presented),
+                        };
+                        match grant {
+                            Err(reason) => self.reject(token, handshake::unauthorized(reason)),
+                            Ok(grant) => self.upgrade(
+                                token,
+                                endpoint,
+                                &handshake::accept_response(&accepted),
+                                consumed,
+                                accepted.deflate.map(|(params, _)| params),
+                                grant,
+                            ),
+                        }
+                    }
                 }
             }
         }
@@ -187,6 +205,7 @@ impl Core {
         response: &[u8],
         consumed: usize,
         deflate: Option<DeflateParams>,
+        grant: Option<Grant>,
     ) {
         let conn = &mut self.conns[token];
         let Phase::Handshake(handshake) = &conn.phase else {
@@ -215,7 +234,7 @@ impl Core {
         self.schedule(token, deadline);
         let now = self.now;
         let (app, mut out) = self.app_and_outbox();
-        app.on_open(token, endpoint, info, now, &mut out);
+        app.on_open(token, endpoint, info, grant, now, &mut out);
         if request.len() > consumed {
             self.websocket_input(token, &mut request[consumed..]);
         }

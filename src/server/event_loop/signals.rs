@@ -1,4 +1,5 @@
-//! Signals and shutdown: SIGHUP reloads the TLS listeners' certificates,
+//! Signals and shutdown: SIGHUP reloads the TLS listeners' certificates
+//! and the token keys,
 //! SIGINT and SIGTERM (or a [`ShutdownHandle`]) begin a graceful shutdown:
 //! accepting stops, every WebSocket gets a 1001 close, and the loop runs
 //! until they have closed or `--shutdown-grace` is over.
@@ -53,6 +54,7 @@ impl Server {
         let received: Vec<i32> = signals.pending().collect();
         if received.contains(&signal_hook::consts::SIGHUP) {
             self.reload_tls();
+            self.reload_tokens();
         }
         let stopping: Vec<i32> = received
             .into_iter()
@@ -95,6 +97,17 @@ impl Server {
         }
         if !any {
             info!("SIGHUP: no TLS listener, nothing to reload");
+        }
+    }
+
+    /// Re-reads the token key files (the JWKS, the HS256 secret, the
+    /// publisher keys). Tokens already accepted stay accepted until they
+    /// expire; a bad file keeps the previous keys.
+    fn reload_tokens(&mut self) {
+        match self.core.app.reload_tokens() {
+            Ok(true) => info!("SIGHUP: token keys re-read"),
+            Ok(false) => {}
+            Err(e) => error!("SIGHUP: the previous token keys stay: {e}"),
         }
     }
 
