@@ -23,54 +23,23 @@ use std::io::{self, IoSlice, Write};
 
 use crate::ws::frame::{FrameHeader, OpCode, SharedFrame, MAX_HEADER_LEN, RSV1};
 
-/// Frames are appended to the last owned chunk while it has room, so a
-/// burst of small replies costs one allocation, not one per frame; past
-/// it, a new chunk of this size is chained on, taken from a per-thread
-/// pool of drained ones.
-const POOLED_CHUNK: usize = 4096;
-
-/// Drained chunks kept for reuse, per thread: at most 8 MiB.
-const POOLED_CHUNKS_MAX: usize = 2048;
-
-thread_local! {
-    static CHUNK_POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// An empty chunk of `POOLED_CHUNK` bytes' capacity.
-fn pooled_chunk() -> Vec<u8> {
-    CHUNK_POOL
-        .with(|pool| pool.borrow_mut().pop())
-        .unwrap_or_else(|| Vec::with_capacity(POOLED_CHUNK))
-}
-
-/// Keeps a drained chunk of exactly `POOLED_CHUNK` capacity for reuse.
-fn return_chunk(mut buf: Vec<u8>) {
-    if buf.capacity() != POOLED_CHUNK {
-        return;
-    }
-    buf.clear();
-    CHUNK_POOL.with(|pool| {
-        let mut pool = pool.borrow_mut();
-        if pool.len() < POOLED_CHUNKS_MAX {
-            pool.push(buf);
-        }
-    });
-}
+/// Frames are appended to the last owned chunk while it stays below this,
+/// so a burst of small replies costs one allocation, not one per frame.
+const PACK_LIMIT: usize = 64 << 10;
 
 /// Shared frames up to this size are copied into the owned chunk: a copy
 /// of a few dozen bytes costs less than a reference count taken and
 /// dropped, and the kernel then gets one buffer instead of many.
 const COPY_SHARED_LIMIT: usize = 512;
 
-/// Drained queues kept for reuse, per thread (one event loop), enough for
-/// a broadcast to 16 384 subscribers to take and give back a queue each
-/// without allocating...
-const SPARES_MAX: usize = 16384;
-/// ...the first `SPARES_WITH_BUFFER` with one buffer of at most
-/// `SPARE_BUFFER_MAX` (the rest give theirs to the chunk pool), and each a
-/// chunk list of at most `SPARE_CHUNKS` slots: ~4 MiB of buffers and
-/// ~9 MiB of queues at most.
-const SPARES_WITH_BUFFER: usize = 1024;
+/// The first owned chunk's capacity: room for a burst of small replies
+/// (16 broadcast frames of 100 bytes) without growing.
+const FIRST_CHUNK: usize = 2048;
+
+/// Drained queues kept for reuse, per thread (one event loop)...
+const SPARES_MAX: usize = 1024;
+/// ...each with one buffer of at most this capacity, and a chunk list of at
+/// most `SPARE_CHUNKS` slots: at most ~5 MiB in all.
 const SPARE_BUFFER_MAX: usize = 4096;
 const SPARE_CHUNKS: usize = 16;
 
@@ -112,24 +81,18 @@ struct Lane {
 
 impl Lane {
     /// The last chunk, if it is an owned one with room for `extra` more
-    /// bytes, else a new one (`spare`, if it is large enough, else one from
-    /// the pool). A full chunk is never grown: growing moves every byte
-    /// already packed, and under a deep queue (a subscriber behind by many
-    /// frames) that copying and reallocating was most of the cost of a
-    /// delivery. A flush writes the chain of chunks in one `writev`.
+    /// bytes, else a new one (`spare`, if it is large enough).
     fn owned_tail(&mut self, spare: &mut Vec<u8>, extra: usize) -> &mut Vec<u8> {
         self.bytes += extra;
         let reuse = matches!(
             self.chunks.back(),
-            Some(Chunk::Owned { buf, start: 0 }) if buf.len() + extra <= buf.capacity()
+            Some(Chunk::Owned { buf, start: 0 }) if buf.len() + extra <= PACK_LIMIT
         );
         if !reuse {
             let buf = if spare.capacity() >= extra {
                 std::mem::take(spare)
-            } else if extra <= POOLED_CHUNK {
-                pooled_chunk()
             } else {
-                Vec::with_capacity(extra)
+                Vec::with_capacity(extra.max(FIRST_CHUNK))
             };
             self.chunks.push_back(Chunk::Owned { buf, start: 0 });
         }
@@ -190,9 +153,6 @@ impl Queue {
         }
         SPARES.with(|spares| {
             let mut spares = spares.borrow_mut();
-            if spares.len() >= SPARES_WITH_BUFFER {
-                return_chunk(std::mem::take(&mut self.spare));
-            }
             if spares.len() < SPARES_MAX {
                 spares.push(self);
             }
@@ -221,8 +181,6 @@ impl Queue {
                 if self.spare.capacity() == 0 && buf.capacity() <= SPARE_BUFFER_MAX {
                     buf.clear();
                     self.spare = buf;
-                } else {
-                    return_chunk(buf);
                 }
             }
         }
@@ -580,35 +538,8 @@ mod tests {
             out.push_shared(&SharedFrame::text("broadcast"));
         }
         assert_eq!(chunk_count(&out), 1);
-        out.push_frame(OpCode::Binary, &vec![0; POOLED_CHUNK]);
+        out.push_frame(OpCode::Binary, &vec![0; PACK_LIMIT]);
         assert_eq!(chunk_count(&out), 2);
-    }
-
-    #[test]
-    fn a_full_chunk_is_chained_not_grown_and_order_is_kept() {
-        let mut out = Outbound::default();
-        let mut expected = Vec::new();
-        for i in 0..1000u32 {
-            let payload = format!("frame {i:04}");
-            out.push_shared(&SharedFrame::text(&payload));
-            expected.extend_from_slice(&[0x81, payload.len() as u8]);
-            expected.extend_from_slice(payload.as_bytes());
-        }
-        let queue = out.queue.as_ref().unwrap();
-        assert!(queue.out.chunks.len() > 1);
-        for chunk in &queue.out.chunks {
-            if let Chunk::Owned { buf, .. } = chunk {
-                assert!(buf.capacity() <= POOLED_CHUNK, "{}", buf.capacity());
-            }
-        }
-        let mut sink = Trickle {
-            taken: Vec::new(),
-            per_call: 1000,
-            calls_left: 10_000,
-        };
-        assert!(out.flush_to(&mut sink).unwrap());
-        assert_eq!(sink.taken, expected);
-        assert!(out.is_empty());
     }
 
     #[test]

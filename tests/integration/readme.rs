@@ -26,6 +26,7 @@
 //! and, for the section on several nodes, redis-server (`FANOUT_SKIP_REDIS=1`
 //! skips that section).
 
+use crate::support::bounded::run_bounded;
 use crate::support::common::ServerProcess;
 use crate::support::external::WEBSOCAT;
 use crate::support::redis_server;
@@ -439,35 +440,18 @@ impl Runner {
     }
 
     fn run_to_end(&self, section: &Section, written: &str, command: &str) {
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(command)
-            .env("PATH", &self.path)
-            .current_dir(section.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("run {command}: {e}"));
-        let deadline = Instant::now() + COMMAND_WAIT;
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("`{written}` did not finish within {COMMAND_WAIT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let output = child.wait_with_output().unwrap();
-        assert!(
-            status.success(),
-            "`{written}` failed with {status}:\n{}\n{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
+        let result = run_bounded(
+            Command::new("sh")
+                .arg("-c")
+                .arg(command)
+                .env("PATH", &self.path)
+                .current_dir(section.dir.path())
+                .stdin(Stdio::null()),
+            COMMAND_WAIT,
         );
+        if let Err(e) = result {
+            panic!("`{written}`: {e}");
+        }
     }
 
     fn check_output(&self, section: &mut Section, block: &Block) {
