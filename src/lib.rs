@@ -75,7 +75,9 @@
 //!   metrics.rs         the app's part of /metrics
 //! src/cluster/  a generic Redis transport for scale-out (two threads, a mio
 //!               Waker); its file map is in its module docs
-//! src/config.rs every flag, its default, and the config file
+//! src/config.rs every flag, its default, and the config file;
+//!               config/errors.rs what can be wrong with them,
+//!               config/values.rs sizes and SHA-256 digests
 //! src/metrics.rs the Prometheus text exposition
 //! ```
 //!
