@@ -49,7 +49,7 @@ const USAGE: &str = "usage: soak [--fanout BIN] [--duration SECS] [--conns N] [-
   --slow-every N     one subscriber in N may stop reading (default 50)
   --smoke            60 s, 2000 clients, 200 publishes/s, 10 reconnects/s
 Flags after `--` go to fanout (the defaults: --sim-seed 1
---sim-trades-per-sec 100 --sim-events-per-sec 100 --max-outbound-buffer 64KiB
+--sim-trades-per-sec 40 --sim-events-per-sec 40 --max-outbound-buffer 64KiB
 --socket-send-buffer 16KiB, so that slow consumers fill their queue within
 seconds).";
 
@@ -588,9 +588,9 @@ fn run(args: &Args) -> Result<bool, String> {
         "--sim-seed",
         "1",
         "--sim-trades-per-sec",
-        "100",
+        "40",
         "--sim-events-per-sec",
-        "100",
+        "40",
         "--max-outbound-buffer",
         "64KiB",
         "--socket-send-buffer",
@@ -840,8 +840,32 @@ fn run(args: &Args) -> Result<bool, String> {
     }
     let drain_deadline = Instant::now() + Duration::from_secs(30);
     let mut behind;
+    let mut next_retry = Instant::now() + Duration::from_secs(5);
+    let mut end_resubscribes = 0u64;
     loop {
         h.poll_once(&mut events, Duration::from_millis(10));
+        // A subscriber still missing announced offsets asks again (a
+        // client would): counted, so a lost request shows.
+        if Instant::now() >= next_retry {
+            next_retry = Instant::now() + Duration::from_secs(5);
+            for (_, c) in h.clients.iter_mut() {
+                if let Role::Subscriber {
+                    channel,
+                    tracker,
+                    with_since,
+                    ..
+                } = &mut c.role
+                {
+                    if tracker.missing() > 0 && !c.ended {
+                        let since = tracker.resume_after();
+                        *with_since = since.is_some();
+                        let request = subscribe(channel, since);
+                        let _ = c.send(request);
+                        end_resubscribes += 1;
+                    }
+                }
+            }
+        }
         behind = 0;
         for (_, c) in &h.clients {
             if let Role::Subscriber {
@@ -858,6 +882,26 @@ fn run(args: &Args) -> Result<bool, String> {
             || Instant::now() > drain_deadline
         {
             break;
+        }
+    }
+    for (_, c) in &h.clients {
+        if let Role::Subscriber {
+            channel,
+            tracker,
+            subscribed,
+            ..
+        } = &c.role
+        {
+            let max = h.channel_max.get(channel).copied().unwrap_or(0);
+            if tracker.last() < max || tracker.missing() > 0 {
+                eprintln!(
+                    "soak: behind: {channel} last={} of {max}, {} announced holes unreplayed, subscribed={subscribed} ended={} {:?}",
+                    tracker.last(),
+                    tracker.missing(),
+                    c.ended,
+                    tracker.stats()
+                );
+            }
         }
     }
     let stats = h.subscriber_stats();
@@ -916,7 +960,7 @@ fn run(args: &Args) -> Result<bool, String> {
         eprintln!("soak: sample: {sample}");
     }
     println!(
-        "soak {} secs={load_secs:.0} clients={} deliveries={deliveries} deliveries_per_s={:.0} p50_ms={:.1} p99_ms={:.1} publishes={} acks={} reconnects={} reconnect_failures={} pauses={} dropped_notices={} dropped_offsets={} recovered={} lost_explained={} replay_repeats={} not_recoverable={} unexplained_gaps={} duplicates={} filter_mismatches={} unexpected_closes={} errors={} behind_at_end={behind} got_1001={}/{open_clients} exit_ok={exit_ok} shutdown_ms={shutdown_ms} rss_quarter_kib={quarter} rss_end_kib={rss_end} rss_growth_pct={growth:.1} server_drops={server_drops} server_slow_closes={server_slow_closes}",
+        "soak {} secs={load_secs:.0} clients={} deliveries={deliveries} deliveries_per_s={:.0} p50_ms={:.1} p99_ms={:.1} publishes={} acks={} reconnects={} reconnect_failures={} pauses={} dropped_notices={} dropped_offsets={} recovered={} lost_explained={} replay_repeats={} not_recoverable={} unexplained_gaps={} duplicates={} filter_mismatches={} unexpected_closes={} errors={} behind_at_end={behind} got_1001={}/{open_clients} exit_ok={exit_ok} shutdown_ms={shutdown_ms} rss_quarter_kib={quarter} rss_end_kib={rss_end} rss_growth_pct={growth:.1} server_drops={server_drops} server_slow_closes={server_slow_closes} end_resubscribes={end_resubscribes}",
         if pass { "PASS" } else { "FAIL" },
         args.conns,
         deliveries as f64 / load_secs,
