@@ -334,16 +334,19 @@ impl Harness {
             ) = (&mut client.role, code)
             {
                 self.counts.not_recoverable += 1;
-                tracker.on_not_recoverable();
-                if !*subscribed {
-                    // A new connection asked for too old a `since`: start
-                    // live (the gap is counted as answered).
-                    *with_since = false;
+                // "…the backlog holds offsets F to L": resume from F, the
+                // offsets before it answered as gone.
+                let message = msg["message"].as_str().unwrap_or_default();
+                let first = number_after(message, "holds offsets ");
+                tracker.on_not_recoverable(first);
+                let since = first.map(|f| f - 1);
+                if since.is_some() || !*subscribed {
+                    *with_since = since.is_some();
                     let channel = match &client.role {
                         Role::Subscriber { channel, .. } => channel.clone(),
                         _ => unreachable!(),
                     };
-                    let _ = client.send(subscribe(&channel, None));
+                    let _ = client.send(subscribe(&channel, since));
                 }
                 return;
             }
@@ -842,6 +845,7 @@ fn run(args: &Args) -> Result<bool, String> {
     let mut behind;
     let mut next_retry = Instant::now() + Duration::from_secs(5);
     let mut end_resubscribes = 0u64;
+    let mut nudges = 0u64;
     loop {
         h.poll_once(&mut events, Duration::from_millis(10));
         // A subscriber still missing announced offsets asks again (a
@@ -856,6 +860,17 @@ fn run(args: &Args) -> Result<bool, String> {
                     ..
                 } = &mut c.role
                 {
+                    let max = h.channel_max.get(channel.as_str()).copied().unwrap_or(0);
+                    if tracker.missing() == 0 && tracker.last() < max && !c.ended {
+                        // Behind with nothing announced: a ping makes the
+                        // server read and write this connection again.
+                        eprintln!(
+                            "soak: nudging a subscriber of {channel} at {} of {max}",
+                            tracker.last()
+                        );
+                        let _ = c.ws.send(tungstenite::Message::Ping(Vec::new()));
+                        nudges += 1;
+                    }
                     if tracker.missing() > 0 && !c.ended {
                         let since = tracker.resume_after();
                         *with_since = since.is_some();
@@ -905,6 +920,13 @@ fn run(args: &Args) -> Result<bool, String> {
         }
     }
     let stats = h.subscriber_stats();
+    let queued_bytes = server
+        .metric("fanout_outbound_queued_bytes")
+        .unwrap_or(f64::NAN);
+    let queue_max = server
+        .metric("fanout_outbound_queue_max_bytes")
+        .unwrap_or(f64::NAN);
+    eprintln!("soak: at the end, before SIGTERM: fanout_outbound_queued_bytes={queued_bytes} fanout_outbound_queue_max_bytes={queue_max}");
     let server_drops = server
         .metric("fanout_slow_consumer_drops_total")
         .unwrap_or(f64::NAN);
@@ -960,7 +982,7 @@ fn run(args: &Args) -> Result<bool, String> {
         eprintln!("soak: sample: {sample}");
     }
     println!(
-        "soak {} secs={load_secs:.0} clients={} deliveries={deliveries} deliveries_per_s={:.0} p50_ms={:.1} p99_ms={:.1} publishes={} acks={} reconnects={} reconnect_failures={} pauses={} dropped_notices={} dropped_offsets={} recovered={} lost_explained={} replay_repeats={} not_recoverable={} unexplained_gaps={} duplicates={} filter_mismatches={} unexpected_closes={} errors={} behind_at_end={behind} got_1001={}/{open_clients} exit_ok={exit_ok} shutdown_ms={shutdown_ms} rss_quarter_kib={quarter} rss_end_kib={rss_end} rss_growth_pct={growth:.1} server_drops={server_drops} server_slow_closes={server_slow_closes} end_resubscribes={end_resubscribes}",
+        "soak {} secs={load_secs:.0} clients={} deliveries={deliveries} deliveries_per_s={:.0} p50_ms={:.1} p99_ms={:.1} publishes={} acks={} reconnects={} reconnect_failures={} pauses={} dropped_notices={} dropped_offsets={} recovered={} lost_explained={} replay_repeats={} not_recoverable={} unexplained_gaps={} duplicates={} filter_mismatches={} unexpected_closes={} errors={} behind_at_end={behind} got_1001={}/{open_clients} exit_ok={exit_ok} shutdown_ms={shutdown_ms} rss_quarter_kib={quarter} rss_end_kib={rss_end} rss_growth_pct={growth:.1} server_drops={server_drops} server_slow_closes={server_slow_closes} end_resubscribes={end_resubscribes} nudges={nudges}",
         if pass { "PASS" } else { "FAIL" },
         args.conns,
         deliveries as f64 / load_secs,

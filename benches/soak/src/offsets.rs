@@ -152,11 +152,22 @@ impl OffsetTracker {
 
     /// The server answered that the backlog no longer reaches back to the
     /// holes: every hole so far is lost, and explained by that answer.
-    pub fn on_not_recoverable(&mut self) {
+    /// `backlog_first`: the oldest offset the backlog still holds, as the
+    /// answer says; what lies between the last offset received and it is
+    /// lost too, and a replay from there is what the client asks next.
+    pub fn on_not_recoverable(&mut self, backlog_first: Option<u64>) {
         self.stats.lost_explained += (self.missing.len() + self.unannounced.len()) as u64;
         self.missing.clear();
         self.unannounced.clear();
+        self.announced.clear();
         self.replay_left = 0;
+        if let Some(first) = backlog_first {
+            if first > self.last + 1 {
+                self.stats.lost_explained += first - 1 - self.last;
+                self.last = first - 1;
+                self.resync = false;
+            }
+        }
     }
 
     /// Holes still waiting for a replay.
@@ -232,7 +243,7 @@ mod tests {
         let mut t = OffsetTracker::new();
         feed(&mut t, [1, 4]);
         t.on_dropped(2, 3);
-        t.on_not_recoverable();
+        t.on_not_recoverable(None);
         let s = t.stats();
         assert_eq!((s.lost_explained, s.unexplained_gaps), (2, 0));
         assert_eq!(t.resume_after(), Some(4));
@@ -244,11 +255,33 @@ mod tests {
         let mut t = OffsetTracker::new();
         feed(&mut t, [1, 5]);
         assert_eq!(t.resume_after(), Some(1));
-        t.on_not_recoverable();
+        t.on_not_recoverable(None);
         t.on_ack(0, false);
         feed(&mut t, [9, 10]);
         let s = t.stats();
         assert_eq!((s.unexplained_gaps, s.lost_explained), (0, 3 + 3));
+    }
+
+    #[test]
+    fn not_recoverable_with_the_backlog_start_resumes_from_there() {
+        // Announced 11..=20 dropped after 10; the backlog now starts at 16.
+        let mut t = OffsetTracker::new();
+        feed(&mut t, 1..=10);
+        t.on_dropped(11, 20);
+        t.on_not_recoverable(Some(16));
+        assert_eq!(t.resume_after(), Some(15));
+        t.on_ack(5, true);
+        feed(&mut t, 16..=21);
+        let s = t.stats();
+        assert_eq!(
+            (
+                s.unexplained_gaps,
+                s.unexplained_duplicates,
+                s.lost_explained
+            ),
+            (0, 0, 5)
+        );
+        assert_eq!(t.last(), 21);
     }
 
     #[test]
