@@ -63,32 +63,23 @@ impl Node {
     ) -> Result<Sent, ProtocolError> {
         let ts = unix_millis();
         let reply = || asker.and_then(|(conn, id)| self.reply_to(conn, id.clone()));
-        match bus.send(channel, ts, &data, reply) {
-            Route::Here => {
-                let offset = self.channels.next_offset(channel);
-                let mode = Apply::Deliver;
-                let sink_copy = self.sinks.want_channel(channel).then(|| data.clone());
-                let sent = self
-                    .apply_message(bus, channel, Some(offset), ts, data, mode, now, out)
-                    .map(Sent::Numbered)?;
-                if let Some(data) = sink_copy {
-                    self.offer_to_sinks(channel, Some(offset), ts, &data);
-                }
-                Ok(sent)
-            }
+        let (offset, numbered) = match bus.send(channel, ts, &data, reply) {
             // Offered to the sinks when it comes back from Redis.
-            Route::Pending => Ok(Sent::Pending),
-            Route::Fallback => {
-                let sink_copy = self.sinks.want_channel(channel).then(|| data.clone());
-                let sent = self
-                    .apply_message(bus, channel, None, ts, data, Apply::Deliver, now, out)
-                    .map(Sent::Local)?;
-                if let Some(data) = sink_copy {
-                    self.offer_to_sinks(channel, None, ts, &data);
-                }
-                Ok(sent)
-            }
+            Route::Pending => return Ok(Sent::Pending),
+            Route::Here => (Some(self.channels.next_offset(channel)), true),
+            Route::Fallback => (None, false),
+        };
+        let sink_copy = self.sinks.want_channel(channel).then(|| data.clone());
+        let applied =
+            self.apply_message(bus, channel, offset, ts, data, Apply::Deliver, now, out)?;
+        if let Some(data) = sink_copy {
+            self.offer_to_sinks(channel, offset, ts, &data);
         }
+        Ok(if numbered {
+            Sent::Numbered(applied)
+        } else {
+            Sent::Local(applied)
+        })
     }
 
     /// A message this node published, for the sinks that take its

@@ -150,6 +150,12 @@ pub fn parse_entries(v: Value) -> Result<Vec<RawEntry>, ReplyError> {
         };
         let id =
             string_of(id).ok_or_else(|| ReplyError::new("stream entry: the ID is not a string"))?;
+        let field = |k, v| match (bytes_of(k), bytes_of(v)) {
+            (Some(k), Some(v)) => Ok((k, v)),
+            _ => Err(ReplyError::new(format!(
+                "stream entry {id}: a field is not a string"
+            ))),
+        };
         let fields = match fields {
             Value::Array(flat) => {
                 if flat.len() % 2 != 0 {
@@ -160,28 +166,14 @@ pub fn parse_entries(v: Value) -> Result<Vec<RawEntry>, ReplyError> {
                 let mut fields = Vec::with_capacity(flat.len() / 2);
                 let mut it = flat.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    match (bytes_of(k), bytes_of(v)) {
-                        (Some(k), Some(v)) => fields.push((k, v)),
-                        _ => {
-                            return Err(ReplyError::new(format!(
-                                "stream entry {id}: a field is not a string"
-                            )))
-                        }
-                    }
+                    fields.push(field(k, v)?);
                 }
                 fields
             }
             Value::Map(pairs) => {
                 let mut fields = Vec::with_capacity(pairs.len());
                 for (k, v) in pairs {
-                    match (bytes_of(k), bytes_of(v)) {
-                        (Some(k), Some(v)) => fields.push((k, v)),
-                        _ => {
-                            return Err(ReplyError::new(format!(
-                                "stream entry {id}: a field is not a string"
-                            )))
-                        }
-                    }
+                    fields.push(field(k, v)?);
                 }
                 fields
             }

@@ -307,6 +307,7 @@ impl Harness {
             (message_offset(text), &mut self.clients[key].role)
         {
             tracker.on_message(offset);
+            // A paused reader's latency is its pause: not counted.
             if let (false, Some(t)) = (*slow, number_after(text, r#""data":{"t":"#)) {
                 self.latency.record(now.saturating_sub(t));
             }
@@ -360,24 +361,16 @@ impl Harness {
                 tracker,
                 with_since,
                 subscribed,
-                slow,
+                ..
             } => match kind {
                 "ack" => {
                     *subscribed = true;
                     tracker.on_ack(msg["replayed"].as_u64().unwrap_or(0), *with_since);
                 }
-                "message" => {
-                    let Some(offset) = msg["offset"].as_u64() else {
-                        self.counts
-                            .error(format!("message without offset: {text:.200}"));
-                        return;
-                    };
-                    tracker.on_message(offset);
-                    // A paused reader's latency is its pause: not counted.
-                    if let (false, Some(t)) = (*slow, msg["data"]["t"].as_u64()) {
-                        self.latency.record(now.saturating_sub(t));
-                    }
-                }
+                // Messages with an offset took the path at the top.
+                "message" => self
+                    .counts
+                    .error(format!("message without offset: {text:.200}")),
                 "dropped" => {
                     self.counts.dropped_notices += 1;
                     let (Some(a), Some(b)) =
