@@ -7,12 +7,12 @@
 use crate::support::{common, json_client};
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -864,16 +864,7 @@ impl Binary {
             .spawn()
             .expect("spawn fanout");
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        // Keeps reading stdout until the process exits, so a late line never
-        // meets a closed pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                // Once nobody listens any more, the lines are just drained.
-                let _ = tx.send(line);
-            }
-        });
+        let rx = crate::support::child_lines::lines_of(stdout);
         let mut addrs = Vec::new();
         while addrs.len() < 2 {
             let line = rx

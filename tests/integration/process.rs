@@ -65,16 +65,7 @@ impl Spawned {
             .spawn()
             .expect("spawn fanout");
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Keep draining stdout for the child's whole life so a later print
-        // never meets a closed pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // Once the receiver is gone, keep reading; just stop forwarding.
-                let _ = tx.send(line);
-            }
-        });
+        let rx = crate::support::child_lines::lines_of(stdout);
         let mut addrs = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while addrs.len() < listeners {

@@ -10,11 +10,11 @@
 use crate::support::common;
 use crate::support::external::{self, in_place};
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -155,15 +155,7 @@ impl PythonClient {
                 .expect("start the Python client"),
         );
         let stdout = child.0.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = crate::support::child_lines::lines_of(stdout);
         let (stderr, _) = drain(child.0.stderr.take().unwrap());
         PythonClient {
             child,

@@ -32,11 +32,11 @@ use crate::support::external::WEBSOCAT;
 use crate::support::redis_server;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 /// README lines that are not run, each with the reason.
@@ -131,46 +131,44 @@ fn commands(block: &Block) -> Vec<String> {
     out
 }
 
-/// Port numbers written as `127.0.0.1:N`, `localhost:N` or `--port N`.
-fn ports_in(text: &str) -> Vec<u16> {
-    let mut ports = Vec::new();
+/// Where ports are written (`127.0.0.1:N`, `localhost:N` or `--port N`):
+/// the byte range of each number, in order.
+fn port_spans(text: &str) -> Vec<std::ops::Range<usize>> {
+    let mut spans = Vec::new();
     for prefix in ["127.0.0.1:", "localhost:", "--port "] {
         for (at, _) in text.match_indices(prefix) {
-            let digits: String = text[at + prefix.len()..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            if let Ok(port) = digits.parse() {
-                ports.push(port);
+            let start = at + prefix.len();
+            let len = text[start..].bytes().take_while(u8::is_ascii_digit).count();
+            if len > 0 {
+                spans.push(start..start + len);
             }
         }
     }
-    ports
+    spans.sort_by_key(|span| span.start);
+    spans
+}
+
+/// Port numbers written as `127.0.0.1:N`, `localhost:N` or `--port N`.
+fn ports_in(text: &str) -> Vec<u16> {
+    port_spans(text)
+        .into_iter()
+        .filter_map(|span| text[span].parse().ok())
+        .collect()
 }
 
 fn rewrite_ports(text: &str, map: &HashMap<u16, u16>) -> String {
-    let mut out = text.to_owned();
-    for prefix in ["127.0.0.1:", "localhost:", "--port "] {
-        let mut result = String::new();
-        let mut rest = out.as_str();
-        while let Some(at) = rest.find(prefix) {
-            result.push_str(&rest[..at + prefix.len()]);
-            rest = &rest[at + prefix.len()..];
-            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            match digits.parse::<u16>().ok().and_then(|p| map.get(&p)) {
-                Some(port) => result.push_str(&port.to_string()),
-                None => {
-                    assert!(
-                        digits.is_empty(),
-                        "port {digits} in {text:?} has no mapping"
-                    )
-                }
-            }
-            rest = &rest[digits.len()..];
-        }
-        result.push_str(rest);
-        out = result;
+    let mut out = String::new();
+    let mut done = 0;
+    for span in port_spans(text) {
+        let digits = &text[span.clone()];
+        let Some(port) = digits.parse::<u16>().ok().and_then(|p| map.get(&p)) else {
+            panic!("port {digits} in {text:?} has no mapping");
+        };
+        out.push_str(&text[done..span.start]);
+        out.push_str(&port.to_string());
+        done = span.end;
     }
+    out.push_str(&text[done..]);
     out
 }
 
@@ -219,15 +217,7 @@ impl Session {
             .spawn()
             .unwrap_or_else(|e| panic!("start {run}: {e}"));
         let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = crate::support::child_lines::lines_of(stdout);
         let mut stdin = child.stdin.take().unwrap();
         for line in input {
             writeln!(stdin, "{line}").expect("type into websocat");

@@ -13,9 +13,9 @@
 use crate::support::external::{in_place, WEBSOCAT};
 use crate::support::{bounded, common, tls};
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -70,15 +70,7 @@ impl Session {
             .spawn()
             .expect("spawn websocat");
         let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = crate::support::child_lines::lines_of(stdout);
         Session {
             stdin: child.stdin.take(),
             child,

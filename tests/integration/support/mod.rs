@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod bounded;
+pub mod child_lines;
 pub mod common;
 pub mod external;
 pub mod http_recorder;
