@@ -130,13 +130,12 @@ impl EventFilters {
                 return false;
             }
         }
-        let topics = contract_topics(event);
         if !self.account_ids.is_empty() {
             let mut named = ACCOUNT_FIELDS
                 .iter()
                 .filter_map(|f| event.get(*f))
                 .filter_map(Value::as_str)
-                .chain(topics.clone());
+                .chain(contract_topics(event));
             if !named.any(|account| self.account_ids.iter().any(|id| id == account)) {
                 return false;
             }
@@ -146,7 +145,7 @@ impl EventFilters {
                 .iter()
                 .filter_map(|f| event.get(*f))
                 .filter_map(asset_code)
-                .chain(topics.map(topic_asset_code));
+                .chain(contract_topics(event).map(topic_asset_code));
             if !codes.any(|code| self.asset_codes.iter().any(|c| c == code)) {
                 return false;
             }
@@ -175,7 +174,7 @@ fn is_contract_event(event: &Map<String, Value>) -> bool {
 }
 
 /// The string topics of a contract event (none for other events).
-fn contract_topics(event: &Map<String, Value>) -> impl Iterator<Item = &str> + Clone {
+fn contract_topics(event: &Map<String, Value>) -> impl Iterator<Item = &str> {
     let topics = match event.get("topics") {
         Some(Value::Array(topics)) if is_contract_event(event) => topics.as_slice(),
         _ => &[],
