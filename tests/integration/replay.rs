@@ -283,6 +283,16 @@ fn write_file(path: &Path, generated: &Generated) {
 // The reference: tests/python/candles.py
 // ---------------------------------------------------------------------------
 
+/// A generated market file in a fresh directory (kept while the returned
+/// directory lives), and what was generated.
+fn market_file(prefix: &str) -> (tempfile::TempDir, std::path::PathBuf, Generated) {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    let file = dir.path().join("market.ndjson");
+    let generated = generate();
+    write_file(&file, &generated);
+    (dir, file, generated)
+}
+
 fn python_candles(file: &Path) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/candles.py");
     let output = Command::new("python3")
@@ -518,13 +528,7 @@ fn final_states(what: &str, symbol: &str, interval: &str, messages: &[Value]) ->
 
 #[test]
 fn replayed_candles_match_an_independent_computation() {
-    let dir = tempfile::Builder::new()
-        .prefix("fanout-replay")
-        .tempdir()
-        .unwrap();
-    let file = dir.path().join("market.ndjson");
-    let generated = generate();
-    write_file(&file, &generated);
+    let (_dir, file, generated) = market_file("fanout-replay");
 
     // The reference, and what it says about the file itself.
     let reference = python_candles(&file);
@@ -730,13 +734,7 @@ const SMALL_QUEUES: [&str; 4] = [
 /// a filter on `events`, after the last replayed event.
 #[test]
 fn a_subscriber_that_stops_reading_still_gets_every_closed_candle() {
-    let dir = tempfile::Builder::new()
-        .prefix("fanout-replay-slow")
-        .tempdir()
-        .unwrap();
-    let file = dir.path().join("market.ndjson");
-    let generated = generate();
-    write_file(&file, &generated);
+    let (_dir, file, generated) = market_file("fanout-replay-slow");
     let reference = python_candles(&file);
 
     let server = Replayer::start_with(&file, &SMALL_QUEUES);
@@ -792,13 +790,7 @@ fn a_subscriber_that_stops_reading_still_gets_every_closed_candle() {
 /// other closed candle still comes, and `replay_end` ends each series.
 #[test]
 fn candles_held_past_the_bound_are_given_up_with_a_notice() {
-    let dir = tempfile::Builder::new()
-        .prefix("fanout-replay-bound")
-        .tempdir()
-        .unwrap();
-    let file = dir.path().join("market.ndjson");
-    let generated = generate();
-    write_file(&file, &generated);
+    let (_dir, file, _) = market_file("fanout-replay-bound");
     let reference = python_candles(&file);
 
     let mut flags = SMALL_QUEUES.to_vec();
